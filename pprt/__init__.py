@@ -1,0 +1,1 @@
+"""pprt: pipeline-parallel inference for Qwen checkpoints."""

@@ -1,0 +1,270 @@
+"""ModelConfig: one validated, frozen description of a Qwen checkpoint.
+
+Built from the dicts of config.json (and generation_config.json) in either
+rotary spelling: the old top-level `rope_theta` + `rope_scaling` that real
+Qwen checkpoints use, or the new `rope_parameters` that transformers v5
+writes. Knows nothing about files or devices: `checkpoint.py` reads the JSON.
+
+Anything the runtime does not implement (another model_type, sliding window,
+an unknown rope type, a quantization other than 4-bit GPTQ/AWQ) fails here
+with a message naming the field and its value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_ROPE_TYPES = ("default", "yarn")
+
+
+class ConfigError(ValueError):
+    """A config.json field is missing, wrong, or asks for something unsupported."""
+
+
+@dataclass(frozen=True, slots=True)
+class RopeConfig:
+    theta: float
+    type: str = "default"  # "default" or "yarn"
+    factor: float = 1.0  # yarn: context extension factor
+    original_max_position: int | None = None  # yarn: pre-training window L0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # yarn: None -> 0.1 ln(factor) + 1
+    truncate: bool = True  # yarn: floor/ceil the correction range
+
+    def __post_init__(self) -> None:
+        if self.type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"rope type {self.type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if self.theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.theta}")
+        if self.type == "yarn":
+            if self.factor <= 0:
+                raise ConfigError(f"rope_scaling.factor must be positive, got {self.factor}")
+            if not self.original_max_position:
+                raise ConfigError("yarn rope_scaling needs original_max_position_embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class QuantConfig:
+    """`quantization_config` of a GPTQ or AWQ checkpoint (4-bit only)."""
+
+    method: str  # "gptq" or "awq"
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False  # gptq: g_idx is a permutation-derived group per row
+    sym: bool = True  # gptq
+    checkpoint_format: str = "gptq"  # gptq: "gptq" (v1, zeros stored minus one) or "gptq_v2"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gptq", "awq"):
+            raise ConfigError(f"quantization_config.quant_method {self.method!r} is not supported (gptq, awq)")
+        if self.bits != 4:
+            raise ConfigError(f"quantization_config.bits = {self.bits} is not supported (only 4)")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ConfigError(
+                f"quantization_config.group_size = {self.group_size} is not supported "
+                "(a positive multiple of 8; per-channel -1 is not implemented)"
+            )
+        if self.checkpoint_format not in ("gptq", "gptq_v2"):
+            raise ConfigError(f"quantization_config.checkpoint_format {self.checkpoint_format!r} is not supported")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        method = str(d.get("quant_method", "")).lower()
+        if method == "awq":
+            version = str(d.get("version", "gemm")).lower()
+            if version != "gemm":
+                raise ConfigError(f"quantization_config.version {version!r} is not supported for awq (only gemm)")
+            if d.get("zero_point", True) is False:
+                raise ConfigError("quantization_config.zero_point = false is not supported for awq")
+            return cls(method="awq", bits=int(d.get("bits", d.get("w_bit", 4))),
+                       group_size=int(d.get("group_size", d.get("q_group_size", 128))), sym=False)
+        return cls(
+            method=method,
+            bits=int(d.get("bits", 4)),
+            group_size=int(d.get("group_size", 128)),
+            desc_act=bool(d.get("desc_act", False)),
+            sym=bool(d.get("sym", True)),
+            checkpoint_format=str(d.get("checkpoint_format", "gptq")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model_type: str  # "qwen2", "qwen3" or "qwen3_moe"
+    vocab_size: int
+    hidden_size: int  # H
+    intermediate_size: int  # I of dense MLP layers
+    num_layers: int
+    num_heads: int  # n query heads
+    num_kv_heads: int  # m key/value heads
+    head_dim: int  # h (may differ from H / n)
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2: always; qwen3: attention_bias
+    qk_norm: bool = False  # qwen3, qwen3_moe
+    # MoE (qwen3_moe); num_experts == 0 means a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: torch.dtype = torch.float32  # the dtype the checkpoint was saved in
+    quant: QuantConfig | None = None
+    # generation_config.json defaults (temperature, top_p, ...), as read
+    generation_defaults: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {self.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary, got {self.head_dim}")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok = {self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]"
+                )
+            if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
+                raise ConfigError("moe_intermediate_size and decoder_sparse_step must be positive")
+
+    def is_sparse(self, layer: int) -> bool:
+        """True when `layer` has a mixture-of-experts MLP (qwen3_moe rule)."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    def with_rope(self, rope: RopeConfig) -> ModelConfig:
+        return dataclasses.replace(self, rope=rope)
+
+    @classmethod
+    def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:
+        """Parse config.json (and optionally generation_config.json) contents."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        if cfg.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window = true is not supported (sliding-window attention is not implemented)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+
+        def need(key: str):
+            if cfg.get(key) is None:
+                raise ConfigError(f"config.json has no {key!r}")
+            return cfg[key]
+
+        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or hidden // heads
+        is_moe = model_type == "qwen3_moe"
+        gen = generation_config or {}
+        quant = cfg.get("quantization_config")
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(cfg.get("intermediate_size") or 0),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope=_parse_rope(cfg),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
+            qk_norm=model_type != "qwen2",
+            num_experts=int(cfg.get("num_experts", 0) or 0) if is_moe else 0,
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0) if is_moe else 0,
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if is_moe else 0,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1) or 1),
+            mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+            eos_token_ids=_eos_ids(cfg, gen),
+            torch_dtype=_parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            quant=QuantConfig.from_dict(quant) if quant else None,
+            generation_defaults={
+                k: gen[k]
+                for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
+                if gen.get(k) is not None
+            },
+        )
+
+
+def _parse_rope(cfg: dict) -> RopeConfig:
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:  # new spelling
+        scaling, theta = params, params["rope_theta"]
+    else:  # old spelling
+        scaling, theta = cfg.get("rope_scaling") or {}, cfg.get("rope_theta", 10000.0)
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return RopeConfig(theta=float(theta))
+    if kind != "yarn":
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: default, yarn)")
+    if scaling.get("factor") is None:
+        raise ConfigError("yarn rope_scaling has no 'factor'")
+    return RopeConfig(
+        theta=float(theta),
+        type="yarn",
+        factor=float(scaling["factor"]),
+        original_max_position=int(
+            scaling.get("original_max_position_embeddings") or cfg.get("max_position_embeddings") or 0
+        ),
+        beta_fast=float(scaling.get("beta_fast") or 32.0),
+        beta_slow=float(scaling.get("beta_slow") or 1.0),
+        attention_factor=scaling.get("attention_factor"),
+        truncate=bool(scaling.get("truncate", True)),
+    )
+
+
+def _eos_ids(cfg: dict, gen: dict) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (gen.get("eos_token_id"), cfg.get("eos_token_id")):
+        if source is None:
+            continue
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    return tuple(ids)
+
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def _parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    name = str(name).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported (float32, float16, bfloat16)")
+    return _DTYPES[name]
+
+
+parse_dtype = _parse_dtype
