@@ -196,7 +196,8 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
             qk_norm=model_type != "qwen2",
-            num_experts=int(cfg.get("num_experts", 0) or 0) if is_moe else 0,
+            # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
+            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if is_moe else 0,
             num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0) if is_moe else 0,
             moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if is_moe else 0,
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
