@@ -1,0 +1,282 @@
+"""Sampling: `SamplingParams` (public) and the batched `Sampler` of the last stage.
+
+`SamplingParams` is what a user asks for; a None sampling field means "the
+model's default (generation_config.json), else the standard default".
+`resolve(defaults)` fills those in and is done once per request by the driver.
+
+`Sampler` lives on the device holding the logits (logits never leave it) and
+keeps per-sequence state between steps: a token-presence row for repetition
+penalty (prompt + generated) and, for seeded requests, a private generator.
+Per step and per row, in the order transformers and vLLM use:
+
+    repetition penalty (HF rule) -> temperature -> top_k -> top_p -> min_p -> draw
+
+Greedy rows (temperature 0) take the argmax of the penalized logits. Draws
+use the exponential race, argmax(p / q) with q ~ Exp(1), which is exactly a
+categorical draw from p; a seeded row draws its q from its own generator, so
+its tokens do not depend on which other rows share the batch.
+
+Logprobs are those of the model's distribution: log_softmax of the RAW
+logits (before penalty, temperature and filters), as vLLM reports them.
+Columns >= vocab_size (a padded head) are never sampled nor reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+# The standard defaults, used when neither the request nor the model sets a field.
+STANDARD_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+_SAMPLING_FIELDS = tuple(STANDARD_DEFAULTS)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16  # new tokens to generate, at least 1
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None  # nucleus mass in (0, 1]; 1 = off
+    top_k: int | None = None  # 0 (or -1) = off
+    min_p: float | None = None  # drop tokens with p < min_p * p_max; 0 = off
+    repetition_penalty: float | None = None  # HF rule over prompt + generated; 1 = off
+    seed: int | None = None  # private generator for this request
+    stop: list[str] | str | None = None  # stop strings (tuple after resolve)
+    stop_token_ids: list[int] | None = None  # extra stop tokens besides EOS (tuple after resolve)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # k: chosen token's logprob + the top k
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if self.temperature is not None and not (_is_num(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not (_is_num(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None:
+            if not _is_int(self.top_k) or self.top_k < -1:
+                raise ValueError(f"top_k must be an int >= 0 (or -1 for off), got {self.top_k!r}")
+            self.top_k = max(self.top_k, 0)
+        if self.min_p is not None and not (_is_num(self.min_p) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        rp = self.repetition_penalty
+        if rp is not None and not (_is_num(rp) and rp > 0 and math.isfinite(rp)):
+            raise ValueError(f"repetition_penalty must be > 0, got {rp!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and self.logprobs >= 0):
+            raise ValueError(f"logprobs must be an int >= 0, got {self.logprobs!r}")
+        stops = (self.stop,) if isinstance(self.stop, str) else (self.stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids or ()):
+            raise ValueError(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def resolved(self) -> bool:
+        return all(getattr(self, f) is not None for f in _SAMPLING_FIELDS)
+
+    def resolve(self, defaults: dict | None = None) -> SamplingParams:
+        """A copy with every None sampling field filled from `defaults`
+        (generation_config.json keys; `do_sample: false` means greedy), then from
+        STANDARD_DEFAULTS; `stop` and `stop_token_ids` become tuples."""
+        defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+        if defaults.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        filled = {}
+        for name, standard in STANDARD_DEFAULTS.items():
+            value = getattr(self, name)
+            if value is None:
+                value = defaults.get(name, standard)
+            filled[name] = int(value) if name == "top_k" else float(value)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return dataclasses.replace(self, **filled, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()))
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[dict[int, float] | None] | None  # None when no row asked; None entries for rows that did not
+
+
+@dataclass(slots=True)
+class _SeqState:
+    params: SamplingParams
+    slot: int | None  # row of the presence pool; None when repetition_penalty == 1
+    generator: torch.Generator | None  # only for seeded requests
+
+
+class Sampler:
+    """Batched, stateful sampler for the sequences of the last stage."""
+
+    def __init__(self, vocab_size: int, device: torch.device | str, seed: int | None = None) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._seqs: dict[int, _SeqState] = {}
+        # one row per penalized sequence: has token v appeared (prompt or generated)
+        self._presence = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)  # [slots, V]
+        self._free_slots: list[int] = []
+        self._gen = torch.Generator(device=self.device)  # for rows without a seed
+        if seed is None:
+            self._gen.seed()
+        else:
+            self._gen.manual_seed(seed)
+
+    def add(self, seq_id: int, params: SamplingParams, prompt_ids: list[int]) -> None:
+        if seq_id in self._seqs:
+            raise ValueError(f"seq_id {seq_id} is already in the sampler")
+        if not params.resolved:
+            raise ValueError(f"seq {seq_id}: SamplingParams must be resolved first (params.resolve(defaults))")
+        slot = None
+        if params.repetition_penalty != 1.0:
+            ids = torch.as_tensor(prompt_ids, dtype=torch.long).to(self.device)
+            if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise ValueError(f"seq {seq_id}: prompt_ids must lie in [0, {self.vocab_size})")
+            slot = self._take_slot()
+            self._presence[slot, ids] = True
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed)
+        self._seqs[seq_id] = _SeqState(params, slot, gen)
+
+    def remove(self, seq_id: int) -> None:
+        state = self._seqs.pop(seq_id)
+        if state.slot is not None:
+            self._presence[state.slot] = False
+            self._free_slots.append(state.slot)
+
+    def _take_slot(self) -> int:
+        if not self._free_slots:  # grow the pool geometrically
+            old = self._presence.shape[0]
+            new = max(4, 2 * old)
+            grown = torch.zeros(new, self.vocab_size, dtype=torch.bool, device=self.device)
+            grown[:old] = self._presence
+            self._presence = grown
+            self._free_slots = list(range(new - 1, old - 1, -1))
+        return self._free_slots.pop()
+
+    @torch.no_grad()
+    def sample(self, seq_ids: list[int], logits: torch.Tensor) -> SampleOutput:
+        """Draw one token per row of `logits` [B, >= vocab_size]; row i is seq_ids[i]."""
+        if logits.dim() != 2 or logits.shape[0] != len(seq_ids):
+            raise ValueError(f"logits must be [len(seq_ids)={len(seq_ids)}, V], got {tuple(logits.shape)}")
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[1]} columns, fewer than vocab_size {self.vocab_size}")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seq_ids has duplicates: {seq_ids}")
+        states = [self._seqs[s] for s in seq_ids]
+        raw = logits[:, : self.vocab_size].float()  # [B, V]; padded head columns dropped
+        tokens = self._choose(raw, states)  # [B]
+        logprobs = self._logprobs(raw, tokens, states)
+        self._record(tokens, states)
+        return SampleOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+
+    def _choose(self, raw: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
+        ps = [s.params for s in states]
+        x = self._penalize(raw, states)  # [B, V]
+        greedy = [p.greedy for p in ps]
+        if all(greedy):
+            return x.argmax(dim=-1)
+        argmax = x.argmax(dim=-1) if any(greedy) else None  # [B], for the greedy rows
+        # per-row knobs in one host->device copy: [B, 4] = temperature, top_p, top_k, min_p
+        knobs = torch.tensor(
+            [[p.temperature or 1.0, p.top_p, p.top_k, p.min_p] for p in ps], dtype=torch.float32
+        ).to(self.device)
+        temp, top_p, top_k, min_p = knobs.unbind(dim=1)  # [B] each
+        x = x / temp[:, None]
+        if any(p.top_k > 0 or p.top_p < 1 for p in ps):
+            # every row top_k-limited (Qwen's defaults are): a partial topk, not a full sort
+            max_k = max(p.top_k for p in ps) if all(p.top_k > 0 for p in ps) else None
+            x = _top_k_top_p(x, top_k, top_p, max_k)
+        if any(p.min_p > 0 for p in ps):
+            probs = x.softmax(dim=-1)
+            x = x.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), -math.inf)
+        probs = x.softmax(dim=-1)  # [B, V]
+        q = torch.empty_like(probs).exponential_(generator=self._gen)  # [B, V]
+        for i, s in enumerate(states):
+            if s.generator is not None and not greedy[i]:
+                q[i].exponential_(generator=s.generator)
+        drawn = (probs / q.clamp_min(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # [B]
+        if argmax is None:
+            return drawn
+        return torch.where(torch.tensor(greedy).to(self.device), argmax, drawn)
+
+    def _penalize(self, raw: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
+        """HF repetition penalty: seen tokens' logits divided by the penalty if > 0, multiplied if < 0."""
+        rows = [i for i, s in enumerate(states) if s.slot is not None]
+        if not rows:
+            return raw
+        rows_t = torch.tensor(rows).to(self.device)
+        slots = torch.tensor([states[i].slot for i in rows]).to(self.device)
+        pen = torch.tensor([states[i].params.repetition_penalty for i in rows], dtype=torch.float32)
+        pen = pen.to(self.device)[:, None]  # [R, 1]
+        sub = raw[rows_t]  # [R, V]
+        seen = self._presence[slots]  # [R, V]
+        sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+        out = raw.clone()
+        out[rows_t] = sub
+        return out
+
+    def _logprobs(
+        self, raw: torch.Tensor, tokens: torch.Tensor, states: list[_SeqState]
+    ) -> list[dict[int, float] | None] | None:
+        rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        if not rows:
+            return None
+        rows_t = torch.tensor(rows).to(self.device)
+        lp = raw[rows_t].log_softmax(dim=-1)  # [A, V], the model's distribution
+        chosen = lp.gather(1, tokens[rows_t, None])[:, 0]  # [A]
+        k = min(max(states[i].params.logprobs for i in rows), self.vocab_size)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())  # [A, k]
+        chosen_l, tok_l, top_vl, top_il = chosen.tolist(), tokens[rows_t].tolist(), top_v.tolist(), top_i.tolist()
+        out: list[dict[int, float] | None] = [None] * len(states)
+        for a, i in enumerate(rows):
+            d = {tok_l[a]: chosen_l[a]}
+            kk = states[i].params.logprobs
+            d.update(zip(top_il[a][:kk], top_vl[a][:kk]))
+            out[i] = d
+        return out
+
+    def _record(self, tokens: torch.Tensor, states: list[_SeqState]) -> None:
+        """Append each penalized row's new token to its presence row."""
+        rows = [i for i, s in enumerate(states) if s.slot is not None]
+        if rows:
+            slots = torch.tensor([states[i].slot for i in rows]).to(self.device)
+            self._presence[slots, tokens[torch.tensor(rows).to(self.device)]] = True
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_k: int | None) -> torch.Tensor:
+    """Mask to -inf what top_k (0 = off; ties at the k-th value kept, as HF) and then
+    top_p (smallest prefix of the renormalized mass >= top_p; 1 = off) remove.
+    x: [B, V]; top_k, top_p: [B]. With max_k (every row has 0 < top_k <= max_k) only
+    the max_k best columns are ranked; ties beyond them are dropped."""
+    if max_k is not None:
+        xs, order = x.topk(min(max_k, x.shape[1]), dim=-1)  # [B, K], descending
+    else:
+        xs, order = x.sort(dim=-1, descending=True)  # [B, V]
+    K = xs.shape[1]
+    k = torch.where(top_k > 0, top_k, float(K)).clamp(max=K).long()  # [B]
+    kth = xs.gather(1, (k - 1)[:, None])  # [B, 1]
+    xs = xs.masked_fill(xs < kth, -math.inf)
+    probs = xs.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, K] mass of strictly better tokens
+    p = torch.where(top_p < 1, top_p, math.inf)[:, None]  # top_p == 1: never cut (cumsum rounding)
+    xs = xs.masked_fill(mass_before >= p, -math.inf)
+    return torch.full_like(x, -math.inf).scatter_(1, order, xs)
