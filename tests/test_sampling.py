@@ -178,10 +178,8 @@ def test_same_seed_same_tokens_whatever_the_batch():
     alone = make_sampler(V, {1: SamplingParams(seed=1234)}, seed=10)
     ref = [alone.sample([1], row[None]).token_ids[0] for _ in range(steps)]
 
-    mixed = make_sampler(
-        V, {5: SamplingParams(), 7: SamplingParams(seed=99), 1: SamplingParams(seed=1234), 8: SamplingParams(temperature=0)},
-        seed=11,
-    )
+    others = {5: SamplingParams(), 7: SamplingParams(seed=99), 8: SamplingParams(temperature=0)}
+    mixed = make_sampler(V, {**others, 1: SamplingParams(seed=1234)}, seed=11)
     got = []
     orders = [[5, 1, 7, 8], [1, 8], [7, 5, 8, 1], [8, 7, 1], [1], [5, 7, 1, 8], [1, 5], [8, 5, 7, 1]]
     for order in orders:
@@ -212,8 +210,8 @@ def test_repetition_penalty_changes_argmax_over_prompt_and_history():
 def test_repetition_penalty_negative_logits_multiplied():
     V = 6
     row = torch.tensor([-4.0, -1.0, -5.0, -1.5, -6.0, -7.0])
-    s = make_sampler(V, {0: SamplingParams(temperature=0, repetition_penalty=2.0), 1: SamplingParams(temperature=0)},
-                     prompts={0: [1], 1: [1]})
+    seqs = {0: SamplingParams(temperature=0, repetition_penalty=2.0), 1: SamplingParams(temperature=0)}
+    s = make_sampler(V, seqs, prompts={0: [1], 1: [1]})
     assert s.sample([0, 1], row.expand(2, V)).token_ids == [3, 1]  # -1 * 2 = -2 < -1.5; row 1 unpenalized
 
 
