@@ -1,0 +1,117 @@
+"""The paged KV cache: a block pool on each stage, and the driver's block manager.
+
+Block ids are global: the driver's `BlockManager` hands them out and every
+stage holds the same number of blocks, each storing K and V for that stage's
+layers only. A sequence's token t lives in block `table[t // block_size]` at
+offset `t % block_size`.
+
+The pool is one tensor per K and V: [layers, num_blocks, block_size, m, h].
+Later model families add per-sequence recurrent state beside the blocks; it
+would live in another pool keyed by sequence, not in these tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSpec:
+    """The geometry of one stage's pool."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of every layer of the stage for one block."""
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def blocks_for(self, budget_bytes: int) -> int:
+        return max(0, budget_bytes // self.bytes_per_block)
+
+
+class KVCache:
+    """The block pool of one stage."""
+
+    def __init__(self, spec: CacheSpec, num_blocks: int, device: torch.device):
+        if num_blocks <= 0:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.spec, self.num_blocks = spec, num_blocks
+        shape = (spec.num_layers, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=spec.dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V blocks of the stage's i-th layer: [num_blocks, block_size, m, h] each."""
+        return self.k[i], self.v[i]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class OutOfBlocks(Exception):
+    """Not enough free blocks for an allocation (the scheduler waits or preempts)."""
+
+
+class BlockManager:
+    """Block tables, a free list and reference counts for the global block ids."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.ref_count = [0] * num_blocks
+        self.tables: dict[int, list[int]] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def extra_blocks(self, seq_id: int, num_tokens: int) -> int:
+        """Blocks to add so that `seq_id` can hold `num_tokens` tokens."""
+        return max(0, self.blocks_needed(num_tokens) - len(self.tables.get(seq_id, ())))
+
+    def can_hold(self, seq_id: int, num_tokens: int) -> bool:
+        return self.extra_blocks(seq_id, num_tokens) <= self.num_free
+
+    def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the table."""
+        need = self.extra_blocks(seq_id, num_tokens)
+        if need > self.num_free:
+            raise OutOfBlocks(f"sequence {seq_id} needs {need} more blocks, {self.num_free} free")
+        table = self.tables.setdefault(seq_id, [])
+        for _ in range(need):
+            block = self.free.pop()
+            self.ref_count[block] = 1
+            table.append(block)
+        return table
+
+    def fork(self, parent: int, child: int) -> list[int]:
+        """Give `child` the blocks of `parent`, shared (reference counted)."""
+        if child in self.tables:
+            raise ValueError(f"sequence {child} already has blocks")
+        table = list(self.tables[parent])
+        for block in table:
+            self.ref_count[block] += 1
+        self.tables[child] = table
+        return table
+
+    def release(self, seq_id: int) -> None:
+        """Drop `seq_id`'s table; blocks no other sequence uses return to the free list."""
+        for block in reversed(self.tables.pop(seq_id, [])):
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free.append(block)

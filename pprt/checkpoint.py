@@ -1,0 +1,205 @@
+"""Locating a Qwen checkpoint and reading exactly the tensors a stage needs.
+
+A model is a local directory or a Hugging Face hub id. For a hub id, config,
+tokenizer files and the shard index are fetched first (huggingface_hub, which
+honours HF_HUB_CACHE / HF_HUB_OFFLINE), then only the shards that hold the
+tensors a stage asks for.
+
+Tensors are read straight from the safetensors files with plain file reads:
+one tensor at a time is read into a host buffer, converted to the target
+dtype and moved to the target device, so the whole state dict never exists
+in host memory (peak extra host memory is about one tensor). Every header is
+validated before any data is trusted; every error names the file and tensor.
+Knows nothing about model math.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file/tensor."""
+
+
+class ModelSource:
+    """A model directory, or a hub repository fetched file by file on demand."""
+
+    def __init__(self, model: str | os.PathLike, revision: str | None = None):
+        self.name = str(model)
+        self.revision = revision
+        path = Path(model).expanduser()
+        if path.is_dir():
+            self.local: Path | None = path
+        elif _looks_like_hub_id(self.name):
+            self.local = None
+        else:
+            raise CheckpointError(f"model {self.name!r}: no such directory, and not a hub id (org/name)")
+
+    def get(self, filename: str) -> Path | None:
+        """Local path of `filename`, fetching it from the hub if needed; None if the model has no such file."""
+        if self.local is not None:
+            p = self.local / filename
+            return p if p.is_file() else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            return Path(hf_hub_download(self.name, filename, revision=self.revision))
+        except EntryNotFoundError:
+            return None
+        except RepositoryNotFoundError as e:
+            raise CheckpointError(f"model {self.name!r}: hub repository not found") from e
+        except LocalEntryNotFoundError as e:
+            if filename in TOKENIZER_FILES or filename in (INDEX_FILE, SINGLE_FILE):
+                return None  # optional file absent from an offline cache
+            raise CheckpointError(f"model {self.name!r}: {filename} is not in the local cache and the hub is unreachable") from e
+
+    def require(self, filename: str) -> Path:
+        p = self.get(filename)
+        if p is None:
+            raise CheckpointError(f"model {self.name!r}: {filename} not found")
+        return p
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_config(source: ModelSource) -> ModelConfig:
+    """ModelConfig from config.json and (when present) generation_config.json."""
+    cfg = _read_json(source.require("config.json"))
+    gen_path = source.get("generation_config.json")
+    return ModelConfig.from_dict(cfg, _read_json(gen_path) if gen_path else None)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header (8-byte LE length, JSON, raw data)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > size - 8 or n > 100 * 2**20:
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {n} for a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + n
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            lo, hi = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from e
+        numel = 1
+        for d in shape:
+            numel *= d
+        if hi - lo != numel * dtype.itemsize or lo < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} has {hi - lo} bytes for shape {list(shape)}")
+        if data_start + hi > size:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends past the end of the file")
+        infos[name] = TensorInfo(dtype, shape, data_start + lo, data_start + hi)
+    return infos
+
+
+class CheckpointReader:
+    """Reads named tensors of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        index_path = source.get(INDEX_FILE)
+        if index_path is not None:
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no weight_map")
+            self.weight_map: dict[str, str] = weight_map
+        elif (single := source.get(SINGLE_FILE)) is not None:
+            self.weight_map = {name: SINGLE_FILE for name in read_header(single)}
+        else:
+            raise CheckpointError(f"model {source.name!r}: no weights ({INDEX_FILE} or {SINGLE_FILE})")
+        self._headers: dict[str, tuple[Path, dict[str, TensorInfo]]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shards_for(self, names: list[str]) -> list[str]:
+        """The shard files holding `names`, in first-use order."""
+        return list(dict.fromkeys(self.weight_map[n] for n in names if n in self.weight_map))
+
+    def info(self, name: str) -> tuple[Path, TensorInfo]:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"model {self.source.name!r}: tensor {name!r} is not in the checkpoint index")
+        if shard not in self._headers:
+            path = self.source.get(shard)
+            if path is None:
+                raise CheckpointError(f"model {self.source.name!r}: shard file {shard} (holding {name!r}) is missing")
+            self._headers[shard] = (path, read_header(path))
+        path, header = self._headers[shard]
+        if name not in header:
+            raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but absent from the shard")
+        return path, header[name]
+
+    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+             shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Tensor `name` on `device` (cast to `dtype` if given), checked against `shape` if given."""
+        path, info = self.info(name)
+        if shape is not None and tuple(shape) != info.shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(info.shape)}, the config expects {list(shape)}"
+            )
+        buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
+        with path.open("rb") as f:
+            f.seek(info.begin)
+            if f.readinto(memoryview(buf.numpy())) != buf.numel():
+                raise CheckpointError(f"{path}: truncated file while reading tensor {name!r}")
+        t = buf.view(info.dtype).reshape(info.shape)
+        target = dtype if dtype is not None and t.is_floating_point() else t.dtype  # ints stay ints
+        return t.to(device=device, dtype=target)
+
+    def nbytes(self, name: str) -> int:
+        _, info = self.info(name)
+        return info.end - info.begin

@@ -1,0 +1,237 @@
+"""LLM: the public entry point. Starts the stages, runs the scheduler loop,
+detokenizes and streams.
+
+The loop keeps up to `depth` micro-batches in flight (one per stage): it fills
+the pipeline from the scheduler, then waits for the oldest step's sampled
+tokens, applies them (stop rules, text) and plans again. With one stage the
+executor runs each step at once in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import BlockManager
+from .checkpoint import CheckpointError, ModelSource, load_config
+from .config import parse_dtype
+from .executor import make_executor
+from .sampling import SamplingParams
+from .scheduler import Scheduler, Sequence
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("pprt")
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]  # generated tokens only
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[dict[int, float]] | None = None  # one dict per generated token, when asked
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    emitted: int = 0  # characters of `text` already streamed
+    pieces: list[str] = field(default_factory=list)  # streamed, not yet consumed
+
+
+class LLM:
+    """Run a Qwen checkpoint on one or several devices.
+
+    model: a directory or a hub id. devices: None means every visible GPU (or
+    ["cpu"]); several devices make a pipeline, one stage each. split: layers
+    per stage. dtype: default float32 on CPU, bfloat16 on CUDA. quant: None,
+    or "int4" to quantize a float checkpoint while loading. max_context: the
+    longest prompt + generation (default: the checkpoint's window).
+    """
+
+    def __init__(self, model: str, *, devices: list[str] | None = None, split: list[int] | None = None,
+                 dtype: str | torch.dtype | None = None, quant: str | None = None,
+                 max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
+                 max_num_seqs: int = 256, kv_cache_memory: int | None = None, transport: str = "auto",
+                 seed: int | None = None):
+        if devices is None:
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+        if not devices:
+            raise ValueError("devices must name at least one device")
+        self.source = ModelSource(model)
+        self.config = load_config(self.source)
+        on_cuda = torch.device(devices[0]).type == "cuda"
+        self.dtype = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
+        self.max_context = max_context or self.config.max_position_embeddings
+        self.tokenizer = _load_tokenizer(self.source)
+        self.executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
+                                      quant=quant, block_size=block_size, max_context=self.max_context,
+                                      kv_cache_memory=kv_cache_memory, transport=transport, seed=seed)
+        self.blocks = BlockManager(self.executor.num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_context=self.max_context, chunk_size=chunk_size,
+                                   max_num_seqs=max_num_seqs, eos_token_ids=self.config.eos_token_ids)
+        self._requests: dict[int, _Request] = {}
+        self._seqs: dict[int, Sequence] = {}
+        self._in_flight: deque = deque()
+
+    # ---- public API --------------------------------------------------------
+    def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
+        """Complete one prompt or a batch (str, list of str, token ids, or lists of token ids)."""
+        reqs = [self._add(p, sampling) for p in _as_prompt_list(prompts)]
+        try:
+            while any(r.seq.finish_reason is None for r in reqs):
+                self._step()
+        except BaseException:
+            for r in reqs:
+                self._cancel(r)
+            raise
+        return [self._complete(r) for r in reqs]
+
+    def stream(self, prompt, sampling: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are produced."""
+        (prompt,) = _as_prompt_list(prompt)
+        req = self._add(prompt, sampling)
+        try:
+            while True:
+                while req.pieces:
+                    yield req.pieces.pop(0)
+                if req.seq.finish_reason is not None:
+                    break
+                self._step()
+        finally:
+            self._cancel(req)
+            self._requests.pop(req.seq.seq_id, None)
+
+    def chat(self, messages: list[dict], sampling: SamplingParams | None = None, **template_kwargs) -> Completion:
+        """Render the model's chat template over `messages` and complete it."""
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.source.name!r} has no tokenizer.json: chat needs one")
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        return self.generate(prompt, sampling)[0]
+
+    def close(self) -> None:
+        executor, self.executor = getattr(self, "executor", None), None
+        if executor is not None:
+            executor.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ---- internals ---------------------------------------------------------------
+    def _add(self, prompt, sampling: SamplingParams | None) -> _Request:
+        if self.executor is None:
+            raise RuntimeError("this LLM is closed")
+        params = (sampling or SamplingParams()).resolve(self.config.generation_defaults)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.source.name!r} has no tokenizer.json: give token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        seq = self.scheduler.add(ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        req = _Request(seq, detok)
+        self._requests[seq.seq_id] = req
+        self._seqs[seq.seq_id] = seq
+        return req
+
+    def _step(self) -> None:
+        """Fill the pipeline, then apply the oldest step's tokens."""
+        active = len(self.scheduler.running) + len(self.scheduler.waiting)
+        group = max(1, math.ceil(active / self.executor.depth))
+        while len(self._in_flight) < self.executor.depth:
+            plan = self.scheduler.schedule(max_seqs=group)
+            if plan is None:
+                break
+            self.executor.submit(plan)
+            self._in_flight.append(plan)
+        if not self._in_flight:
+            raise RuntimeError("the scheduler has work but could not plan a step")
+        plan = self._in_flight.popleft()
+        result = self.executor.result()
+        for seq in self.scheduler.complete(plan, result, self._seqs):
+            self._on_token(seq)
+        for chunk in plan.chunks:  # forget finished sequences once nothing of them is in flight
+            seq = self._seqs.get(chunk.seq_id)
+            if seq is not None and seq.finish_reason is not None and seq.in_flight == 0:
+                del self._seqs[chunk.seq_id]
+
+    def _on_token(self, seq: Sequence) -> None:
+        req = self._requests.get(seq.seq_id)
+        if req is None or req.detok is None:
+            return
+        token = seq.output_ids[-1]
+        stopping_token = seq.finish_reason == "stop" and not seq.params.ignore_eos
+        if not stopping_token:  # the text of a stop token is not part of the output
+            req.text += req.detok.push(token)
+        if seq.finish_reason is not None:
+            req.text += req.detok.flush()
+        stop = seq.params.stop
+        if stop:
+            cut = _find_stop(req.text, stop, since=req.emitted)
+            if cut is not None:
+                req.text = req.text[:cut]
+                self.scheduler.finish(seq, "stop")
+        # Hold back a tail that could still become a stop string.
+        hold = 0 if seq.finish_reason is not None else max((len(s) - 1 for s in stop), default=0)
+        end = max(req.emitted, len(req.text) - hold)
+        if end > req.emitted:
+            req.pieces.append(req.text[req.emitted:end])
+            req.emitted = end
+
+    def _cancel(self, req: _Request) -> None:
+        if req.seq.finish_reason is None:
+            self.scheduler.finish(req.seq, "cancelled")
+
+    def _complete(self, req: _Request) -> Completion:
+        self._requests.pop(req.seq.seq_id, None)
+        seq = req.seq
+        text = req.text if req.detok is not None else ""
+        logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None
+        return Completion(text, list(seq.output_ids), list(seq.prompt_ids), seq.finish_reason, logprobs)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], since: int) -> int | None:
+    """Index where the earliest stop string starts in `text` (searching from near `since`)."""
+    found = [i for s in stops if (i := text.find(s, max(0, since - len(s)))) >= 0]
+    return min(found) if found else None
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    if all(isinstance(p, str) for p in prompts) or all(isinstance(p, (list, tuple)) for p in prompts):
+        return prompts
+    raise ValueError("prompts must be a str, a list of str, a list of token ids, or a list of lists of token ids")
+
+
+def _load_tokenizer(source: ModelSource) -> Tokenizer | None:
+    path = source.get("tokenizer.json")
+    if path is None:
+        log.warning("model %r has no tokenizer.json: prompts must be token ids", source.name)
+        return None
+    try:
+        return Tokenizer.from_files(path, source.get("tokenizer_config.json"), source.get("chat_template.jinja"))
+    except Exception as e:  # a broken tokenizer is a broken checkpoint
+        raise CheckpointError(f"model {source.name!r}: cannot load its tokenizer ({e})") from e

@@ -1,0 +1,105 @@
+"""Materialize a Stage's parameters from a checkpoint, one tensor at a time.
+
+Split from checkpoint.py (which finds and reads tensors) because this is the
+one place that knows how model parameters map onto checkpoint tensors:
+float weights, GPTQ/AWQ Int4 layers (`<prefix>.qweight` present in the file)
+and quantize-at-load (`quant="int4"`). Every tensor's shape is checked against
+the config before any data is read, so a wrong checkpoint fails before device
+memory is spent.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, CheckpointReader
+from .model import Stage
+
+QUANT_MODES = (None, "int4")
+
+
+def _never_quantized(prefix: str) -> bool:
+    """The head and MoE routers stay in the model dtype (QWEN.md section 4)."""
+    return prefix == "lm_head" or prefix.endswith(".mlp.gate")
+
+
+def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
+               quant: str | None = None, progress: bool | None = None) -> float:
+    """Fill `stage` in place on `device`; returns the seconds spent quantizing at load."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant={quant!r} is not supported (None or 'int4')")
+    linears = {p: m for p, m in stage.named_modules() if isinstance(m, nn.Linear)}
+    gptq_awq = {p for p in linears if f"{p}.qweight" in reader}
+    if gptq_awq and stage.config.quant is None:
+        raise CheckpointError(f"model {reader.source.name!r}: {next(iter(gptq_awq))}.qweight found but "
+                              "config.json has no quantization_config")
+
+    # Plain tensors: everything except the weights of Int4 layers.
+    plain = {}
+    for name, param in stage.named_parameters():
+        prefix = name.rpartition(".")[0]
+        if prefix in gptq_awq:
+            continue
+        plain[name] = (stage.checkpoint_name(name), tuple(param.shape))
+    for ckpt_name, shape in plain.values():  # validate every header and shape first
+        path, info = reader.info(ckpt_name)
+        if info.shape != shape:
+            raise CheckpointError(f"{path}: tensor {ckpt_name!r} has shape {list(info.shape)}, "
+                                  f"the config expects {list(shape)}")
+
+    total = sum(reader.nbytes(c) for c, _ in plain.values())
+    total += sum(reader.nbytes(f"{p}.{t}") for p in gptq_awq for t in ("qweight", "qzeros", "scales")
+                 if f"{p}.{t}" in reader)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"layers {stage.lo}-{stage.hi - 1}",
+               disable=None if progress is None else not progress, leave=False)
+    quant_seconds = 0.0
+    modules = dict(stage.named_modules())
+    try:
+        for name, (ckpt_name, shape) in plain.items():
+            prefix, _, pname = name.rpartition(".")
+            module = modules[prefix]
+            tensor = reader.read(ckpt_name, device, dtype, shape)
+            bar.update(reader.nbytes(ckpt_name))
+            module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
+            if quant == "int4" and isinstance(module, nn.Linear) and not _never_quantized(prefix) \
+                    and all(p.device.type != "meta" for p in module.parameters()):
+                t0 = time.perf_counter()
+                _replace(stage, prefix, _quantize(module))
+                quant_seconds += time.perf_counter() - t0
+        for prefix in gptq_awq:
+            _replace(stage, prefix, _load_int4(reader, prefix, linears[prefix], stage, dtype, device))
+            bar.update(sum(reader.nbytes(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales")
+                           if f"{prefix}.{t}" in reader))
+    finally:
+        bar.close()
+    stage.rotary.to(device)
+    leftover = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"model {reader.source.name!r}: tensors not loaded: {leftover[:5]}")
+    return quant_seconds
+
+
+def _replace(stage: Stage, prefix: str, module: nn.Module) -> None:
+    parent, _, child = prefix.rpartition(".")
+    setattr(stage.get_submodule(parent) if parent else stage, child, module)
+
+
+def _quantize(linear: nn.Linear) -> nn.Module:
+    from .quant import quantize_linear
+
+    return quantize_linear(linear.weight, linear.bias)
+
+
+def _load_int4(reader: CheckpointReader, prefix: str, linear: nn.Linear, stage: Stage,
+               dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from .quant import load_quantized_linear
+
+    def read(name: str) -> torch.Tensor:
+        return reader.read(name, device)  # stored dtype; quant.py converts
+
+    return load_quantized_linear(read, prefix, linear.in_features, linear.out_features,
+                                 linear.bias is not None, stage.config.quant, dtype, device)

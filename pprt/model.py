@@ -1,0 +1,76 @@
+"""Stage: a contiguous range of a Qwen model's decoder layers.
+
+`Stage(config, layers=(lo, hi))` holds the embedding only when lo == 0 and
+the final norm and head only when hi == num_layers. Parameter names equal the
+checkpoint's tensor names (`model.layers.{i}.self_attn.q_proj.weight`, ...),
+so the loader maps one onto the other without a table. With tied embeddings a
+last stage that is not also the first gets its own copy of the embedding
+matrix as the head.
+
+Modules are built on the meta device; `pprt.loader` materializes them. The
+stage knows nothing of ranks or processes: a pipeline is several stages.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import AttentionBatch, DecoderLayer, RMSNorm, Rotary
+
+
+class Stage(nn.Module):
+    def __init__(self, config: ModelConfig, layers: tuple[int, int] | None = None):
+        super().__init__()
+        lo, hi = layers if layers is not None else (0, config.num_layers)
+        if not 0 <= lo < hi <= config.num_layers:
+            raise ValueError(f"layers {(lo, hi)} is not a non-empty range within [0, {config.num_layers})")
+        self.config, self.lo, self.hi = config, lo, hi
+        self.is_first, self.is_last = lo == 0, hi == config.num_layers
+        with torch.device("meta"):
+            self.model = nn.Module()
+            if self.is_first:
+                self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in range(lo, hi)})
+            if self.is_last:
+                self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+                if not (config.tie_word_embeddings and self.is_first):
+                    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.rotary = Rotary(config.rope, config.head_dim)  # real tensors, not loaded
+
+    @property
+    def num_layers(self) -> int:
+        return self.hi - self.lo
+
+    def checkpoint_name(self, param_name: str) -> str:
+        """The checkpoint tensor holding `param_name` (the tied head reads the embedding)."""
+        if param_name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return param_name
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Run this stage.
+
+        x: token ids [T] on the first stage, else hidden states [T, H].
+        Returns hidden states [T, H], or on the last stage the fp32 logits
+        [R, V] of the rows in `logits_indices` (all rows when None).
+        """
+        if self.is_first:
+            x = self.model.embed_tokens(x)  # [T, H]
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        for i, layer in enumerate(self.model.layers.values()):
+            x = layer(x, batch, cos, sin, cache.layer(i))
+        if not self.is_last:
+            return x
+        if logits_indices is not None:
+            x = x[logits_indices]
+        x = self.model.norm(x)
+        head = self.lm_head if hasattr(self, "lm_head") else None
+        logits = head(x) if head is not None else x @ self.model.embed_tokens.weight.t()
+        return logits.float()

@@ -1,0 +1,210 @@
+"""Sequences, admission, chunked prefill, micro-batches in flight, preemption.
+
+Every sequence has tokens (prompt + generated) and a count of tokens already
+sent into the pipeline (`num_scheduled`). Its pending tokens
+`tokens[num_scheduled:]` go out in chunks; the chunk that reaches the end of
+the known tokens asks for a sample, and the sequence then waits for that
+token. Prefill and decode are therefore the same thing: a decode step is a
+chunk of one token.
+
+Several micro-batches may be in flight (one per pipeline stage). A sequence
+waiting for a sample is not schedulable, so micro-batches are disjoint groups
+of sequences; the next prefill chunk of a long prompt may enter the pipeline
+while its previous chunk is still in it (each stage runs micro-batches in
+order, so the cached prefix is always there when needed).
+
+When blocks run out, the most recently admitted running sequence that is not
+in flight is preempted: its blocks are freed and it is recomputed later from
+its tokens. A request that could never fit the pool is refused at `add`.
+Knows nothing of devices or tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from .cache import BlockManager
+from .sampling import SamplingParams
+from .step import NewSequence, SeqChunk, StepPlan, StepResult
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # not holding blocks (new, or preempted)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class RequestTooLarge(ValueError):
+    """A request that no amount of waiting could serve."""
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams  # resolved
+    max_len: int  # prompt + generated tokens may not exceed this
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_scheduled: int = 0  # tokens sent into the pipeline (KV cached once their step completes)
+    in_flight: int = 0  # chunks of this sequence in the pipeline
+    finish_reason: str | None = None  # "stop" or "length"
+    registered: bool = False  # the last stage's sampler knows it
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def schedulable(self) -> bool:
+        return self.status is not SeqStatus.FINISHED and self.num_scheduled < self.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, *, max_context: int, chunk_size: int = 2048,
+                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = ()):
+        if chunk_size <= 0 or max_num_seqs <= 0:
+            raise ValueError("chunk_size and max_num_seqs must be positive")
+        self.blocks, self.max_context = blocks, max_context
+        self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order
+        self._ids = itertools.count()
+        self._steps = itertools.count()
+        self._removed: list[int] = []
+        self.num_preemptions = 0
+
+    # ---- requests -------------------------------------------------------
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("a prompt needs at least one token")
+        if len(prompt_ids) >= self.max_context:
+            raise RequestTooLarge(f"prompt of {len(prompt_ids)} tokens does not fit max_context "
+                                  f"({self.max_context} tokens, one of them for the first generated token)")
+        max_len = min(len(prompt_ids) + params.max_tokens, self.max_context)
+        pool_tokens = self.blocks.num_blocks * self.blocks.block_size
+        # The last generated token is never fed back, so max_len - 1 tokens need KV.
+        if self.blocks.blocks_needed(max_len - 1) > self.blocks.num_blocks:
+            raise RequestTooLarge(f"request needs KV for {max_len - 1} tokens (prompt {len(prompt_ids)} + "
+                                  f"max_tokens {params.max_tokens}); the KV pool holds {pool_tokens}")
+        seq = Sequence(next(self._ids), list(prompt_ids), params, max_len)
+        self.waiting.append(seq)
+        return seq
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End `seq` (stop rule met, or cancelled). Its blocks return once nothing of it is in flight."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        self._release_if_idle(seq)
+
+    def _release_if_idle(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.FINISHED and seq.in_flight == 0:
+            self.blocks.release(seq.seq_id)
+            if seq in self.running:
+                self.running.remove(seq)
+            if seq.registered:
+                self._removed.append(seq.seq_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- planning ----------------------------------------------------------
+    def schedule(self, max_seqs: int | None = None) -> StepPlan | None:
+        """The next micro-batch from sequences not waiting on a sample, or None."""
+        chunks: list[SeqChunk] = []
+        added: list[NewSequence] = []
+        budget = self.chunk_size
+        limit = max_seqs or self.max_num_seqs
+        for seq in list(self.running):
+            if budget == 0 or len(chunks) >= limit:
+                break
+            if seq.schedulable and seq in self.running:
+                chunk = self._chunk(seq, budget, preempt=True)
+                if chunk is not None:
+                    chunks.append(chunk)
+                    budget -= len(chunk.token_ids)
+        while self.waiting and budget > 0 and len(chunks) < limit and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            chunk = self._chunk(seq, budget, preempt=False)
+            if chunk is None:
+                break  # first come, first served: later requests wait too
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(chunk)
+            budget -= len(chunk.token_ids)
+            if not seq.registered:
+                seq.registered = True
+                added.append(NewSequence(seq.seq_id, seq.params, list(seq.prompt_ids)))
+        if not chunks:
+            return None
+        plan = StepPlan(next(self._steps), chunks, added, self._removed)
+        self._removed = []
+        return plan
+
+    def _chunk(self, seq: Sequence, budget: int, preempt: bool) -> SeqChunk | None:
+        n = min(budget, seq.num_tokens - seq.num_scheduled)
+        end = seq.num_scheduled + n
+        while not self.blocks.can_hold(seq.seq_id, end):
+            victim = self._victim(exclude=seq) if preempt else None
+            if victim is None:
+                return None
+            self._preempt(victim)
+        table = self.blocks.reserve(seq.seq_id, end)
+        chunk = SeqChunk(seq.seq_id, seq.tokens[seq.num_scheduled:end], seq.num_scheduled,
+                         list(table), sample=end == seq.num_tokens)
+        seq.num_scheduled = end
+        seq.in_flight += 1
+        return chunk
+
+    def _victim(self, exclude: Sequence) -> Sequence | None:
+        for seq in reversed(self.running):
+            if seq is not exclude and seq.in_flight == 0:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq.seq_id)
+        self.running.remove(seq)
+        seq.status, seq.num_scheduled = SeqStatus.WAITING, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # ---- results -------------------------------------------------------------
+    def complete(self, plan: StepPlan, result: StepResult, seqs: dict[int, Sequence]) -> list[Sequence]:
+        """Apply a finished step: append sampled tokens, apply token stop rules.
+
+        Returns the sequences that received a token.
+        """
+        for chunk in plan.chunks:
+            seqs[chunk.seq_id].in_flight -= 1
+        updated = []
+        logprobs = result.logprobs or [None] * len(result.seq_ids)
+        for seq_id, token, lp in zip(result.seq_ids, result.token_ids, logprobs):
+            seq = seqs[seq_id]
+            if seq.status is SeqStatus.FINISHED:
+                continue  # cancelled while in flight
+            seq.output_ids.append(token)
+            seq.logprobs.append(lp)
+            updated.append(seq)
+            p = seq.params
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                self.finish(seq, "stop")
+            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
+                self.finish(seq, "length")
+        for chunk in plan.chunks:
+            self._release_if_idle(seqs[chunk.seq_id])
+        return updated

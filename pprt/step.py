@@ -1,0 +1,63 @@
+"""What crosses the driver/stage boundary each step: small typed objects.
+
+The driver's scheduler builds a `StepPlan` for one micro-batch; every stage
+receives it (stage 0 needs the token ids, every stage the positions and
+block tables); the last stage answers with a `StepResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sampling import SamplingParams
+
+
+@dataclass(slots=True)
+class SeqChunk:
+    """The tokens of one sequence computed in this step."""
+
+    seq_id: int
+    token_ids: list[int]  # tokens whose KV this step computes
+    start: int  # position of token_ids[0]
+    block_table: list[int]  # blocks covering positions [0, start + len(token_ids))
+    sample: bool  # the last token's logits give the sequence its next token
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise ValueError(f"sequence {self.seq_id}: a chunk needs at least one token")
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclass(slots=True)
+class NewSequence:
+    """Registers a sequence with the sampler of the last stage (sent once)."""
+
+    seq_id: int
+    params: SamplingParams  # resolved
+    prompt_ids: list[int]
+
+
+@dataclass(slots=True)
+class StepPlan:
+    step: int
+    chunks: list[SeqChunk]
+    added: list[NewSequence] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)  # finished or cancelled: drop sampler state
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Sampled tokens of the chunks that asked for one, in plan order."""
+
+    step: int
+    seq_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None] | None = None
+    compute_seconds: float = 0.0  # time the last stage spent computing this step

@@ -1,0 +1,113 @@
+"""One stage: build it, load its weights, allocate its cache, execute step plans.
+
+A `Worker` is what runs on each device. In a one-device run it lives in the
+caller's process; in a pipeline each lives in its own process (see comm.py
+and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
+on one micro-batch. Knows nothing of tokenization or scheduling.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .cache import CacheSpec, KVCache
+from .checkpoint import CheckpointReader, ModelSource
+from .config import ModelConfig
+from .layers import AttentionBatch
+from .loader import load_stage
+from .model import Stage
+from .sampling import Sampler
+from .step import StepPlan, StepResult
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a stage process needs to build itself (picklable)."""
+
+    model: str  # directory or hub id
+    config: ModelConfig
+    layers: tuple[int, int]
+    device: str
+    dtype: torch.dtype
+    quant: str | None = None
+    kv_dtype: torch.dtype | None = None  # None: the model dtype
+    block_size: int = 16
+    seed: int | None = None
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        t0 = time.perf_counter()
+        self.stage = Stage(spec.config, spec.layers)
+        self.quant_seconds = load_stage(self.stage, CheckpointReader(ModelSource(spec.model)),
+                                        self.device, spec.dtype, spec.quant)
+        self.load_seconds = time.perf_counter() - t0
+        self.cache_spec = CacheSpec(self.stage.num_layers, spec.config.num_kv_heads, spec.config.head_dim,
+                                    spec.block_size, spec.kv_dtype or spec.dtype)
+        self.cache: KVCache | None = None
+        self.sampler = Sampler(spec.config.vocab_size, self.device, spec.seed) if self.stage.is_last else None
+        self.busy_seconds = 0.0  # time spent computing steps
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.stage.state_dict().values())
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        self.cache = KVCache(self.cache_spec, num_blocks, self.device)
+
+    def execute(self, plan: StepPlan, x: torch.Tensor | None = None) -> torch.Tensor | StepResult:
+        """Run one micro-batch: returns hidden states [T, H], or on the last stage the sampled tokens.
+
+        `x` is the previous stage's hidden states (None on the first stage).
+        """
+        t0 = time.perf_counter()
+        if self.sampler is not None:
+            for seq_id in plan.removed:
+                self.sampler.remove(seq_id)
+            for new in plan.added:
+                self.sampler.add(new.seq_id, new.params, new.prompt_ids)
+        batch, logits_indices = self._batch(plan)
+        if self.stage.is_first:
+            x = torch.tensor([t for c in plan.chunks for t in c.token_ids], dtype=torch.long, device=self.device)
+        out = self.stage(x, batch, self.cache, logits_indices)
+        if not self.stage.is_last:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self.busy_seconds += time.perf_counter() - t0
+            return out
+        seq_ids = [c.seq_id for c in plan.chunks if c.sample]
+        sampled = self.sampler.sample(seq_ids, out) if seq_ids else None
+        elapsed = time.perf_counter() - t0
+        self.busy_seconds += elapsed
+        return StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
+                          sampled.logprobs if sampled else None, elapsed)
+
+    def _batch(self, plan: StepPlan) -> tuple[AttentionBatch, torch.Tensor]:
+        """Tensors of a plan: positions, slots, block tables, query offsets, context lengths."""
+        bs = self.spec.block_size
+        positions, slots, starts, ctx, sample_rows = [], [], [0], [], []
+        width = max(len(c.block_table) for c in plan.chunks)
+        tables = torch.zeros(len(plan.chunks), width, dtype=torch.int32)
+        for i, c in enumerate(plan.chunks):
+            pos = range(c.start, c.end)
+            positions.extend(pos)
+            slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
+            starts.append(starts[-1] + len(c.token_ids))
+            ctx.append(c.end)
+            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+            if c.sample:
+                sample_rows.append(starts[-1] - 1)
+        dev = self.device
+        batch = AttentionBatch(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=tables.to(dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            max_query_len=max(len(c.token_ids) for c in plan.chunks),
+        )
+        return batch, torch.tensor(sample_rows, dtype=torch.long, device=dev)
