@@ -13,8 +13,9 @@ E, k = experts per token, as in QWEN.md):
   embedding, head, norms, q/k norms, biases and routers stay in the model dtype.
   A tied head is the embedding: free on a single stage, V*H again on the last
   stage when that is not stage 0.
-- KV per token: 2 * layers * m * h * element bytes (auto = model dtype, fp8 = 1,
-  no scales).
+- KV per token: 2 * layers * m * (h * element bytes + s) (auto = model dtype;
+  fp8: 1 byte and s = 4, the float32 scale per (slot, kv head) of paged_attention;
+  s = 0 otherwise).
 - reserve of a stage (what a forward of T tokens needs besides weights and cache):
       overhead_bytes                        CUDA context, allocator slack, library workspaces
     + T*db*(4H + 2(n + m)h)                 hidden, residual, normed, received; q, k, v, attention out
@@ -42,8 +43,8 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
+from pprt.checkpoint import CheckpointError, ModelSource
 from pprt.config import ModelConfig
 
 GiB = 1 << 30
@@ -51,6 +52,7 @@ DEFAULT_OVERHEAD = 1 * GiB
 KV_ELEMENT_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4,
                     "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 QUANTS = ("none", "int4")
+FP8_SCALE_BYTES = 4  # float32 scale per (slot, kv head) of an fp8 cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +195,12 @@ def kv_element_bytes(kv_dtype: str, dtype_bytes: int = 2) -> int:
 
 def kv_bytes_per_token(config: ModelConfig, layers: int | tuple[int, int], kv_dtype: str = "auto",
                        dtype_bytes: int = 2) -> int:
-    """K and V of one token over `layers` (a count, or a range (lo, hi))."""
+    """K and V of one token over `layers` (a count, or a range (lo, hi)); an fp8 cache also keeps
+    one float32 scale per (token, kv head) for K and for V (paged_attention's recommended form)."""
     count = layers if isinstance(layers, int) else layers[1] - layers[0]
-    return 2 * count * config.num_kv_heads * config.head_dim * kv_element_bytes(kv_dtype, dtype_bytes)
+    elem = kv_element_bytes(kv_dtype, dtype_bytes)
+    scale = FP8_SCALE_BYTES if elem == 1 else 0
+    return 2 * count * config.num_kv_heads * (config.head_dim * elem + scale)
 
 
 def context_limit(config: ModelConfig) -> int:
@@ -218,7 +223,7 @@ class _Costs:
     quant: str
     group_size: int
     dtype_bytes: int
-    kv_elem: int
+    kv_dtype: str
     block_size: int
     max_context: int
     chunk_size: int
@@ -240,7 +245,7 @@ class _Costs:
             biggest = max(n_out * k_in for n_out, k_in, _ in _linears(c, i))
             dequant.append(biggest * db if self.quant == "int4" else 0)
         self._mlp_max, self._dequant_max = _range_max(mlp), _range_max(dequant)
-        self._kv_layer = 2 * c.num_kv_heads * c.head_dim * self.kv_elem  # K and V of one token, one layer
+        self._kv_layer = kv_bytes_per_token(c, 1, self.kv_dtype, db)  # K and V of one token, one layer
         self.seq_blocks = -(-self.max_context // self.block_size)
         H, n, m, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         self._fixed = self.overhead + T * db * (4 * H + 2 * (n + m) * h) + 2 * self.max_context * m * h * db
@@ -421,9 +426,9 @@ def plan(
     if split is not None:
         _check_split(list(split), L, S)
     eff_quant, group = _effective_quant(config, quant, group_size)
-    kv_elem = kv_element_bytes(kv_dtype, dtype_bytes)
+    kv_element_bytes(kv_dtype, dtype_bytes)  # validates
 
-    costs = _Costs(config, list(budgets), speeds, eff_quant, group, dtype_bytes, kv_elem,
+    costs = _Costs(config, list(budgets), speeds, eff_quant, group, dtype_bytes, kv_dtype,
                    block_size, max_context, chunk_size, overhead_bytes)
     cut, fits = _cut(costs, None if split is None else list(split))
     stages = tuple(costs.stage(s, lo, hi) for s, (lo, hi) in enumerate(_bounds(cut)))
@@ -455,7 +460,7 @@ def _feasible(config: ModelConfig, budgets: list[DeviceBudget], args: dict, **ch
     a = {**args, **changes}
     quant, group = _effective_quant(config, a["quant"], a["group_size"])
     costs = _Costs(config, budgets, [1.0] * len(budgets), quant, group, a["dtype_bytes"],
-                   kv_element_bytes(a["kv_dtype"], a["dtype_bytes"]), a["block_size"], a["max_context"],
+                   a["kv_dtype"], a["block_size"], a["max_context"],
                    a["chunk_size"], a["overhead_bytes"])
     if a["split"] is not None:
         return all(costs.fits(s, lo, hi) for s, (lo, hi) in enumerate(_bounds(list(a["split"]))))
@@ -529,21 +534,8 @@ def _explain(result: Plan, costs: _Costs, config: ModelConfig, budgets: list[Dev
 # ---- command line --------------------------------------------------------------------------
 
 def read_model_config(model: str) -> ModelConfig:
-    """config.json of a local directory (or the file itself), or of a hub id (that file only)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"model directory {model} has no config.json")
-    elif not path.is_file():
-        if model.startswith(("/", ".", "~")) or model.count("/") != 1:
-            raise FileNotFoundError(f"model {model!r} is neither a directory nor a hub id (owner/name)")
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = Path(hf_hub_download(model, "config.json"))
-        except Exception as e:  # offline, unknown repo, gated, ...: one message
-            raise FileNotFoundError(f"could not fetch config.json of {model!r} from the hub: {e}") from e
+    """config.json of a local directory or of a hub id (that file only: no weights, no tokenizer)."""
+    path = ModelSource(model).require("config.json")
     try:
         return ModelConfig.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
@@ -623,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                       dtype_bytes={"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype],
                       block_size=args.block_size, max_context=args.max_context, chunk_size=args.chunk_size,
                       split=None if args.split is None else _int_list(args.split))
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError
+    except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result.to_json(), indent=2) if args.json else format_table(result))

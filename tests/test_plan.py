@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pprt.checkpoint import CheckpointError
 from pprt.config import ModelConfig
 from pprt.plan import (
     GiB,
@@ -175,7 +176,8 @@ def test_gptq_checkpoint_is_counted_as_int4_with_its_group():
 def test_kv_bytes_per_token_match_qwen_table(key):
     config, L = model(key), CONFIGS[key]["num_hidden_layers"]
     assert kv_bytes_per_token(config, L, "bf16") == KV_TABLE[key]
-    assert kv_bytes_per_token(config, (0, L), "fp8") == KV_TABLE[key] // 2
+    m = CONFIGS[key]["num_key_value_heads"]  # fp8: half, plus a float32 scale per (token, kv head) for K and V
+    assert kv_bytes_per_token(config, (0, L), "fp8") == KV_TABLE[key] // 2 + 2 * L * m * 4
     result = plan(config, devices(300, 300, 300), quant="int4", max_context=8192)
     assert sum(s.kv_bytes_per_token for s in result.stages) == KV_TABLE[key]
     assert kv_bytes_per_token(config, L, "auto", dtype_bytes=4) == 2 * KV_TABLE[key]
@@ -371,5 +373,5 @@ def test_hub_id_fetches_config_json_only(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     assert read_model_config("Qwen/Qwen3-32B").num_layers == 64
     assert asked == [("Qwen/Qwen3-32B", "config.json")]
-    with pytest.raises(FileNotFoundError, match="neither a directory nor a hub id"):
+    with pytest.raises(CheckpointError, match="no such directory"):
         read_model_config(str(tmp_path / "nowhere" / "model"))
