@@ -54,6 +54,7 @@ class Sequence:
     in_flight: int = 0  # chunks of this sequence in the pipeline
     finish_reason: str | None = None  # "stop" or "length"
     registered: bool = False  # the last stage's sampler knows it
+    released: bool = False  # finished and its blocks and sampler state given back
 
     @property
     def tokens(self) -> list[int]:
@@ -110,7 +111,8 @@ class Scheduler:
         self._release_if_idle(seq)
 
     def _release_if_idle(self, seq: Sequence) -> None:
-        if seq.status is SeqStatus.FINISHED and seq.in_flight == 0:
+        if seq.status is SeqStatus.FINISHED and seq.in_flight == 0 and not seq.released:
+            seq.released = True
             self.blocks.release(seq.seq_id)
             if seq in self.running:
                 self.running.remove(seq)

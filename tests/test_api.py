@@ -1,0 +1,139 @@
+"""The public API: prompt forms, streaming, chat, stop rules, seeds, logprobs, defaults."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from models import make_checkpoint
+from pprt import LLM, Completion, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3", eos_token_id=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(model):
+    with LLM(str(model), devices=["cpu"]) as llm:
+        yield llm
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def test_prompt_forms_agree(llm):
+    text = "def greet(name):"
+    ids = llm.tokenizer.encode(text)
+    by_text = llm.generate(text, GREEDY)
+    assert len(by_text) == 1 and isinstance(by_text[0], Completion)
+    assert by_text[0].prompt_token_ids == ids
+    by_ids = llm.generate(ids, GREEDY)
+    batch = llm.generate([text, "hello world"], GREEDY)
+    batch_ids = llm.generate([ids, llm.tokenizer.encode("hello world")], GREEDY)
+    assert by_text[0].token_ids == by_ids[0].token_ids == batch[0].token_ids == batch_ids[0].token_ids
+    assert batch[1].token_ids == batch_ids[1].token_ids
+    assert by_text[0].text == llm.tokenizer.decode(by_text[0].token_ids)
+
+
+def test_stream_pieces_join_to_generate_text(llm):
+    pieces = list(llm.stream("The quick brown fox", GREEDY))
+    assert len(pieces) > 1
+    assert "".join(pieces) == llm.generate("The quick brown fox", GREEDY)[0].text
+
+
+def test_chat_renders_template_and_passes_kwargs(llm):
+    messages = [{"role": "user", "content": "hi"}]
+    on = llm.chat(messages, GREEDY)
+    off = llm.chat(messages, GREEDY, enable_thinking=False)
+    think_ids = llm.tokenizer.encode("<think>\n\n</think>\n\n")
+    assert off.prompt_token_ids[-len(think_ids):] == think_ids
+    assert on.prompt_token_ids == off.prompt_token_ids[: -len(think_ids)]
+
+
+def test_stop_strings_truncate_text(llm):
+    full = llm.generate("x = 1", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    stop = full.text[5:8]
+    assert stop and stop not in full.text[:5] + full.text[5:7]
+    cut = llm.generate("x = 1", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    streamed = "".join(llm.stream("x = 1", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                          stop=stop)))
+    assert streamed == cut.text
+
+
+def test_stop_token_ids_and_eos(llm):
+    full = llm.generate([5, 6, 7], GREEDY)[0]
+    target = full.token_ids[4]
+    first = full.token_ids.index(target)
+    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[target]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[: first + 1]
+    # eos stops generation unless ignore_eos (the scheduler's eos set comes from config.json)
+    eos = full.token_ids[2]
+    saved, llm.scheduler.eos_token_ids = llm.scheduler.eos_token_ids, {eos}
+    try:
+        stopped = llm.generate([5, 6, 7], SamplingParams(max_tokens=12, temperature=0))[0]
+        ignored = llm.generate([5, 6, 7], GREEDY)[0]
+    finally:
+        llm.scheduler.eos_token_ids = saved
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == full.token_ids[: full.token_ids.index(eos) + 1]
+    assert stopped.text == llm.tokenizer.decode(stopped.token_ids[:-1])  # the eos text is not output
+    assert ignored.token_ids == full.token_ids
+
+
+def test_seeded_sampling_is_reproducible_within_a_batch(llm):
+    p = SamplingParams(max_tokens=10, temperature=1.0, seed=1234)
+    alone = llm.generate("hello", p)[0].token_ids
+    mixed = llm.generate(["other prompt", "hello", "third"], p)
+    assert mixed[1].token_ids == alone
+    other = llm.generate("hello", SamplingParams(max_tokens=10, temperature=1.0, seed=99))[0].token_ids
+    assert other != alone
+
+
+def test_logprobs_top_k(llm):
+    out = llm.generate("abc", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3))[0]
+    assert len(out.logprobs) == 5
+    for lp, tok in zip(out.logprobs, out.token_ids):
+        assert tok in lp and len(lp) == 3  # greedy: the chosen token is the top one
+        assert lp[tok] == max(lp.values()) and all(v <= 0 for v in lp.values())
+    assert llm.generate("abc", GREEDY)[0].logprobs is None
+
+
+def test_generation_config_defaults_apply(tmp_path):
+    path = make_checkpoint(tmp_path, "qwen3")
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": [2, 0]}))
+    with LLM(str(path), devices=["cpu"]) as llm:
+        assert llm.config.eos_token_ids == (2, 0)
+        a = llm.generate("hello", SamplingParams(max_tokens=8, ignore_eos=True))[0]
+        b = llm.generate("hello", SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))[0]
+        assert a.token_ids == b.token_ids  # do_sample false -> greedy by default
+
+
+def test_bad_arguments(llm, model):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 100000]])
+    with pytest.raises(ValueError, match="prompts must be"):
+        llm.generate([1, "a"])
+    closed = LLM(str(model), devices=["cpu"])
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.generate("hi")
+
+
+def test_minimal_cli(model):
+    out = subprocess.run([sys.executable, "-m", "pprt.generate", "--model", str(model), "--prompt", "def f(",
+                          "--max-new-tokens", "5", "--temperature", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    with LLM(str(model), devices=["cpu"]) as llm:
+        expected = llm.generate("def f(", SamplingParams(max_tokens=5, temperature=0))[0].text
+    assert out.stdout.rstrip("\n") == expected

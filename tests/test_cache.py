@@ -1,0 +1,101 @@
+"""Block manager and scheduler: accounting, waiting, refusal, preemption."""
+
+import random
+
+import pytest
+
+from models import make_checkpoint
+from pprt import LLM, SamplingParams
+from pprt.cache import BlockManager, CacheSpec, OutOfBlocks
+from pprt.scheduler import RequestTooLarge, Scheduler
+
+import torch
+
+
+def test_random_streams_return_the_pool_to_full():
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=64, block_size=16)
+    lengths: dict[int, int] = {}
+    for step in range(3000):
+        action = rng.random()
+        if action < 0.5:  # grow a sequence (new or existing)
+            seq = rng.randrange(20)
+            n = lengths.get(seq, 0) + rng.randrange(1, 40)
+            try:
+                table = bm.reserve(seq, n)
+                lengths[seq] = n
+                assert len(table) == -(-n // 16)
+            except OutOfBlocks:
+                assert bm.extra_blocks(seq, n) > bm.num_free
+        elif action < 0.6 and lengths:  # share a sequence's blocks
+            parent, child = rng.choice(list(lengths)), 100 + step
+            bm.fork(parent, child)
+            lengths[child] = lengths[parent]
+        elif lengths:
+            bm.release(seq := rng.choice(list(lengths)))
+            del lengths[seq]
+        used = {b for t in bm.tables.values() for b in t}
+        assert len(used) + bm.num_free == 64  # every block is either used or free, never both
+        assert not used & set(bm.free)
+    for seq in list(lengths):
+        bm.release(seq)
+    assert bm.num_free == 64 and sorted(bm.free) == list(range(64)) and not any(bm.ref_count)
+
+
+def test_cache_spec_sizes_pool_from_budget():
+    spec = CacheSpec(num_layers=3, num_kv_heads=2, head_dim=24, block_size=16, dtype=torch.float32)
+    assert spec.bytes_per_block == 2 * 3 * 16 * 2 * 24 * 4
+    assert spec.blocks_for(10 * spec.bytes_per_block + 5) == 10
+    with pytest.raises(ValueError, match="block_size"):
+        CacheSpec(1, 1, 8, 12, torch.float32)
+
+
+def test_scheduler_refuses_what_can_never_fit():
+    s = Scheduler(BlockManager(4, 16), max_context=1000)
+    with pytest.raises(RequestTooLarge, match=r"KV for 79 tokens .* holds 64"):
+        s.add(list(range(40)), SamplingParams(max_tokens=40).resolve())
+    with pytest.raises(RequestTooLarge, match="max_context"):
+        Scheduler(BlockManager(400, 16), max_context=50).add(list(range(50)), SamplingParams().resolve())
+    s.add(list(range(40)), SamplingParams(max_tokens=25).resolve())  # 64 tokens of KV: fits exactly
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+PROMPTS = [[(13 * i + j) % 300 + 1 for j in range(10 + 7 * i)] for i in range(6)]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def test_small_pool_waits_and_preempts_with_identical_outputs(model):
+    with LLM(str(model), devices=["cpu"]) as llm:
+        expected = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert llm.scheduler.num_preemptions == 0
+    block_bytes = 2 * 3 * 16 * 2 * 24 * 4  # layers 3, kv heads 2, head_dim 24, fp32
+    with LLM(str(model), devices=["cpu"], kv_cache_memory=8 * block_bytes) as llm:
+        assert llm.blocks.num_blocks == 8
+        outs = llm.generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in outs] == expected
+        assert llm.scheduler.num_preemptions > 0
+        assert llm.blocks.num_free == 8  # everything given back
+
+
+def test_request_too_large_for_pool_is_refused_at_once(model):
+    block_bytes = 2 * 3 * 16 * 2 * 24 * 4
+    with LLM(str(model), devices=["cpu"], kv_cache_memory=2 * block_bytes) as llm:
+        with pytest.raises(ValueError, match="KV pool holds 32"):
+            llm.generate([1] * 20, SamplingParams(max_tokens=20))
+        assert llm.blocks.num_free == 2
+        assert llm.generate([1] * 20, SamplingParams(max_tokens=5, temperature=0))[0].token_ids  # still usable
+
+
+def test_cancelled_stream_gives_blocks_back(model):
+    with LLM(str(model), devices=["cpu"]) as llm:
+        total = llm.blocks.num_free
+        stream = llm.stream(PROMPTS[3], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        next(stream)
+        assert llm.blocks.num_free < total
+        stream.close()
+        assert llm.blocks.num_free == total
+        assert not llm.scheduler.has_work
