@@ -38,6 +38,7 @@ index_copy_ on every device: it is a copy of this step's tokens only.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -211,20 +212,19 @@ def _attend(qv, m_i, l_i, acc, k_cache, v_cache, k_scale, v_scale, table_row, kv
 
 @triton.jit
 def _decode_kernel(out, part_acc, part_max, part_sum, q, k_cache, v_cache, k_scale, v_scale,
-                   block_tables, context_lens, sm_scale_log2,
+                   block_tables, context_lens, sm_scale_log2, partition,
                    sqt, sqh, sot, soh, skb, sks, skh, svb, svs, svh, kcb, kcs, kch, vcb, vcs, vch, sbt,
                    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
-                   SCALED: tl.constexpr, DIRECT: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, DIRECT: tl.constexpr):
     """Program (seq b, kv head, partition p): all GROUP query heads over keys of one partition."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     num_parts = tl.num_programs(2)
     ctx = tl.load(context_lens + b)
-    start = part * PARTITION
+    start = part * partition  # a runtime value: no recompiles as contexts grow
     if start < ctx:
-        end = tl.minimum(start + PARTITION, ctx)
+        end = tl.minimum(start + partition, ctx)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D_PAD)
         d_mask = d < HEAD_DIM
@@ -250,12 +250,12 @@ def _decode_kernel(out, part_acc, part_max, part_sum, q, k_cache, v_cache, k_sca
 
 
 @triton.jit
-def _reduce_kernel(out, part_acc, part_max, part_sum, context_lens, num_parts, sot, soh,
-                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PARTITION: tl.constexpr, P_CHUNK: tl.constexpr):
+def _reduce_kernel(out, part_acc, part_max, part_sum, context_lens, partition, num_parts, sot, soh,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_CHUNK: tl.constexpr):
     """Program (seq b, head h): combine the partitions of b by log-sum-exp."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    used = tl.cdiv(tl.load(context_lens + b), PARTITION)
+    used = tl.cdiv(tl.load(context_lens + b), partition)
     base = (b * tl.num_programs(1) + h) * num_parts
     pp = tl.arange(0, P_CHUNK)
     d = tl.arange(0, D_PAD)
@@ -362,6 +362,7 @@ def _check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, context_le
                          f"do not match {B} block-table rows")
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -432,12 +433,11 @@ def paged_attention_triton(
         part_sum = torch.empty(shape, dtype=torch.float32, device=q.device)
         _decode_kernel[(B, m, num_parts)](
             out, part_acc, part_max, part_sum, q, k_cache, v_cache, k_sc, v_sc, block_tables, context_lens,
-            sm_scale_log2, *strides, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
-            BLOCK_N=bn, PARTITION=part, DIRECT=direct, num_warps=4, **common)
+            sm_scale_log2, part, *strides, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
+            BLOCK_N=bn, DIRECT=direct, num_warps=4, **common)
         if not direct:
-            _reduce_kernel[(B, n)](out, part_acc, part_max, part_sum, context_lens, num_parts,
-                                   out.stride(0), out.stride(1), HEAD_DIM=h, D_PAD=d_pad, PARTITION=part,
-                                   P_CHUNK=16, num_warps=4)
+            _reduce_kernel[(B, n)](out, part_acc, part_max, part_sum, context_lens, part, num_parts,
+                                   out.stride(0), out.stride(1), HEAD_DIM=h, D_PAD=d_pad, P_CHUNK=16, num_warps=4)
         return out
 
     bm = block_m or (128 if d_pad <= 128 else 64)
