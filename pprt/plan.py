@@ -39,6 +39,7 @@ fits, the plan shows the cut with the smallest worst shortfall.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -437,11 +438,11 @@ def plan(
     args = dict(quant=quant, kv_dtype=kv_dtype, dtype_bytes=dtype_bytes, block_size=block_size,
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
                 overhead_bytes=overhead_bytes, speeds=speeds)
-    message = _describe(result, costs) if fits else _explain(result, costs, config, budgets, args, suggest)
+    message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += (f"\nnote: max_context {max_context:,} is beyond the model's context limit {limit:,} "
                     "(max_position_embeddings, or rope_scaling yarn factor x original length)")
-    return Plan(stages, fits, block_size, num_blocks, max_context, limit, eff_quant, kv_dtype, message)
+    return dataclasses.replace(result, message=message)
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -450,7 +451,7 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def _describe(result: Plan, costs: _Costs) -> str:
+def _describe(result: Plan) -> str:
     return (f"fits: layers {result.split} over {len(result.stages)} device(s); KV pool {result.kv_tokens:,} tokens "
             f"= {result.num_sequences} sequence(s) of {result.max_context:,}")
 
@@ -587,7 +588,8 @@ def format_table(result: Plan) -> str:
         f"largest context for one sequence: {result.longest_sequence:,} tokens (bound by {bound}; "
         f"model limit {result.context_limit:,})",
         f"sequences of {result.max_context:,} tokens at once: {result.num_sequences}",
-        f"verdict: {'fits' if result.fits else 'DOES NOT FIT'} (weights {result.quant}, KV {result.kv_dtype})",
+        f"verdict: {'fits' if result.fits else 'DOES NOT FIT'} "
+        f"(weights {'int4' if result.quant == 'int4' else 'unquantized'}, KV {result.kv_dtype})",
         result.message,
     ]
     return "\n".join(lines)

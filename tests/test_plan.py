@@ -155,6 +155,26 @@ def test_stage_weight_bytes_equal_checkpoint_sum(key, quant):
     assert whole.stages[0].weight_bytes == stage_bytes(cfg, 0, L, int4=quant == "int4")
 
 
+TINY = {
+    "tied-qwen2": {**QWEN25_05B, "num_hidden_layers": 4, "vocab_size": 1000},
+    "moe-mixed": {**QWEN3_30B_A3B, "num_hidden_layers": 4, "num_experts": 6, "num_experts_per_tok": 2,
+                  "mlp_only_layers": [1], "hidden_size": 256, "vocab_size": 1000, "moe_intermediate_size": 96,
+                  "intermediate_size": 320},
+}
+
+
+@pytest.mark.parametrize("key", list(TINY))
+def test_weight_bytes_equal_the_stage_model_parameters(key):
+    """The runtime's own Stage (built on the meta device, nothing allocated) holds what the plan counts."""
+    from pprt.model import Stage
+
+    config = ModelConfig.from_dict(TINY[key])
+    result = plan(config, devices(10, 10), split=[1, 3], dtype_bytes=4, max_context=64)
+    for st in result.stages:
+        params = sum(p.numel() * 4 for p in Stage(config, st.layers).parameters())
+        assert st.weight_bytes == params, (key, st.layers)
+
+
 def test_small_functions_add_up_to_the_model():
     cfg, config = QWEN25_05B, model("05b")
     layers = sum(layer_weight_bytes(config, i, "none", 4) for i in range(24))
