@@ -407,6 +407,9 @@ def paged_attention_triton(
     _check_scale(v_scale, v_cache, "v_scale")
     if (k_scale is None) != (v_scale is None):
         raise ValueError("give both k_scale and v_scale, or neither")
+    out_dtype = q.dtype
+    if q.dtype == torch.bfloat16 and triton.knobs.runtime.interpret:
+        q = q.float()  # the interpreter's tl.dot is wrong on bf16 operands; K/V follow q's dtype
     T, n, h = q.shape
     _, bs, m, _ = k_cache.shape
     B = block_tables.shape[0]
@@ -438,7 +441,7 @@ def paged_attention_triton(
         if not direct:
             _reduce_kernel[(B, n)](out, part_acc, part_max, part_sum, context_lens, part, num_parts,
                                    out.stride(0), out.stride(1), HEAD_DIM=h, D_PAD=d_pad, P_CHUNK=16, num_warps=4)
-        return out
+        return out.to(out_dtype)
 
     bm = block_m or (128 if d_pad <= 128 else 64)
     bm = max(bm, triton.next_power_of_2(group))
@@ -448,7 +451,7 @@ def paged_attention_triton(
     _prefill_kernel[grid](
         out, q, k_cache, v_cache, k_sc, v_sc, block_tables, query_start_loc, context_lens, sm_scale_log2, B,
         *strides, GROUP=group, BLOCK_Q=block_q, BLOCK_M=bm, BLOCK_N=bn, num_warps=8 if bm >= 128 else 4, **common)
-    return out
+    return out.to(out_dtype)
 
 
 # ---------------------------------------------------------------- dispatch

@@ -127,6 +127,15 @@ def test_prefill_matches_reference(group, h, bs, q_lens, ctx, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("q_lens,ctx", [([1, 1], [40, 77]), ([5, 1], [40, 77])], ids=["decode", "prefill"])
+def test_bf16(q_lens, ctx):
+    """bf16 models (the interpreter runs these dots in fp32; a GPU in bf16)."""
+    case = make_case(q_lens, ctx, n=8, m=2, h=32, bs=16, dtype=torch.bfloat16)
+    out = pa.paged_attention_triton(*case, scale=0.2)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, pa.paged_attention_ref(*case, scale=0.2)) < 1e-2
+
+
 def fp8_case(scales: str, seed=3):
     """True K/V (fp32) for a mixed batch with kv heads of very different ranges, written to an
     fp32 cache and to an fp8 cache under the given scale granularity."""
