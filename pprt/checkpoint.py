@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses larger headers
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 _ST_DTYPES = {
@@ -80,6 +81,12 @@ class ModelSource:
         return p
 
 
+def _is_plain_filename(name: str) -> bool:
+    """A relative path that stays inside the model directory (the index is untrusted input)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
@@ -87,16 +94,23 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def load_config(source: ModelSource) -> ModelConfig:
     """ModelConfig from config.json and (when present) generation_config.json."""
-    cfg = _read_json(source.require("config.json"))
+    path = source.require("config.json")
+    cfg = _read_json(path)
     gen_path = source.get("generation_config.json")
-    return ModelConfig.from_dict(cfg, _read_json(gen_path) if gen_path else None)
+    try:
+        return ModelConfig.from_dict(cfg, _read_json(gen_path) if gen_path else None)
+    except ConfigError as e:  # name the file as well as the field
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,19 +122,27 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header (8-byte LE length, JSON, raw data)."""
+    """Parse and validate a safetensors header (8-byte LE length, JSON, raw data).
+
+    Checks, for every tensor, that its dtype is known, that its byte range
+    matches dtype x shape and that it lies inside the file, so a truncated or
+    corrupt file fails here, before any tensor data is read.
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
             (n,) = struct.unpack("<Q", raw_len)
-            if n > size - 8 or n > 100 * 2**20:
-                raise CheckpointError(f"{path}: corrupt safetensors header (length {n} for a {size}-byte file)")
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors header (header length {n} for a "
+                                      f"{size}-byte file)")
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + n
@@ -129,18 +151,29 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _ST_DTYPES[entry["dtype"]]
+            code = entry["dtype"]
             shape = tuple(int(d) for d in entry["shape"])
             lo, hi = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from e
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r} "
+                                  f"({str(entry)[:200]})") from e
+        dtype = _ST_DTYPES.get(code) if isinstance(code, str) else None
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code!r} "
+                                  f"(supported: {', '.join(_ST_DTYPES)})")
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has shape "
+                                  f"{list(shape)}")
         numel = 1
         for d in shape:
             numel *= d
-        if hi - lo != numel * dtype.itemsize or lo < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has {hi - lo} bytes for shape {list(shape)}")
+        if lo < 0 or hi - lo != numel * dtype.itemsize:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has data_offsets "
+                                  f"[{lo}, {hi}] ({hi - lo} bytes), but {code} {list(shape)} needs "
+                                  f"{numel * dtype.itemsize} bytes")
         if data_start + hi > size:
-            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends past the end of the file")
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + hi} "
+                                  f"but the file has {size} bytes")
         infos[name] = TensorInfo(dtype, shape, data_start + lo, data_start + hi)
     return infos
 
@@ -150,17 +183,26 @@ class CheckpointReader:
 
     def __init__(self, source: ModelSource):
         self.source = source
+        self._headers: dict[str, tuple[Path, dict[str, TensorInfo]]] = {}  # shard -> (path, header)
         index_path = source.get(INDEX_FILE)
         if index_path is not None:
             weight_map = _read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index_path}: no weight_map")
+                raise CheckpointError(f"{index_path}: no weight_map (tensor -> shard file)")
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str) or not _is_plain_filename(shard):
+                    raise CheckpointError(f"{index_path}: tensor {name!r} maps to {shard!r}, not a file name "
+                                          "inside the model directory")
             self.weight_map: dict[str, str] = weight_map
         elif (single := source.get(SINGLE_FILE)) is not None:
-            self.weight_map = {name: SINGLE_FILE for name in read_header(single)}
+            header = read_header(single)
+            if not header:
+                raise CheckpointError(f"{single}: holds no tensors")
+            self._headers[SINGLE_FILE] = (single, header)
+            self.weight_map = dict.fromkeys(header, SINGLE_FILE)
         else:
-            raise CheckpointError(f"model {source.name!r}: no weights ({INDEX_FILE} or {SINGLE_FILE})")
-        self._headers: dict[str, tuple[Path, dict[str, TensorInfo]]] = {}
+            raise CheckpointError(f"model {source.name!r}: no weights (neither {INDEX_FILE} "
+                                  f"nor {SINGLE_FILE})")
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -172,11 +214,16 @@ class CheckpointReader:
     def info(self, name: str) -> tuple[Path, TensorInfo]:
         shard = self.weight_map.get(name)
         if shard is None:
-            raise CheckpointError(f"model {self.source.name!r}: tensor {name!r} is not in the checkpoint index")
+            raise CheckpointError(f"model {self.source.name!r}: tensor {name!r} is not in the checkpoint "
+                                  "index")
         if shard not in self._headers:
-            path = self.source.get(shard)
+            try:
+                path = self.source.get(shard)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} (shard file {shard} holds tensor {name!r})") from e
             if path is None:
-                raise CheckpointError(f"model {self.source.name!r}: shard file {shard} (holding {name!r}) is missing")
+                raise CheckpointError(f"model {self.source.name!r}: shard file {shard} (holding {name!r}) "
+                                      "is missing")
             self._headers[shard] = (path, read_header(path))
         path, header = self._headers[shard]
         if name not in header:
@@ -192,10 +239,15 @@ class CheckpointReader:
                 f"{path}: tensor {name!r} has shape {list(info.shape)}, the config expects {list(shape)}"
             )
         buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
-        with path.open("rb") as f:
-            f.seek(info.begin)
-            if f.readinto(memoryview(buf.numpy())) != buf.numel():
-                raise CheckpointError(f"{path}: truncated file while reading tensor {name!r}")
+        try:  # a plain read, not mmap: file pages never count as this process's memory
+            with path.open("rb") as f:
+                f.seek(info.begin)
+                got = f.readinto(memoryview(buf.numpy())) if buf.numel() else 0
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+        if got != buf.numel():
+            raise CheckpointError(f"{path}: truncated file while reading tensor {name!r} "
+                                  f"({got} of {buf.numel()} bytes)")
         t = buf.view(info.dtype).reshape(info.shape)
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype  # ints stay ints
         return t.to(device=device, dtype=target)

@@ -5,7 +5,8 @@ one place that knows how model parameters map onto checkpoint tensors:
 float weights, GPTQ/AWQ Int4 layers (`<prefix>.qweight` present in the file)
 and quantize-at-load (`quant="int4"`). Every tensor's shape is checked against
 the config before any data is read, so a wrong checkpoint fails before device
-memory is spent.
+memory is spent; an error while reading puts everything already loaded back on
+the meta device, so a failed load leaves no half-loaded stage behind.
 """
 
 from __future__ import annotations
@@ -74,13 +75,29 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
             _replace(stage, prefix, _load_int4(reader, prefix, linears[prefix], stage, dtype, device))
             bar.update(sum(reader.nbytes(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales")
                            if f"{prefix}.{t}" in reader))
+        leftover = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
+        if leftover:
+            raise CheckpointError(f"model {reader.source.name!r}: tensors not loaded: {leftover[:5]}")
+    except BaseException:
+        _release(stage)  # nothing half-loaded stays reachable from the stage
+        raise
     finally:
         bar.close()
     stage.rotary.to(device)
-    leftover = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise CheckpointError(f"model {reader.source.name!r}: tensors not loaded: {leftover[:5]}")
     return quant_seconds
+
+
+def _release(stage: Stage) -> None:
+    """Put every loaded parameter and buffer back on the meta device (the rotary tables are not loaded)."""
+    for module in stage.modules():
+        if module is stage.rotary:
+            continue
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is not None and t.device.type != "meta":
+                    meta = torch.empty_like(t, device="meta")
+                    is_param = isinstance(t, nn.Parameter)
+                    table[key] = nn.Parameter(meta, requires_grad=False) if is_param else meta
 
 
 def _replace(stage: Stage, prefix: str, module: nn.Module) -> None:
