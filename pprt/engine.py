@@ -73,7 +73,8 @@ class LLM:
         self.tokenizer = _load_tokenizer(self.source)
         self.executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
                                       quant=quant, block_size=block_size, max_context=self.max_context,
-                                      kv_cache_memory=kv_cache_memory, transport=transport, seed=seed)
+                                      kv_cache_memory=kv_cache_memory, transport=transport, seed=seed,
+                                      chunk_size=chunk_size)
         self.blocks = BlockManager(self.executor.num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_context=self.max_context, chunk_size=chunk_size,
                                    max_num_seqs=max_num_seqs, eos_token_ids=self.config.eos_token_ids)

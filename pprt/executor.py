@@ -8,6 +8,7 @@ be in flight: one per stage) and `num_blocks` (KV blocks every stage holds).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import torch
@@ -61,11 +62,38 @@ def worker_blocks(worker: Worker, max_context: int, kv_cache_memory: int | None)
 
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, block_size,
-                  max_context, kv_cache_memory, transport, seed):
-    if len(devices) == 1:
-        if split is not None and list(split) != [config.num_layers]:
-            raise ValueError(f"split {split} does not fit one device holding {config.num_layers} layers")
-        spec = WorkerSpec(model, config, (0, config.num_layers), devices[0], dtype, quant,
-                          block_size=block_size, seed=seed)
-        return LocalExecutor(spec, max_context, kv_cache_memory)
-    raise NotImplementedError("several devices (pipeline) are not implemented yet")
+                  max_context, kv_cache_memory, transport, seed, chunk_size=2048):
+    """Plan the cut (refusing before anything loads when it cannot fit) and start the stages."""
+    cut = choose_split(config, devices, split=split, dtype=dtype, quant=quant, block_size=block_size,
+                       max_context=max_context, chunk_size=chunk_size, kv_cache_memory=kv_cache_memory)
+    bounds = [(sum(cut[:i]), sum(cut[: i + 1])) for i in range(len(cut))]
+    specs = [WorkerSpec(model, config, b, d, dtype, quant, block_size=block_size, seed=seed)
+             for b, d in zip(bounds, devices)]
+    if len(specs) == 1:
+        return LocalExecutor(specs[0], max_context, kv_cache_memory)
+    from .comm import choose_transport
+    from .pipeline import PipelineExecutor
+
+    return PipelineExecutor(specs, choose_transport(devices, transport), max_context, kv_cache_memory)
+
+
+def choose_split(config: ModelConfig, devices: list[str], *, split, dtype, quant, block_size, max_context,
+                 chunk_size, kv_cache_memory) -> list[int]:
+    """Layers per stage: the planner's cut for these devices, or `split` checked against memory."""
+    from .plan import DeviceBudget, plan
+
+    budgets = [DeviceBudget(d, _device_budget(d)) for d in devices]
+    result = plan(config, budgets, quant="int4" if quant else "none", dtype_bytes=dtype.itemsize,
+                  block_size=block_size, max_context=max_context, chunk_size=chunk_size,
+                  split=list(split) if split is not None else None,
+                  overhead_bytes=0 if devices[0] == "cpu" else 2**30)
+    if not result.fits and any(torch.device(d).type == "cuda" for d in devices):
+        raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
+    return result.split
+
+
+def _device_budget(device: str) -> int:
+    """Bytes a stage on `device` may use: free GPU memory, or the machine's memory on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

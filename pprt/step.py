@@ -61,3 +61,30 @@ class StepResult:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None] | None = None
     compute_seconds: float = 0.0  # time the last stage spent computing this step
+
+
+@dataclass(slots=True)
+class StageReady:
+    """A stage process has loaded its weights."""
+
+    stage: int
+    num_blocks: int  # KV blocks its memory budget allows
+    weight_bytes: int
+    load_seconds: float
+
+
+@dataclass(slots=True)
+class StageStats:
+    stage: int
+    busy_seconds: float  # computing steps
+    wait_seconds: float  # blocked receiving activations
+    steps: int
+    peak_rss_bytes: int
+
+
+@dataclass(slots=True)
+class StageError:
+    """A stage process failed; `message` carries its exception and traceback."""
+
+    stage: int
+    message: str

@@ -1,0 +1,139 @@
+"""PipelineExecutor: one spawned process per stage, driven from this process.
+
+The driver pickles each step plan once and writes it to every stage's pipe;
+stage 0 embeds and runs its layers and sends the hidden states on (comm.py);
+the last stage answers on its pipe with the sampled tokens. Up to one
+micro-batch per stage is in flight.
+
+The driver never polls: it blocks in `multiprocessing.connection.wait` on the
+pipes and on the processes' sentinels together, so a stage that raises (its
+StageError arrives on its pipe) or dies (its sentinel fires) becomes an error
+here at once, naming the stage and the cause. Stages die with the driver
+(PR_SET_PDEATHSIG), ignore Ctrl-C (the driver closes them), and `close()`
+ends them: first politely, then by force.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import weakref
+from collections import deque
+from multiprocessing.connection import wait
+
+from .comm import free_port
+from .step import StageError, StageReady, StageStats, StepPlan, StepResult
+from .worker import CLOSE, STATS, WorkerSpec, serve_stage
+
+JOIN_TIMEOUT_S = 5.0
+
+
+class StageFailed(RuntimeError):
+    """A stage process raised or died."""
+
+
+class PipelineExecutor:
+    def __init__(self, specs: list[WorkerSpec], transport: str, max_context: int, kv_cache_memory: int | None,
+                 threads: int | None = None):
+        self.specs, self.depth = specs, len(specs)
+        if threads is None and all(s.device == "cpu" for s in specs):
+            threads = max(1, (os.cpu_count() or 1) // len(specs))  # stages share the cores
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.conns, self.procs = [], []
+        self._inbox: list[deque] = [deque() for _ in specs]
+        for i, spec in enumerate(specs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=serve_stage, name=f"pprt-stage{i}", daemon=True,
+                               args=(i, len(specs), spec, transport, init_method, child, max_context,
+                                     kv_cache_memory, threads))
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
+        try:
+            readies: list[StageReady] = [self._receive(i, StageReady) for i in range(len(specs))]
+            self.num_blocks = min(r.num_blocks for r in readies)
+            self.weight_bytes = [r.weight_bytes for r in readies]
+            self.load_seconds = max(r.load_seconds for r in readies)
+            for conn in self.conns:
+                conn.send(self.num_blocks)
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, plan: StepPlan) -> None:
+        data = pickle.dumps(plan)
+        for i, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(data)
+            except OSError:
+                self._raise_failure(i)
+
+    def result(self) -> StepResult:
+        return self._receive(len(self.specs) - 1, StepResult)
+
+    def stats(self) -> list[StageStats]:
+        for conn in self.conns:
+            conn.send_bytes(STATS.encode())
+        return [self._receive(i, StageStats) for i in range(len(self.specs))]
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def _receive(self, stage: int, kind: type):
+        """The next message from `stage`, while watching every stage for errors and deaths."""
+        sentinels = {p.sentinel: i for i, p in enumerate(self.procs)}
+        while not self._inbox[stage]:
+            for obj in wait(self.conns + list(sentinels)):
+                if obj in sentinels:
+                    self._raise_failure(sentinels[obj])
+                i = self.conns.index(obj)
+                try:
+                    msg = obj.recv()
+                except (EOFError, OSError):
+                    self._raise_failure(i)
+                if isinstance(msg, StageError):
+                    raise StageFailed(f"stage {i} ({self.specs[i].device}, layers {self.specs[i].layers}) "
+                                      f"failed: {msg.message}")
+                self._inbox[i].append(msg)
+        msg = self._inbox[stage].popleft()
+        if not isinstance(msg, kind):
+            raise StageFailed(f"stage {stage} answered {type(msg).__name__}, expected {kind.__name__}")
+        return msg
+
+    def _raise_failure(self, stage: int) -> None:
+        conn = self.conns[stage]
+        try:  # a stage that raised sends its error before it exits
+            while conn.poll(0.5):
+                msg = conn.recv()
+                if isinstance(msg, StageError):
+                    raise StageFailed(f"stage {stage} ({self.specs[stage].device}, layers "
+                                      f"{self.specs[stage].layers}) failed: {msg.message}")
+        except (EOFError, OSError):
+            pass
+        proc = self.procs[stage]
+        proc.join(JOIN_TIMEOUT_S)
+        code = proc.exitcode
+        cause = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        raise StageFailed(f"stage {stage} ({self.specs[stage].device}, layers {self.specs[stage].layers}) "
+                          f"died ({cause})")
+
+
+def _shutdown(procs: list, conns: list) -> None:
+    """Ask every stage to leave, then end those that do not."""
+    for conn in conns:
+        try:
+            conn.send_bytes(CLOSE.encode())
+        except OSError:
+            pass
+    for proc in procs:
+        proc.join(JOIN_TIMEOUT_S)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(JOIN_TIMEOUT_S)
+    for conn in conns:
+        conn.close()
