@@ -9,6 +9,7 @@ executor runs each step at once in this process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -19,7 +20,7 @@ import torch
 
 from .cache import BlockManager
 from .checkpoint import CheckpointError, ModelSource, load_config
-from .config import parse_dtype
+from .config import ModelConfig, RopeConfig, parse_dtype
 from .executor import make_executor
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence
@@ -59,8 +60,8 @@ class LLM:
     def __init__(self, model: str, *, devices: list[str] | None = None, split: list[int] | None = None,
                  dtype: str | torch.dtype | None = None, quant: str | None = None,
                  max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
-                 max_num_seqs: int = 256, kv_cache_memory: int | None = None, transport: str = "auto",
-                 seed: int | None = None):
+                 max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
+                 transport: str = "auto", seed: int | None = None):
         if devices is None:
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
         if not devices:
@@ -70,9 +71,11 @@ class LLM:
         on_cuda = torch.device(devices[0]).type == "cuda"
         self.dtype = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
         self.max_context = max_context or self.config.max_position_embeddings
+        self.config = extend_context(self.config, self.max_context)
         self.tokenizer = _load_tokenizer(self.source)
         self.executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
-                                      quant=quant, block_size=block_size, max_context=self.max_context,
+                                      quant=quant, kv_dtype=parse_kv_dtype(kv_dtype, self.dtype),
+                                      block_size=block_size, max_context=self.max_context,
                                       kv_cache_memory=kv_cache_memory, transport=transport, seed=seed,
                                       chunk_size=chunk_size)
         self.blocks = BlockManager(self.executor.num_blocks, block_size)
@@ -206,6 +209,31 @@ class LLM:
         text = req.text if req.detok is not None else ""
         logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None
         return Completion(text, list(seq.output_ids), list(seq.prompt_ids), seq.finish_reason, logprobs)
+
+
+def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:
+    """Enable YaRN as Qwen documents it when `max_context` exceeds the native window of a
+    checkpoint without rope scaling (factor = max_context / native, original = native)."""
+    native = config.max_position_embeddings
+    if max_context <= native or config.rope.type != "default":
+        return config
+    factor = max_context / native
+    log.warning("max_context %d exceeds the native window %d: enabling YaRN (factor %.3g, original %d)",
+                max_context, native, factor, native)
+    rope = RopeConfig(theta=config.rope.theta, type="yarn", factor=factor, original_max_position=native)
+    return dataclasses.replace(config.with_rope(rope), max_position_embeddings=max_context)
+
+
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+
+
+def parse_kv_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: "auto" (the model dtype), bf16, fp16, fp32 or fp8 (e4m3)."""
+    if kv_dtype == "auto":
+        return model_dtype
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype {kv_dtype!r} is not one of auto, {', '.join(KV_DTYPES)}")
+    return KV_DTYPES[kv_dtype]
 
 
 def _find_stop(text: str, stops: tuple[str, ...], since: int) -> int | None:

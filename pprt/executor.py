@@ -61,13 +61,14 @@ def worker_blocks(worker: Worker, max_context: int, kv_cache_memory: int | None)
     return blocks
 
 
-def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, block_size,
+def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
                   max_context, kv_cache_memory, transport, seed, chunk_size=2048):
     """Plan the cut (refusing before anything loads when it cannot fit) and start the stages."""
-    cut = choose_split(config, devices, split=split, dtype=dtype, quant=quant, block_size=block_size,
+    cut = choose_split(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
+                       block_size=block_size,
                        max_context=max_context, chunk_size=chunk_size, kv_cache_memory=kv_cache_memory)
     bounds = [(sum(cut[:i]), sum(cut[: i + 1])) for i in range(len(cut))]
-    specs = [WorkerSpec(model, config, b, d, dtype, quant, block_size=block_size, seed=seed)
+    specs = [WorkerSpec(model, config, b, d, dtype, quant, kv_dtype=kv_dtype, block_size=block_size, seed=seed)
              for b, d in zip(bounds, devices)]
     if len(specs) == 1:
         return LocalExecutor(specs[0], max_context, kv_cache_memory)
@@ -77,13 +78,14 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     return PipelineExecutor(specs, choose_transport(devices, transport), max_context, kv_cache_memory)
 
 
-def choose_split(config: ModelConfig, devices: list[str], *, split, dtype, quant, block_size, max_context,
+def choose_split(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
                  chunk_size, kv_cache_memory) -> list[int]:
     """Layers per stage: the planner's cut for these devices, or `split` checked against memory."""
     from .plan import DeviceBudget, plan
 
     budgets = [DeviceBudget(d, _device_budget(d)) for d in devices]
-    result = plan(config, budgets, quant="int4" if quant else "none", dtype_bytes=dtype.itemsize,
+    kv = "fp8" if kv_dtype.itemsize == 1 else "auto"
+    result = plan(config, budgets, quant="int4" if quant else "none", kv_dtype=kv, dtype_bytes=dtype.itemsize,
                   block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                   split=list(split) if split is not None else None,
                   overhead_bytes=0 if devices[0] == "cpu" else 2**30)
