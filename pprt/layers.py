@@ -2,7 +2,10 @@
 
 Tokens of all sequences in a step are packed along one axis: hidden states
 are [T, H]. Attention reads and writes the paged KV cache through
-`AttentionBatch` (see pprt_kernels.paged_attention for the layout). Modules
+`AttentionBatch` (see pprt_kernels.paged_attention for the layout) and one
+layer's `LayerKV` (K, V and, for an fp8 cache, their scales). The batch's
+max_query_len / max_context_len are host ints handed to the kernels, so a
+step's attention needs no device sync. Modules
 are plain torch and know nothing of processes or stages.
 """
 
@@ -17,6 +20,7 @@ from torch import nn
 
 from pprt_kernels.paged_attention import paged_attention, write_kv
 
+from .cache import LayerKV
 from .config import ModelConfig, RopeConfig
 
 
@@ -30,6 +34,7 @@ class AttentionBatch:
     query_start_loc: torch.Tensor  # [B + 1] int32, sequence b owns rows [qsl[b], qsl[b+1])
     context_lens: torch.Tensor  # [B] int32, cached tokens of b including this step's
     max_query_len: int  # longest query of the step (1 = pure decode)
+    max_context_len: int  # longest context_lens entry (host int: the kernels' grid needs no sync)
 
     def __post_init__(self) -> None:
         T = self.positions.shape[0]
@@ -37,6 +42,9 @@ class AttentionBatch:
             raise ValueError(f"slot_mapping has shape {tuple(self.slot_mapping.shape)}, expected ({T},)")
         if self.query_start_loc.shape[0] != self.block_tables.shape[0] + 1:
             raise ValueError("query_start_loc must have one more entry than block_tables has rows")
+        if not 1 <= self.max_query_len <= self.max_context_len:
+            raise ValueError(f"need 1 <= max_query_len ({self.max_query_len}) <= max_context_len "
+                             f"({self.max_context_len})")
 
 
 class RMSNorm(nn.Module):
@@ -116,7 +124,7 @@ class Attention(nn.Module):
         self.scale = h**-0.5
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, cos: torch.Tensor, sin: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv: LayerKV) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.n, self.h)  # [T, n, h]
         k = self.k_proj(x).view(T, self.m, self.h)  # [T, m, h]
@@ -124,10 +132,10 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_cache, v_cache = kv
-        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
-                              batch.context_lens, self.scale)  # [T, n, h]
+        write_kv(k, v, kv.k, kv.v, batch.slot_mapping, k_scale=kv.k_scale, v_scale=kv.v_scale)
+        out = paged_attention(q, kv.k, kv.v, batch.block_tables, batch.query_start_loc, batch.context_lens,
+                              self.scale, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                              max_query_len=batch.max_query_len, max_context_len=batch.max_context_len)  # [T, n, h]
         return self.o_proj(out.reshape(T, self.n * self.h))
 
 
@@ -176,6 +184,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_sparse(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, batch, cos, sin, kv) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, cos: torch.Tensor, sin: torch.Tensor,
+                kv: LayerKV) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
