@@ -114,6 +114,7 @@ class Worker:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
             max_query_len=max(len(c.token_ids) for c in plan.chunks),
+            max_context_len=max(ctx),
         )
         return batch, torch.tensor(sample_rows, dtype=torch.long, device=dev)
 
