@@ -89,14 +89,17 @@ class Scheduler:
         if not prompt_ids:
             raise ValueError("a prompt needs at least one token")
         if len(prompt_ids) >= self.max_context:
-            raise RequestTooLarge(f"prompt of {len(prompt_ids)} tokens does not fit max_context "
-                                  f"({self.max_context} tokens, one of them for the first generated token)")
+            raise RequestTooLarge(f"prompt of {len(prompt_ids)} tokens does not fit max_context {self.max_context}: "
+                                  f"at most {self.max_context - 1} prompt tokens (one position is for the first "
+                                  "generated token)")
         max_len = min(len(prompt_ids) + params.max_tokens, self.max_context)
         pool_tokens = self.blocks.num_blocks * self.blocks.block_size
         # The last generated token is never fed back, so max_len - 1 tokens need KV.
         if self.blocks.blocks_needed(max_len - 1) > self.blocks.num_blocks:
             raise RequestTooLarge(f"request needs KV for {max_len - 1} tokens (prompt {len(prompt_ids)} + "
-                                  f"max_tokens {params.max_tokens}); the KV pool holds {pool_tokens}")
+                                  f"max_tokens {params.max_tokens} - 1, at most max_context {self.max_context} - 1); "
+                                  f"the KV pool holds {pool_tokens} tokens ({self.blocks.num_blocks} blocks of "
+                                  f"{self.blocks.block_size}): lower max_tokens or give the KV cache more memory")
         seq = Sequence(next(self._ids), list(prompt_ids), params, max_len)
         self.waiting.append(seq)
         return seq
