@@ -213,14 +213,27 @@ class LLM:
 
 def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:
     """Enable YaRN as Qwen documents it when `max_context` exceeds the native window of a
-    checkpoint without rope scaling (factor = max_context / native, original = native)."""
+    checkpoint without rope scaling (factor = max_context / native, original = native).
+
+    A config that already has YaRN is used as it is (it serves factor x original tokens).
+    """
     native = config.max_position_embeddings
-    if max_context <= native or config.rope.type != "default":
+    rope = config.rope
+    if rope.type == "yarn":
+        window = max(native, int(rope.factor * rope.original_max_position))
+        log.info("rope: the checkpoint's YaRN (factor %g, original %d) serves up to %d tokens",
+                 rope.factor, rope.original_max_position, window)
+        if max_context > window:
+            log.warning("max_context %d exceeds the %d tokens the checkpoint's YaRN was set up for "
+                        "(factor %g x original %d): quality past it is unknown",
+                        max_context, window, rope.factor, rope.original_max_position)
+        return config
+    if max_context <= native:
         return config
     factor = max_context / native
-    log.warning("max_context %d exceeds the native window %d: enabling YaRN (factor %.3g, original %d)",
-                max_context, native, factor, native)
-    rope = RopeConfig(theta=config.rope.theta, type="yarn", factor=factor, original_max_position=native)
+    log.warning("max_context %d exceeds the native window %d: enabling YaRN (factor %.4g, original %d); "
+                "static YaRN also applies to short prompts", max_context, native, factor, native)
+    rope = RopeConfig(theta=rope.theta, type="yarn", factor=factor, original_max_position=native)
     return dataclasses.replace(config.with_rope(rope), max_position_embeddings=max_context)
 
 
