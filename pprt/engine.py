@@ -24,6 +24,7 @@ from .config import ModelConfig, RopeConfig, parse_dtype
 from .executor import make_executor
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence
+from .serve import local_device, torchrun_rank
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("pprt")
@@ -62,7 +63,15 @@ class LLM:
                  max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  transport: str = "auto", seed: int | None = None):
-        if devices is None:
+        torchrun = torchrun_rank()
+        if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
+            if torchrun[0] != 0:
+                raise RuntimeError("under torchrun, only rank 0 builds the LLM; other ranks call "
+                                   "pprt.serve.serve_torchrun()")
+            if devices is not None:
+                raise ValueError("under torchrun each rank uses its own device: leave devices=None")
+            devices = [local_device()] * torchrun[1]
+        elif devices is None:
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
         if not devices:
             raise ValueError("devices must name at least one device")
@@ -77,7 +86,7 @@ class LLM:
                                       quant=quant, kv_dtype=parse_kv_dtype(kv_dtype, self.dtype),
                                       block_size=block_size, max_context=self.max_context,
                                       kv_cache_memory=kv_cache_memory, transport=transport, seed=seed,
-                                      chunk_size=chunk_size)
+                                      chunk_size=chunk_size, torchrun=torchrun is not None)
         self.blocks = BlockManager(self.executor.num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_context=self.max_context, chunk_size=chunk_size,
                                    max_num_seqs=max_num_seqs, eos_token_ids=self.config.eos_token_ids)

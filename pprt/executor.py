@@ -13,6 +13,7 @@ from collections import deque
 
 import torch
 
+from .comm import choose_transport
 from .config import ModelConfig
 from .step import StepPlan, StepResult
 from .worker import Worker, WorkerSpec
@@ -62,7 +63,7 @@ def worker_blocks(worker: Worker, max_context: int, kv_cache_memory: int | None)
 
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
-                  max_context, kv_cache_memory, transport, seed, chunk_size=2048):
+                  max_context, kv_cache_memory, transport, seed, chunk_size=2048, torchrun=False):
     """Plan the cut (refusing before anything loads when it cannot fit) and start the stages."""
     cut = choose_split(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                        block_size=block_size,
@@ -70,9 +71,15 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     bounds = [(sum(cut[:i]), sum(cut[: i + 1])) for i in range(len(cut))]
     specs = [WorkerSpec(model, config, b, d, dtype, quant, kv_dtype=kv_dtype, block_size=block_size, seed=seed)
              for b, d in zip(bounds, devices)]
+    if torchrun:
+        from .pipeline import TorchrunExecutor
+        from .serve import torchrun_transport
+
+        if transport not in ("auto", torchrun_transport()):
+            raise ValueError("under torchrun the transport is set for every rank by PPRT_TRANSPORT")
+        return TorchrunExecutor(specs, torchrun_transport(), max_context, kv_cache_memory)
     if len(specs) == 1:
         return LocalExecutor(specs[0], max_context, kv_cache_memory)
-    from .comm import choose_transport
     from .pipeline import PipelineExecutor
 
     return PipelineExecutor(specs, choose_transport(devices, transport), max_context, kv_cache_memory)

@@ -24,7 +24,8 @@ from multiprocessing.connection import wait
 
 from .comm import free_port
 from .step import StageError, StageReady, StageStats, StepPlan, StepResult
-from .worker import CLOSE, STATS, WorkerSpec, serve_stage
+from .serve import CLOSE, STATS, serve_spawned
+from .worker import WorkerSpec
 
 JOIN_TIMEOUT_S = 5.0
 
@@ -45,7 +46,7 @@ class PipelineExecutor:
         self._inbox: list[deque] = [deque() for _ in specs]
         for i, spec in enumerate(specs):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=serve_stage, name=f"pprt-stage{i}", daemon=True,
+            proc = ctx.Process(target=serve_spawned, name=f"pprt-stage{i}", daemon=True,
                                args=(i, len(specs), spec, transport, init_method, child, max_context,
                                      kv_cache_memory, threads))
             proc.start()
@@ -137,3 +138,71 @@ def _shutdown(procs: list, conns: list) -> None:
             proc.join(JOIN_TIMEOUT_S)
     for conn in conns:
         conn.close()
+
+
+class TorchrunExecutor:
+    """Rank 0 under torchrun: the driver and stage 0 in one process.
+
+    The other ranks run `pprt.serve.serve_torchrun()`; rank 0 sends each its
+    WorkerSpec, then every step plan, over torch.distributed (asynchronously,
+    so rank 0 computes stage 0 of the next micro-batch while later stages work).
+    A failing rank reports a StageError; a stuck one surfaces through the
+    group's timeout.
+    """
+
+    def __init__(self, specs: list[WorkerSpec], transport: str, max_context: int, kv_cache_memory: int | None):
+        from .comm import ActivationChannel, ObjectChannel, init_group
+        from .executor import worker_blocks
+        from .worker import Worker
+
+        self.specs, self.depth = specs, len(specs)
+        init_group(0, len(specs), transport)
+        self.objects = ObjectChannel()
+        for rank in range(1, len(specs)):
+            self.objects.send((specs[rank], max_context, kv_cache_memory), rank)
+        self.worker = Worker(specs[0])
+        self.channel = ActivationChannel(0, len(specs), self.worker.device, transport)
+        readies = [StageReady(0, worker_blocks(self.worker, max_context, kv_cache_memory),
+                              self.worker.weight_bytes(), self.worker.load_seconds)]
+        readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
+        self.num_blocks = min(r.num_blocks for r in readies)
+        self.weight_bytes = [r.weight_bytes for r in readies]
+        self.load_seconds = max(r.load_seconds for r in readies)
+        for rank in range(1, len(specs)):
+            self.objects.send(self.num_blocks, rank)
+        self.worker.allocate_cache(self.num_blocks)
+
+    def submit(self, plan: StepPlan) -> None:
+        for rank in range(1, len(self.specs)):
+            self.objects.send(plan, rank)
+        self.channel.send(self.worker.execute(plan))
+
+    def result(self) -> StepResult:
+        return self._receive(len(self.specs) - 1, StepResult)
+
+    def stats(self) -> list[StageStats]:
+        for rank in range(1, len(self.specs)):
+            self.objects.send(STATS, rank)
+        own = StageStats(0, self.worker.busy_seconds, self.channel.wait_seconds, -1, 0)
+        return [own] + [self._receive(rank, StageStats) for rank in range(1, len(self.specs))]
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.worker is None:
+            return
+        self.worker = None
+        for rank in range(1, len(self.specs)):
+            self.objects.send(CLOSE, rank)
+        self.channel.flush()
+        self.objects.flush()
+        dist.destroy_process_group()
+
+    def _receive(self, rank: int, kind: type):
+        msg = self.objects.recv(rank)
+        if isinstance(msg, StageError):
+            raise StageFailed(f"stage {rank} (torchrun rank {rank}, layers {self.specs[rank].layers}) failed: "
+                              f"{msg.message}")
+        if not isinstance(msg, kind):
+            raise StageFailed(f"stage {rank} answered {type(msg).__name__}, expected {kind.__name__}")
+        return msg

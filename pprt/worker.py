@@ -8,12 +8,7 @@ on one micro-batch. Knows nothing of tokenization or scheduling.
 
 from __future__ import annotations
 
-import ctypes
-import pickle
-import resource
-import signal
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +20,7 @@ from .layers import AttentionBatch
 from .loader import load_stage
 from .model import Stage
 from .sampling import Sampler
-from .step import StageError, StageReady, StageStats, StepPlan, StepResult
+from .step import StepPlan, StepResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,74 +112,3 @@ class Worker:
             max_context_len=max(ctx),
         )
         return batch, torch.tensor(sample_rows, dtype=torch.long, device=dev)
-
-
-# ---- a stage in its own process -----------------------------------------------
-
-CLOSE = "close"  # control message: leave the loop
-STATS = "stats"  # control message: report StageStats
-
-
-def _die_with_parent() -> None:
-    """Make the kernel kill this process when its parent dies (Linux), and ignore Ctrl-C
-    (the driver handles it and closes the stages)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def serve_stage(stage: int, world: int, spec: WorkerSpec, transport: str, init_method: str,
-                conn, max_context: int, kv_cache_memory: int | None, threads: int | None) -> None:
-    """Body of a spawned stage process: load, report, then execute plans from `conn` until closed."""
-    from .comm import ActivationChannel, init_group
-    from .executor import worker_blocks
-
-    _die_with_parent()
-    if threads:
-        torch.set_num_threads(threads)
-    channel = None
-    try:
-        init_group(stage, world, transport, init_method)
-        worker = Worker(spec)
-        channel = ActivationChannel(stage, world, worker.device, transport)
-        conn.send(StageReady(stage, worker_blocks(worker, max_context, kv_cache_memory), worker.weight_bytes(),
-                             worker.load_seconds))
-        worker.allocate_cache(conn.recv())
-        steps = 0
-        while True:
-            data = conn.recv_bytes()
-            if data == CLOSE.encode():
-                break
-            if data == STATS.encode():
-                conn.send(StageStats(stage, worker.busy_seconds, channel.wait_seconds, steps, peak_rss_bytes()))
-                continue
-            plan = pickle.loads(data)
-            x = None
-            if not worker.stage.is_first:
-                x = channel.recv((plan.num_tokens, spec.config.hidden_size), spec.dtype)
-            out = worker.execute(plan, x)
-            steps += 1
-            if worker.stage.is_last:
-                conn.send(out)
-            else:
-                channel.send(out)
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the driver is gone: leave quietly
-    except BaseException as e:  # report, then exit
-        try:
-            conn.send(StageError(stage, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        except OSError:
-            pass
-    finally:
-        if channel is not None:
-            try:
-                channel.flush()
-            except Exception:
-                pass

@@ -1,0 +1,178 @@
+"""The loop of a stage that runs in its own process: spawned by the driver, or a torchrun rank.
+
+A stage loads its layers, reports `StageReady` (with the KV blocks its memory
+allows), allocates the number of blocks the driver decides, then executes
+step plans until told to close: it receives the previous stage's hidden
+states (comm.py), runs its layers, and sends hidden states on, or, on the
+last stage, sends the `StepResult` back to the driver.
+
+Control messages reach a stage through a `Control`: a pipe from the spawning
+driver, or torch.distributed messages from rank 0 under torchrun.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import pickle
+import resource
+import signal
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from .comm import ActivationChannel, ObjectChannel, init_group
+from .executor import worker_blocks
+from .step import StageError, StageReady, StageStats
+from .worker import Worker, WorkerSpec
+
+CLOSE = "close"  # control message: leave the loop
+STATS = "stats"  # control message: report StageStats
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PipeControl:
+    """Control messages over the pipe from a spawning driver (plans arrive pickled once)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def recv(self):
+        data = self.conn.recv_bytes()
+        return data.decode() if data in (CLOSE.encode(), STATS.encode()) else pickle.loads(data)
+
+    def send(self, obj) -> None:
+        self.conn.send(obj)
+
+
+class DistControl:
+    """Control messages from and to rank 0 over torch.distributed (torchrun)."""
+
+    def __init__(self, objects: ObjectChannel):
+        self.objects = objects
+
+    def recv(self):
+        return self.objects.recv(0)
+
+    def send(self, obj) -> None:
+        self.objects.send(obj, 0)
+
+
+def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control, max_context: int,
+              kv_cache_memory: int | None) -> None:
+    """Load, report, then execute plans from `control` until it says close."""
+    base_rss = current_rss_bytes()
+    worker = Worker(spec)
+    channel = ActivationChannel(stage, world, worker.device, transport)
+    try:
+        control.send(StageReady(stage, worker_blocks(worker, max_context, kv_cache_memory), worker.weight_bytes(),
+                                worker.load_seconds))
+        worker.allocate_cache(control.recv())
+        steps = 0
+        while True:
+            msg = control.recv()
+            if msg == CLOSE:
+                break
+            if msg == STATS:
+                control.send(StageStats(stage, worker.busy_seconds, channel.wait_seconds, steps,
+                                        peak_rss_bytes() - base_rss))
+                continue
+            x = None
+            if not worker.stage.is_first:
+                x = channel.recv((msg.num_tokens, spec.config.hidden_size), spec.dtype)
+            out = worker.execute(msg, x)
+            steps += 1
+            if worker.stage.is_last:
+                control.send(out)
+            else:
+                channel.send(out)
+    finally:
+        channel.flush()
+
+
+def serve_spawned(stage: int, world: int, spec: WorkerSpec, transport: str, init_method: str, conn,
+                  max_context: int, kv_cache_memory: int | None, threads: int | None) -> None:
+    """Body of a stage process spawned by PipelineExecutor."""
+    _die_with_parent()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        init_group(stage, world, transport, init_method)
+        run_stage(stage, world, spec, transport, PipeControl(conn), max_context, kv_cache_memory)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the driver is gone: leave quietly
+    except BaseException as e:  # report, then exit
+        try:
+            conn.send(StageError(stage, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        except OSError:
+            pass
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux), and ignore Ctrl-C
+    (the driver handles it and closes the stages)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- torchrun ---------------------------------------------------------------------------
+
+def torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one of several torchrun ranks, else None."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def local_device() -> str:
+    """This rank's device: cuda:LOCAL_RANK when CUDA is visible, else cpu."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def torchrun_transport() -> str:
+    """The transport every rank uses: PPRT_TRANSPORT (same on all ranks), else NCCL on CUDA, gloo on CPU."""
+    transport = os.environ.get("PPRT_TRANSPORT") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if transport not in ("nccl", "gloo", "host"):
+        raise ValueError(f"PPRT_TRANSPORT={transport!r} is not one of nccl, gloo, host")
+    return transport
+
+
+def serve_torchrun() -> None:
+    """Run this torchrun rank (rank > 0) as a pipeline stage until rank 0's LLM closes.
+
+    Rank 0 sends this rank its WorkerSpec (layers, dtype, ...); the device is this
+    rank's own (cuda:LOCAL_RANK, or cpu).
+    """
+    rank_world = torchrun_rank()
+    if rank_world is None or rank_world[0] == 0:
+        raise RuntimeError("serve_torchrun() is for torchrun ranks other than 0")
+    rank, world = rank_world
+    transport = torchrun_transport()
+    init_group(rank, world, transport)
+    objects = ObjectChannel()
+    try:
+        spec, max_context, kv_cache_memory = objects.recv(0)
+        spec = dataclasses.replace(spec, device=local_device())
+        run_stage(rank, world, spec, transport, DistControl(objects), max_context, kv_cache_memory)
+    except BaseException as e:
+        objects.send(StageError(rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"), 0)
+        raise
+    finally:
+        objects.flush()
+        dist.destroy_process_group()

@@ -1,0 +1,134 @@
+"""Pipelines of spawned CPU stages (gloo) against one stage, failures, and cleanup."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from models import make_checkpoint
+from pprt import LLM, SamplingParams
+from pprt.pipeline import StageFailed
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+PROMPTS = [[5, 17, 40, 33, 100, 7], [9], [(11 * i) % 300 + 2 for i in range(100)], [250, 3, 3, 3, 3, 3, 3]]
+
+
+def single_stage(path, prompts, **kw):
+    with LLM(str(path), devices=["cpu"], **kw) as llm:
+        return llm.generate(prompts, GREEDY)
+
+
+def assert_same(outs, expected):
+    for a, b in zip(outs, expected):
+        assert a.token_ids == b.token_ids
+        for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
+            assert abs(la[t] - lb[t]) < 1e-4
+
+
+@pytest.mark.parametrize("family, devices, split, transport", [
+    ("qwen3_moe", ["cpu", "cpu"], [1, 3], "auto"),
+    ("qwen2", ["cpu", "cpu", "cpu"], [1, 1, 1], "gloo"),
+    ("qwen3", ["cpu", "cpu"], None, "host"),
+], ids=["moe-2stages-uneven", "qwen2-3stages", "qwen3-host-transport-auto-split"])
+def test_pipeline_matches_single_stage(tmp_path, family, devices, split, transport):
+    path = make_checkpoint(tmp_path, family, tie_word_embeddings=family == "qwen2")
+    expected = single_stage(path, PROMPTS)
+    with LLM(str(path), devices=devices, split=split, transport=transport, chunk_size=32) as llm:
+        assert llm.executor.depth == len(devices)
+        outs = llm.generate(PROMPTS, GREEDY)
+        stats = llm.executor.stats()
+    assert_same(outs, expected)
+    assert all(s.steps > 0 for s in stats)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+def test_requests_join_running_ones_and_a_killed_stage_is_an_error(qwen3):
+    expected = single_stage(qwen3, PROMPTS[:2])
+    llm = LLM(str(qwen3), devices=["cpu", "cpu"], chunk_size=32)
+    try:
+        stream = llm.stream(PROMPTS[0], GREEDY)
+        first = [next(stream), next(stream)]
+        joined = llm.generate(PROMPTS[1], GREEDY)[0]  # runs while the stream's request is active
+        rest = list(stream)
+        assert joined.token_ids == expected[1].token_ids
+        assert "".join(first + rest) == llm.tokenizer.decode(expected[0].token_ids)
+
+        stream = llm.stream(PROMPTS[2], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        next(stream)
+        victim = llm.executor.procs[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(StageFailed, match=r"stage 1 .* died \(killed by signal 9\)"):
+            list(stream)
+        assert time.monotonic() - t0 < 10
+    finally:
+        llm.close()
+    assert not any(p.is_alive() for p in llm_procs(llm))
+
+
+def llm_procs(llm):
+    return [] if llm.executor is None else llm.executor.procs
+
+
+def test_load_error_names_the_stage_and_leaves_no_process(tmp_path):
+    path = make_checkpoint(tmp_path, "qwen3")
+    import json
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.layers.2.mlp.down_proj.weight"]
+    (path / shard).unlink()
+    with pytest.raises(StageFailed, match=rf"stage 1 .*{shard}"):
+        LLM(str(path), devices=["cpu", "cpu"], split=[2, 1])
+    time.sleep(0.5)
+    assert not multiprocessing.active_children()
+
+
+DRIVER = textwrap.dedent("""
+    import os, sys, time
+    from pprt import LLM
+    if __name__ == "__main__":
+        llm = LLM(sys.argv[1], devices=["cpu", "cpu"])
+        print(" ".join(str(p.pid) for p in llm.executor.procs), flush=True)
+        if sys.argv[2] == "close":
+            llm.close()
+            print("closed", flush=True)
+        else:
+            time.sleep(600)  # killed by the test
+""")
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead for our purpose
+        return f.read().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("how", ["close", "kill-driver"])
+def test_no_stage_outlives_the_driver(qwen3, tmp_path, how):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script), str(qwen3), "close" if how == "close" else "wait"],
+                              stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in driver.stdout.readline().split()]
+    assert len(pids) == 2 and all(alive(p) for p in pids)
+    if how == "close":
+        assert driver.stdout.readline().strip() == "closed"
+    else:
+        driver.kill()
+    driver.wait(30)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
