@@ -266,8 +266,8 @@ def run_completion(llm: LLM, args: argparse.Namespace, prompt: str, load_s: floa
 def run_chat(llm: LLM, args: argparse.Namespace, stdin: TextIO, load_s: float) -> None:
     """One user turn per input line; each reply streams to stdout and ends with a newline."""
     if llm.tokenizer is None or not llm.tokenizer.has_chat_template:
-        raise UsageError(f"--chat needs a chat template, and model {llm.source.name!r} has none: it is a plain "
-                         "completion model (use --prompt)")
+        raise UsageError(f"model {llm.source.name!r} has no chat template, which --chat needs: it is a plain "
+                         "completion model (give it --prompt instead)")
     system = [{"role": "system", "content": args.system}] if args.system else []
     template_kwargs = {"enable_thinking": False} if args.no_think else {}
     history: list[dict] = []
