@@ -1,0 +1,144 @@
+"""The benchmark harness and bench/generate.py at tiny sizes on CPU (so they do not rot).
+
+Timings on a shared CPU mean nothing; what is checked is that the harness
+rotates inputs, measures its ceilings, writes and reads well-formed JSON rows,
+that the random checkpoint holds exactly what the roofline counts, and that an
+end-to-end run of both engines, 1 and 2 stages, model dtype and Int4, writes
+one complete, self-consistent row per measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bench import generate as gen
+from bench import harness
+
+ENV_KEYS = {"device", "torch", "triton", "commit", "date"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_time_fn_rotates_through_inputs():
+    inputs = [(torch.zeros(3),), (torch.zeros(5),), (torch.zeros(7),)]
+    seen = []
+    t = harness.time_fn(lambda x: seen.append(x.numel()), "cpu", warmup=2, repeats=4, inputs=inputs)
+    assert seen == [3, 5, 7, 3, 5, 7]  # warm-up and timed calls continue one rotation
+    assert t >= 0
+    with pytest.raises(ValueError, match="inputs"):
+        harness.time_fn(lambda x: x, "cpu", inputs=[])
+    with pytest.raises(ValueError, match="repeats"):
+        harness.wall_time(lambda: None, repeats=0)
+
+
+def test_rotating_inputs_exceed_the_target_bytes():
+    make = lambda: (torch.empty(1000, dtype=torch.uint8), 7)  # noqa: E731  non-tensors count nothing
+    assert len(harness.rotating_inputs(make, "cpu", min_bytes=3500)) == 4
+    assert len(harness.rotating_inputs(make, "cpu", min_bytes=0)) == 2  # always at least two
+    assert len(harness.rotating_inputs(make, "cpu", min_bytes=10**9, max_copies=5)) == 5
+    default = harness.rotating_inputs(lambda: (torch.empty(1 << 22, dtype=torch.uint8),), "cpu")
+    assert len(default) * (1 << 22) >= 2 * harness.CPU_CACHE_BYTES
+
+
+def test_results_append_and_read_latest_run(tmp_path):
+    first, second = dict(device="d", date="2026-01-01T00:00:00+00:00"), dict(device="d", date="2026-01-02T00:00:00+00:00")
+    harness.append_results("x", [dict(a=1), dict(a=2)], first, tmp_path)
+    path = harness.append_results("x", [dict(a=3)], second, tmp_path)
+    assert [r["a"] for r in harness.read_results(path, latest=False)] == [1, 2, 3]
+    latest = harness.read_results(path)
+    assert latest == [dict(second, a=3)]
+
+
+def test_ceilings_tiny_writes_rows(tmp_path, capsys):
+    rows = harness.main(["--tiny", "--results-dir", str(tmp_path)])
+    written = [json.loads(line) for line in (tmp_path / "ceilings.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in written] == ["copy", "matmul"] == [r["kind"] for r in rows]
+    assert all(ENV_KEYS <= r.keys() for r in written)
+    assert written[0]["GBps"] > 0 and written[1]["TFLOPs"] > 0
+    assert "matmul" in capsys.readouterr().out
+
+
+def test_plot_bandwidth_or_a_clear_error(tmp_path):
+    rows = [dict(M=m, GBps=100.0 * m, shape=s) for m in (1, 3, 16) for s in ("a", "b")]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install matplotlib"):
+            harness.plot_bandwidth(rows, tmp_path / "p.png", "M", group_by=["shape"], ceiling_GBps=900.0)
+        return
+    path = harness.plot_bandwidth(rows, tmp_path / "p.png", "M", group_by=["shape"], ceiling_GBps=900.0)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no row"):
+        harness.plot_bandwidth(rows, tmp_path / "q.png", "context")
+
+
+def test_random_checkpoint_holds_what_the_roofline_counts(tmp_path):
+    path = gen.write_random_checkpoint(gen.TINY, tmp_path / "m", torch.float32, shard_bytes=300_000)
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 1  # written shard by shard
+    sizes, norms = {}, []
+    for shard in shards:
+        with safe_open(str(path / shard), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        sizes.update({k: t.nbytes for k, t in tensors.items()})
+        norms += [t for k, t in tensors.items() if k.endswith("norm.weight")]
+    assert set(sizes) == set(index)
+    assert "lm_head.weight" in sizes and "model.layers.2.mlp.down_proj.weight" in sizes
+    assert len(norms) == 2 * 3 + 1 and all(torch.all(t == 1) for t in norms)  # RMSNorm weights are ones
+    config = gen.ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    # A decode step reads every tensor but the embedding (a row lookup), plus the KV of the batch.
+    weights = sum(v for k, v in sizes.items() if k != "model.embed_tokens.weight")
+    assert gen.decode_bytes(config, "fp32", 4, batch=1, context=0) == weights
+    kv_per_token = 2 * 3 * 2 * 32 * 4  # K and V, layers, kv heads, head_dim, fp32
+    grow = gen.decode_bytes(config, "fp32", 4, 3, 10.5) - gen.decode_bytes(config, "fp32", 4, 1, 10.5)
+    assert grow == pytest.approx(2 * 10.5 * kv_per_token)
+    head = 509 * 128 * 4  # stays fp32 under Int4
+    assert gen.decode_bytes(config, "int4", 4, 1, 0) < 0.3 * (weights - head) + head
+
+
+def test_generate_tiny_end_to_end(tmp_path):
+    rows = gen.main(["--tiny", "--results-dir", str(tmp_path)])
+    written = [json.loads(line) for line in (tmp_path / "generate.jsonl").read_text().splitlines()]
+    assert len(written) == len(rows)
+    assert all(ENV_KEYS | {"engine", "weights", "stages", "kind", "copy_GBps", "model"} <= r.keys() for r in written)
+
+    def of(engine, weights, stages):
+        return [r for r in written if (r["engine"], r["weights"], r["stages"]) == (engine, weights, stages)]
+
+    for engine, weights, stages in [("pprt", "fp32", 1), ("pprt", "fp32", 2), ("pprt", "int4", 1),
+                                    ("pprt", "int4", 2), ("transformers", "fp32", 1)]:
+        setup = of(engine, weights, stages)
+        assert [r["kind"] for r in setup] == ["load", "prefill", "prefill", "decode", "decode"], setup
+        load, p1, p2, d1, d3 = setup
+        assert load["load_s"] > 0 and load["peak_mem_gb"] and all(v > 0 for v in load["peak_mem_gb"].values())
+        if stages == 2:  # each stage process reports its own peak RSS
+            assert {"stage0 rss", "stage1 rss"} <= load["peak_mem_gb"].keys()
+        assert (p1["prompt_len"], p2["prompt_len"]) == (24, 70)
+        for p in (p1, p2):
+            assert p["ttft_s"] > 0 and p["tok_s"] == pytest.approx(p["prompt_len"] / p["ttft_s"])
+        assert (d1["batch"], d3["batch"]) == (1, 3)
+        for d in (d1, d3):
+            assert d["tok_s"] > 0 and d["frac_roofline"] == pytest.approx(d["tok_s"] / d["roofline_tok_s"])
+            assert d["roofline_tok_s"] == pytest.approx(d["batch"] * d["copy_GBps"] * 1e9 / d["bytes_per_step"])
+        if engine == "pprt" and weights == "fp32":  # the comparison column
+            hf = {r["kind"] + str(r.get("prompt_len") or r.get("batch")): r["tok_s"]
+                  for r in of("transformers", "fp32", 1) if r.get("tok_s")}
+            for r in (p1, p2, d1, d3):
+                key = r["kind"] + str(r.get("prompt_len") or r.get("batch"))
+                assert r["hf_tok_s"] == hf[key] and r["vs_hf"] == pytest.approx(r["tok_s"] / hf[key])
+        if stages == 2:
+            assert len(d1["stage_busy"]) == 2 and all(0 < b <= 1.5 for b in d1["stage_busy"])
+    # Int4 reads fewer bytes per step than fp32; transformers has no Int4 route on CPU.
+    assert of("pprt", "int4", 1)[3]["bytes_per_step"] < 0.5 * of("pprt", "fp32", 1)[3]["bytes_per_step"]
+    (hf_int4,) = of("transformers", "int4", 1)
+    assert hf_int4["kind"] == "error" and "bitsandbytes" in hf_int4["error"]
+
+
+def test_gpu_suite_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_suite.sh")], check=True)
