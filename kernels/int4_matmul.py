@@ -15,9 +15,11 @@ Three implementations behind one dispatch (`int4_matmul`):
   M >= LARGE_M dequantizes to a [K, N] slab (in column chunks) for cuBLAS.
   Block sizes are heuristics: tune them with bench/int4_matmul.py.
 - CPU: torch's own int4 matmul (`_weight_int4pack_mm_for_cpu`) when the layout
-  allows it (N % 16 == 0, g in 32/64/128/256) and it measured faster (bf16 at
-  any M, fp16/fp32 for M <= CPU_INT4_MAX_M); its packed weight is built once
-  by `pack_for_cpu` and passed in. Otherwise the reference.
+  allows it (N % 16 == 0, g in 32/64/128/256) and it measured faster: bf16 at
+  any M (2048x2048, 1 thread: 0.21 ms vs 65 ms at M=1, 20 vs 72 ms at M=64),
+  fp16/fp32 only at M = 1 (fp32: 20 vs 39 ms; at M = 4 already 77 vs 38 ms).
+  Its packed weight is built once by `pack_for_cpu` and passed in. Otherwise
+  the reference.
 The permutation of GPTQ desc_act checkpoints is applied by the caller (x[:, perm]).
 """
 
@@ -38,11 +40,13 @@ except ImportError:  # CPU-only installs run the reference
 SMALL_M = 16  # rows served by the split-K decode path
 LARGE_M = 256  # rows from which dequantize + cuBLAS takes over
 DEQUANT_CHUNK_ELEMS = 1 << 26  # elements of W^T dequantized at once on the large-M path (128 MiB in bf16)
-CPU_INT4_MAX_M = 4  # fp16/fp32 rows for which torch's CPU int4 op beats dequantize + matmul
+CPU_INT4_MAX_M = 1  # fp16/fp32 rows for which torch's CPU int4 op beats dequantize + matmul (measured)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def int4_dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def int4_dequantize_ref(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
     """W^T [K, N] in scales.dtype (each element rounded once from an exact product)."""
     k8, n = qweight.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
@@ -122,7 +126,9 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         offs_kw = tl.arange(0, BLOCK_K // 8)
         shifts = tl.arange(0, 8) * 4
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # tl.full, not tl.zeros: zeros is a @jit helper that breaks the interpreter when
+        # triton was imported before TRITON_INTERPRET was set (a test reloads this module)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         k_start = pid_k * k_per_split  # a multiple of BLOCK_K, and BLOCK_K divides GROUP
         k_end = tl.minimum(k_start + k_per_split, K)
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -176,13 +182,17 @@ if triton is not None:
 
 def _check(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int]:
     if x.dim() != 2 or qweight.dim() != 2:
-        raise ValueError(f"int4_matmul: x must be [M, K] and qweight [K/8, N], got {tuple(x.shape)}, {tuple(qweight.shape)}")
+        raise ValueError(
+            f"int4_matmul: x must be [M, K] and qweight [K/8, N], got {tuple(x.shape)}, {tuple(qweight.shape)}"
+        )
     m, k = x.shape
     n = qweight.shape[1]
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"int4_matmul: x dtype {x.dtype} is not fp16/bf16/fp32")
     if qweight.dtype != torch.int32 or qweight.shape[0] * 8 != k:
-        raise ValueError(f"int4_matmul: qweight must be int32 [K/8={k // 8}, N], got {qweight.dtype} {tuple(qweight.shape)}")
+        raise ValueError(
+            f"int4_matmul: qweight must be int32 [K/8={k // 8}, N], got {qweight.dtype} {tuple(qweight.shape)}"
+        )
     if group_size <= 0 or k % group_size:
         raise ValueError(f"int4_matmul: group_size {group_size} does not divide K = {k}")
     groups = (k // group_size, n)

@@ -63,7 +63,9 @@ class Int4Weight:
             raise ValueError(f"Int4Weight.zeros must be uint8 [{k // g}, {n}], got {z.dtype} {tuple(z.shape)}")
         if self.perm is not None:
             if self.perm.dtype not in (torch.int32, torch.int64) or tuple(self.perm.shape) != (k,):
-                raise ValueError(f"Int4Weight.perm must be int32/int64 [{k}], got {self.perm.dtype} {tuple(self.perm.shape)}")
+                raise ValueError(
+                    f"Int4Weight.perm must be int32/int64 [{k}], got {self.perm.dtype} {tuple(self.perm.shape)}"
+                )
             self.perm = self.perm.long()
         devices = {t.device for t in (q, s, z) + ((self.perm,) if self.perm is not None else ())}
         if len(devices) != 1:
@@ -137,7 +139,9 @@ def quantize_rtn(weight: torch.Tensor, group_size: int = 128, sym: bool = False)
     Works in row chunks so that the temporaries stay near the size of the weight.
     """
     if weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"quantize_rtn: weight must be a 2-D float [N, K] tensor, got {weight.dtype} {tuple(weight.shape)}")
+        raise ValueError(
+            f"quantize_rtn: weight must be a 2-D float [N, K] tensor, got {weight.dtype} {tuple(weight.shape)}"
+        )
     n, k = weight.shape
     if group_size <= 0 or group_size % 8 or k % group_size:
         raise ValueError(f"quantize_rtn: group_size {group_size} must be a positive multiple of 8 dividing K = {k}")
@@ -163,7 +167,7 @@ def quantize_rtn(weight: torch.Tensor, group_size: int = 128, sym: bool = False)
 
 def dequantize(w: Int4Weight) -> torch.Tensor:
     """The float weight W [N, K] (original column order, scales' dtype)."""
-    w_t = int4_kernels.int4_dequantize_ref(w.qweight, w.scales, w.zeros, w.group_size)  # [K, N] in stored (sorted) row order
+    w_t = int4_kernels.int4_dequantize_ref(w.qweight, w.scales, w.zeros, w.group_size)  # [K, N], stored row order
     if w.perm is not None:
         w_t = torch.empty_like(w_t).index_copy_(0, w.perm, w_t)  # row perm[k] of W^T is stored row k
     return w_t.t().contiguous()
@@ -223,10 +227,12 @@ class Int4Linear(torch.nn.Module):
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group_size = weight.in_features, weight.out_features, weight.group_size
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.group_size = weight.group_size
         if bias is not None and (tuple(bias.shape) != (self.out_features,) or bias.dtype != weight.scales.dtype):
             raise ValueError(
-                f"Int4Linear: bias must be {weight.scales.dtype} [{self.out_features}], got {bias.dtype} {tuple(bias.shape)}"
+                f"Int4Linear: bias must be {weight.scales.dtype} [{self.out_features}], "
+                f"got {bias.dtype} {tuple(bias.shape)}"
             )
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scales", weight.scales)
@@ -253,7 +259,9 @@ class Int4Linear(torch.nn.Module):
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         cpu_pack = self._cpu_layout() if self.qweight.device.type == "cpu" else None
-        y = int4_kernels.int4_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias, cpu_pack=cpu_pack)
+        y = int4_kernels.int4_matmul(
+            x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias, cpu_pack=cpu_pack
+        )
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -192,21 +192,22 @@ def test_rtn_rejects_bad_group():
 
 
 @pytest.mark.parametrize(
-    "dtype,m,n,desc_act",
-    [(torch.float32, 1, 48, False), (torch.float32, 7, 48, True), (torch.bfloat16, 5, 48, False),
-     (torch.bfloat16, 2, 40, True), (torch.float16, 3, 48, False)],
-    ids=["fp32-M1-cpuop", "fp32-M7-desc_act", "bf16-M5-cpuop", "bf16-N40-ref-desc_act", "fp16-M3"],
+    "dtype,lead,n,desc_act",
+    [(torch.float32, (1,), 48, False), (torch.float32, (2, 7), 48, True), (torch.bfloat16, (5,), 48, False),
+     (torch.bfloat16, (2, 1), 40, True), (torch.float16, (1,), 48, False), (torch.float16, (3,), 48, True)],
+    ids=["fp32-M1-cpuop", "fp32-2x7-desc_act", "bf16-M5-cpuop", "bf16-N40-ref-desc_act", "fp16-M1-cpuop",
+         "fp16-M3-desc_act"],
 )
-def test_int4_linear_matches_dequantized_float_linear(dtype, m, n, desc_act):
+def test_int4_linear_matches_dequantized_float_linear(dtype, lead, n, desc_act):
     k, g = 128, 32
     stored, _ = gptq_quantize(torch.randn(n, k, generator=gen(10)), g, sym=False, desc_act=desc_act)
     w = from_gptq(stored["qweight"], stored["qzeros"], stored["scales"], stored["g_idx"],
                   QuantConfig("gptq", group_size=g, desc_act=desc_act, sym=False), dtype=dtype)
     bias = torch.randn(n, generator=gen(11)).to(dtype)
     layer = Int4Linear(w, bias)
-    x = torch.randn(2, m, k, generator=gen(12)).to(dtype)  # leading dims are kept
+    x = torch.randn(*lead, k, generator=gen(12)).to(dtype)  # leading dims are kept
     y = layer(x)
-    assert y.shape == (2, m, n) and y.dtype == dtype
+    assert y.shape == (*lead, n) and y.dtype == dtype
     ref = F.linear(x.double(), dequantize(w).double(), bias.double())
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     assert rel_err(y, ref) < tol
