@@ -227,7 +227,6 @@ class PprtRunner:
         self.llm = LLM(str(model), devices=list(setup.devices), dtype=dtype,
                        quant="int4" if setup.weights == "int4" else None, max_context=max_context,
                        kv_cache_memory=kv_bytes, transport=setup.transport, chunk_size=chunk_size, seed=0)
-        self.devices = setup.devices
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
         out = self.llm.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
@@ -354,7 +353,7 @@ def measure(make_runner, setup: Setup, work: Workload, config: ModelConfig, dtyp
             load["weight_gb"] = [b / GB for b in runner.weight_bytes()]
             # warm-up: kernels compile (a short prompt, then a full prefill chunk), caches settle
             for length in dict.fromkeys((min(work.prompt_lens), min(chunk_size, max(work.prompt_lens)))):
-                timed(runner, prompts, 1, length, 2)
+                timed(runner, prompts, 1, length, 1)
             for length in work.prompt_lens:
                 ttft = statistics.median(timed(runner, prompts, 1, length, 1) for _ in range(work.repeats))
                 rows.append(dict(setup.label, kind="prefill", prompt_len=length, ttft_s=ttft,
@@ -438,7 +437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.config, args.devices = "tiny", args.devices or ("cpu",)
-        args.prompts, args.batches, args.decode_prompt, args.decode_tokens, args.repeats = (24, 70), (1, 3), 12, 6, 1
+        args.prompts, args.batches, args.decode_prompt, args.decode_tokens, args.repeats = (24, 70), (1, 3), 12, 16, 1
         args.chunk_size = 32  # the 70-token prompt is prefilled in chunks
     args.devices = args.devices or (("cuda:0",) if torch.cuda.is_available() else ("cpu",))
     on_cuda = torch.device(args.devices[0]).type == "cuda"
