@@ -25,7 +25,7 @@ from multiprocessing.connection import wait
 from .comm import free_port
 from .step import StageError, StageReady, StageStats, StepPlan, StepResult
 from .serve import CLOSE, STATS, serve_spawned
-from .worker import WorkerSpec
+from .worker import WorkerSpec, peak_rss_bytes
 
 JOIN_TIMEOUT_S = 5.0
 
@@ -59,6 +59,7 @@ class PipelineExecutor:
             self.num_blocks = min(r.num_blocks for r in readies)
             self.weight_bytes = [r.weight_bytes for r in readies]
             self.load_seconds = max(r.load_seconds for r in readies)
+            self.load_rss_bytes = [r.load_rss_bytes for r in readies]
             for conn in self.conns:
                 conn.send(self.num_blocks)
         except BaseException:
@@ -163,11 +164,12 @@ class TorchrunExecutor:
         self.worker = Worker(specs[0])
         self.channel = ActivationChannel(0, len(specs), self.worker.device, transport)
         readies = [StageReady(0, worker_blocks(self.worker, max_context, kv_cache_memory),
-                              self.worker.weight_bytes(), self.worker.load_seconds)]
+                              self.worker.weight_bytes(), self.worker.load_seconds, self.worker.load_rss_bytes)]
         readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
         self.num_blocks = min(r.num_blocks for r in readies)
         self.weight_bytes = [r.weight_bytes for r in readies]
         self.load_seconds = max(r.load_seconds for r in readies)
+        self.load_rss_bytes = [r.load_rss_bytes for r in readies]
         for rank in range(1, len(specs)):
             self.objects.send(self.num_blocks, rank)
         self.worker.allocate_cache(self.num_blocks)
@@ -183,7 +185,7 @@ class TorchrunExecutor:
     def stats(self) -> list[StageStats]:
         for rank in range(1, len(self.specs)):
             self.objects.send(STATS, rank)
-        own = StageStats(0, self.worker.busy_seconds, self.channel.wait_seconds, -1, 0)
+        own = StageStats(0, self.worker.busy_seconds, self.channel.wait_seconds, -1, peak_rss_bytes())
         return [own] + [self._receive(rank, StageStats) for rank in range(1, len(self.specs))]
 
     def close(self) -> None:

@@ -98,18 +98,19 @@ def pack(q: torch.Tensor, dim: int = 0, order: tuple[int, ...] | None = None) ->
     """Pack 4-bit values (0..15) eight to an int32 along `dim`, least-significant nibble first.
 
     Nibble i of word c holds element 8c + order[i] (order = identity unless given, e.g. AWQ_ORDER).
+    Works nibble by nibble in int32, so a GPU-sized layer needs no int64 temporaries.
     """
     if q.shape[dim] % 8:
         raise ValueError(f"pack: size {q.shape[dim]} of dim {dim} is not a multiple of 8")
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
         raise ValueError("pack: values must lie in 0..15")
-    q = q.movedim(dim, -1).to(torch.int64)
-    q = q.reshape(*q.shape[:-1], -1, 8)  # [..., words, 8]
-    if order is not None:
-        q = q[..., list(order)]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
-    words = (q << shifts).sum(-1)  # 0 .. 2^32 - 1
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same bits as int32
+    q = q.movedim(dim, -1)  # [..., L]
+    words = torch.zeros(*q.shape[:-1], q.shape[-1] // 8, dtype=torch.int32, device=q.device)
+    for i in range(8):
+        nib = q[..., (order[i] if order else i)::8].to(torch.int32)  # [..., L/8]
+        if i == 7:  # the top nibble carries the sign bit: add it as a signed value, no overflow
+            nib = nib - 16 * (nib >= 8).to(torch.int32)
+        words += nib * (1 << (4 * i))  # disjoint bits: + is |
     return words.movedim(-1, dim).contiguous()
 
 
@@ -117,12 +118,10 @@ def unpack(packed: torch.Tensor, dim: int = 0, order: tuple[int, ...] | None = N
     """Inverse of `pack`: uint8 values 0..15 with `dim` eight times longer."""
     if packed.dtype != torch.int32:
         raise ValueError(f"unpack: expected int32 words, got {packed.dtype}")
-    w = packed.movedim(dim, -1)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w.device)
-    q = (w[..., None] >> shifts) & 0xF  # [..., words, 8] nibble-major
-    if order is not None:
-        q = q[..., [order.index(j) for j in range(8)]]
-    q = q.reshape(*w.shape[:-1], -1).to(torch.uint8)
+    w = packed.movedim(dim, -1)  # [..., W]
+    q = torch.empty(*w.shape[:-1], w.shape[-1] * 8, dtype=torch.uint8, device=w.device)
+    for i in range(8):
+        q[..., (order[i] if order else i)::8] = ((w >> (4 * i)) & 0xF).to(torch.uint8)
     return q.movedim(-1, dim).contiguous()
 
 
@@ -145,7 +144,7 @@ def quantize_rtn(weight: torch.Tensor, group_size: int = 128, sym: bool = False)
     n, k = weight.shape
     if group_size <= 0 or group_size % 8 or k % group_size:
         raise ValueError(f"quantize_rtn: group_size {group_size} must be a positive multiple of 8 dividing K = {k}")
-    qs, ss, zs = [], [], []
+    packed, ss, zs = [], [], []
     rows = max(1, (1 << 24) // k)  # ~64 MiB of fp32 per chunk
     for r0 in range(0, n, rows):
         w = weight[r0:r0 + rows].float().view(-1, k // group_size, group_size)  # [n', K/g, g]
@@ -158,11 +157,11 @@ def quantize_rtn(weight: torch.Tensor, group_size: int = 128, sym: bool = False)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # underflow in fp16/bf16
         zero = torch.full_like(scale, 8.0) if sym else (-lo / scale).round().clamp(0, 15)
         q = (w / scale[..., None]).round().add(zero[..., None]).clamp(0, 15)  # [n', K/g, g]
-        qs.append(q.to(torch.uint8).view(-1, k))
+        packed.append(pack(q.to(torch.uint8).view(-1, k), dim=1).t())  # [K/8, n']
         ss.append(scale.to(weight.dtype))
         zs.append(zero.to(torch.uint8))
-    q = torch.cat(qs).t()  # [K, N]
-    return Int4Weight(pack(q, dim=0), torch.cat(ss).t().contiguous(), torch.cat(zs).t().contiguous(), group_size)
+    return Int4Weight(torch.cat(packed, dim=1).contiguous(), torch.cat(ss).t().contiguous(),
+                      torch.cat(zs).t().contiguous(), group_size)
 
 
 def dequantize(w: Int4Weight) -> torch.Tensor:

@@ -16,7 +16,6 @@ import ctypes
 import dataclasses
 import os
 import pickle
-import resource
 import signal
 import traceback
 
@@ -26,19 +25,10 @@ import torch.distributed as dist
 from .comm import ActivationChannel, ObjectChannel, init_group
 from .executor import worker_blocks
 from .step import StageError, StageReady, StageStats
-from .worker import Worker, WorkerSpec
+from .worker import Worker, WorkerSpec, peak_rss_bytes
 
 CLOSE = "close"  # control message: leave the loop
 STATS = "stats"  # control message: report StageStats
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class PipeControl:
@@ -71,12 +61,11 @@ class DistControl:
 def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control, max_context: int,
               kv_cache_memory: int | None) -> None:
     """Load, report, then execute plans from `control` until it says close."""
-    base_rss = current_rss_bytes()
     worker = Worker(spec)
     channel = ActivationChannel(stage, world, worker.device, transport)
     try:
         control.send(StageReady(stage, worker_blocks(worker, max_context, kv_cache_memory), worker.weight_bytes(),
-                                worker.load_seconds))
+                                worker.load_seconds, worker.load_rss_bytes))
         worker.allocate_cache(control.recv())
         steps = 0
         while True:
@@ -84,8 +73,7 @@ def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control,
             if msg == CLOSE:
                 break
             if msg == STATS:
-                control.send(StageStats(stage, worker.busy_seconds, channel.wait_seconds, steps,
-                                        peak_rss_bytes() - base_rss))
+                control.send(StageStats(stage, worker.busy_seconds, channel.wait_seconds, steps, peak_rss_bytes()))
                 continue
             x = None
             if not worker.stage.is_first:

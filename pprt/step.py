@@ -71,6 +71,7 @@ class StageReady:
     num_blocks: int  # KV blocks its memory budget allows
     weight_bytes: int
     load_seconds: float
+    load_rss_bytes: int  # host memory the load took at its peak
 
 
 @dataclass(slots=True)
@@ -79,7 +80,7 @@ class StageStats:
     busy_seconds: float  # computing steps
     wait_seconds: float  # blocked receiving activations
     steps: int
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # the stage process's peak resident memory
 
 
 @dataclass(slots=True)

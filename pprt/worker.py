@@ -38,14 +38,34 @@ class WorkerSpec:
     seed: int | None = None
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM: unlike getrusage's ru_maxrss, it does not
+    inherit the peak of the process that forked before exec, as spawned stages are)."""
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def current_rss_bytes() -> int:
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.device = torch.device(spec.device)
         t0 = time.perf_counter()
         self.stage = Stage(spec.config, spec.layers)
+        rss_before = current_rss_bytes()
         self.quant_seconds = load_stage(self.stage, CheckpointReader(ModelSource(spec.model)),
                                         self.device, spec.dtype, spec.quant)
+        self.load_rss_bytes = peak_rss_bytes() - rss_before  # host memory the load took at its peak
         self.load_seconds = time.perf_counter() - t0
         self.cache_spec = CacheSpec(self.stage.num_layers, spec.config.num_kv_heads, spec.config.head_dim,
                                     spec.block_size, spec.kv_dtype or spec.dtype)

@@ -132,3 +132,17 @@ def test_no_stage_outlives_the_driver(qwen3, tmp_path, how):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+
+
+def test_each_stage_holds_about_its_own_share(tmp_path):
+    """On a ~400 MB model split in two, each stage process grows by its half, not the whole model."""
+    path = make_checkpoint(tmp_path, "qwen2", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=2, max_shard_size="50MB", tokenizer=False)
+    total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert total > 300e6
+    with LLM(str(path), devices=["cpu", "cpu"], kv_cache_memory=2**20) as llm:
+        weights, grown = llm.executor.weight_bytes, llm.executor.load_rss_bytes
+    assert abs(weights[0] - weights[1]) < 0.1 * total
+    for w, g in zip(weights, grown):  # peak RSS growth while loading, from the operating system
+        assert 0.95 * w < g < 1.15 * w + 64e6, (w, g)
+        assert g < 0.65 * total
