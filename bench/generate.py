@@ -349,19 +349,29 @@ def measure(make_runner, setup: Setup, work: Workload, config: ModelConfig, dtyp
         except Exception as e:
             return [dict(setup.label, kind="error", stage="load", error=_short(e))]
         load = dict(setup.label, kind="load", load_s=time.perf_counter() - t0)
-        try:
-            load["weight_gb"] = [b / GB for b in runner.weight_bytes()]
-            # warm-up: kernels compile (a short prompt, then a full prefill chunk), caches settle
-            for length in dict.fromkeys((min(work.prompt_lens), min(chunk_size, max(work.prompt_lens)))):
-                timed(runner, prompts, 1, length, 1)
-            for length in work.prompt_lens:
-                ttft = statistics.median(timed(runner, prompts, 1, length, 1) for _ in range(work.repeats))
-                rows.append(dict(setup.label, kind="prefill", prompt_len=length, ttft_s=ttft,
-                                 tok_s=length / ttft))
-            for batch in work.batches:
-                rows.append(_decode(runner, setup, work, config, dtype, copy_bps, prompts, batch))
-        except Exception as e:
-            rows.append(dict(setup.label, kind="error", stage="measure", error=_short(e)))
+        def attempt(what: str, fn) -> None:  # one failing measurement (an OOM at 32k, say) spares the rest
+            try:
+                row = fn()
+                if row is not None:
+                    rows.append(row)
+            except Exception as e:
+                rows.append(dict(setup.label, kind="error", stage=what, error=_short(e)))
+
+        def warm(length: int) -> None:
+            timed(runner, prompts, 1, length, 1)
+
+        def prefill(length: int) -> dict:
+            ttft = statistics.median(timed(runner, prompts, 1, length, 1) for _ in range(work.repeats))
+            return dict(setup.label, kind="prefill", prompt_len=length, ttft_s=ttft, tok_s=length / ttft)
+
+        load["weight_gb"] = [b / GB for b in runner.weight_bytes()]
+        # warm-up: kernels compile (a short prompt, then a full prefill chunk), caches settle
+        for length in dict.fromkeys((min(work.prompt_lens), min(chunk_size, max(work.prompt_lens)))):
+            attempt(f"warm-up {length}", lambda: warm(length))
+        for length in work.prompt_lens:
+            attempt(f"prefill {length}", lambda: prefill(length))
+        for batch in work.batches:
+            attempt(f"decode {batch}", lambda: _decode(runner, setup, work, config, dtype, copy_bps, prompts, batch))
         try:
             load["peak_mem_gb"] = {**watch.result(), **runner.memory()}
         except Exception as e:
