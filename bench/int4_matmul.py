@@ -43,6 +43,7 @@ CPU_SHAPES = [("cpu-medium", "square", 2048, 2048), ("cpu-medium", "mlp-like", 5
 TINY_SHAPES = [("tiny", "mlp-like", 192, 256)]
 MS = [1, 2, 4, 8, 16, 64, 256, 2048]
 TINY_MS = [1, 16]
+CPU_MS = [1, 4, 16, 64]  # where the CPU dispatch decides; larger M only repeats the M = 64 verdict
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--ms", type=int, nargs="*", help="row counts (default: 1 2 4 8 16 64 256 2048)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (a loaded machine times 1 best)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per median (10; 3 with --tiny)")
     p.add_argument("--results-dir", type=Path, default=None, help="where int4_matmul.jsonl goes (bench/results)")
     args = p.parse_args(argv)
@@ -157,8 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         columns = ["model", "layer", "N", "K", "M", "triton_ms", "triton_GBps", "frac_copy_bw", "bf16_ms",
                    "speedup_vs_bf16", "fused_ms", "dequant_ms", "torch_int4_ms", "goal_met", "max_rel_err"]
     else:
-        if not args.tiny:
-            ms = [m for m in ms if m <= 256]  # 2048 rows of a CPU matmul say nothing about the dispatch
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if not args.ms and not args.tiny:
+            ms = CPU_MS
         rows = bench_cpu(TINY_SHAPES if args.tiny else CPU_SHAPES, ms, args.group_size, repeats)
         columns = ["model", "N", "K", "dtype", "M", "ref_ms", "cpu_int4_ms", "dispatch_ms", "max_rel_err", "triton_ms"]
     print_table(rows, columns)

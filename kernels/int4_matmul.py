@@ -9,15 +9,17 @@ Three implementations behind one dispatch (`int4_matmul`):
 - `int4_matmul_ref`: plain torch, the oracle (dequantize in x's dtype, matmul
   in fp32, round once to x's dtype).
 - Triton on CUDA (or under TRITON_INTERPRET=1 with PPRT_KERNELS=triton):
-  M <= 16 runs a split-K kernel (K is cut into slices so that enough programs
-  stream the weight; partial sums meet by fp32 atomics), 16 < M < LARGE_M the
-  same kernel as a plain tiled matmul that dequantizes inside the K loop, and
-  M >= LARGE_M dequantizes to a [K, N] slab (in column chunks) for cuBLAS.
+  one kernel that dequantizes inside its K loop, tiled 16 rows high for
+  M <= 16 (decode) and 64 or 128 rows for prefill; wherever the tiles alone
+  would not fill the GPU, K is split into slices whose partial sums meet by
+  fp32 atomics, so every SM streams weight. From M >= LARGE_M the weight is
+  instead dequantized (in column chunks) to [K, N] for cuBLAS.
   Block sizes are heuristics: tune them with bench/int4_matmul.py.
 - CPU: torch's own int4 matmul (`_weight_int4pack_mm_for_cpu`) when the layout
   allows it (N % 16 == 0, g in 32/64/128/256) and it measured faster: bf16 at
-  any M (2048x2048, 1 thread: 0.21 ms vs 65 ms at M=1, 20 vs 72 ms at M=64),
-  fp16/fp32 only at M = 1 (fp32: 20 vs 39 ms; at M = 4 already 77 vs 38 ms).
+  any M (2048x2048, g128, 1 thread: 0.23 vs 72 ms at M=1, 35 vs 84 ms at
+  M=64), fp16/fp32 only at M = 1 (fp32: 24 vs 46 ms; at M=4 already 113 vs
+  64 ms). Numbers: bench/results/int4_matmul.jsonl.
   Its packed weight is built once by `pack_for_cpu` and passed in. Otherwise
   the reference.
 The permutation of GPTQ desc_act checkpoints is applied by the caller (x[:, perm]).
@@ -25,6 +27,7 @@ The permutation of GPTQ desc_act checkpoints is applied by the caller (x[:, perm
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -216,6 +219,7 @@ def _block_k(group_size: int, cap: int) -> int:
     raise ValueError(f"int4_matmul (triton): group_size {group_size} must be a multiple of 16")
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -242,13 +246,14 @@ def int4_matmul_triton(
         return _dequant_matmul(x, qweight, scales, zeros, group_size, bias)
     if path != "fused":
         raise ValueError(f"int4_matmul: path {path!r} is not 'fused' or 'dequant'")
-    if m <= SMALL_M:  # decode: one row block, split K until the GPU is full
-        block_m, block_n, block_k, warps, stages = 16, 64, _block_k(group_size, 128), 4, 3
-        tiles = triton.cdiv(n, block_n)
-        split = split_k or max(1, min(k // block_k, triton.cdiv(4 * _num_sms(x.device), tiles)))
-    else:  # prefill tiles, dequantized inside the K loop
-        block_m, block_n, block_k, warps, stages = 64, 128, _block_k(group_size, 64), 4, 4
-        split = split_k or 1
+    if m <= SMALL_M:  # decode: one row block; split K until the weight streams from every SM
+        block_m, block_n, block_k, warps, stages, waves = 16, 64, _block_k(group_size, 128), 4, 3, 4
+    elif m <= 64:  # prefill tiles, dequantized inside the K loop
+        block_m, block_n, block_k, warps, stages, waves = 64, 128, _block_k(group_size, 64), 4, 4, 2
+    else:
+        block_m, block_n, block_k, warps, stages, waves = 128, 128, _block_k(group_size, 64), 8, 3, 2
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = split_k or max(1, min(k // block_k, triton.cdiv(waves * _num_sms(x.device), tiles)))
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)  # no empty slices
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1 else x.new_empty((m, n))

@@ -67,11 +67,14 @@ def test_triton_matches_reference_fp16(m, g):
     assert rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("split_k", [1, 3], ids=["split1", "split3"])
-def test_triton_split_k_and_fp32(split_k):
+@pytest.mark.parametrize(
+    "m,split_k", [(2, 1), (2, 3), (40, 1), (70, None)], ids=["M2-split1", "M2-split3", "M40-split1", "M70-auto"]
+)
+def test_triton_split_k_and_fp32(m, split_k):
+    """Both output paths (direct store, fp32 atomics) and every tile shape, in fp32."""
     k, n, g = 192, 40, 32
     (qw, s, z), w = make_weight(k, n, g, torch.float32, seed=5)
-    x = torch.randn(2, k, device=DEVICE)
+    x = torch.randn(m, k, device=DEVICE)
     bias = torch.randn(n, device=DEVICE)
     out = im.int4_matmul_triton(x, qw, s, z, g, bias, split_k=split_k)
     assert rel_err(out, im.int4_matmul_ref(x, qw, s, z, g, bias)) < 1e-5
