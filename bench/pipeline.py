@@ -41,8 +41,9 @@ Figures:
     the 1-stage rows (decode: 16 vs 32; prefill: 256 vs 256). Their product is
     the efficiency a loss-free pipeline would reach here; efficiency / that
     product (`pipe_eff`) is the pipeline's own share;
-  - `gloo_us`: one-way gloo send/recv latency of the hidden states between two
-    processes (ping-pong / 2) at the decode and prefill micro-batch sizes.
+  - `gloo_us`: one-way gloo send/recv latency of [rows, H] float32 between two
+    processes (ping-pong / 2); `gloo_cpu_us`: CPU time per process per send +
+    recv pair (the cost itself, apart from waiting for a core).
 Goals: busy >= 0.9 per stage with >= 2 micro-batches in flight; prefill
 efficiency >= 0.8; small-batch ratio >= 0.9. Each configuration runs
 `repeats` times, interleaved; the fastest repeat is reported and the spread
@@ -107,7 +108,7 @@ class Setup:
 
 
 # vocab 1536 untied: the head is ~3% of a stage, so the 4/4 split stays balanced.
-FULL = Setup(1024, 2816, 8, 16, 8, 64, 1536, 4, 1024, 256, 32, 48, (1, 4), 24, 3, 1.5)
+FULL = Setup(1024, 2816, 8, 16, 8, 64, 1536, 4, 1024, 256, 32, 48, (1, 4), 24, 2, 1.0)
 TINY = Setup(64, 96, 2, 4, 2, 16, 320, 2, 48, 16, 8, 4, (1,), 3, 1, 0.05)
 
 
@@ -326,7 +327,7 @@ def _matmul_worker(rank: int, world: int, shapes, hidden: int, seconds: float, b
         for rows in shapes:
             buf, reps = torch.randn(rows, hidden), 20
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(reps):
                 if rank == 0:
                     dist.send(buf, 1)
@@ -335,6 +336,7 @@ def _matmul_worker(rank: int, world: int, shapes, hidden: int, seconds: float, b
                     dist.recv(buf, 0)
                     dist.send(buf, 0)
             out[f"gloo_{rows}"] = (time.perf_counter() - t0) / reps / 2
+            out[f"gloo_cpu_{rows}"] = (time.process_time() - c0) / reps  # this side: one send + one recv
         dist.destroy_process_group()
     queue.put((rank, out))
 
@@ -364,7 +366,8 @@ def confounders(s: Setup) -> dict:
     gflops = {r: matmul_gflops(r, s.hidden, s.matmul_seconds) for r in shapes}  # one process alone
     two_cores = {r: sum(p[r] for p in pair) / 2 / gflops[r] for r in shapes}
     return {"gflops": gflops, "two_cores": two_cores, "decode_rows": decode_rows,
-            "gloo_us": {r: 1e6 * sum(p[f"gloo_{r}"] for p in pair) / 2 for r in shapes}}
+            "gloo_us": {r: 1e6 * sum(p[f"gloo_{r}"] for p in pair) / 2 for r in shapes},
+            "gloo_cpu_us": {r: 1e6 * sum(p[f"gloo_cpu_{r}"] for p in pair) / 2 for r in shapes}}
 
 
 # ---- the run ----------------------------------------------------------------------------
@@ -419,7 +422,7 @@ def run(s: Setup, results_dir: Path | None, label: str) -> list[dict]:
                "spread", "loadavg", "goal", "met"]
     print_table([r for r in rows if r["kind"] == "phase"], columns)
     print_table([r for r in rows if r["kind"] == "confounder"],
-                ["rows", "gflops_1core", "two_cores", "gloo_us"])
+                ["rows", "gflops_1core", "two_cores", "gloo_us", "gloo_cpu_us"])
     path = append_results("pipeline", rows, {**env, "setup": label}, results_dir)
     print(f"appended {len(rows)} rows to {path}")
     return rows
@@ -473,7 +476,8 @@ def summarize(s: Setup, jobs: list[Workload], raw: dict, conf: dict) -> list[dic
                 rows.append(row)
     for r in conf["gflops"]:
         rows.append({"kind": "confounder", "rows": r, "hidden": s.hidden, "gflops_1core": conf["gflops"][r],
-                     "two_cores": conf["two_cores"][r], "gloo_us": conf["gloo_us"][r]})
+                     "two_cores": conf["two_cores"][r], "gloo_us": conf["gloo_us"][r],
+                     "gloo_cpu_us": conf["gloo_cpu_us"][r]})
     return rows
 
 
