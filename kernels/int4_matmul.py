@@ -157,7 +157,7 @@ if triton is not None:
         if SPLIT_K == 1:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.atomic_add(out_ptrs, acc, mask=mask)  # fp32 partial sums
+            tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")  # fp32 partial sums, order-free
 
     @triton.jit
     def _dequant_kernel(

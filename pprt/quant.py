@@ -147,7 +147,7 @@ def quantize_rtn(weight: torch.Tensor, group_size: int = 128, sym: bool = False)
     packed, ss, zs = [], [], []
     rows = max(1, (1 << 24) // k)  # ~64 MiB of fp32 per chunk
     for r0 in range(0, n, rows):
-        w = weight[r0:r0 + rows].float().view(-1, k // group_size, group_size)  # [n', K/g, g]
+        w = weight[r0:r0 + rows].float().reshape(-1, k // group_size, group_size)  # [n', K/g, g]
         if sym:
             scale = w.abs().amax(-1) * (2 / 15)
         else:  # the range includes 0, so zero is exact and a constant group is representable
