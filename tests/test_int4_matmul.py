@@ -1,6 +1,6 @@
 """int4_matmul: reference vs the published formula, Triton vs reference, CPU path, dispatch, bench.
 
-Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set here before
+Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set by conftest before
 the kernels are decorated), so shapes stay small; activations are fp16/fp32
 (the interpreter computes bf16 dots wrongly). N = 72 is not a multiple of any
 block, so masked columns are exercised; M = 1, 3, 16 take the split-K decode
@@ -9,26 +9,18 @@ path and M = 33 the tiled prefill path.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # compiled Triton cannot run here anyway
+import pprt_kernels.int4_matmul as im
 
-import pprt_kernels.int4_matmul as im  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from int4_packers import gptq_dequantize_formula, pack_along_rows  # noqa: E402
+from int4_packers import gptq_dequantize_formula, pack_along_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(im._int4_matmul_kernel, InterpretedFunction):
-    im = importlib.reload(im)  # imported earlier without the interpreter
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

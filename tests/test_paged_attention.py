@@ -1,28 +1,20 @@
 """Paged attention: reference vs a naive dense attention, Triton vs reference, fp8 caches.
 
-Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set here before
+Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set by conftest before
 the kernels are decorated), so shapes stay small. Every cache is filled with
 random values everywhere, so a wrong block-table read shows up in the output.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # compiled Triton cannot run here anyway
-
-import pprt_kernels.paged_attention as pa  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+import pprt_kernels.paged_attention as pa
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(pa._decode_kernel, InterpretedFunction):
-    pa = importlib.reload(pa)  # imported earlier without the interpreter
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
