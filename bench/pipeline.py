@@ -40,7 +40,9 @@ Figures:
     `rows_eff` = GFLOP/s of that matmul at the 2-stage micro-batch rows / at
     the 1-stage rows (decode: 16 vs 32; prefill: 256 vs 256). Their product is
     the efficiency a loss-free pipeline would reach here; efficiency / that
-    product (`pipe_eff`) is the pipeline's own share;
+    product (`pipe_eff`) is the pipeline's own share; `fill_bound` =
+    steps / (steps + 1) is the busy fraction a 2-stage pipeline reaches at
+    best over a finite phase of `steps` micro-batches (fill and drain);
   - `gloo_us`: one-way gloo send/recv latency of [rows, H] float32 between two
     processes (ping-pong / 2); `gloo_cpu_us`: CPU time per process per send +
     recv pair (the cost itself, apart from waiting for a core).
@@ -324,10 +326,7 @@ def _matmul_worker(rank: int, world: int, shapes, hidden: int, seconds: float, b
         import torch.distributed as dist
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-        for rows in shapes:
-            buf, reps = torch.randn(rows, hidden), 20
-            dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
+        def ping_pong(buf: torch.Tensor, reps: int) -> None:
             for _ in range(reps):
                 if rank == 0:
                     dist.send(buf, 1)
@@ -335,6 +334,13 @@ def _matmul_worker(rank: int, world: int, shapes, hidden: int, seconds: float, b
                 else:
                     dist.recv(buf, 0)
                     dist.send(buf, 0)
+
+        for rows in shapes:
+            buf, reps = torch.randn(rows, hidden), 30
+            ping_pong(buf, 3)  # the first exchange also connects the pair
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            ping_pong(buf, reps)
             out[f"gloo_{rows}"] = (time.perf_counter() - t0) / reps / 2
             out[f"gloo_cpu_{rows}"] = (time.process_time() - c0) / reps  # this side: one send + one recv
         dist.destroy_process_group()
@@ -417,9 +423,9 @@ def run(s: Setup, results_dir: Path | None, label: str) -> list[dict]:
                     for job in group:
                         _run_job(job, runners, raw)
     rows = summarize(s, [*jobs, control], raw, conf)
-    columns = ["phase", "stages", "tok_s", "efficiency", "ratio", "expected", "pipe_eff", "cpu_eff", "busy_0",
-               "busy_1", "cpu_0", "cpu_1", "wait_1", "cpu_ms_tok", "drv_cpu_ms", "submit_ms", "loop_ms", "overhead_ms", "xfer_ms",
-               "spread", "loadavg", "goal", "met"]
+    columns = ["phase", "stages", "tok_s", "efficiency", "ratio", "expected", "pipe_eff", "fill_bound", "cpu_eff",
+               "busy_0", "busy_1", "cpu_0", "cpu_1", "wait_1", "cpu_ms_tok", "drv_cpu_ms", "submit_ms", "loop_ms",
+               "overhead_ms", "xfer_ms", "spread", "loadavg", "goal", "met"]
     print_table([r for r in rows if r["kind"] == "phase"], columns)
     print_table([r for r in rows if r["kind"] == "confounder"],
                 ["rows", "gflops_1core", "two_cores", "gloo_us", "gloo_cpu_us"])
@@ -496,7 +502,10 @@ def _goals(row: dict, job: Workload, ratio: float, s: Setup, conf: dict) -> dict
     goal, met = f"busy>={GOAL_BUSY}", busy_ok
     if job.name == "prefill":
         goal, met = goal + f",eff>={GOAL_PREFILL}", busy_ok and eff >= GOAL_PREFILL
+    # fill and drain: each stage idles one micro-batch's time while the other runs the first / last one
+    fill_bound = row["steps"] / (row["steps"] + 1)
     row.update(efficiency=eff, two_cores=conf["two_cores"][rows_2], rows_eff=rows_eff, expected=expected,
+               fill_bound=fill_bound,
                pipe_eff=eff / expected, goal=goal, met=met)
     return row
 

@@ -50,6 +50,7 @@ def test_tiny_run_writes_wellformed_rows(tmp_path, capsys):
         assert math.isclose(two["expected"], two["two_cores"] * two["rows_eff"], rel_tol=1e-9)
         assert isinstance(two["met"], bool) and "busy>=0.9" in two["goal"]
         assert two["in_flight"] == 2 and "overhead_ms" not in two
+        assert math.isclose(two["fill_bound"], two["steps"] / (two["steps"] + 1), rel_tol=1e-9)
     assert "eff>=0.8" in by[("prefill", 2)]["goal"]
     small = by[("small1", 2)]
     assert math.isclose(small["ratio"], small["tok_s"] / by[("small1", 1)]["tok_s"], rel_tol=1e-9)
