@@ -20,8 +20,9 @@ args = parser.parse_args()
 
 devices = args.devices.split(",") if args.devices else None
 with LLM(args.model, devices=devices) as llm:
-    # 1. A batch of prompts, greedy: the batch shares the pipeline's steps.
-    greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    # 1. A batch of prompts, greedy (a mild repetition penalty keeps a small model from looping):
+    #    the batch shares the pipeline's steps.
+    greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0, repetition_penalty=1.2)
     prompts = ["def fibonacci(n):", "import os\n\n\ndef list_python_files(directory):"]
     for prompt, completion in zip(prompts, llm.generate(prompts, greedy)):
         print(f"--- generate: {prompt!r} ({len(completion.token_ids)} tokens, {completion.finish_reason})")
@@ -40,8 +41,7 @@ with LLM(args.model, devices=devices) as llm:
     if llm.tokenizer.has_chat_template:
         messages = [{"role": "system", "content": "You are a concise Python tutor."},
                     {"role": "user", "content": "What does a Python generator do? One sentence."}]
-        reply = llm.chat(messages, SamplingParams(max_tokens=args.max_tokens, temperature=0),
-                         enable_thinking=False)
+        reply = llm.chat(messages, greedy, enable_thinking=False)
         print(reply.text)
     else:
         print(f"{args.model} has no chat template: it is a completion model, so chat() is not available")

@@ -59,14 +59,17 @@ def chat_with_tool(reasoner: LLM, agent: LLM) -> None:
 
 
 def completion_hand_off(reasoner: LLM, agent: LLM) -> None:
-    plan = f'"""{TASK}"""\n\nimport csv\n\n\ndef '
-    name = reasoner.generate(plan, SamplingParams(max_tokens=16, temperature=0, stop=["\n"]))[0].text
-    signature = "def " + (name.strip() or "average_of_column(path):")
+    # A small completion model loops on greedy text; a mild repetition penalty keeps it moving.
+    code_params = SamplingParams(max_tokens=args.max_tokens, temperature=0, repetition_penalty=1.2)
+    plan = f'"""{TASK}"""\n\nimport csv\n\n\n'
+    name = reasoner.generate(plan + "def", SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.2,
+                                                          stop=["\n"]))[0].text
+    signature = "def" + (name.rstrip() if name.strip() else " average_of_column(path):")
     print(f"[reasoner] asks the agent for: {signature}")
-    helper = agent.generate(f"import csv\n\n\n{signature}\n", greedy)[0].text
+    helper = agent.generate(f"import csv\n\n\n{signature}\n", code_params)[0].text
     code = f"{signature}\n{helper}"
     print(f"[agent]\n{code}")
-    usage = reasoner.generate(f"{plan[:-4]}{code}\n\n\nif __name__ == \"__main__\":\n", greedy)[0].text
+    usage = reasoner.generate(f"{plan}{code}\n\n\nif __name__ == \"__main__\":\n", code_params)[0].text
     print(f"[reasoner]\nif __name__ == \"__main__\":\n{usage}")
 
 

@@ -243,6 +243,7 @@ def test_argument_errors_exit_2_before_loading(argv, message, capsys):
     (["--prompt", ""], "the prompt is empty"),
 ])
 def test_errors_found_while_loading_exit_2(argv, message, chat_model, capsys):
+    capsys.readouterr()  # drop what building the fixture printed
     argv = ["--model", str(chat_model), "--devices", "cpu", *argv]
     if "--prompt" not in argv and "--prompt-file" not in argv:
         argv += ["--prompt", "x"]
@@ -252,6 +253,7 @@ def test_errors_found_while_loading_exit_2(argv, message, chat_model, capsys):
 
 
 def test_chat_on_a_model_without_template_exits_2_and_says_so(plain_model, capsys):
+    capsys.readouterr()  # drop what building the fixture printed
     assert cli.main(["--model", str(plain_model), "--devices", "cpu", "--chat"], stdin=io.StringIO("hello\n")) == 2
     out, err = capsys.readouterr()
     assert out == ""

@@ -42,7 +42,7 @@ def test_library_on_the_demo_model(demo):
     out = run_example("library.py", "--max-tokens", str(N))
     prompts = ["def fibonacci(n):", "import os\n\n\ndef list_python_files(directory):"]
     with LLM(demo, devices=["cpu"]) as llm:
-        expected = llm.generate(prompts, SamplingParams(max_tokens=N, temperature=0))
+        expected = llm.generate(prompts, SamplingParams(max_tokens=N, temperature=0, repetition_penalty=1.2))
     for prompt, completion in zip(prompts, expected):
         assert prompt + completion.text in out
     assert "--- stream: 'class Stack:'" in out
@@ -55,7 +55,8 @@ def test_library_chat_on_a_model_with_a_template(tmp_path):
     messages = [{"role": "system", "content": "You are a concise Python tutor."},
                 {"role": "user", "content": "What does a Python generator do? One sentence."}]
     with LLM(str(model), devices=["cpu"]) as llm:
-        reply = llm.chat(messages, SamplingParams(max_tokens=N, temperature=0), enable_thinking=False).text
+        reply = llm.chat(messages, SamplingParams(max_tokens=N, temperature=0, repetition_penalty=1.2),
+                         enable_thinking=False).text
     assert out.split("--- chat\n", 1)[1] == reply + "\n"
 
 
