@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -52,17 +52,26 @@ class LLM:
     """Run a Qwen checkpoint on one or several devices.
 
     model: a directory or a hub id. devices: None means every visible GPU (or
-    ["cpu"]); several devices make a pipeline, one stage each. split: layers
-    per stage. dtype: default float32 on CPU, bfloat16 on CUDA. quant: None,
-    or "int4" to quantize a float checkpoint while loading. max_context: the
-    longest prompt + generation (default: the checkpoint's window).
+    ["cpu"]); several devices make a pipeline, one stage each (under torchrun:
+    one stage per rank). split: layers per stage (default: the planner's cut).
+    dtype: default float32 on CPU, bfloat16 on CUDA. quant: None, or "int4" to
+    quantize a float checkpoint while loading (GPTQ/AWQ checkpoints are Int4
+    by themselves). max_context: the longest prompt + generation (default: the
+    checkpoint's window, or the window its YaRN serves; beyond the native
+    window YaRN is enabled). block_size: tokens per KV block. chunk_size:
+    tokens per prefill chunk. kv_cache_memory: bytes of KV pool per stage
+    (default: what the plan leaves; at most 2 GiB on CPU). kv_dtype: "auto"
+    (the model dtype), "bf16", "fp16", "fp32" or "fp8". memory_budget: bytes
+    each device may use (default: a GPU's free memory; on CPU an equal share
+    of the available memory). transport: "auto", "nccl", "gloo" or "host".
+    seed: for requests without their own seed.
     """
 
     def __init__(self, model: str, *, devices: list[str] | None = None, split: list[int] | None = None,
                  dtype: str | torch.dtype | None = None, quant: str | None = None,
                  max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
-                 transport: str = "auto", seed: int | None = None):
+                 memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -79,13 +88,14 @@ class LLM:
         self.config = load_config(self.source)
         on_cuda = torch.device(devices[0]).type == "cuda"
         self.dtype = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
-        self.max_context = max_context or self.config.max_position_embeddings
+        self.max_context = max_context or default_context(self.config)
         self.config = extend_context(self.config, self.max_context)
         self.tokenizer = _load_tokenizer(self.source)
         self.executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
                                       quant=quant, kv_dtype=parse_kv_dtype(kv_dtype, self.dtype),
                                       block_size=block_size, max_context=self.max_context,
-                                      kv_cache_memory=kv_cache_memory, transport=transport, seed=seed,
+                                      kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
+                                      transport=transport, seed=seed,
                                       chunk_size=chunk_size, torchrun=torchrun is not None)
         self.blocks = BlockManager(self.executor.num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_context=self.max_context, chunk_size=chunk_size,
@@ -107,8 +117,11 @@ class LLM:
             raise
         return [self._complete(r) for r in reqs]
 
-    def stream(self, prompt, sampling: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion's text piece by piece as tokens are produced."""
+    def stream(self, prompt, sampling: SamplingParams | None = None) -> Generator[str, None, Completion]:
+        """Yield the completion's text piece by piece as tokens are produced.
+
+        The generator's return value (StopIteration.value, or `yield from`) is the Completion.
+        """
         (prompt,) = _as_prompt_list(prompt)
         req = self._add(prompt, sampling)
         try:
@@ -116,7 +129,7 @@ class LLM:
                 while req.pieces:
                     yield req.pieces.pop(0)
                 if req.seq.finish_reason is not None:
-                    break
+                    return self._complete(req)
                 self._step()
         finally:
             self._cancel(req)
@@ -218,6 +231,14 @@ class LLM:
         text = req.text if req.detok is not None else ""
         logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None
         return Completion(text, list(seq.output_ids), list(seq.prompt_ids), seq.finish_reason, logprobs)
+
+
+def default_context(config: ModelConfig) -> int:
+    """The checkpoint's window: max_position_embeddings, or what its YaRN scaling serves."""
+    rope = config.rope
+    if rope.type == "yarn":
+        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
+    return config.max_position_embeddings
 
 
 def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:

@@ -8,7 +8,6 @@ be in flight: one per stage) and `num_blocks` (KV blocks every stage holds).
 
 from __future__ import annotations
 
-import os
 from collections import deque
 
 import torch
@@ -18,19 +17,20 @@ from .config import ModelConfig
 from .step import StepPlan, StepResult
 from .worker import Worker, WorkerSpec
 
-CPU_KV_BUDGET = 2 * 2**30  # bytes: the default KV pool on CPU is at most this
-GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, for the KV pool
+CPU_KV_BUDGET = 2 * 2**30  # bytes: by default a CPU stage's KV pool is at most this
+GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV pool
 
 
-def kv_budget(worker: Worker, max_context: int, explicit: int | None) -> int:
-    """Bytes for the KV pool of `worker`'s stage."""
-    if explicit is not None:
-        return explicit
+def worker_blocks(worker: Worker, wanted: int) -> int:
+    """The KV blocks `worker` can hold: `wanted`, or fewer if its GPU has less free memory now."""
+    blocks = wanted
     if worker.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(worker.device)
-        return int(free * GPU_MEMORY_FRACTION)
-    per_token = worker.cache_spec.bytes_per_block // worker.cache_spec.block_size
-    return min(CPU_KV_BUDGET, 4 * max_context * per_token)
+        blocks = min(blocks, worker.cache_spec.blocks_for(int(free * GPU_MEMORY_FRACTION)))
+    if blocks <= 0:
+        raise MemoryError(f"{worker.device}: no memory left for a single KV block "
+                          f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
+    return blocks
 
 
 class LocalExecutor:
@@ -38,10 +38,14 @@ class LocalExecutor:
 
     depth = 1
 
-    def __init__(self, spec: WorkerSpec, max_context: int, kv_cache_memory: int | None):
+    def __init__(self, spec: WorkerSpec, kv_blocks: int):
         self.worker = Worker(spec)
-        self.num_blocks = worker_blocks(self.worker, max_context, kv_cache_memory)
+        self.weight_bytes = [self.worker.weight_bytes()]
+        self.load_seconds = self.worker.load_seconds
+        self.load_rss_bytes = [self.worker.load_rss_bytes]
+        self.num_blocks = worker_blocks(self.worker, kv_blocks)
         self.worker.allocate_cache(self.num_blocks)
+        self.kv_bytes = [self.worker.cache.nbytes]
         self._results: deque[StepResult] = deque()
 
     def submit(self, plan: StepPlan) -> None:
@@ -54,55 +58,71 @@ class LocalExecutor:
         self.worker = None
 
 
-def worker_blocks(worker: Worker, max_context: int, kv_cache_memory: int | None) -> int:
-    blocks = worker.cache_spec.blocks_for(kv_budget(worker, max_context, kv_cache_memory))
-    if blocks == 0:
-        raise MemoryError(f"{worker.device}: no memory left for a single KV block "
-                          f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
-    return blocks
-
-
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
-                  max_context, kv_cache_memory, transport, seed, chunk_size=2048, torchrun=False):
-    """Plan the cut (refusing before anything loads when it cannot fit) and start the stages."""
-    cut = choose_split(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
-                       block_size=block_size,
-                       max_context=max_context, chunk_size=chunk_size, kv_cache_memory=kv_cache_memory)
-    bounds = [(sum(cut[:i]), sum(cut[: i + 1])) for i in range(len(cut))]
-    specs = [WorkerSpec(model, config, b, d, dtype, quant, kv_dtype=kv_dtype, block_size=block_size, seed=seed)
-             for b, d in zip(bounds, devices)]
+                  max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, torchrun=False):
+    """Plan the cut and the KV pool (refusing before anything loads when it cannot fit), then start the stages."""
+    result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
+                         block_size=block_size, max_context=max_context, chunk_size=chunk_size,
+                         memory_budget=memory_budget)
+    if not result.fits:
+        raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
+    specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
+                        seed=seed) for stage, device in zip(result.stages, devices)]
+    kv_blocks = _kv_blocks(specs, result.num_blocks, kv_cache_memory)
     if torchrun:
         from .pipeline import TorchrunExecutor
         from .serve import torchrun_transport
 
         if transport not in ("auto", torchrun_transport()):
             raise ValueError("under torchrun the transport is set for every rank by PPRT_TRANSPORT")
-        return TorchrunExecutor(specs, torchrun_transport(), max_context, kv_cache_memory)
+        return TorchrunExecutor(specs, torchrun_transport(), kv_blocks)
     if len(specs) == 1:
-        return LocalExecutor(specs[0], max_context, kv_cache_memory)
+        return LocalExecutor(specs[0], kv_blocks)
     from .pipeline import PipelineExecutor
 
-    return PipelineExecutor(specs, choose_transport(devices, transport), max_context, kv_cache_memory)
+    return PipelineExecutor(specs, choose_transport(devices, transport), kv_blocks)
 
 
-def choose_split(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
-                 chunk_size, kv_cache_memory) -> list[int]:
-    """Layers per stage: the planner's cut for these devices, or `split` checked against memory."""
+def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
+                chunk_size, memory_budget):
+    """The planner's cut for these devices (or `split`, checked against their memory)."""
     from .plan import DeviceBudget, plan
 
-    budgets = [DeviceBudget(d, _device_budget(d)) for d in devices]
-    kv = "fp8" if kv_dtype.itemsize == 1 else "auto"
-    result = plan(config, budgets, quant="int4" if quant else "none", kv_dtype=kv, dtype_bytes=dtype.itemsize,
-                  block_size=block_size, max_context=max_context, chunk_size=chunk_size,
-                  split=list(split) if split is not None else None,
-                  overhead_bytes=0 if devices[0] == "cpu" else 2**30)
-    if not result.fits and any(torch.device(d).type == "cuda" for d in devices):
-        raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
-    return result.split
+    if memory_budget is None:
+        budgets = [_device_memory(d, devices) for d in devices]
+    elif isinstance(memory_budget, int):
+        budgets = [memory_budget] * len(devices)
+    else:
+        budgets = list(memory_budget)
+        if len(budgets) != len(devices):
+            raise ValueError(f"memory_budget has {len(budgets)} entries for {len(devices)} devices")
+    on_cpu = all(torch.device(d).type == "cpu" for d in devices)
+    return plan(config, [DeviceBudget(d, b) for d, b in zip(devices, budgets)],
+                quant="int4" if quant else "none", kv_dtype="fp8" if kv_dtype.itemsize == 1 else "auto",
+                dtype_bytes=dtype.itemsize, block_size=block_size, max_context=max_context, chunk_size=chunk_size,
+                split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30)
 
 
-def _device_budget(device: str) -> int:
-    """Bytes a stage on `device` may use: free GPU memory, or the machine's memory on CPU."""
+def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | None) -> int:
+    """Blocks every stage allocates: the plan's, or `kv_cache_memory` bytes per stage (the
+    fullest stage decides); on CPU at most CPU_KV_BUDGET bytes per stage unless asked."""
+    from .cache import CacheSpec
+
+    c = specs[0].config
+    per_block = [CacheSpec(hi - lo, c.num_kv_heads, c.head_dim, s.block_size, s.kv_dtype or s.dtype).bytes_per_block
+                 for s, (lo, hi) in ((s, s.layers) for s in specs)]
+    if kv_cache_memory is not None:
+        return min(kv_cache_memory // b for b in per_block)
+    if all(torch.device(s.device).type == "cpu" for s in specs):
+        return min(planned, min(CPU_KV_BUDGET // b for b in per_block))
+    return planned
+
+
+def _device_memory(device: str, devices: list[str]) -> int:
+    """Bytes a stage on `device` may use: the GPU's free memory, or an equal share of the
+    machine's available memory among the CPU stages."""
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(torch.device(device))[0]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return available // sum(torch.device(d).type == "cpu" for d in devices)

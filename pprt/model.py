@@ -32,7 +32,9 @@ class Stage(nn.Module):
         with torch.device("meta"):
             self.model = nn.Module()
             if self.is_first:
-                self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+                # _weight skips the random init, which on meta tensors would import torch._dynamo (~1.5 s)
+                self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                                       _weight=torch.empty(config.vocab_size, config.hidden_size))
             self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in range(lo, hi)})
             if self.is_last:
                 self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -35,8 +35,7 @@ class StageFailed(RuntimeError):
 
 
 class PipelineExecutor:
-    def __init__(self, specs: list[WorkerSpec], transport: str, max_context: int, kv_cache_memory: int | None,
-                 threads: int | None = None):
+    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int, threads: int | None = None):
         self.specs, self.depth = specs, len(specs)
         if threads is None and all(s.device == "cpu" for s in specs):
             threads = max(1, (os.cpu_count() or 1) // len(specs))  # stages share the cores
@@ -47,8 +46,7 @@ class PipelineExecutor:
         for i, spec in enumerate(specs):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=serve_spawned, name=f"pprt-stage{i}", daemon=True,
-                               args=(i, len(specs), spec, transport, init_method, child, max_context,
-                                     kv_cache_memory, threads))
+                               args=(i, len(specs), spec, transport, init_method, child, kv_blocks, threads))
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -62,6 +60,7 @@ class PipelineExecutor:
             self.load_rss_bytes = [r.load_rss_bytes for r in readies]
             for conn in self.conns:
                 conn.send(self.num_blocks)
+            self.kv_bytes = [self._receive(i, int) for i in range(len(specs))]
         except BaseException:
             self.close()
             raise
@@ -151,7 +150,7 @@ class TorchrunExecutor:
     group's timeout.
     """
 
-    def __init__(self, specs: list[WorkerSpec], transport: str, max_context: int, kv_cache_memory: int | None):
+    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int):
         from .comm import ActivationChannel, ObjectChannel, init_group
         from .executor import worker_blocks
         from .worker import Worker
@@ -160,10 +159,10 @@ class TorchrunExecutor:
         init_group(0, len(specs), transport)
         self.objects = ObjectChannel()
         for rank in range(1, len(specs)):
-            self.objects.send((specs[rank], max_context, kv_cache_memory), rank)
+            self.objects.send((specs[rank], kv_blocks), rank)
         self.worker = Worker(specs[0])
         self.channel = ActivationChannel(0, len(specs), self.worker.device, transport)
-        readies = [StageReady(0, worker_blocks(self.worker, max_context, kv_cache_memory),
+        readies = [StageReady(0, worker_blocks(self.worker, kv_blocks),
                               self.worker.weight_bytes(), self.worker.load_seconds, self.worker.load_rss_bytes)]
         readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
         self.num_blocks = min(r.num_blocks for r in readies)
@@ -173,6 +172,7 @@ class TorchrunExecutor:
         for rank in range(1, len(specs)):
             self.objects.send(self.num_blocks, rank)
         self.worker.allocate_cache(self.num_blocks)
+        self.kv_bytes = [self.worker.cache.nbytes] + [self._receive(r, int) for r in range(1, len(specs))]
 
     def submit(self, plan: StepPlan) -> None:
         for rank in range(1, len(self.specs)):

@@ -58,15 +58,15 @@ class DistControl:
         self.objects.send(obj, 0)
 
 
-def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control, max_context: int,
-              kv_cache_memory: int | None) -> None:
+def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control, kv_blocks: int) -> None:
     """Load, report, then execute plans from `control` until it says close."""
     worker = Worker(spec)
     channel = ActivationChannel(stage, world, worker.device, transport)
     try:
-        control.send(StageReady(stage, worker_blocks(worker, max_context, kv_cache_memory), worker.weight_bytes(),
+        control.send(StageReady(stage, worker_blocks(worker, kv_blocks), worker.weight_bytes(),
                                 worker.load_seconds, worker.load_rss_bytes))
         worker.allocate_cache(control.recv())
+        control.send(worker.cache.nbytes)  # the pool as allocated, scales included
         steps = 0
         while True:
             msg = control.recv()
@@ -89,14 +89,14 @@ def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control,
 
 
 def serve_spawned(stage: int, world: int, spec: WorkerSpec, transport: str, init_method: str, conn,
-                  max_context: int, kv_cache_memory: int | None, threads: int | None) -> None:
+                  kv_blocks: int, threads: int | None) -> None:
     """Body of a stage process spawned by PipelineExecutor."""
     _die_with_parent()
     if threads:
         torch.set_num_threads(threads)
     try:
         init_group(stage, world, transport, init_method)
-        run_stage(stage, world, spec, transport, PipeControl(conn), max_context, kv_cache_memory)
+        run_stage(stage, world, spec, transport, PipeControl(conn), kv_blocks)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the driver is gone: leave quietly
     except BaseException as e:  # report, then exit
@@ -155,9 +155,9 @@ def serve_torchrun() -> None:
     init_group(rank, world, transport)
     objects = ObjectChannel()
     try:
-        spec, max_context, kv_cache_memory = objects.recv(0)
+        spec, kv_blocks = objects.recv(0)
         spec = dataclasses.replace(spec, device=local_device())
-        run_stage(rank, world, spec, transport, DistControl(objects), max_context, kv_cache_memory)
+        run_stage(rank, world, spec, transport, DistControl(objects), kv_blocks)
     except BaseException as e:
         objects.send(StageError(rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"), 0)
         raise

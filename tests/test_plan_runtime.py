@@ -1,0 +1,52 @@
+"""The runtime takes the planner's cut and KV pool, and refuses before loading when it cannot fit."""
+
+import multiprocessing
+
+import pytest
+
+from models import make_checkpoint
+from pprt import LLM
+from pprt.checkpoint import ModelSource, load_config
+from pprt.plan import DeviceBudget, plan
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3", num_hidden_layers=4, tokenizer=False)
+
+
+def test_loaded_bytes_equal_the_plan(model):
+    config = load_config(ModelSource(model))
+    budget = 64 * 2**20
+    expected = plan(config, [DeviceBudget("cpu", budget)] * 2, dtype_bytes=4, max_context=1024, overhead_bytes=0)
+    with LLM(str(model), devices=["cpu", "cpu"], memory_budget=budget, max_context=1024) as llm:
+        assert llm.executor.num_blocks == expected.num_blocks
+        weights = llm.executor.weight_bytes
+        kv = llm.executor.kv_bytes
+    assert [list(s.layers) for s in expected.stages] == [[0, 2], [2, 4]]
+    for stage, w, k in zip(expected.stages, weights, kv):
+        assert abs(w - stage.weight_bytes) <= 0.05 * stage.weight_bytes
+        planned_kv = expected.num_blocks * expected.block_size * stage.kv_bytes_per_token
+        assert abs(k - planned_kv) <= 0.05 * planned_kv
+
+
+def test_refuses_before_loading_when_it_does_not_fit(model):
+    with pytest.raises(MemoryError, match=r"does not fit.*nothing was loaded(.|\n)*cpu"):
+        LLM(str(model), devices=["cpu", "cpu"], memory_budget=20_000)
+    assert not multiprocessing.active_children()  # no stage was started
+
+
+def test_explicit_split_is_checked_against_memory(model):
+    config = load_config(ModelSource(model))
+
+    def need(split):  # bytes each stage needs for weights, workspace and one max_context sequence
+        p = plan(config, [DeviceBudget("cpu", 10**9)] * 2, dtype_bytes=4, max_context=256, overhead_bytes=0,
+                 split=split)
+        return [s.weight_bytes + s.reserve_bytes + 256 * s.kv_bytes_per_token for s in p.stages]
+
+    budget = need([2, 2])  # per device: enough for an even cut
+    assert need([3, 1])[0] > budget[0]  # not for three layers on the first
+    with pytest.raises(MemoryError, match="split"):
+        LLM(str(model), devices=["cpu", "cpu"], split=[3, 1], memory_budget=budget, max_context=256)
+    with LLM(str(model), devices=["cpu", "cpu"], split=[2, 2], memory_budget=budget, max_context=256) as llm:
+        assert llm.generate([[1, 2, 3]])[0].token_ids
