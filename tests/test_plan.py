@@ -20,11 +20,9 @@ from pprt.plan import (
     head_bytes,
     kv_bytes_per_token,
     layer_weight_bytes,
-    main,
-    parse_gpus,
     plan,
-    read_model_config,
 )
+from pprt.plan_cli import main, parse_gpus, read_model_config
 
 GB = 10**9
 REPO = Path(__file__).resolve().parents[1]
