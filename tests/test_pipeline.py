@@ -94,13 +94,18 @@ def test_load_error_names_the_stage_and_leaves_no_process(tmp_path):
 
 DRIVER = textwrap.dedent("""
     import os, sys, time
-    from pprt import LLM
+    from pprt import LLM, SamplingParams
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], devices=["cpu", "cpu"])
         print(" ".join(str(p.pid) for p in llm.executor.procs), flush=True)
         if sys.argv[2] == "close":
             llm.close()
             print("closed", flush=True)
+        elif sys.argv[2] == "exit":
+            sys.exit(0)  # no close(): the interpreter's exit must end the stages
+        elif sys.argv[2] == "ctrl-c":
+            for piece in llm.stream([1, 2, 3], SamplingParams(max_tokens=10**6, temperature=0, ignore_eos=True)):
+                print("generating", flush=True)  # the test sends SIGINT to the process group
         else:
             time.sleep(600)  # killed by the test
 """)
@@ -115,17 +120,21 @@ def alive(pid):
         return f.read().split()[2] != "Z"
 
 
-@pytest.mark.parametrize("how", ["close", "kill-driver"])
+@pytest.mark.parametrize("how", ["close", "exit", "ctrl-c", "kill"])
 def test_no_stage_outlives_the_driver(qwen3, tmp_path, how):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    driver = subprocess.Popen([sys.executable, str(script), str(qwen3), "close" if how == "close" else "wait"],
-                              stdout=subprocess.PIPE, text=True)
+    # Its own process group, as a terminal would make: Ctrl-C signals the whole group.
+    driver = subprocess.Popen([sys.executable, str(script), str(qwen3), how], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     pids = [int(p) for p in driver.stdout.readline().split()]
     assert len(pids) == 2 and all(alive(p) for p in pids)
     if how == "close":
         assert driver.stdout.readline().strip() == "closed"
-    else:
+    elif how == "ctrl-c":
+        assert driver.stdout.readline().strip() == "generating"
+        os.killpg(driver.pid, signal.SIGINT)
+    elif how == "kill":
         driver.kill()
     driver.wait(30)
     deadline = time.monotonic() + 10
