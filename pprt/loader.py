@@ -39,6 +39,14 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
         raise CheckpointError(f"model {reader.source.name!r}: {next(iter(gptq_awq))}.qweight found but "
                               "config.json has no quantization_config")
 
+    if quant == "int4":  # before any read: RTN groups run along in_features
+        from .quant import RTN_GROUP_SIZE
+
+        for prefix, m in linears.items():
+            if prefix not in gptq_awq and not _never_quantized(prefix) and m.in_features % RTN_GROUP_SIZE:
+                raise ValueError(f"quant='int4': layer {prefix} has in_features {m.in_features}, not a multiple "
+                                 f"of the quantization group size {RTN_GROUP_SIZE}")
+
     # Plain tensors: everything except the weights of Int4 layers.
     plain = {}
     for name, param in stage.named_parameters():

@@ -37,6 +37,7 @@ import pprt_kernels.int4_matmul as int4_kernels  # by attribute: a test may relo
 if TYPE_CHECKING:
     from pprt.config import QuantConfig
 
+RTN_GROUP_SIZE = 128  # quantize-at-load's group (the planner counts Int4 layers with it)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -323,6 +324,6 @@ def load_quantized_linear(
     return Int4Linear(w.to(device), bias.to(device) if bias is not None else None)
 
 
-def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 128) -> Int4Linear:
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = RTN_GROUP_SIZE) -> Int4Linear:
     """Quantize-at-load (RTN, asymmetric) of one float layer, on the weight's device and in its dtype."""
     return Int4Linear(quantize_rtn(weight, group_size), bias.to(weight.dtype) if bias is not None else None)
