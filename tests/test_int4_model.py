@@ -57,7 +57,8 @@ GPTQ = dict(bits=4, quant_method="gptq", damp_percent=0.01, static_groups=False,
             model_name_or_path=None, model_file_base_name="model")
 CASES = {
     "qwen2-gptq-v1-asym-g32-desc_act-bias": ("qwen2", dict(GPTQ, group_size=32, sym=False, desc_act=True)),
-    "qwen3-gptq-v1-sym-g128": ("qwen3", dict(GPTQ, group_size=128, sym=True, desc_act=False)),
+    # Qwen's published recipe, with its padded MLP (intermediate 256 -> 384 in config and file)
+    "qwen3-gptq-v1-sym-g128-padded-mlp": ("qwen3", dict(GPTQ, group_size=128, sym=True, desc_act=False)),
     "qwen3_moe-gptq-v2-asym-g64": ("qwen3_moe", dict(GPTQ, group_size=64, sym=False, desc_act=False,
                                                      checkpoint_format="gptq_v2")),
     "qwen3_moe-awq-g64": ("qwen3_moe", dict(quant_method="awq", bits=4, group_size=64, version="gemm",
@@ -107,14 +108,32 @@ def write_sharded(path: Path, tensors: dict[str, torch.Tensor], config: dict, sh
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def write_int4_and_dequantized(src: Path, int4_dir: Path, deq_dir: Path, qcfg: dict) -> int:
+def pad_dense_mlp(tensors: dict[str, torch.Tensor], config: dict, pad: int) -> None:
+    """Grow the dense MLPs' intermediate size by `pad` zero channels, as Qwen's 72B Int4 files do
+    (29568 -> 29696): gate/up get zero rows, down zero columns; the function is unchanged."""
+    for name in list(tensors):
+        if ".mlp.experts." in name:
+            continue
+        if name.endswith((".mlp.gate_proj.weight", ".mlp.up_proj.weight")):
+            t = tensors[name]
+            tensors[name] = torch.cat([t, t.new_zeros(pad, t.shape[1])])
+        elif name.endswith(".mlp.down_proj.weight"):
+            t = tensors[name]
+            tensors[name] = torch.cat([t, t.new_zeros(t.shape[0], pad)], dim=1)
+    config["intermediate_size"] += pad
+
+
+def write_int4_and_dequantized(src: Path, int4_dir: Path, deq_dir: Path, qcfg: dict, pad_mlp: int = 0) -> int:
     """Quantize src's linear weights into a GPTQ/AWQ checkpoint, and the same integers back to float.
 
     Returns the number of quantized layers.
     """
     config = json.loads((src / "config.json").read_text())
+    tensors = read_tensors(src)
+    if pad_mlp:
+        pad_dense_mlp(tensors, config, pad_mlp)
     int4, deq = {}, {}
-    for name, t in read_tensors(src).items():
+    for name, t in tensors.items():
         if not is_quantized_linear(name, t):
             int4[name] = t.half()  # Int4 files keep the rest in fp16
             deq[name] = t.half().float()
@@ -171,7 +190,8 @@ def float_checkpoints(tmp_path_factory) -> dict[str, Path]:
 def int4_case(request, float_checkpoints, tmp_path_factory):
     family, qcfg = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    n = write_int4_and_dequantized(float_checkpoints[family], root / "int4", root / "deq", qcfg)
+    pad = 128 if "padded-mlp" in request.param else 0
+    n = write_int4_and_dequantized(float_checkpoints[family], root / "int4", root / "deq", qcfg, pad_mlp=pad)
     return request.param, qcfg, root / "int4", root / "deq", n
 
 
@@ -183,6 +203,8 @@ def test_int4_checkpoint_matches_transformers_on_dequantized_weights(int4_case):
     with LLM(str(int4_dir), devices=["cpu"], dtype="float32") as llm:
         assert llm.config.quant is not None and llm.config.quant.method == qcfg["quant_method"]
         assert assert_int4_except_head_and_routers(llm, qcfg["group_size"]) == n_quantized
+        if "padded-mlp" in name:  # the padded size, as config and file say
+            assert llm.config.intermediate_size == FAMILIES["qwen3"]["intermediate_size"] + 128
         batch = llm.generate(PROMPTS, greedy())
         alone = llm.generate(PROMPTS[0], greedy())[0]  # decode at M = 1 (torch's CPU int4 op)
     ref = reference_model(deq_dir)
