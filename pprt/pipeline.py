@@ -85,9 +85,9 @@ class PipelineExecutor:
         self._finalizer()
 
     def _receive(self, stage: int, kind: type):
-        """The next message from `stage`, while watching every stage for errors and deaths."""
+        """The oldest message of type `kind` from `stage`, while watching every stage for errors and deaths."""
         sentinels = {p.sentinel: i for i, p in enumerate(self.procs)}
-        while not self._inbox[stage]:
+        while not any(isinstance(m, kind) for m in self._inbox[stage]):
             for obj in wait(self.conns + list(sentinels)):
                 if obj in sentinels:
                     self._raise_failure(sentinels[obj])
@@ -100,9 +100,9 @@ class PipelineExecutor:
                     raise StageFailed(f"stage {i} ({self.specs[i].device}, layers {self.specs[i].layers}) "
                                       f"failed: {msg.message}")
                 self._inbox[i].append(msg)
-        msg = self._inbox[stage].popleft()
-        if not isinstance(msg, kind):
-            raise StageFailed(f"stage {stage} answered {type(msg).__name__}, expected {kind.__name__}")
+        # Step results and control replies (stats) may interleave: take the oldest of `kind`.
+        msg = next(m for m in self._inbox[stage] if isinstance(m, kind))
+        self._inbox[stage].remove(msg)
         return msg
 
     def _raise_failure(self, stage: int) -> None:

@@ -57,6 +57,7 @@ def test_requests_join_running_ones_and_a_killed_stage_is_an_error(qwen3):
     try:
         stream = llm.stream(PROMPTS[0], GREEDY)
         first = [next(stream), next(stream)]
+        assert [s.stage for s in llm.executor.stats()] == [0, 1]  # replies interleave with step results
         joined = llm.generate(PROMPTS[1], GREEDY)[0]  # runs while the stream's request is active
         rest = list(stream)
         assert joined.token_ids == expected[1].token_ids
