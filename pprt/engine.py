@@ -22,6 +22,7 @@ from .cache import BlockManager
 from .checkpoint import CheckpointError, ModelSource, load_config
 from .config import ModelConfig, RopeConfig, parse_dtype
 from .executor import make_executor
+from .pipeline import StageFailed
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence
 from .serve import local_device, torchrun_rank
@@ -107,8 +108,10 @@ class LLM:
     # ---- public API --------------------------------------------------------
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
         """Complete one prompt or a batch (str, list of str, token ids, or lists of token ids)."""
-        reqs = [self._add(p, sampling) for p in _as_prompt_list(prompts)]
+        reqs: list[_Request] = []
         try:
+            for prompt in _as_prompt_list(prompts):
+                reqs.append(self._add(prompt, sampling))  # a refused prompt cancels the whole call
             while any(r.seq.finish_reason is None for r in reqs):
                 self._step()
         except BaseException:
@@ -133,7 +136,6 @@ class LLM:
                 self._step()
         finally:
             self._cancel(req)
-            self._requests.pop(req.seq.seq_id, None)
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None, **template_kwargs) -> Completion:
         """Render the model's chat template over `messages` and complete it."""
@@ -194,7 +196,11 @@ class LLM:
         if not self._in_flight:
             raise RuntimeError("the scheduler has work but could not plan a step")
         plan = self._in_flight.popleft()
-        result = self.executor.result()
+        try:
+            result = self.executor.result()
+        except StageFailed:
+            self.close()  # a pipeline with a dead stage cannot go on: end the others now
+            raise
         for seq in self.scheduler.complete(plan, result, self._seqs):
             self._on_token(seq)
         for chunk in plan.chunks:  # forget finished sequences once nothing of them is in flight
@@ -226,8 +232,10 @@ class LLM:
             req.emitted = end
 
     def _cancel(self, req: _Request) -> None:
+        """Stop `req` if it is still running and forget it."""
         if req.seq.finish_reason is None:
             self.scheduler.finish(req.seq, "cancelled")
+        self._requests.pop(req.seq.seq_id, None)
 
     def _complete(self, req: _Request) -> Completion:
         self._requests.pop(req.seq.seq_id, None)

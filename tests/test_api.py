@@ -123,6 +123,10 @@ def test_bad_arguments(llm, model):
         llm.generate([[1, 2, 100000]])
     with pytest.raises(ValueError, match="prompts must be"):
         llm.generate([1, "a"])
+    free = llm.blocks.num_free
+    with pytest.raises(ValueError, match="max_context"):  # the second prompt is refused...
+        llm.generate([[1, 2], [1] * llm.max_context])
+    assert not llm.scheduler.has_work and llm.blocks.num_free == free  # ...and the first is not left behind
     closed = LLM(str(model), devices=["cpu"])
     closed.close()
     with pytest.raises(RuntimeError, match="closed"):

@@ -54,6 +54,7 @@ def qwen3(tmp_path_factory):
 def test_requests_join_running_ones_and_a_killed_stage_is_an_error(qwen3):
     expected = single_stage(qwen3, PROMPTS[:2])
     llm = LLM(str(qwen3), devices=["cpu", "cpu"], chunk_size=32)
+    procs = list(llm.executor.procs)
     try:
         stream = llm.stream(PROMPTS[0], GREEDY)
         first = [next(stream), next(stream)]
@@ -71,13 +72,10 @@ def test_requests_join_running_ones_and_a_killed_stage_is_an_error(qwen3):
         with pytest.raises(StageFailed, match=r"stage 1 .* died \(killed by signal 9\)"):
             list(stream)
         assert time.monotonic() - t0 < 10
+        assert llm.executor is None  # the failure closed the pipeline
     finally:
         llm.close()
-    assert not any(p.is_alive() for p in llm_procs(llm))
-
-
-def llm_procs(llm):
-    return [] if llm.executor is None else llm.executor.procs
+    assert not any(p.is_alive() for p in procs)
 
 
 def test_load_error_names_the_stage_and_leaves_no_process(tmp_path):
