@@ -61,7 +61,7 @@ class LLM:
     checkpoint's window, or the window its YaRN serves; beyond the native
     window YaRN is enabled). block_size: tokens per KV block. chunk_size:
     tokens per prefill chunk. kv_cache_memory: bytes of KV pool per stage
-    (default: what the plan leaves; at most 256 MiB on CPU). kv_dtype: "auto"
+    (default: what the plan leaves; at most 64 MiB on CPU). kv_dtype: "auto"
     (the model dtype), "bf16", "fp16", "fp32" or "fp8". memory_budget: bytes
     each device may use (default: a GPU's free memory; on CPU an equal share
     of the available memory). transport: "auto", "nccl", "gloo" or "host".

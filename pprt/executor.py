@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .step import StepPlan, StepResult
 from .worker import Worker, WorkerSpec
 
-CPU_KV_BUDGET = 256 * 2**20  # bytes: by default a CPU stage's KV pool is at most this (it is zero-filled, so resident)
+CPU_KV_BUDGET = 64 * 2**20  # bytes: by default a CPU stage's KV pool is at most this (it is zero-filled, so resident)
 GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV pool
 
 
