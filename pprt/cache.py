@@ -24,7 +24,22 @@ import torch
 
 from pprt_kernels.paged_attention import FP8, new_kv_scales
 
-KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16, FP8)
+KV_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": FP8}
+KV_DTYPES = tuple(KV_DTYPE_NAMES.values())
+
+
+def parse_kv_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: "auto" (the model dtype), bf16, fp16, fp32 or fp8 (e4m3)."""
+    if kv_dtype == "auto":
+        return model_dtype
+    if kv_dtype not in KV_DTYPE_NAMES:
+        raise ValueError(f"kv_dtype {kv_dtype!r} is not one of auto, {', '.join(KV_DTYPE_NAMES)}")
+    return KV_DTYPE_NAMES[kv_dtype]
+
+
+def kv_dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a KV cache dtype (the planner's spelling)."""
+    return next(name for name, d in KV_DTYPE_NAMES.items() if d == dtype)
 SCALE_BYTES = 4  # float32 scale per (slot, kv head) of an fp8 cache, for K and for V
 
 

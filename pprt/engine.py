@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import BlockManager
+from .cache import BlockManager, parse_kv_dtype
 from .checkpoint import CheckpointError, ModelSource, load_config
 from .config import ModelConfig, RopeConfig, parse_dtype
 from .executor import make_executor
@@ -85,6 +85,9 @@ class LLM:
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
         if not devices:
             raise ValueError("devices must name at least one device")
+        for name, value in (("block_size", block_size), ("chunk_size", chunk_size), ("max_num_seqs", max_num_seqs)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.source = ModelSource(model)
         self.config = load_config(self.source)
         on_cuda = torch.device(devices[0]).type == "cuda"
@@ -191,30 +194,42 @@ class LLM:
             plan = self.scheduler.schedule(max_seqs=group)
             if plan is None:
                 break
-            self.executor.submit(plan)
+            try:
+                self.executor.submit(plan)
+            except StageFailed:
+                self.close()  # a pipeline with a dead stage cannot go on: end the others now
+                raise
+            except BaseException:  # the step never ran (an error in this process): undo its plan
+                self.scheduler.abort(plan, self._seqs)
+                raise
             self._in_flight.append(plan)
         if not self._in_flight:
             raise RuntimeError("the scheduler has work but could not plan a step")
-        plan = self._in_flight.popleft()
         try:
             result = self.executor.result()
         except StageFailed:
-            self.close()  # a pipeline with a dead stage cannot go on: end the others now
+            self.close()
             raise
+        # Only now is the plan done: an interrupt while waiting leaves it in flight, and its
+        # result is the next one to come back.
+        plan = self._in_flight.popleft()
         for seq in self.scheduler.complete(plan, result, self._seqs):
             self._on_token(seq)
-        for chunk in plan.chunks:  # forget finished sequences once nothing of them is in flight
-            seq = self._seqs.get(chunk.seq_id)
-            if seq is not None and seq.finish_reason is not None and seq.in_flight == 0:
-                del self._seqs[chunk.seq_id]
+        for chunk in plan.chunks:
+            self._forget_if_done(chunk.seq_id)
+
+    def _forget_if_done(self, seq_id: int) -> None:
+        """Drop a finished sequence once nothing of it is in flight."""
+        seq = self._seqs.get(seq_id)
+        if seq is not None and seq.finish_reason is not None and seq.in_flight == 0:
+            del self._seqs[seq_id]
 
     def _on_token(self, seq: Sequence) -> None:
         req = self._requests.get(seq.seq_id)
         if req is None or req.detok is None:
             return
         token = seq.output_ids[-1]
-        stopping_token = seq.finish_reason == "stop" and not seq.params.ignore_eos
-        if not stopping_token:  # the text of a stop token is not part of the output
+        if not self.scheduler.is_stop_token(seq, token):  # the text of a stop token is not output
             req.text += req.detok.push(token)
         if seq.finish_reason is not None:
             req.text += req.detok.flush()
@@ -224,6 +239,7 @@ class LLM:
             if cut is not None:
                 req.text = req.text[:cut]
                 self.scheduler.finish(seq, "stop")
+                seq.finish_reason = "stop"  # also when this token was the last one allowed
         # Hold back a tail that could still become a stop string.
         hold = 0 if seq.finish_reason is not None else max((len(s) - 1 for s in stop), default=0)
         end = max(req.emitted, len(req.text) - hold)
@@ -236,6 +252,7 @@ class LLM:
         if req.seq.finish_reason is None:
             self.scheduler.finish(req.seq, "cancelled")
         self._requests.pop(req.seq.seq_id, None)
+        self._forget_if_done(req.seq.seq_id)
 
     def _complete(self, req: _Request) -> Completion:
         self._requests.pop(req.seq.seq_id, None)
@@ -277,18 +294,6 @@ def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:
                 "static YaRN also applies to short prompts", max_context, native, factor, native)
     rope = RopeConfig(theta=rope.theta, type="yarn", factor=factor, original_max_position=native)
     return dataclasses.replace(config.with_rope(rope), max_position_embeddings=max_context)
-
-
-KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
-
-
-def parse_kv_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's element type: "auto" (the model dtype), bf16, fp16, fp32 or fp8 (e4m3)."""
-    if kv_dtype == "auto":
-        return model_dtype
-    if kv_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_dtype {kv_dtype!r} is not one of auto, {', '.join(KV_DTYPES)}")
-    return KV_DTYPES[kv_dtype]
 
 
 def _find_stop(text: str, stops: tuple[str, ...], since: int) -> int | None:

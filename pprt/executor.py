@@ -12,6 +12,7 @@ from collections import deque
 
 import torch
 
+from .cache import CacheSpec, kv_dtype_name
 from .comm import choose_transport
 from .config import ModelConfig
 from .step import StepPlan, StepResult
@@ -98,7 +99,7 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
             raise ValueError(f"memory_budget has {len(budgets)} entries for {len(devices)} devices")
     on_cpu = all(torch.device(d).type == "cpu" for d in devices)
     return plan(config, [DeviceBudget(d, b) for d, b in zip(devices, budgets)],
-                quant="int4" if quant else "none", kv_dtype="fp8" if kv_dtype.itemsize == 1 else "auto",
+                quant="int4" if quant else "none", kv_dtype=kv_dtype_name(kv_dtype),
                 dtype_bytes=dtype.itemsize, block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                 split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30)
 
@@ -106,12 +107,13 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
 def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | None) -> int:
     """Blocks every stage allocates: the plan's, or `kv_cache_memory` bytes per stage (the
     fullest stage decides); on CPU at most CPU_KV_BUDGET bytes per stage unless asked."""
-    from .cache import CacheSpec
-
     c = specs[0].config
     per_block = [CacheSpec(hi - lo, c.num_kv_heads, c.head_dim, s.block_size, s.kv_dtype or s.dtype).bytes_per_block
                  for s, (lo, hi) in ((s, s.layers) for s in specs)]
     if kv_cache_memory is not None:
+        if kv_cache_memory < max(per_block):
+            raise ValueError(f"kv_cache_memory = {kv_cache_memory} bytes is less than one KV block of the "
+                             f"fullest stage ({max(per_block)} bytes)")
         return min(kv_cache_memory // b for b in per_block)
     if all(torch.device(s.device).type == "cpu" for s in specs):
         return min(planned, min(CPU_KV_BUDGET // b for b in per_block))

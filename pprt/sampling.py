@@ -156,6 +156,9 @@ class Sampler:
             gen.manual_seed(params.seed)
         self._seqs[seq_id] = _SeqState(params, slot, gen)
 
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
+
     def remove(self, seq_id: int) -> None:
         state = self._seqs.pop(seq_id)
         if state.slot is not None:

@@ -188,12 +188,28 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def abort(self, plan: StepPlan, seqs: dict[int, Sequence]) -> None:
+        """Undo a plan that never reached the stages: its tokens are pending again."""
+        for chunk in reversed(plan.chunks):
+            seq = seqs[chunk.seq_id]
+            seq.in_flight -= 1
+            seq.num_scheduled = min(seq.num_scheduled, chunk.start)
+            self._release_if_idle(seq)
+        for new in plan.added:
+            seqs[new.seq_id].registered = False  # the sampler never heard of it
+        self._removed.extend(plan.removed)  # nor of these removals
+
     # ---- results -------------------------------------------------------------
+    def is_stop_token(self, seq: Sequence, token: int) -> bool:
+        return token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos)
+
     def complete(self, plan: StepPlan, result: StepResult, seqs: dict[int, Sequence]) -> list[Sequence]:
         """Apply a finished step: append sampled tokens, apply token stop rules.
 
         Returns the sequences that received a token.
         """
+        if result.step != plan.step:
+            raise RuntimeError(f"step {result.step} came back while step {plan.step} was expected")
         for chunk in plan.chunks:
             seqs[chunk.seq_id].in_flight -= 1
         updated = []
@@ -205,10 +221,9 @@ class Scheduler:
             seq.output_ids.append(token)
             seq.logprobs.append(lp)
             updated.append(seq)
-            p = seq.params
-            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            if self.is_stop_token(seq, token):
                 self.finish(seq, "stop")
-            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
+            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
                 self.finish(seq, "length")
         for chunk in plan.chunks:
             self._release_if_idle(seqs[chunk.seq_id])

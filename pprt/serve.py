@@ -12,11 +12,12 @@ driver, or torch.distributed messages from rank 0 under torchrun.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import pickle
 import signal
+import threading
+import time
 import traceback
 
 import torch
@@ -107,14 +108,18 @@ def serve_spawned(stage: int, world: int, spec: WorkerSpec, transport: str, init
 
 
 def _die_with_parent() -> None:
-    """Have the kernel kill this process when its parent dies (Linux), and ignore Ctrl-C
-    (the driver handles it and closes the stages)."""
+    """Exit when the driver process dies (checked twice a second), and ignore Ctrl-C: the
+    driver handles it and closes the stages. (Not PR_SET_PDEATHSIG: that fires when the
+    driver's *thread* that started the stage exits, e.g. an LLM built in a worker thread.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pprt-parent-watch", daemon=True).start()
 
 
 # ---- torchrun ---------------------------------------------------------------------------

@@ -86,10 +86,13 @@ class Worker:
         """
         t0 = time.perf_counter()
         if self.sampler is not None:
+            # Idempotent: a plan that failed here may be sent again (see Scheduler.abort).
             for seq_id in plan.removed:
-                self.sampler.remove(seq_id)
+                if seq_id in self.sampler:
+                    self.sampler.remove(seq_id)
             for new in plan.added:
-                self.sampler.add(new.seq_id, new.params, new.prompt_ids)
+                if new.seq_id not in self.sampler:
+                    self.sampler.add(new.seq_id, new.params, new.prompt_ids)
         batch, logits_indices = self._batch(plan)
         if self.stage.is_first:
             x = torch.tensor([t for c in plan.chunks for t in c.token_ids], dtype=torch.long, device=self.device)

@@ -141,3 +141,33 @@ def test_minimal_cli(model):
     with LLM(str(model), devices=["cpu"]) as llm:
         expected = llm.generate("def f(", SamplingParams(max_tokens=5, temperature=0))[0].text
     assert out.stdout.rstrip("\n") == expected
+
+
+def test_interrupt_while_waiting_and_a_failing_step_leave_the_llm_usable(llm, monkeypatch):
+    expected = llm.generate(["abc", "hello"], GREEDY)
+    total = llm.blocks.num_free
+    real_result, real_execute = llm.executor.result, llm.executor.worker.execute
+    calls = {"result": 0, "execute": 0}
+
+    def interrupted_once():  # Ctrl-C while blocked on a result: the result stays queued
+        calls["result"] += 1
+        if calls["result"] == 3:
+            raise KeyboardInterrupt
+        return real_result()
+
+    monkeypatch.setattr(llm.executor, "result", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["abc", "hello"], GREEDY)
+    assert [c.token_ids for c in llm.generate(["abc", "hello"], GREEDY)] == [c.token_ids for c in expected]
+
+    def fails_once(plan, x=None):  # e.g. out of memory in the middle of a step
+        calls["execute"] += 1
+        if calls["execute"] == 2:
+            raise RuntimeError("simulated failure")
+        return real_execute(plan, x)
+
+    monkeypatch.setattr(llm.executor.worker, "execute", fails_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate(["abc", "hello"], GREEDY)
+    assert [c.token_ids for c in llm.generate(["abc", "hello"], GREEDY)] == [c.token_ids for c in expected]
+    assert llm.blocks.num_free == total and not llm.scheduler.running and not llm._seqs

@@ -154,3 +154,15 @@ def test_each_stage_holds_about_its_own_share(tmp_path):
     for w, g in zip(weights, grown):  # peak RSS growth while loading, from the operating system
         assert 0.95 * w < g < 1.15 * w + 64e6, (w, g)
         assert g < 0.65 * total
+
+
+def test_an_llm_built_in_a_thread_outlives_that_thread(qwen3):
+    import threading
+
+    box = {}
+    builder = threading.Thread(target=lambda: box.setdefault("llm", LLM(str(qwen3), devices=["cpu", "cpu"])))
+    builder.start()
+    builder.join()
+    with box["llm"] as llm:
+        time.sleep(1.0)  # the stages watch their parent process, not the thread that started them
+        assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids

@@ -50,3 +50,21 @@ def test_explicit_split_is_checked_against_memory(model):
         LLM(str(model), devices=["cpu", "cpu"], split=[3, 1], memory_budget=budget, max_context=256)
     with LLM(str(model), devices=["cpu", "cpu"], split=[2, 2], memory_budget=budget, max_context=256) as llm:
         assert llm.generate([[1, 2, 3]])[0].token_ids
+
+
+def test_kv_dtype_reaches_the_plan_and_bad_sizes_fail_before_loading(model):
+    import torch
+
+    from pprt.executor import plan_stages
+
+    config = load_config(ModelSource(model))
+    per_token = {kv: plan_stages(config, ["cpu"], split=None, dtype=torch.bfloat16, quant=None, kv_dtype=kv,
+                                 block_size=16, max_context=256, chunk_size=64,
+                                 memory_budget=10**9).stages[0].kv_bytes_per_token
+                 for kv in (torch.float32, torch.bfloat16, torch.float8_e4m3fn)}
+    assert per_token[torch.float32] == 2 * per_token[torch.bfloat16] > per_token[torch.float8_e4m3fn]
+    with pytest.raises(ValueError, match="kv_cache_memory = 1000 bytes"):
+        LLM(str(model), devices=["cpu", "cpu"], kv_cache_memory=1000)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(str(model), devices=["cpu", "cpu"], max_num_seqs=0)
+    assert not multiprocessing.active_children()
