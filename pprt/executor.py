@@ -15,8 +15,8 @@ import torch
 from .cache import CacheSpec, kv_dtype_name
 from .comm import choose_transport
 from .config import ModelConfig
-from .step import StepPlan, StepResult
-from .worker import Worker, WorkerSpec
+from .step import StageStats, StepPlan, StepResult
+from .worker import Worker, WorkerSpec, peak_rss_bytes
 
 CPU_KV_BUDGET = 64 * 2**20  # bytes: by default a CPU stage's KV pool is at most this (it is zero-filled, so resident)
 GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV pool
@@ -49,8 +49,15 @@ class LocalExecutor:
         self.kv_bytes = [self.worker.cache.nbytes]
         self._results: deque[StepResult] = deque()
 
+    @property
+    def specs(self) -> list[WorkerSpec]:
+        return [self.worker.spec]
+
     def submit(self, plan: StepPlan) -> None:
         self._results.append(self.worker.execute(plan))
+
+    def stats(self) -> list[StageStats]:
+        return [StageStats(0, self.worker.busy_seconds, 0.0, -1, peak_rss_bytes(), self.worker.peak_device_bytes())]
 
     def result(self) -> StepResult:
         return self._results.popleft()

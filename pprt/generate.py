@@ -25,6 +25,7 @@ from typing import NoReturn, TextIO
 
 from . import LLM, Completion, SamplingParams
 from .demo_model import demo_model_path
+from .serve import serve_torchrun, torchrun_rank
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -158,7 +159,7 @@ def open_model(args: argparse.Namespace) -> LLM:
         model = str(demo_model_path())
         if not os.path.isdir(model):
             raise FileNotFoundError(f"the bundled demo model is missing ({model}); pass --model")
-        if devices is None and not _torchrun() and not _has_cuda():
+        if devices is None and not torchrun_rank() and not _has_cuda():
             devices = ["cpu", "cpu"]  # the demo runs as a two-stage pipeline
     return LLM(model, devices=devices, split=args.split_list, dtype=args.dtype, quant=args.quant,
                max_context=args.max_context, kv_dtype=args.kv_dtype, seed=args.seed)
@@ -169,7 +170,6 @@ def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO
     prompt_tokens = len(llm.tokenizer.encode(prompt)) if llm.tokenizer is not None else 0
     t0 = time.perf_counter()
     first = None
-    pieces = []
     gen = llm.stream(prompt, params)
     while True:
         try:
@@ -178,55 +178,25 @@ def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO
             completion = end.value  # the engine's stream returns its Completion when done
             break
         first = first or time.perf_counter()
-        pieces.append(piece)
         if out is not None:
             out.write(piece)
             out.flush()
     total = time.perf_counter() - t0
-    estimated = completion is None and out is not None
-    if completion is None:  # an engine whose stream does not return its Completion
-        completion = _completion_without_ids(llm, prompt, params, "".join(pieces), exact=not estimated)
     ttft = (first or time.perf_counter()) - t0
     n = len(completion.token_ids)
     stats = {"prompt_tokens": prompt_tokens, "new_tokens": n, "time_to_first_token_s": round(ttft, 4),
              "total_s": round(total, 4),
              "prefill_tokens_per_s": round(prompt_tokens / ttft, 2) if ttft > 0 else None,
              "decode_tokens_per_s": round((n - 1) / (total - ttft), 2) if n > 1 and total > ttft else None}
-    if estimated:
-        stats["new_tokens_estimated"] = True
     return completion, stats
 
 
-def _completion_without_ids(llm: LLM, prompt: str, params: SamplingParams, text: str, exact: bool) -> Completion:
-    """Fallback for an engine whose stream() returns None. exact: generate again (nothing was shown:
-    --json must report true token ids); else estimate the count by re-encoding the text."""
-    if exact:
-        return llm.generate(prompt, params)[0]
-    ids = llm.tokenizer.encode(text) if llm.tokenizer is not None else []
-    reason = "length" if len(ids) >= params.max_tokens else "stop"
-    return Completion(text, ids, llm.tokenizer.encode(prompt) if llm.tokenizer is not None else [], reason)
-
-
 def memory_report(llm: LLM) -> list[dict]:
-    """Per stage: its device, layers, weight bytes and peak memory (GPU allocator, or the process's RSS)."""
-    import torch
-
+    """Per stage: its device, layers, weight bytes and peak memory (host RSS; GPU allocator peak on CUDA)."""
     ex = llm.executor
-    if hasattr(ex, "stats"):  # a pipeline: one process per stage (host RSS; GPU stages report their peak too)
-        stats, specs = ex.stats(), ex.specs
-        weights = getattr(ex, "weight_bytes", [None] * len(specs))
-        return [{"stage": i, "device": sp.device, "layers": list(sp.layers), "weight_bytes": w,
-                 "peak_rss_bytes": st.peak_rss_bytes or None,
-                 "peak_device_bytes": getattr(st, "peak_device_bytes", None)}
-                for i, (sp, st, w) in enumerate(zip(specs, stats, weights))]
-    import resource
-
-    worker = ex.worker
-    dev = worker.device
-    peak_dev = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-    return [{"stage": 0, "device": str(dev), "layers": list(worker.spec.layers), "weight_bytes": worker.weight_bytes(),
-             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-             "peak_device_bytes": peak_dev}]
+    return [{"stage": i, "device": sp.device, "layers": list(sp.layers), "weight_bytes": w,
+             "peak_rss_bytes": st.peak_rss_bytes, "peak_device_bytes": st.peak_device_bytes}
+            for i, (sp, st, w) in enumerate(zip(ex.specs, ex.stats(), ex.weight_bytes))]
 
 
 def _mb(n: int | None) -> str:
@@ -239,7 +209,7 @@ def format_stats(stats: dict) -> str:
 
     lines = [f"[pprt] load {stats['load_s']:.2f} s | prompt {stats['prompt_tokens']} tokens, first token in "
              f"{stats['time_to_first_token_s']:.3f} s (prefill {rate(stats['prefill_tokens_per_s'])}) | "
-             f"{'~' if stats.get('new_tokens_estimated') else ''}{stats['new_tokens']} new tokens (decode {rate(stats['decode_tokens_per_s'])}) | "
+             f"{stats['new_tokens']} new tokens (decode {rate(stats['decode_tokens_per_s'])}) | "
              f"finish: {stats['finish_reason']}"]
     for m in stats.get("memory", []):
         peak = f"peak {m['device']} {_mb(m['peak_device_bytes'])}, " if m["peak_device_bytes"] is not None else ""
@@ -300,35 +270,18 @@ def run_chat(llm: LLM, args: argparse.Namespace, stdin: TextIO, load_s: float) -
             print(format_stats(stats), file=sys.stderr)
 
 
-def _torchrun() -> tuple[int, int] | None:
-    """(rank, world size) when started by torchrun, else None."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None
-
-
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-def serve_stage_rank() -> int:
-    """A torchrun rank other than 0: serve as a pipeline stage until rank 0's LLM closes."""
-    try:
-        from .serve import serve_torchrun
-    except ImportError:
-        print("error: this pprt cannot run under torchrun (no pprt.serve.serve_torchrun)", file=sys.stderr)
-        return 1
-    serve_torchrun()
-    return 0
-
-
 def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     args = parse_args(argv)
-    rank = _torchrun()
-    if rank is not None and rank[0] != 0:
-        return serve_stage_rank()
+    rank = torchrun_rank()
+    if rank is not None and rank[0] != 0:  # this rank is a pipeline stage until rank 0's LLM closes
+        serve_torchrun()
+        return 0
     from .config import ConfigError
 
     stdin = stdin or sys.stdin

@@ -44,8 +44,9 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
 
         for prefix, m in linears.items():
             if prefix not in gptq_awq and not _never_quantized(prefix) and m.in_features % RTN_GROUP_SIZE:
-                raise ValueError(f"quant='int4': layer {prefix} has in_features {m.in_features}, not a multiple "
-                                 f"of the quantization group size {RTN_GROUP_SIZE}")
+                raise CheckpointError(f"model {reader.source.name!r} cannot be quantized with quant='int4': layer "
+                                      f"{prefix} has in_features {m.in_features}, not a multiple of the "
+                                      f"quantization group size {RTN_GROUP_SIZE}")
 
     # Plain tensors: everything except the weights of Int4 layers.
     plain = {}
@@ -126,5 +127,8 @@ def _load_int4(reader: CheckpointReader, prefix: str, linear: nn.Linear, stage: 
     def read(name: str) -> torch.Tensor:
         return reader.read(name, device)  # stored dtype; quant.py converts
 
-    return load_quantized_linear(read, prefix, linear.in_features, linear.out_features,
-                                 linear.bias is not None, stage.config.quant, dtype, device)
+    try:
+        return load_quantized_linear(read, prefix, linear.in_features, linear.out_features,
+                                     linear.bias is not None, stage.config.quant, dtype, device)
+    except ValueError as e:  # a tensor of the file does not fit the config: a broken checkpoint
+        raise CheckpointError(f"model {reader.source.name!r}: {e}") from e

@@ -156,6 +156,7 @@ class TorchrunExecutor:
         from .worker import Worker
 
         self.specs, self.depth = specs, len(specs)
+        self._failed = False
         init_group(0, len(specs), transport)
         self.objects = ObjectChannel()
         for rank in range(1, len(specs)):
@@ -175,9 +176,10 @@ class TorchrunExecutor:
         self.kv_bytes = [self.worker.cache.nbytes] + [self._receive(r, int) for r in range(1, len(specs))]
 
     def submit(self, plan: StepPlan) -> None:
+        hidden = self.worker.execute(plan)  # first: if stage 0 fails, no rank waits for this step
         for rank in range(1, len(self.specs)):
-            self.objects.send(plan, rank)
-        self.channel.send(self.worker.execute(plan))
+            self.objects.send(plan, rank)  # before the activation: both travel 0 -> 1 in order
+        self.channel.send(hidden)
 
     def result(self) -> StepResult:
         return self._receive(len(self.specs) - 1, StepResult)
@@ -185,7 +187,8 @@ class TorchrunExecutor:
     def stats(self) -> list[StageStats]:
         for rank in range(1, len(self.specs)):
             self.objects.send(STATS, rank)
-        own = StageStats(0, self.worker.busy_seconds, self.channel.wait_seconds, -1, peak_rss_bytes())
+        own = StageStats(0, self.worker.busy_seconds, self.channel.wait_seconds, -1, peak_rss_bytes(),
+                         self.worker.peak_device_bytes())
         return [own] + [self._receive(rank, StageStats) for rank in range(1, len(self.specs))]
 
     def close(self) -> None:
@@ -194,15 +197,21 @@ class TorchrunExecutor:
         if self.worker is None:
             return
         self.worker = None
-        for rank in range(1, len(self.specs)):
-            self.objects.send(CLOSE, rank)
-        self.channel.flush()
-        self.objects.flush()
+        if not self._failed:  # after a failure a peer may never receive: do not wait on it
+            for rank in range(1, len(self.specs)):
+                self.objects.send(CLOSE, rank)
+            self.channel.flush()
+            self.objects.flush()
         dist.destroy_process_group()
 
     def _receive(self, rank: int, kind: type):
-        msg = self.objects.recv(rank)
+        try:
+            msg = self.objects.recv(rank)
+        except Exception as e:  # a dead or stuck rank: gloo reports it (at the latest at the group timeout)
+            self._failed = True
+            raise StageFailed(f"stage {rank} (torchrun rank {rank}) stopped answering: {e}") from e
         if isinstance(msg, StageError):
+            self._failed = True
             raise StageFailed(f"stage {rank} (torchrun rank {rank}, layers {self.specs[rank].layers}) failed: "
                               f"{msg.message}")
         if not isinstance(msg, kind):

@@ -74,7 +74,8 @@ def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control,
             if msg == CLOSE:
                 break
             if msg == STATS:
-                control.send(StageStats(stage, worker.busy_seconds, channel.wait_seconds, steps, peak_rss_bytes()))
+                control.send(StageStats(stage, worker.busy_seconds, channel.wait_seconds, steps, peak_rss_bytes(),
+                                        worker.peak_device_bytes()))
                 continue
             x = None
             if not worker.stage.is_first:

@@ -81,6 +81,7 @@ class StageStats:
     wait_seconds: float  # blocked receiving activations
     steps: int
     peak_rss_bytes: int  # the stage process's peak resident memory
+    peak_device_bytes: int | None = None  # peak GPU memory allocated by the stage (None on CPU)
 
 
 @dataclass(slots=True)

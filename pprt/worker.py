@@ -73,6 +73,10 @@ class Worker:
         self.sampler = Sampler(spec.config.vocab_size, self.device, spec.seed) if self.stage.is_last else None
         self.busy_seconds = 0.0  # time spent computing steps
 
+    def peak_device_bytes(self) -> int | None:
+        """Peak GPU memory this stage allocated (None on CPU)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.stage.state_dict().values())
 

@@ -34,6 +34,7 @@ from torch import nn
 from int4_packers import awq_quantize, gptq_quantize
 from models import make_checkpoint, reference_greedy, reference_logprobs, reference_model
 from pprt import LLM, SamplingParams
+from pprt.checkpoint import CheckpointError
 from pprt.quant import Int4Linear, dequantize
 
 # fp32 activations on both sides and the same dequantized weights: only summation order
@@ -370,5 +371,5 @@ def test_unsupported_quant_mode_fails_at_construction(float_checkpoints):
 
 def test_quantize_at_load_refuses_in_features_off_the_group_naming_the_layer(tmp_path):
     path = make_checkpoint(tmp_path, "qwen2", tokenizer=False)  # hidden 64: not a multiple of 128
-    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj has in_features 64.*128"):
+    with pytest.raises(CheckpointError, match=r"layer model\.layers\.0\.self_attn\.q_proj has in_features 64.*128"):
         LLM(str(path), devices=["cpu"], quant="int4")
