@@ -53,11 +53,7 @@ class PipelineExecutor:
             self.procs.append(proc)
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
         try:
-            readies: list[StageReady] = [self._receive(i, StageReady) for i in range(len(specs))]
-            self.num_blocks = min(r.num_blocks for r in readies)
-            self.weight_bytes = [r.weight_bytes for r in readies]
-            self.load_seconds = max(r.load_seconds for r in readies)
-            self.load_rss_bytes = [r.load_rss_bytes for r in readies]
+            _take_load_report(self, [self._receive(i, StageReady) for i in range(len(specs))])
             for conn in self.conns:
                 conn.send(self.num_blocks)
             self.kv_bytes = [self._receive(i, int) for i in range(len(specs))]
@@ -123,6 +119,14 @@ class PipelineExecutor:
                           f"died ({cause})")
 
 
+def _take_load_report(executor, readies: list[StageReady]) -> None:
+    """What every executor tells about its loaded stages; the KV pool is the smallest stage's."""
+    executor.num_blocks = min(r.num_blocks for r in readies)
+    executor.weight_bytes = [r.weight_bytes for r in readies]
+    executor.load_seconds = max(r.load_seconds for r in readies)
+    executor.load_rss_bytes = [r.load_rss_bytes for r in readies]
+
+
 def _shutdown(procs: list, conns: list) -> None:
     """Ask every stage to leave, then end those that do not."""
     for conn in conns:
@@ -166,10 +170,7 @@ class TorchrunExecutor:
         readies = [StageReady(0, worker_blocks(self.worker, kv_blocks),
                               self.worker.weight_bytes(), self.worker.load_seconds, self.worker.load_rss_bytes)]
         readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
-        self.num_blocks = min(r.num_blocks for r in readies)
-        self.weight_bytes = [r.weight_bytes for r in readies]
-        self.load_seconds = max(r.load_seconds for r in readies)
-        self.load_rss_bytes = [r.load_rss_bytes for r in readies]
+        _take_load_report(self, readies)
         for rank in range(1, len(specs)):
             self.objects.send(self.num_blocks, rank)
         self.worker.allocate_cache(self.num_blocks)
