@@ -71,7 +71,7 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     """Plan the cut and the KV pool (refusing before anything loads when it cannot fit), then start the stages."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
-                         memory_budget=memory_budget)
+                         memory_budget=memory_budget, one_host=not torchrun)
     if not result.fits:
         raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
@@ -92,12 +92,16 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
 
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
-                chunk_size, memory_budget):
-    """The planner's cut for these devices (or `split`, checked against their memory)."""
+                chunk_size, memory_budget, one_host: bool = True):
+    """The planner's cut for these devices (or `split`, checked against their memory).
+
+    one_host: the devices are this machine's, so stages naming the same device share its
+    memory (under torchrun each rank has its own).
+    """
     from .plan import DeviceBudget, plan
 
     if memory_budget is None:
-        budgets = [_device_memory(d, devices) for d in devices]
+        budgets = [_device_memory(d) // (devices.count(d) if one_host else 1) for d in devices]
     elif isinstance(memory_budget, int):
         budgets = [memory_budget] * len(devices)
     else:
@@ -127,11 +131,9 @@ def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | Non
     return planned
 
 
-def _device_memory(device: str, devices: list[str]) -> int:
-    """Bytes a stage on `device` may use: the GPU's free memory, or an equal share of the
-    machine's available memory among the CPU stages."""
+def _device_memory(device: str) -> int:
+    """Bytes free on `device`: the GPU's free memory, or the machine's available memory."""
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(torch.device(device))[0]
     with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    return available // sum(torch.device(d).type == "cpu" for d in devices)
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))

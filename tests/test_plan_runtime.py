@@ -68,3 +68,16 @@ def test_kv_dtype_reaches_the_plan_and_bad_sizes_fail_before_loading(model):
     with pytest.raises(ValueError, match="max_num_seqs"):
         LLM(str(model), devices=["cpu", "cpu"], max_num_seqs=0)
     assert not multiprocessing.active_children()
+
+
+def test_stages_on_one_device_share_its_memory(model):
+    import torch
+
+    from pprt.executor import plan_stages
+
+    config = load_config(ModelSource(model))
+    kw = dict(split=None, dtype=torch.float32, quant=None, kv_dtype=torch.float32, block_size=16, max_context=256,
+              chunk_size=64, memory_budget=None)
+    one = plan_stages(config, ["cpu"], **kw).stages[0].budget_bytes
+    two = [s.budget_bytes for s in plan_stages(config, ["cpu", "cpu"], **kw).stages]
+    assert all(abs(b - one / 2) < 0.05 * one for b in two)  # MemAvailable moves a little between calls
