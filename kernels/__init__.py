@@ -35,3 +35,11 @@ def use_triton(device: torch.device | str) -> bool:
     if choice is not None:
         return choice == "triton"
     return torch.device(device).type == "cuda"
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 under the interpreter (small grids that
+    still exercise split-K and several partitions)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pprt_kernels import use_triton
+from pprt_kernels import num_sms, use_triton
 
 try:
     import triton
@@ -220,12 +220,6 @@ def _block_k(group_size: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so split-K still runs with several slices
-
-
 def int4_matmul_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -253,7 +247,7 @@ def int4_matmul_triton(
     else:
         block_m, block_n, block_k, warps, stages, waves = 128, 128, _block_k(group_size, 64), 8, 3, 2
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split = split_k or max(1, min(k // block_k, triton.cdiv(waves * _num_sms(x.device), tiles)))
+    split = split_k or max(1, min(k // block_k, triton.cdiv(waves * num_sms(x.device), tiles)))
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)  # no empty slices
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1 else x.new_empty((m, n))

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import use_triton
+from . import num_sms, use_triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -363,15 +363,9 @@ def _check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, context_le
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: few programs
-
-
 def decode_partition(max_context: int, batch: int, kv_heads: int, device: torch.device, block_n: int) -> int:
     """Tokens per flash-decoding partition: ~8 programs per SM, at least 256 tokens (a power of two)."""
-    want = max(1, 8 * _num_sms(device) // (batch * kv_heads))  # partitions per (sequence, kv head)
+    want = max(1, 8 * num_sms(device) // (batch * kv_heads))  # partitions per (sequence, kv head)
     return max(256, block_n, triton.next_power_of_2(triton.cdiv(max_context, want)))
 
 
