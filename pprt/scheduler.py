@@ -53,12 +53,20 @@ class Sequence:
     num_scheduled: int = 0  # tokens sent into the pipeline (KV cached once their step completes)
     in_flight: int = 0  # chunks of this sequence in the pipeline
     finish_reason: str | None = None  # "stop" or "length"
-    registered: bool = False  # the last stage's sampler knows it
+    registered: bool = False  # the stages know it (sampler state, block table)
+    blocks_sent: int = 0  # entries of its block table the stages have
     released: bool = False  # finished and its blocks and sampler state given back
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, lo: int, hi: int) -> list[int]:
+        """tokens[lo:hi] without building the whole list (a decode step of a long context)."""
+        n = len(self.prompt_ids)
+        if lo >= n:
+            return self.output_ids[lo - n:hi - n]
+        return self.prompt_ids[lo:hi] + (self.output_ids[:hi - n] if hi > n else [])
 
     @property
     def num_tokens(self) -> int:
@@ -169,9 +177,9 @@ class Scheduler:
                 return None
             self._preempt(victim)
         table = self.blocks.reserve(seq.seq_id, end)
-        chunk = SeqChunk(seq.seq_id, seq.tokens[seq.num_scheduled:end], seq.num_scheduled,
-                         list(table), sample=end == seq.num_tokens)
-        seq.num_scheduled = end
+        chunk = SeqChunk(seq.seq_id, seq.token_slice(seq.num_scheduled, end), seq.num_scheduled,
+                         blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens)
+        seq.num_scheduled, seq.blocks_sent = end, len(table)
         seq.in_flight += 1
         return chunk
 
@@ -184,7 +192,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.seq_id)
         self.running.remove(seq)
-        seq.status, seq.num_scheduled = SeqStatus.WAITING, 0
+        seq.status, seq.num_scheduled, seq.blocks_sent = SeqStatus.WAITING, 0, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -194,6 +202,7 @@ class Scheduler:
             seq = seqs[chunk.seq_id]
             seq.in_flight -= 1
             seq.num_scheduled = min(seq.num_scheduled, chunk.start)
+            seq.blocks_sent = min(seq.blocks_sent, chunk.blocks_from)
             self._release_if_idle(seq)
         for new in plan.added:
             seqs[new.seq_id].registered = False  # the sampler never heard of it

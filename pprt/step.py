@@ -19,12 +19,18 @@ class SeqChunk:
     seq_id: int
     token_ids: list[int]  # tokens whose KV this step computes
     start: int  # position of token_ids[0]
-    block_table: list[int]  # blocks covering positions [0, start + len(token_ids))
+    # The block table travels as a change: every stage keeps each sequence's table, cuts it
+    # to `blocks_from` entries and appends `new_blocks` (a long context's table is not
+    # re-sent every step). The result covers positions [0, start + len(token_ids)).
+    blocks_from: int
+    new_blocks: list[int]
     sample: bool  # the last token's logits give the sequence its next token
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError(f"sequence {self.seq_id}: a chunk needs at least one token")
+        if self.blocks_from < 0:
+            raise ValueError(f"sequence {self.seq_id}: blocks_from must be >= 0, got {self.blocks_from}")
 
     @property
     def end(self) -> int:
@@ -45,7 +51,7 @@ class StepPlan:
     step: int
     chunks: list[SeqChunk]
     added: list[NewSequence] = field(default_factory=list)
-    removed: list[int] = field(default_factory=list)  # finished or cancelled: drop sampler state
+    removed: list[int] = field(default_factory=list)  # finished or cancelled: drop tables and sampler state
 
     @property
     def num_tokens(self) -> int:

@@ -56,6 +56,9 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+_NO_BLOCKS = torch.zeros(0, dtype=torch.int32)
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
@@ -72,6 +75,7 @@ class Worker:
         self.cache: KVCache | None = None
         self.sampler = Sampler(spec.config.vocab_size, self.device, spec.seed) if self.stage.is_last else None
         self.busy_seconds = 0.0  # time spent computing steps
+        self.tables: dict[int, torch.Tensor] = {}  # block table of each sequence (int32, host)
 
     def peak_device_bytes(self) -> int | None:
         """Peak GPU memory this stage allocated (None on CPU)."""
@@ -89,11 +93,12 @@ class Worker:
         `x` is the previous stage's hidden states (None on the first stage).
         """
         t0 = time.perf_counter()
+        # Idempotent: a plan that failed here may be sent again (see Scheduler.abort).
+        for seq_id in plan.removed:
+            self.tables.pop(seq_id, None)
+            if self.sampler is not None and seq_id in self.sampler:
+                self.sampler.remove(seq_id)
         if self.sampler is not None:
-            # Idempotent: a plan that failed here may be sent again (see Scheduler.abort).
-            for seq_id in plan.removed:
-                if seq_id in self.sampler:
-                    self.sampler.remove(seq_id)
             for new in plan.added:
                 if new.seq_id not in self.sampler:
                     self.sampler.add(new.seq_id, new.params, new.prompt_ids)
@@ -116,22 +121,25 @@ class Worker:
     def _batch(self, plan: StepPlan) -> tuple[AttentionBatch, torch.Tensor]:
         """Tensors of a plan: positions, slots, block tables, query offsets, context lengths."""
         bs = self.spec.block_size
-        positions, slots, starts, ctx, sample_rows = [], [], [0], [], []
-        width = max(len(c.block_table) for c in plan.chunks)
-        tables = torch.zeros(len(plan.chunks), width, dtype=torch.int32)
-        for i, c in enumerate(plan.chunks):
-            pos = range(c.start, c.end)
-            positions.extend(pos)
-            slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
+        starts, ctx, sample_rows, rows = [0], [], [], []
+        for c in plan.chunks:
+            old = self.tables.get(c.seq_id, _NO_BLOCKS)
+            if c.new_blocks or c.blocks_from < len(old):
+                self.tables[c.seq_id] = torch.cat([old[: c.blocks_from], torch.tensor(c.new_blocks, dtype=torch.int32)])
+            rows.append(self.tables[c.seq_id])
             starts.append(starts[-1] + len(c.token_ids))
             ctx.append(c.end)
-            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
             if c.sample:
                 sample_rows.append(starts[-1] - 1)
+        tables = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, max blocks]
+        q_lens = torch.tensor([len(c.token_ids) for c in plan.chunks])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(plan.chunks)), q_lens)  # [T]
+        positions = torch.cat([torch.arange(c.start, c.end) for c in plan.chunks])  # [T]
+        slots = tables[seq_of_token, positions // bs].long() * bs + positions % bs  # [T]
         dev = self.device
         batch = AttentionBatch(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            positions=positions.to(dev),
+            slot_mapping=slots.to(dev),
             block_tables=tables.to(dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),

@@ -99,3 +99,26 @@ def test_cancelled_stream_gives_blocks_back(model):
         stream.close()
         assert llm.blocks.num_free == total
         assert not llm.scheduler.has_work
+
+
+def test_plans_carry_block_table_changes_not_whole_tables():
+    from pprt.step import StepResult
+
+    s = Scheduler(BlockManager(64, 16), max_context=1000, chunk_size=100)
+    seq = s.add(list(range(1, 301)), SamplingParams(max_tokens=40, temperature=0).resolve())
+    seqs = {seq.seq_id: seq}
+    table: list[int] = []
+    for step in range(60):
+        plan = s.schedule()
+        if plan is None:
+            break
+        (c,) = plan.chunks
+        assert c.blocks_from == len(table)  # the stages' copy is exactly what was sent before
+        assert len(c.new_blocks) <= -(-len(c.token_ids) // 16) + 1  # only the blocks this chunk needs
+        table = table[: c.blocks_from] + c.new_blocks
+        assert table == s.blocks.tables[seq.seq_id]
+        s.complete(plan, StepResult(plan.step, [seq.seq_id] if c.sample else [], [7] if c.sample else []), seqs)
+        if step == 10:  # a preempted sequence starts its table again
+            s._preempt(seq)
+            table = []
+    assert seq.finish_reason == "length"
