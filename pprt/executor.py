@@ -44,6 +44,7 @@ class LocalExecutor:
         self.weight_bytes = [self.worker.weight_bytes()]
         self.load_seconds = self.worker.load_seconds
         self.load_rss_bytes = [self.worker.load_rss_bytes]
+        self.quant_seconds = self.worker.quant_seconds
         self.num_blocks = worker_blocks(self.worker, kv_blocks)
         self.worker.allocate_cache(self.num_blocks)
         self.kv_bytes = [self.worker.cache.nbytes]

@@ -207,7 +207,8 @@ def format_stats(stats: dict) -> str:
     def rate(x):
         return "-" if x is None else f"{x:.1f} tok/s"
 
-    lines = [f"[pprt] load {stats['load_s']:.2f} s | prompt {stats['prompt_tokens']} tokens, first token in "
+    quantized = f" (quantizing {stats['quantize_s']:.2f} s)" if stats.get("quantize_s") else ""
+    lines = [f"[pprt] load {stats['load_s']:.2f} s{quantized} | prompt {stats['prompt_tokens']} tokens, first token in "
              f"{stats['time_to_first_token_s']:.3f} s (prefill {rate(stats['prefill_tokens_per_s'])}) | "
              f"{stats['new_tokens']} new tokens (decode {rate(stats['decode_tokens_per_s'])}) | "
              f"finish: {stats['finish_reason']}"]
@@ -220,8 +221,8 @@ def format_stats(stats: dict) -> str:
 
 def run_completion(llm: LLM, args: argparse.Namespace, prompt: str, load_s: float) -> None:
     completion, stats = stream_completion(llm, prompt, args.sampling, None if args.json else sys.stdout)
-    stats = {"load_s": round(load_s, 3), **stats, "finish_reason": completion.finish_reason,
-             "memory": memory_report(llm)}
+    stats = {"load_s": round(load_s, 3), "quantize_s": round(llm.executor.quant_seconds, 3), **stats,
+             "finish_reason": completion.finish_reason, "memory": memory_report(llm)}
     if args.json:
         print(json.dumps({"text": completion.text, "token_ids": completion.token_ids,
                           "prompt_token_ids": completion.prompt_token_ids,

@@ -125,6 +125,7 @@ def _take_load_report(executor, readies: list[StageReady]) -> None:
     executor.weight_bytes = [r.weight_bytes for r in readies]
     executor.load_seconds = max(r.load_seconds for r in readies)
     executor.load_rss_bytes = [r.load_rss_bytes for r in readies]
+    executor.quant_seconds = max(r.quant_seconds for r in readies)
 
 
 def _shutdown(procs: list, conns: list) -> None:
@@ -168,7 +169,8 @@ class TorchrunExecutor:
         self.worker = Worker(specs[0])
         self.channel = ActivationChannel(0, len(specs), self.worker.device, transport)
         readies = [StageReady(0, worker_blocks(self.worker, kv_blocks),
-                              self.worker.weight_bytes(), self.worker.load_seconds, self.worker.load_rss_bytes)]
+                              self.worker.weight_bytes(), self.worker.load_seconds, self.worker.load_rss_bytes,
+                              self.worker.quant_seconds)]
         readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
         _take_load_report(self, readies)
         for rank in range(1, len(specs)):

@@ -65,7 +65,7 @@ def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control,
     channel = ActivationChannel(stage, world, worker.device, transport)
     try:
         control.send(StageReady(stage, worker_blocks(worker, kv_blocks), worker.weight_bytes(),
-                                worker.load_seconds, worker.load_rss_bytes))
+                                worker.load_seconds, worker.load_rss_bytes, worker.quant_seconds))
         worker.allocate_cache(control.recv())
         control.send(worker.cache.nbytes)  # the pool as allocated, scales included
         steps = 0

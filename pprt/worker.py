@@ -8,6 +8,7 @@ on one micro-batch. Knows nothing of tokenization or scheduling.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+log = logging.getLogger("pprt")
 _NO_BLOCKS = torch.zeros(0, dtype=torch.int32)
 
 
@@ -70,6 +72,9 @@ class Worker:
                                         self.device, spec.dtype, spec.quant)
         self.load_rss_bytes = peak_rss_bytes() - rss_before  # host memory the load took at its peak
         self.load_seconds = time.perf_counter() - t0
+        if spec.quant:
+            log.info("layers %d-%d: loaded in %.2f s, of which %.2f s quantizing to %s", self.stage.lo,
+                     self.stage.hi - 1, self.load_seconds, self.quant_seconds, spec.quant)
         self.cache_spec = CacheSpec(self.stage.num_layers, spec.config.num_kv_heads, spec.config.head_dim,
                                     spec.block_size, spec.kv_dtype or spec.dtype)
         self.cache: KVCache | None = None
