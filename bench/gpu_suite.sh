@@ -23,7 +23,9 @@ TINY=0
 [[ "${1:-}" == "--tiny" ]] && TINY=1
 PY=${PYTHON:-python3}
 BUDGET=${SUITE_BUDGET_S:-450}
-RESULTS_DIR=${RESULTS_DIR:-$ROOT/bench/results}
+# A --tiny dry run writes its (meaningless) rows to a temporary folder, not bench/results/.
+if ((TINY)); then RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d -t pprt-tiny-results-XXXX)}
+else RESULTS_DIR=${RESULTS_DIR:-$ROOT/bench/results}; fi
 LOG_DIR=${LOG_DIR:-${OUT:-$(mktemp -d -t pprt-suite-XXXX)}}
 mkdir -p "$RESULTS_DIR" "$LOG_DIR"
 export PYTHONUNBUFFERED=1
