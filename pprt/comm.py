@@ -56,9 +56,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_group(rank: int, world: int, transport: str, init_method: str | None = None,
+def init_group(rank: int, world: int, transport: str, device: str, init_method: str | None = None,
                timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Join the stages' process group (env:// under torchrun when init_method is None)."""
+    """Join the stages' process group (env:// under torchrun when init_method is None).
+
+    A CUDA stage first makes its GPU the current device, so NCCL's communicator (and
+    any stray default-device allocation) lands on it rather than on cuda:0.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
     backend = "cpu:gloo,cuda:nccl" if transport == "nccl" else "gloo"
     dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))

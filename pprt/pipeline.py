@@ -162,7 +162,7 @@ class TorchrunExecutor:
 
         self.specs, self.depth = specs, len(specs)
         self._failed = False
-        init_group(0, len(specs), transport)
+        init_group(0, len(specs), transport, specs[0].device)
         self.objects = ObjectChannel()
         for rank in range(1, len(specs)):
             self.objects.send((specs[rank], kv_blocks), rank)

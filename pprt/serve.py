@@ -97,7 +97,7 @@ def serve_spawned(stage: int, world: int, spec: WorkerSpec, transport: str, init
     if threads:
         torch.set_num_threads(threads)
     try:
-        init_group(stage, world, transport, init_method)
+        init_group(stage, world, transport, spec.device, init_method)
         run_stage(stage, world, spec, transport, PipeControl(conn), kv_blocks)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the driver is gone: leave quietly
@@ -158,7 +158,7 @@ def serve_torchrun() -> None:
         raise RuntimeError("serve_torchrun() is for torchrun ranks other than 0")
     rank, world = rank_world
     transport = torchrun_transport()
-    init_group(rank, world, transport)
+    init_group(rank, world, transport, local_device())
     objects = ObjectChannel()
     try:
         spec, kv_blocks = objects.recv(0)
