@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quant", default=None, choices=["int4"], help="quantize a float checkpoint while loading")
     m.add_argument("--kv-dtype", default="auto", help="KV cache type: auto, bf16, fp16, fp32 or fp8")
     m.add_argument("--max-context", type=int, default=None, help="longest prompt + generation (default: the model's)")
+    m.add_argument("--transport", default="auto", choices=["auto", "nccl", "gloo", "host"],
+                   help="how stages pass activations: auto (NCCL between GPUs), or host (through pinned host "
+                        "memory, for machines where GPU peer-to-peer hangs)")
     i = p.add_argument_group("input and output")
     src = i.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
@@ -162,7 +165,7 @@ def open_model(args: argparse.Namespace) -> LLM:
         if devices is None and not torchrun_rank() and not _has_cuda():
             devices = ["cpu", "cpu"]  # the demo runs as a two-stage pipeline
     return LLM(model, devices=devices, split=args.split_list, dtype=args.dtype, quant=args.quant,
-               max_context=args.max_context, kv_dtype=args.kv_dtype, seed=args.seed)
+               max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed)
 
 
 def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO | None) -> tuple[Completion, dict]:

@@ -228,6 +228,7 @@ def test_stop_string_cuts_the_output(chat_model, llm, capsys):
     (["--prompt", "x", "--prompt-file", "y"], "not allowed with argument"),
     (["--quant", "int8"], "invalid choice: 'int8'"),
     (["--max-context", "0"], "--max-context must be >= 1"),
+    (["--transport", "pigeon"], "invalid choice: 'pigeon'"),
 ], ids=lambda x: None if isinstance(x, str) else "_".join(x).strip("-"))
 def test_argument_errors_exit_2_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -282,3 +283,10 @@ def test_quantize_at_load_reports_its_time(tmp_path, capsys):
                      "--max-new-tokens", "3", "--temperature", "0", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)["statistics"]
     assert 0 < stats["quantize_s"] <= stats["load_s"]
+
+
+def test_transport_flag_reaches_the_pipeline(chat_model, llm, capsys):
+    expected = llm.generate(PROMPT, greedy(4))[0].token_ids
+    assert cli.main(["--model", str(chat_model), "--devices", "cpu,cpu", "--transport", "host", "--prompt", PROMPT,
+                     "--max-new-tokens", "4", "--temperature", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
