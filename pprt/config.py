@@ -13,9 +13,12 @@ with a message naming the field and its value.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger("pprt")
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
@@ -269,3 +272,37 @@ def _parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 parse_dtype = _parse_dtype
+
+
+def default_context(config: ModelConfig) -> int:
+    """The checkpoint's window: max_position_embeddings, or what its YaRN scaling serves."""
+    rope = config.rope
+    if rope.type == "yarn":
+        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
+    return config.max_position_embeddings
+
+
+def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:
+    """Enable YaRN as Qwen documents it when `max_context` exceeds the native window of a
+    checkpoint without rope scaling (factor = max_context / native, original = native).
+
+    A config that already has YaRN is used as it is (it serves factor x original tokens).
+    """
+    native = config.max_position_embeddings
+    rope = config.rope
+    if rope.type == "yarn":
+        window = max(native, int(rope.factor * rope.original_max_position))
+        log.info("rope: the checkpoint's YaRN (factor %g, original %d) serves up to %d tokens",
+                 rope.factor, rope.original_max_position, window)
+        if max_context > window:
+            log.warning("max_context %d exceeds the %d tokens the checkpoint's YaRN was set up for "
+                        "(factor %g x original %d): quality past it is unknown",
+                        max_context, window, rope.factor, rope.original_max_position)
+        return config
+    if max_context <= native:
+        return config
+    factor = max_context / native
+    log.warning("max_context %d exceeds the native window %d: enabling YaRN (factor %.4g, original %d); "
+                "static YaRN also applies to short prompts", max_context, native, factor, native)
+    rope = RopeConfig(theta=rope.theta, type="yarn", factor=factor, original_max_position=native)
+    return dataclasses.replace(config.with_rope(rope), max_position_embeddings=max_context)

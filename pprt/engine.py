@@ -9,7 +9,6 @@ executor runs each step at once in this process.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import deque
@@ -20,7 +19,7 @@ import torch
 
 from .cache import BlockManager, parse_kv_dtype
 from .checkpoint import CheckpointError, ModelSource, load_config
-from .config import ModelConfig, RopeConfig, parse_dtype
+from .config import default_context, extend_context, parse_dtype
 from .executor import make_executor
 from .pipeline import StageFailed
 from .sampling import SamplingParams
@@ -260,40 +259,6 @@ class LLM:
         text = req.text if req.detok is not None else ""
         logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None
         return Completion(text, list(seq.output_ids), list(seq.prompt_ids), seq.finish_reason, logprobs)
-
-
-def default_context(config: ModelConfig) -> int:
-    """The checkpoint's window: max_position_embeddings, or what its YaRN scaling serves."""
-    rope = config.rope
-    if rope.type == "yarn":
-        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
-    return config.max_position_embeddings
-
-
-def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:
-    """Enable YaRN as Qwen documents it when `max_context` exceeds the native window of a
-    checkpoint without rope scaling (factor = max_context / native, original = native).
-
-    A config that already has YaRN is used as it is (it serves factor x original tokens).
-    """
-    native = config.max_position_embeddings
-    rope = config.rope
-    if rope.type == "yarn":
-        window = max(native, int(rope.factor * rope.original_max_position))
-        log.info("rope: the checkpoint's YaRN (factor %g, original %d) serves up to %d tokens",
-                 rope.factor, rope.original_max_position, window)
-        if max_context > window:
-            log.warning("max_context %d exceeds the %d tokens the checkpoint's YaRN was set up for "
-                        "(factor %g x original %d): quality past it is unknown",
-                        max_context, window, rope.factor, rope.original_max_position)
-        return config
-    if max_context <= native:
-        return config
-    factor = max_context / native
-    log.warning("max_context %d exceeds the native window %d: enabling YaRN (factor %.4g, original %d); "
-                "static YaRN also applies to short prompts", max_context, native, factor, native)
-    rope = RopeConfig(theta=rope.theta, type="yarn", factor=factor, original_max_position=native)
-    return dataclasses.replace(config.with_rope(rope), max_position_embeddings=max_context)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], since: int) -> int | None:

@@ -96,8 +96,8 @@ class TrainOptions:
     """Optimizer and schedule; every field is a command-line flag."""
 
     seed: int = 0
-    max_steps: int = 900
-    budget_min: float = 20.0
+    max_steps: int = 2600  # the shipped pprt/demo model (about 27 min on 2 threads)
+    budget_min: float = 40.0
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 4e-3
@@ -106,7 +106,7 @@ class TrainOptions:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 150
-    threads: int = 1
+    threads: int = 2
     val_fraction: float = 0.02
 
     def __post_init__(self) -> None:
