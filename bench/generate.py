@@ -57,7 +57,7 @@ import torch
 from bench.harness import append_results, copy_bandwidth, environment, print_table
 from pprt import LLM, SamplingParams
 from pprt.config import ModelConfig
-from pprt.model import Stage
+from pprt.models.stage import Stage
 from pprt.plan import embedding_bytes, int4_linear_bytes, kv_bytes_per_token, layer_weight_bytes
 
 GB = 1e9

@@ -24,7 +24,7 @@ import torch
 
 import pprt_kernels.int4_matmul as im
 from bench.harness import append_results, copy_bandwidth, environment, print_table, time_fn
-from pprt.quant import quantize_rtn
+from pprt.weights.int4 import quantize_rtn
 
 NOT_MEASURED = "not measured"
 # (model, layer, N = out, K = in); Qwen2.5-72B's Int4 files pad the MLP to 29696

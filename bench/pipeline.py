@@ -281,7 +281,7 @@ def phase_figures(c0: Counters, c1: Counters, stages: int, load: float) -> dict:
 @contextlib.contextmanager
 def _stage_threads(n: int):
     """Start pipeline stages with `n` torch threads each (the executor's default is cpu_count // stages)."""
-    from pprt import pipeline
+    from pprt.distributed import pipeline
 
     init = pipeline.PipelineExecutor.__init__
 
@@ -350,7 +350,7 @@ def _matmul_worker(rank: int, world: int, shapes, hidden: int, seconds: float, b
 def parallel_matmul(world: int, shapes: tuple[int, ...], hidden: int, seconds: float) -> list[dict]:
     """Per-process results of the matmul loop run in `world` processes at once (barrier per shape)
     and, with 2, the gloo one-way latency of [rows, H] between them."""
-    from pprt.comm import free_port
+    from pprt.distributed.comm import free_port
 
     ctx = mp.get_context("fork")  # no second torch import; run before this process's first matmul
     barrier, queue, port = ctx.Barrier(world), ctx.Queue(), free_port()

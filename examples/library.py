@@ -10,7 +10,7 @@ part says so and is skipped; with a chat model it runs.
 import argparse
 
 from pprt import LLM, SamplingParams
-from pprt.demo_model import demo_model_path
+from pprt.entrypoints.demo_model import demo_model_path
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=str(demo_model_path()))

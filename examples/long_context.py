@@ -17,7 +17,7 @@ import time
 import torch
 
 from pprt import LLM, SamplingParams
-from pprt.demo_model import demo_model_path
+from pprt.entrypoints.demo_model import demo_model_path
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=str(demo_model_path()))

@@ -21,7 +21,7 @@ import re
 import torch
 
 from pprt import LLM, SamplingParams
-from pprt.demo_model import demo_model_path
+from pprt.entrypoints.demo_model import demo_model_path
 
 TASK = "Read a CSV file and print the average of its second column."
 ASK_AGENT = {"type": "function", "function": {

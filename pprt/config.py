@@ -3,7 +3,7 @@
 Built from the dicts of config.json (and generation_config.json) in either
 rotary spelling: the old top-level `rope_theta` + `rope_scaling` that real
 Qwen checkpoints use, or the new `rope_parameters` that transformers v5
-writes. Knows nothing about files or devices: `checkpoint.py` reads the JSON.
+writes. Knows nothing about files or devices: `weights/checkpoint.py` reads the JSON.
 
 Anything the runtime does not implement (another model_type, sliding window,
 an unknown rope type, a quantization other than 4-bit GPTQ/AWQ) fails here
@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ConfigError
+
 log = logging.getLogger("pprt")
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
-
-
-class ConfigError(ValueError):
-    """A config.json field is missing, wrong, or asks for something unsupported."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,10 @@ import pytest
 
 from models import make_checkpoint
 from pprt import LLM, SamplingParams
-from pprt.cache import BlockManager, CacheSpec, OutOfBlocks
-from pprt.scheduler import RequestTooLarge, Scheduler
+from pprt import RequestTooLarge
+from pprt.engine.blocks import BlockManager, OutOfBlocks
+from pprt.engine.scheduler import Scheduler
+from pprt.models.kv import CacheSpec
 
 import torch
 
@@ -102,7 +104,7 @@ def test_cancelled_stream_gives_blocks_back(model):
 
 
 def test_plans_carry_block_table_changes_not_whole_tables():
-    from pprt.step import StepResult
+    from pprt.distributed.step import StepResult
 
     s = Scheduler(BlockManager(64, 16), max_context=1000, chunk_size=100)
     seq = s.add(list(range(1, 301)), SamplingParams(max_tokens=40, temperature=0).resolve())

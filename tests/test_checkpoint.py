@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from pprt import LLM, SamplingParams
-from pprt.checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, CheckpointReader, ModelSource,
+from pprt.weights.checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, CheckpointReader, ModelSource,
                              load_config)
 from pprt.config import ConfigError
-from pprt.loader import load_stage
-from pprt.model import Stage
+from pprt.weights.loader import load_stage
+from pprt.models.stage import Stage
 
 from models import make_checkpoint
 
@@ -291,16 +291,16 @@ def test_stage_opens_only_its_shards(sharded, monkeypatch):
 
 
 def test_progress_bar_over_bytes(sharded, capsys, monkeypatch):
-    import pprt.loader
+    import pprt.weights.loader
     seen = {}
 
-    class Bar(pprt.loader.tqdm):
+    class Bar(pprt.weights.loader.tqdm):
         def close(self):
             if not self.disable:
                 seen.update(total=self.total, n=self.n, unit=self.unit)
             super().close()
 
-    monkeypatch.setattr(pprt.loader, "tqdm", Bar)
+    monkeypatch.setattr(pprt.weights.loader, "tqdm", Bar)
     source = ModelSource(sharded)
     reader = CheckpointReader(source)
     stage = Stage(load_config(source))
@@ -414,9 +414,9 @@ def big(tmp_path_factory) -> Path:
 MEASURE = textwrap.dedent("""
     import json, sys
     import torch
-    from pprt.checkpoint import CheckpointReader, ModelSource, load_config
-    from pprt.loader import load_stage
-    from pprt.model import Stage
+    from pprt.weights.checkpoint import CheckpointReader, ModelSource, load_config
+    from pprt.weights.loader import load_stage
+    from pprt.models.stage import Stage
 
     def status(key):  # kB
         for line in open("/proc/self/status"):

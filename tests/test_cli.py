@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from models import VOCAB, make_checkpoint
+import pprt
 from pprt import LLM, SamplingParams
-from pprt import generate as cli
-from pprt.demo_model import demo_model_available, demo_model_path
+from pprt.entrypoints import generate as cli
+from pprt.entrypoints.demo_model import demo_model_available, demo_model_path
 from tiny_tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -270,7 +271,7 @@ def test_broken_checkpoint_exits_1_naming_the_file(tmp_path, capsys):
 
 
 def test_demo_model_path_points_into_the_package():
-    assert demo_model_path() == Path(cli.__file__).resolve().parent / "demo"
+    assert demo_model_path() == Path(pprt.__file__).resolve().parent / "demo"
 
 
 def test_quantize_at_load_reports_its_time(tmp_path, capsys):

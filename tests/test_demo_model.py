@@ -3,7 +3,7 @@
 import json
 
 from pprt import LLM, SamplingParams
-from pprt.demo_model import demo_model_path
+from pprt.entrypoints.demo_model import demo_model_path
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 

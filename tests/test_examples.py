@@ -17,7 +17,7 @@ import pytest
 
 from models import make_checkpoint
 from pprt import LLM, SamplingParams
-from pprt.demo_model import demo_model_available, demo_model_path
+from pprt.entrypoints.demo_model import demo_model_available, demo_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 N = 5  # new tokens per generation: keep the runs short

@@ -34,8 +34,8 @@ from torch import nn
 from int4_packers import awq_quantize, gptq_quantize
 from models import make_checkpoint, reference_greedy, reference_logprobs, reference_model
 from pprt import LLM, SamplingParams
-from pprt.checkpoint import CheckpointError
-from pprt.quant import Int4Linear, dequantize
+from pprt.weights.checkpoint import CheckpointError
+from pprt.weights.int4 import Int4Linear, dequantize
 
 # fp32 activations on both sides and the same dequantized weights: only summation order
 # differs. Measured max |dlogprob| <= 4e-6 over these cases.

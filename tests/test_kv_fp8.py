@@ -16,7 +16,7 @@ import torch
 
 from models import make_checkpoint
 from pprt import LLM, SamplingParams
-from pprt.cache import CacheSpec, KVCache
+from pprt.models.kv import CacheSpec, KVCache
 from pprt.config import ModelConfig
 from pprt.plan import kv_bytes_per_token
 

@@ -19,8 +19,8 @@ import torch
 
 from models import make_checkpoint, reference_greedy, reference_model
 from pprt import LLM, SamplingParams
-from pprt.layers import rope_inv_freq
-from pprt.scheduler import RequestTooLarge
+from pprt.models.layers import rope_inv_freq
+from pprt import RequestTooLarge
 
 LOGPROB_ATOL = 1e-4  # fp32 end to end; measured <= 2e-5 on these models
 

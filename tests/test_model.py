@@ -12,7 +12,7 @@ import torch
 
 from models import make_checkpoint, reference_greedy, reference_model
 from pprt import LLM, SamplingParams
-from pprt.checkpoint import ModelSource, load_config
+from pprt.weights.checkpoint import ModelSource, load_config
 
 VARIANTS = {
     "qwen2": dict(family="qwen2"),

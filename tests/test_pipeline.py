@@ -12,7 +12,7 @@ import pytest
 
 from models import make_checkpoint
 from pprt import LLM, SamplingParams
-from pprt.pipeline import StageFailed
+from pprt import StageFailed
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
 PROMPTS = [[5, 17, 40, 33, 100, 7], [9], [(11 * i) % 300 + 2 for i in range(100)], [250, 3, 3, 3, 3, 3, 3]]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pprt.checkpoint import CheckpointError
+from pprt.weights.checkpoint import CheckpointError
 from pprt.config import ModelConfig
 from pprt.plan import (
     GiB,
@@ -22,7 +22,7 @@ from pprt.plan import (
     layer_weight_bytes,
     plan,
 )
-from pprt.plan_cli import main, parse_gpus, read_model_config
+from pprt.entrypoints.plan_cli import main, parse_gpus, read_model_config
 
 GB = 10**9
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ TINY = {
 @pytest.mark.parametrize("key", list(TINY))
 def test_weight_bytes_equal_the_stage_model_parameters(key):
     """The runtime's own Stage (built on the meta device, nothing allocated) holds what the plan counts."""
-    from pprt.model import Stage
+    from pprt.models.stage import Stage
 
     config = ModelConfig.from_dict(TINY[key])
     result = plan(config, devices(10, 10), split=[1, 3], dtype_bytes=4, max_context=64)

@@ -6,7 +6,7 @@ import pytest
 
 from models import make_checkpoint
 from pprt import LLM
-from pprt.checkpoint import ModelSource, load_config
+from pprt.weights.checkpoint import ModelSource, load_config
 from pprt.plan import DeviceBudget, plan
 
 
@@ -55,7 +55,7 @@ def test_explicit_split_is_checked_against_memory(model):
 def test_kv_dtype_reaches_the_plan_and_bad_sizes_fail_before_loading(model):
     import torch
 
-    from pprt.executor import plan_stages
+    from pprt.distributed.executor import plan_stages
 
     config = load_config(ModelSource(model))
     per_token = {kv: plan_stages(config, ["cpu"], split=None, dtype=torch.bfloat16, quant=None, kv_dtype=kv,
@@ -73,7 +73,7 @@ def test_kv_dtype_reaches_the_plan_and_bad_sizes_fail_before_loading(model):
 def test_stages_on_one_device_share_its_memory(model):
     import torch
 
-    from pprt.executor import plan_stages
+    from pprt.distributed.executor import plan_stages
 
     config = load_config(ModelSource(model))
     kw = dict(split=None, dtype=torch.float32, quant=None, kv_dtype=torch.float32, block_size=16, max_context=256,

@@ -16,7 +16,7 @@ from int4_packers import (
     pack_along_cols, pack_along_rows,
 )
 from pprt.config import QuantConfig
-from pprt.quant import (
+from pprt.weights.int4 import (
     AWQ_ORDER, Int4Linear, Int4Weight, dequantize, from_awq, from_gptq, load_quantized_linear, pack,
     quantize_linear, quantize_rtn, unpack,
 )

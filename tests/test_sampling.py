@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from pprt.sampling import STANDARD_DEFAULTS, Sampler, SamplingParams, _top_k_top_p
+from pprt.models.sampler import Sampler, _top_k_top_p
+from pprt.params import STANDARD_DEFAULTS, SamplingParams
 
 CPU = torch.device("cpu")
 

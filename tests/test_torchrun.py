@@ -13,7 +13,7 @@ from pprt import LLM, SamplingParams
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from pprt.serve import serve_torchrun, torchrun_rank
+    from pprt.distributed.stage_main import serve_torchrun, torchrun_rank
     rank, world = torchrun_rank()
     if rank != 0:
         serve_torchrun()

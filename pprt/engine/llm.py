@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import BlockManager, parse_kv_dtype
-from .checkpoint import CheckpointError, ModelSource, load_config
-from .config import default_context, extend_context, parse_dtype
-from .executor import make_executor
-from .pipeline import StageFailed
-from .sampling import SamplingParams
+from ..config import default_context, extend_context, parse_dtype
+from ..distributed.executor import make_executor
+from ..distributed.stage_main import local_device, torchrun_rank
+from ..errors import CheckpointError, StageFailed
+from ..models.kv import parse_kv_dtype
+from ..params import SamplingParams
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..weights.checkpoint import ModelSource, load_config
+from .blocks import BlockManager
 from .scheduler import Scheduler, Sequence
-from .serve import local_device, torchrun_rank
-from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("pprt")
 
@@ -76,7 +77,7 @@ class LLM:
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
                 raise RuntimeError("under torchrun, only rank 0 builds the LLM; other ranks call "
-                                   "pprt.serve.serve_torchrun()")
+                                   "pprt.distributed.stage_main.serve_torchrun()")
             if devices is not None:
                 raise ValueError("under torchrun each rank uses its own device: leave devices=None")
             devices = [local_device()] * torchrun[1]

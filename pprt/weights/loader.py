@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, CheckpointReader
-from .model import Stage
+from ..errors import CheckpointError
+from ..models.stage import Stage
+from .checkpoint import CheckpointReader
 
 QUANT_MODES = (None, "int4")
 
@@ -40,7 +41,7 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
                               "config.json has no quantization_config")
 
     if quant == "int4":  # before any read: RTN groups run along in_features
-        from .quant import RTN_GROUP_SIZE
+        from .int4 import RTN_GROUP_SIZE
 
         for prefix, m in linears.items():
             if prefix not in gptq_awq and not _never_quantized(prefix) and m.in_features % RTN_GROUP_SIZE:
@@ -115,14 +116,14 @@ def _replace(stage: Stage, prefix: str, module: nn.Module) -> None:
 
 
 def _quantize(linear: nn.Linear) -> nn.Module:
-    from .quant import quantize_linear
+    from .int4 import quantize_linear
 
     return quantize_linear(linear.weight, linear.bias)
 
 
 def _load_int4(reader: CheckpointReader, prefix: str, linear: nn.Linear, stage: Stage,
                dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from .quant import load_quantized_linear
+    from .int4 import load_quantized_linear
 
     def read(name: str) -> torch.Tensor:
         return reader.read(name, device)  # stored dtype; quant.py converts

@@ -3,7 +3,7 @@
 `plan()` cuts the decoder stack into contiguous stages [lo, hi), one per device
 (stage 0 also holds the embedding, the last stage the final norm and the head),
 and says what each stage holds. Knows nothing about weights or files beyond
-config.json; `python -m pprt.plan` is a thin CLI over it.
+config.json; `python -m pprt.plan` (pprt.entrypoints.plan_cli) is a thin CLI over it.
 
 Accounting, in bytes (db = model dtype bytes, T = chunk_size, H, n, m, h, I, V,
 E, k = experts per token, as in QWEN.md):
@@ -39,10 +39,9 @@ fits, the plan shows the cut with the smallest worst shortfall.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 
-from pprt.config import ModelConfig
+from ..config import ModelConfig
 
 GiB = 1 << 30
 DEFAULT_OVERHEAD = 1 * GiB
@@ -527,11 +526,3 @@ def _explain(result: Plan, costs: _Costs, config: ModelConfig, budgets: list[Dev
                      "none of Int4, fp8 KV, a shorter context or up to 8 more devices makes it fit")
     return "\n".join(lines)
 
-
-# ---- command line --------------------------------------------------------------------------
-
-
-if __name__ == "__main__":  # python -m pprt.plan
-    from pprt.plan_cli import main
-
-    sys.exit(main())

@@ -14,9 +14,10 @@ import json
 import math
 import sys
 
-from pprt.checkpoint import CheckpointError, ModelSource
-from pprt.config import ModelConfig
-from pprt.plan import QUANTS, DeviceBudget, GiB, Plan, _gib, plan
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..plan import QUANTS, DeviceBudget, GiB, Plan, _gib, plan
+from ..weights.checkpoint import ModelSource
 
 
 def read_model_config(model: str) -> ModelConfig:

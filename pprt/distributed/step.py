@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .sampling import SamplingParams
+from ..params import SamplingParams
 
 
 @dataclass(slots=True)

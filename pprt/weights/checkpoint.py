@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -35,10 +36,6 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt; the message names the file/tensor."""
 
 
 class ModelSource:

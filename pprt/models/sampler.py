@@ -1,8 +1,4 @@
-"""Sampling: `SamplingParams` (public) and the batched `Sampler` of the last stage.
-
-`SamplingParams` is what a user asks for; a None sampling field means "the
-model's default (generation_config.json), else the standard default".
-`resolve(defaults)` fills those in and is done once per request by the driver.
+"""The batched `Sampler` of the last stage.
 
 `Sampler` lives on the device holding the logits (logits never leave it) and
 keeps per-sequence state between steps: a token-presence row for repetition
@@ -23,88 +19,12 @@ Columns >= vocab_size (a padded head) are never sampled nor reported.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-# The standard defaults, used when neither the request nor the model sets a field.
-STANDARD_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-_SAMPLING_FIELDS = tuple(STANDARD_DEFAULTS)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    max_tokens: int = 16  # new tokens to generate, at least 1
-    temperature: float | None = None  # 0 = greedy
-    top_p: float | None = None  # nucleus mass in (0, 1]; 1 = off
-    top_k: int | None = None  # 0 (or -1) = off
-    min_p: float | None = None  # drop tokens with p < min_p * p_max; 0 = off
-    repetition_penalty: float | None = None  # HF rule over prompt + generated; 1 = off
-    seed: int | None = None  # private generator for this request
-    stop: list[str] | str | None = None  # stop strings (tuple after resolve)
-    stop_token_ids: list[int] | None = None  # extra stop tokens besides EOS (tuple after resolve)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # k: chosen token's logprob + the top k
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if self.temperature is not None and not (_is_num(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_p is not None and not (_is_num(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None:
-            if not _is_int(self.top_k) or self.top_k < -1:
-                raise ValueError(f"top_k must be an int >= 0 (or -1 for off), got {self.top_k!r}")
-            self.top_k = max(self.top_k, 0)
-        if self.min_p is not None and not (_is_num(self.min_p) and 0 <= self.min_p <= 1):
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        rp = self.repetition_penalty
-        if rp is not None and not (_is_num(rp) and rp > 0 and math.isfinite(rp)):
-            raise ValueError(f"repetition_penalty must be > 0, got {rp!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.logprobs is not None and not (_is_int(self.logprobs) and self.logprobs >= 0):
-            raise ValueError(f"logprobs must be an int >= 0, got {self.logprobs!r}")
-        stops = (self.stop,) if isinstance(self.stop, str) else (self.stop or ())
-        if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids or ()):
-            raise ValueError(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def resolved(self) -> bool:
-        return all(getattr(self, f) is not None for f in _SAMPLING_FIELDS)
-
-    def resolve(self, defaults: dict | None = None) -> SamplingParams:
-        """A copy with every None sampling field filled from `defaults`
-        (generation_config.json keys; `do_sample: false` means greedy), then from
-        STANDARD_DEFAULTS; `stop` and `stop_token_ids` become tuples."""
-        defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
-        if defaults.get("do_sample") is False:
-            defaults["temperature"] = 0.0
-        filled = {}
-        for name, standard in STANDARD_DEFAULTS.items():
-            value = getattr(self, name)
-            if value is None:
-                value = defaults.get(name, standard)
-            filled[name] = int(value) if name == "top_k" else float(value)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return dataclasses.replace(self, **filled, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()))
+from ..params import SamplingParams
 
 
 @dataclass(slots=True)

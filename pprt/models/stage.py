@@ -7,7 +7,7 @@ so the loader maps one onto the other without a table. With tied embeddings a
 last stage that is not also the first gets its own copy of the embedding
 matrix as the head.
 
-Modules are built on the meta device; `pprt.loader` materializes them. The
+Modules are built on the meta device; `pprt.weights.loader` materializes them. The
 stage knows nothing of ranks or processes: a pipeline is several stages.
 """
 
@@ -16,9 +16,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import KVCache
-from .config import ModelConfig
-from .layers import AttentionBatch, DecoderLayer, RMSNorm, Rotary
+from ..config import ModelConfig
+from .attention import Attention, AttentionBatch
+from .kv import KVCache, LayerKV
+from .layers import MLP, RMSNorm, Rotary
+from .moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_sparse(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, cos: torch.Tensor, sin: torch.Tensor,
+                kv: LayerKV) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Stage(nn.Module):

@@ -12,26 +12,13 @@ from collections import deque
 
 import torch
 
-from .cache import CacheSpec, kv_dtype_name
+from ..config import ModelConfig
+from ..models.kv import CacheSpec, kv_dtype_name
 from .comm import choose_transport
-from .config import ModelConfig
 from .step import StageStats, StepPlan, StepResult
-from .worker import Worker, WorkerSpec, peak_rss_bytes
+from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_blocks
 
 CPU_KV_BUDGET = 64 * 2**20  # bytes: by default a CPU stage's KV pool is at most this (it is zero-filled, so resident)
-GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV pool
-
-
-def worker_blocks(worker: Worker, wanted: int) -> int:
-    """The KV blocks `worker` can hold: `wanted`, or fewer if its GPU has less free memory now."""
-    blocks = wanted
-    if worker.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(worker.device)
-        blocks = min(blocks, worker.cache_spec.blocks_for(int(free * GPU_MEMORY_FRACTION)))
-    if blocks <= 0:
-        raise MemoryError(f"{worker.device}: no memory left for a single KV block "
-                          f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
-    return blocks
 
 
 class LocalExecutor:
@@ -80,7 +67,7 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     kv_blocks = _kv_blocks(specs, result.num_blocks, kv_cache_memory)
     if torchrun:
         from .pipeline import TorchrunExecutor
-        from .serve import torchrun_transport
+        from .stage_main import torchrun_transport
 
         if transport not in ("auto", torchrun_transport()):
             raise ValueError("under torchrun the transport is set for every rank by PPRT_TRANSPORT")
@@ -99,7 +86,7 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
     one_host: the devices are this machine's, so stages naming the same device share its
     memory (under torchrun each rank has its own).
     """
-    from .plan import DeviceBudget, plan
+    from ..plan import DeviceBudget, plan
 
     if memory_budget is None:
         budgets = [_device_memory(d) // (devices.count(d) if one_host else 1) for d in devices]

@@ -26,19 +26,16 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from .cache import BlockManager
-from .sampling import SamplingParams
-from .step import NewSequence, SeqChunk, StepPlan, StepResult
+from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
+from ..errors import RequestTooLarge
+from ..params import SamplingParams
+from .blocks import BlockManager
 
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # not holding blocks (new, or preempted)
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class RequestTooLarge(ValueError):
-    """A request that no amount of waiting could serve."""
 
 
 @dataclass(slots=True, eq=False)

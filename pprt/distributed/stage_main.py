@@ -24,9 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import ActivationChannel, ObjectChannel, init_group
-from .executor import worker_blocks
 from .step import StageError, StageReady, StageStats
-from .worker import Worker, WorkerSpec, peak_rss_bytes
+from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_blocks
 
 CLOSE = "close"  # control message: leave the loop
 STATS = "stats"  # control message: report StageStats

@@ -35,7 +35,7 @@ import torch
 import pprt_kernels.int4_matmul as int4_kernels  # by attribute: a test may reload it under TRITON_INTERPRET
 
 if TYPE_CHECKING:
-    from pprt.config import QuantConfig
+    from ..config import QuantConfig
 
 RTN_GROUP_SIZE = 128  # quantize-at-load's group (the planner counts Int4 layers with it)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]

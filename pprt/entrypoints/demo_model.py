@@ -16,8 +16,8 @@ def demo_model_path() -> Path:
     """Directory of the bundled demo model (it may be absent in a checkout that has not trained it)."""
     try:
         return Path(str(resources.files("pprt") / DEMO_DIR))
-    except (ModuleNotFoundError, TypeError):  # an unusual loader: fall back to this file's folder
-        return Path(__file__).resolve().parent / DEMO_DIR
+    except (ModuleNotFoundError, TypeError):  # an unusual loader: fall back to the package's folder
+        return Path(__file__).resolve().parent.parent / DEMO_DIR
 
 
 def demo_model_available() -> bool:

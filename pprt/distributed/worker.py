@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import CacheSpec, KVCache
-from .checkpoint import CheckpointReader, ModelSource
-from .config import ModelConfig
-from .layers import AttentionBatch
-from .loader import load_stage
-from .model import Stage
-from .sampling import Sampler
+from ..config import ModelConfig
+from ..models.attention import AttentionBatch
+from ..models.kv import CacheSpec, KVCache
+from ..models.sampler import Sampler
+from ..models.stage import Stage
+from ..weights.checkpoint import CheckpointReader, ModelSource
+from ..weights.loader import load_stage
 from .step import StepPlan, StepResult
 
 
@@ -58,6 +58,7 @@ def _proc_status_kib(field: str) -> int:
 
 
 log = logging.getLogger("pprt")
+GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV pool
 _NO_BLOCKS = torch.zeros(0, dtype=torch.int32)
 
 
@@ -152,3 +153,15 @@ class Worker:
             max_context_len=max(ctx),
         )
         return batch, torch.tensor(sample_rows, dtype=torch.long, device=dev)
+
+
+def worker_blocks(worker: Worker, wanted: int) -> int:
+    """The KV blocks `worker` can hold: `wanted`, or fewer if its GPU has less free memory now."""
+    blocks = wanted
+    if worker.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(worker.device)
+        blocks = min(blocks, worker.cache_spec.blocks_for(int(free * GPU_MEMORY_FRACTION)))
+    if blocks <= 0:
+        raise MemoryError(f"{worker.device}: no memory left for a single KV block "
+                          f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
+    return blocks

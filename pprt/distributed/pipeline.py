@@ -22,16 +22,13 @@ import weakref
 from collections import deque
 from multiprocessing.connection import wait
 
+from ..errors import StageFailed
 from .comm import free_port
+from .stage_main import CLOSE, STATS, serve_spawned
 from .step import StageError, StageReady, StageStats, StepPlan, StepResult
-from .serve import CLOSE, STATS, serve_spawned
 from .worker import WorkerSpec, peak_rss_bytes
 
 JOIN_TIMEOUT_S = 5.0
-
-
-class StageFailed(RuntimeError):
-    """A stage process raised or died."""
 
 
 class PipelineExecutor:
@@ -148,7 +145,7 @@ def _shutdown(procs: list, conns: list) -> None:
 class TorchrunExecutor:
     """Rank 0 under torchrun: the driver and stage 0 in one process.
 
-    The other ranks run `pprt.serve.serve_torchrun()`; rank 0 sends each its
+    The other ranks run `pprt.distributed.stage_main.serve_torchrun()`; rank 0 sends each its
     WorkerSpec, then every step plan, over torch.distributed (asynchronously,
     so rank 0 computes stage 0 of the next micro-batch while later stages work).
     A failing rank reports a StageError; a stuck one surfaces through the
@@ -157,8 +154,7 @@ class TorchrunExecutor:
 
     def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int):
         from .comm import ActivationChannel, ObjectChannel, init_group
-        from .executor import worker_blocks
-        from .worker import Worker
+        from .worker import Worker, worker_blocks
 
         self.specs, self.depth = specs, len(specs)
         self._failed = False

@@ -1,0 +1,65 @@
+"""The driver's block manager: block tables, a free list and reference counts.
+
+Block ids are global: this manager hands them out and every stage holds the
+same number of blocks (`pprt.models.kv`). A sequence's token t lives in block
+`table[t // block_size]` at offset `t % block_size`. Ids only: no tensors.
+"""
+
+from __future__ import annotations
+
+
+class OutOfBlocks(Exception):
+    """Not enough free blocks for an allocation (the scheduler waits or preempts)."""
+
+
+class BlockManager:
+    """Block tables, a free list and reference counts for the global block ids."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.ref_count = [0] * num_blocks
+        self.tables: dict[int, list[int]] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def extra_blocks(self, seq_id: int, num_tokens: int) -> int:
+        """Blocks to add so that `seq_id` can hold `num_tokens` tokens."""
+        return max(0, self.blocks_needed(num_tokens) - len(self.tables.get(seq_id, ())))
+
+    def can_hold(self, seq_id: int, num_tokens: int) -> bool:
+        return self.extra_blocks(seq_id, num_tokens) <= self.num_free
+
+    def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the table."""
+        need = self.extra_blocks(seq_id, num_tokens)
+        if need > self.num_free:
+            raise OutOfBlocks(f"sequence {seq_id} needs {need} more blocks, {self.num_free} free")
+        table = self.tables.setdefault(seq_id, [])
+        for _ in range(need):
+            block = self.free.pop()
+            self.ref_count[block] = 1
+            table.append(block)
+        return table
+
+    def fork(self, parent: int, child: int) -> list[int]:
+        """Give `child` the blocks of `parent`, shared (reference counted)."""
+        if child in self.tables:
+            raise ValueError(f"sequence {child} already has blocks")
+        table = list(self.tables[parent])
+        for block in table:
+            self.ref_count[block] += 1
+        self.tables[child] = table
+        return table
+
+    def release(self, seq_id: int) -> None:
+        """Drop `seq_id`'s table; blocks no other sequence uses return to the free list."""
+        for block in reversed(self.tables.pop(seq_id, [])):
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free.append(block)

@@ -1,0 +1,89 @@
+"""The building blocks of a Qwen decoder layer, computed as transformers does:
+RMSNorm, rotary embeddings (default and YaRN) and the dense MLP.
+
+Tokens of all sequences in a step are packed along one axis: hidden states
+are [T, H]. Modules are plain torch and know nothing of processes or stages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim / 2] (fp32) and the cos/sin scale, default or YaRN."""
+    d = head_dim
+    inv_extrap = 1.0 / (rope.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if rope.type == "default":
+        return inv_extrap, 1.0
+    # YaRN: blend interpolated and extrapolated frequencies over a linear ramp.
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(rope.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_extrap * (1 - ramp) + (inv_extrap / rope.factor) * ramp
+    scale = rope.attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+    return inv_freq, float(scale)
+
+
+class Rotary(nn.Module):
+    """Half-split (NeoX) rotary embedding; cos/sin computed from positions each step."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int):
+        super().__init__()
+        inv_freq, self.scale = rope_inv_freq(rope, head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, h/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, h]
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, h]; cos, sin [T, h]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
