@@ -27,7 +27,6 @@ The permutation of GPTQ desc_act checkpoints is applied by the caller (x[:, perm
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -219,7 +218,6 @@ def _block_k(group_size: int, cap: int) -> int:
     raise ValueError(f"int4_matmul (triton): group_size {group_size} must be a multiple of 16")
 
 
-@functools.lru_cache(maxsize=None)
 def int4_matmul_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -230,7 +228,11 @@ def int4_matmul_triton(
     split_k: int | None = None,  # None: chosen from the shape; tests force values
     path: str | None = None,  # None: by M; "fused" or "dequant" forces a path (benchmarks)
 ) -> torch.Tensor:  # [M, N]
-    """Launcher: checks, picks the path and block sizes, allocates the output."""
+    """Launcher: checks, picks the path and block sizes, allocates the output.
+
+    Never cached: the result depends on the tensors' contents, and a cache keyed by
+    tensors would keep every call's inputs and output alive.
+    """
     m, n, k = _check(x, qweight, scales, zeros, group_size, bias)
     if triton is None:
         raise RuntimeError("int4_matmul: triton is not installed")

@@ -1,0 +1,101 @@
+"""Every Triton launcher is a pure function of its arguments' contents.
+
+A launcher must not keep its arguments alive after it returns (a cache keyed by
+tensors holds every call's inputs and outputs: GPU memory grows per token), and
+must not return an earlier result for a tensor changed in place since (CUDA-graph
+static buffers are changed in place between replays). Checked for every launcher
+in LAUNCHERS (kernels added later join the table) under the interpreter on CPU, or
+compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import pprt_kernels.int4_matmul as im
+import pprt_kernels.paged_attention as pa
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _int4_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
+    k, n, g = 64, 40, 32
+    x = torch.randn(3, k, generator=gen, dtype=torch.float32)
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32)
+    scales = torch.rand(k // g, n, generator=gen) * 0.02 + 0.005
+    zeros = torch.randint(0, 16, (k // g, n), generator=gen).to(torch.uint8)
+    return [t.to(DEVICE) for t in (x, qweight, scales, zeros)], {"group_size": g}
+
+
+def _int4_matmul(args, kw):
+    return im.int4_matmul_triton(*args, kw["group_size"])
+
+
+def _int4_matmul_ref(args, kw):
+    return im.int4_matmul_ref(*args, kw["group_size"])
+
+
+def _int4_dequant(args, kw):
+    return im.int4_dequantize_triton(*args[1:], kw["group_size"])
+
+
+def _int4_dequant_ref(args, kw):
+    return im.int4_dequantize_ref(*args[1:], kw["group_size"])
+
+
+def _attention_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
+    blocks, bs, m, h, n = 6, 4, 2, 16, 4
+    q = torch.randn(2, n, h, generator=gen)
+    k_cache = torch.randn(blocks, bs, m, h, generator=gen)
+    v_cache = torch.randn(blocks, bs, m, h, generator=gen)
+    tables = torch.tensor([[0, 2, 4], [1, 3, 5]], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    ctx = torch.tensor([9, 11], dtype=torch.int32)
+    return [t.to(DEVICE) for t in (q, k_cache, v_cache, tables, qsl, ctx)], {"scale": h**-0.5}
+
+
+def _attention(args, kw):
+    return pa.paged_attention_triton(*args, kw["scale"], max_query_len=1, max_context_len=11)
+
+
+def _attention_ref(args, kw):
+    return pa.paged_attention_ref(*args, kw["scale"], max_query_len=1, max_context_len=11)
+
+
+# name -> (build arguments, launcher, reference, index of the argument changed in place)
+LAUNCHERS = {
+    "int4_matmul": (_int4_args, _int4_matmul, _int4_matmul_ref, 0),
+    "int4_dequantize": (_int4_args, _int4_dequant, _int4_dequant_ref, 1),
+    "paged_attention_decode": (_attention_args, _attention, _attention_ref, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(LAUNCHERS))
+def test_launcher_keeps_no_argument_alive(name):
+    build, launch, _, _ = LAUNCHERS[name]
+    args, kw = build(torch.Generator().manual_seed(0))
+    refs = [weakref.ref(t) for t in args]
+    out = launch(args, kw)
+    out_ref = weakref.ref(out)
+    del args, out
+    gc.collect()
+    alive = [i for i, r in enumerate(refs) if r() is not None]
+    assert not alive, f"{name}: arguments {alive} are still alive after the call"
+    assert out_ref() is None, f"{name}: its output is still alive after the caller dropped it"
+
+
+@pytest.mark.parametrize("name", list(LAUNCHERS))
+def test_launcher_sees_in_place_changes(name):
+    build, launch, reference, changed_arg = LAUNCHERS[name]
+    args, kw = build(torch.Generator().manual_seed(1))
+    first = launch(args, kw).clone()
+    changed, _ = build(torch.Generator().manual_seed(2))
+    args[changed_arg].copy_(changed[changed_arg])  # the same tensor object, new contents
+    again = launch(args, kw)
+    want = reference(args, kw)
+    assert not torch.allclose(first, want), "the in-place change must change the result"
+    assert torch.allclose(again.float(), want.float(), rtol=1e-3, atol=1e-3), f"{name}: stale result"
