@@ -123,7 +123,7 @@ def test_models_and_weights_import_alone():
 def test_public_api():
     import pprt
 
-    for name in ("LLM", "SamplingParams", "Completion", "CheckpointError", "ConfigError", "StageFailed",
+    for name in ("LLM", "SamplingParams", "Completion", "Stats", "CheckpointError", "ConfigError", "StageFailed",
                  "RequestTooLarge"):
         assert getattr(pprt, name).__name__ == name
     assert set(pprt.__all__) >= {"LLM", "SamplingParams", "Completion"}

@@ -15,7 +15,7 @@ import torch
 from ..config import ModelConfig
 from ..models.kv import CacheSpec, kv_dtype_name
 from .comm import choose_transport
-from .step import StageStats, StepPlan, StepResult
+from .step import StageCounters, StepPlan, StepResult
 from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_blocks
 
 CPU_KV_BUDGET = 64 * 2**20  # bytes: by default a CPU stage's KV pool is at most this (it is zero-filled, so resident)
@@ -44,8 +44,8 @@ class LocalExecutor:
     def submit(self, plan: StepPlan) -> None:
         self._results.append(self.worker.execute(plan))
 
-    def stats(self) -> list[StageStats]:
-        return [StageStats(0, self.worker.busy_seconds, 0.0, -1, peak_rss_bytes(), self.worker.peak_device_bytes())]
+    def stats(self) -> list[StageCounters]:
+        return [StageCounters(0, self.worker.busy_seconds, 0.0, -1, peak_rss_bytes(), self.worker.peak_device_bytes())]
 
     def result(self) -> StepResult:
         return self._results.popleft()

@@ -25,7 +25,7 @@ from multiprocessing.connection import wait
 from ..errors import StageFailed
 from .comm import free_port
 from .stage_main import CLOSE, STATS, serve_spawned
-from .step import StageError, StageReady, StageStats, StepPlan, StepResult
+from .step import StageError, StageReady, StageCounters, StepPlan, StepResult
 from .worker import WorkerSpec, peak_rss_bytes
 
 JOIN_TIMEOUT_S = 5.0
@@ -69,10 +69,10 @@ class PipelineExecutor:
     def result(self) -> StepResult:
         return self._receive(len(self.specs) - 1, StepResult)
 
-    def stats(self) -> list[StageStats]:
+    def stats(self) -> list[StageCounters]:
         for conn in self.conns:
             conn.send_bytes(STATS.encode())
-        return [self._receive(i, StageStats) for i in range(len(self.specs))]
+        return [self._receive(i, StageCounters) for i in range(len(self.specs))]
 
     def close(self) -> None:
         self._finalizer()
@@ -183,12 +183,12 @@ class TorchrunExecutor:
     def result(self) -> StepResult:
         return self._receive(len(self.specs) - 1, StepResult)
 
-    def stats(self) -> list[StageStats]:
+    def stats(self) -> list[StageCounters]:
         for rank in range(1, len(self.specs)):
             self.objects.send(STATS, rank)
-        own = StageStats(0, self.worker.busy_seconds, self.channel.wait_seconds, -1, peak_rss_bytes(),
+        own = StageCounters(0, self.worker.busy_seconds, self.channel.wait_seconds, -1, peak_rss_bytes(),
                          self.worker.peak_device_bytes())
-        return [own] + [self._receive(rank, StageStats) for rank in range(1, len(self.specs))]
+        return [own] + [self._receive(rank, StageCounters) for rank in range(1, len(self.specs))]
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 
 from .comm import ActivationChannel, ObjectChannel, init_group
-from .step import StageError, StageReady, StageStats
+from .step import StageError, StageReady, StageCounters
 from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_blocks
 
 CLOSE = "close"  # control message: leave the loop
-STATS = "stats"  # control message: report StageStats
+STATS = "stats"  # control message: report StageCounters
 
 
 class PipeControl:
@@ -73,7 +73,7 @@ def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control,
             if msg == CLOSE:
                 break
             if msg == STATS:
-                control.send(StageStats(stage, worker.busy_seconds, channel.wait_seconds, steps, peak_rss_bytes(),
+                control.send(StageCounters(stage, worker.busy_seconds, channel.wait_seconds, steps, peak_rss_bytes(),
                                         worker.peak_device_bytes()))
                 continue
             x = None

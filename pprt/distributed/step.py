@@ -82,7 +82,9 @@ class StageReady:
 
 
 @dataclass(slots=True)
-class StageStats:
+class StageCounters:
+    """A stage's counters, sent when the driver asks (the STATS control message)."""
+
     stage: int
     busy_seconds: float  # computing steps
     wait_seconds: float  # blocked receiving activations

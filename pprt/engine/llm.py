@@ -27,6 +27,7 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from ..weights.checkpoint import ModelSource, load_config
 from .blocks import BlockManager
 from .scheduler import Scheduler, Sequence
+from .stats import StageStats, Stats
 
 log = logging.getLogger("pprt")
 
@@ -146,6 +147,24 @@ class LLM:
             raise ValueError(f"model {self.source.name!r} has no tokenizer.json: chat needs one")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
         return self.generate(prompt, sampling)[0]
+
+    def stats(self) -> Stats:
+        """A snapshot of the counters (see `pprt.engine.stats.Stats`); works while steps are in flight."""
+        if self.executor is None:
+            raise RuntimeError("this LLM is closed")
+        ex, sched = self.executor, self.scheduler
+        stages = tuple(
+            StageStats(i, spec.device, tuple(spec.layers), weight, kv, c.busy_seconds, c.wait_seconds, c.steps,
+                       c.peak_rss_bytes, c.peak_device_bytes)
+            for i, (spec, c, weight, kv) in enumerate(zip(ex.specs, ex.stats(), ex.weight_bytes, ex.kv_bytes)))
+        return Stats(
+            requests_running=len(sched.running), requests_waiting=len(sched.waiting),
+            requests_finished=sched.num_finished, prompt_tokens=sched.num_prompt_tokens,
+            computed_tokens=sched.num_computed_tokens, generated_tokens=sched.num_generated_tokens,
+            preemptions=sched.num_preemptions, kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free, kv_block_size=self.blocks.block_size,
+            state_slots_total=0, state_slots_used=0,
+            load_seconds=ex.load_seconds, quantize_seconds=ex.quant_seconds, stages=stages)
 
     def close(self) -> None:
         executor, self.executor = getattr(self, "executor", None), None

@@ -87,7 +87,12 @@ class Scheduler:
         self._ids = itertools.count()
         self._steps = itertools.count()
         self._removed: list[int] = []
+        # counters since the start (LLM.stats())
         self.num_preemptions = 0
+        self.num_finished = 0
+        self.num_prompt_tokens = 0
+        self.num_computed_tokens = 0
+        self.num_generated_tokens = 0
 
     # ---- requests -------------------------------------------------------
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -107,6 +112,7 @@ class Scheduler:
                                   f"{self.blocks.block_size}): lower max_tokens or give the KV cache more memory")
         seq = Sequence(next(self._ids), list(prompt_ids), params, max_len)
         self.waiting.append(seq)
+        self.num_prompt_tokens += len(prompt_ids)
         return seq
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -116,6 +122,7 @@ class Scheduler:
         if seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        self.num_finished += 1
         self._release_if_idle(seq)
 
     def _release_if_idle(self, seq: Sequence) -> None:
@@ -218,6 +225,8 @@ class Scheduler:
             raise RuntimeError(f"step {result.step} came back while step {plan.step} was expected")
         for chunk in plan.chunks:
             seqs[chunk.seq_id].in_flight -= 1
+        self.num_computed_tokens += plan.num_tokens
+        self.num_generated_tokens += len(result.token_ids)
         updated = []
         logprobs = result.logprobs or [None] * len(result.seq_ids)
         for seq_id, token, lp in zip(result.seq_ids, result.token_ids, logprobs):

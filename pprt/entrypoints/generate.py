@@ -23,7 +23,7 @@ import sys
 import time
 from typing import NoReturn, TextIO
 
-from .. import LLM, Completion, SamplingParams
+from .. import LLM, Completion, SamplingParams, Stats
 from ..distributed.stage_main import serve_torchrun, torchrun_rank
 from ..errors import ConfigError
 from .demo_model import demo_model_path
@@ -195,12 +195,11 @@ def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO
     return completion, stats
 
 
-def memory_report(llm: LLM) -> list[dict]:
+def memory_report(stats: Stats) -> list[dict]:
     """Per stage: its device, layers, weight bytes and peak memory (host RSS; GPU allocator peak on CUDA)."""
-    ex = llm.executor
-    return [{"stage": i, "device": sp.device, "layers": list(sp.layers), "weight_bytes": w,
+    return [{"stage": st.stage, "device": st.device, "layers": list(st.layers), "weight_bytes": st.weight_bytes,
              "peak_rss_bytes": st.peak_rss_bytes, "peak_device_bytes": st.peak_device_bytes}
-            for i, (sp, st, w) in enumerate(zip(ex.specs, ex.stats(), ex.weight_bytes))]
+            for st in stats.stages]
 
 
 def _mb(n: int | None) -> str:
@@ -225,8 +224,9 @@ def format_stats(stats: dict) -> str:
 
 def run_completion(llm: LLM, args: argparse.Namespace, prompt: str, load_s: float) -> None:
     completion, stats = stream_completion(llm, prompt, args.sampling, None if args.json else sys.stdout)
-    stats = {"load_s": round(load_s, 3), "quantize_s": round(llm.executor.quant_seconds, 3), **stats,
-             "finish_reason": completion.finish_reason, "memory": memory_report(llm)}
+    counters = llm.stats()
+    stats = {"load_s": round(load_s, 3), "quantize_s": round(counters.quantize_seconds, 3), **stats,
+             "finish_reason": completion.finish_reason, "memory": memory_report(counters)}
     if args.json:
         print(json.dumps({"text": completion.text, "token_ids": completion.token_ids,
                           "prompt_token_ids": completion.prompt_token_ids,

@@ -1,0 +1,48 @@
+"""Stats: one typed snapshot of an LLM's counters, read by the CLI, the server's metrics and tests.
+
+`LLM.stats()` builds it from the scheduler (requests and tokens), the block
+manager (KV blocks) and the executor (per-stage time and memory). Fields that
+a feature does not use yet stay zero. Counters are totals since the LLM was
+built; gauges (running, waiting, blocks used) are the state at the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    """One pipeline stage."""
+
+    stage: int
+    device: str
+    layers: tuple[int, int]  # decoder layers [lo, hi)
+    weight_bytes: int  # parameters and buffers as loaded (quantized sizes when quantized)
+    kv_cache_bytes: int  # the KV pool as allocated (fp8 scales included)
+    busy_seconds: float  # computing steps
+    wait_seconds: float  # blocked receiving the previous stage's activations (0 on stage 0)
+    steps: int  # micro-batches executed (-1 where the stage runs in the driver's process and does not count)
+    peak_rss_bytes: int  # the stage process's peak resident host memory
+    peak_device_bytes: int | None  # peak GPU memory allocated (None on CPU)
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Counters and gauges of one LLM (see the module docstring)."""
+
+    requests_running: int  # admitted, holding KV blocks
+    requests_waiting: int  # queued, or preempted and waiting to be recomputed
+    requests_finished: int  # total ended: stop, length or cancelled
+    prompt_tokens: int  # total prompt tokens of the requests received
+    computed_tokens: int  # total tokens run through the stages (prefill, decode and recomputation)
+    generated_tokens: int  # total tokens sampled
+    preemptions: int  # total
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_block_size: int  # tokens per block
+    state_slots_total: int  # recurrent-state slots per stage (hybrid models; 0 otherwise)
+    state_slots_used: int
+    load_seconds: float  # building the stages (the slowest one)
+    quantize_seconds: float  # of load_seconds, quantizing at load (the slowest stage)
+    stages: tuple[StageStats, ...]
