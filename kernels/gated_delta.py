@@ -1,0 +1,132 @@
+"""The gated delta rule over packed sequences, with a recurrent state per sequence in a slot pool.
+
+The core of the Gated DeltaNet layer (Qwen3-Next, Qwen3.5), as transformers'
+`torch_recurrent_gated_delta_rule` / `torch_chunk_gated_delta_rule` compute it
+(models/qwen3_next/modeling_qwen3_next.py; Yang et al., "Gated Delta Networks", 2024),
+for a batch of sequences at once (layout: pprt_kernels.varlen):
+    q, k [T, Hv, dk]: one query/key per value head (the caller repeats key heads);
+        with use_qk_l2norm both are L2-normalised, x * rsqrt(sum(x^2) + 1e-6), and q is
+        multiplied by `scale` (dk^-0.5 in the released models);
+    v [T, Hv, dv]; g [T, Hv] fp32 log-decay (-exp(A_log) * softplus(a + dt_bias));
+    beta [T, Hv] (sigmoid(b));
+    state [num_slots, Hv, dk, dv] (fp32 in the models): slot state_indices[b] is
+        sequence b's initial state, overwritten IN PLACE with its final state.
+Per token t, per head, in fp32:
+    S = S * exp(g_t);  u = beta_t * (v_t - S^T k_t);  S = S + k_t u^T;  o_t = S^T q_t
+Output o [T, Hv, dv] in v.dtype.
+
+`gated_delta_rule_ref` runs that recurrence token by token per sequence (the oracle);
+`gated_delta_rule` dispatches with `pprt_kernels.use_triton`. This module knows nothing
+of projections, the conv, or how key heads map to value heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .varlen import check_layout, check_layout_values
+
+L2NORM_EPS = 1e-6  # as fla and transformers
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q, k, v, g, beta, state, state_indices, query_start_loc, max_query_len) -> tuple[int, int, int, int]:
+    """Shapes, dtypes, devices (no device sync); returns (T, Hv, dk, dv). Raises ValueError."""
+    if q.dim() != 3 or tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"gated_delta_rule: q and k must be [T, Hv, dk], got {tuple(q.shape)}, {tuple(k.shape)}")
+    t, h, dk = q.shape
+    if v.dim() != 3 or tuple(v.shape[:2]) != (t, h):
+        raise ValueError(f"gated_delta_rule: v must be [T={t}, Hv={h}, dv], got {tuple(v.shape)}")
+    dv = v.shape[2]
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("beta", beta)):
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"gated_delta_rule: {name} dtype {tensor.dtype} is not fp16/bf16/fp32")
+    if tuple(g.shape) != (t, h) or g.dtype != torch.float32:
+        raise ValueError(f"gated_delta_rule: g must be float32 [T={t}, Hv={h}], got {g.dtype} {tuple(g.shape)}")
+    if tuple(beta.shape) != (t, h):
+        raise ValueError(f"gated_delta_rule: beta must be [T={t}, Hv={h}], got {tuple(beta.shape)}")
+    if state.dim() != 4 or tuple(state.shape[1:]) != (h, dk, dv) or state.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"gated_delta_rule: state must be [num_slots, Hv={h}, dk={dk}, dv={dv}] (float32), "
+            f"got {state.dtype} {tuple(state.shape)}"
+        )
+    for name, tensor in (("k", k), ("v", v), ("g", g), ("beta", beta), ("state", state)):
+        if tensor.device != q.device:
+            raise ValueError(f"gated_delta_rule: {name} is on {tensor.device}, q on {q.device}")
+    check_layout("gated_delta_rule", t, query_start_loc, state_indices, q.device)
+    if max_query_len is not None and (not isinstance(max_query_len, int) or max_query_len < 0):
+        raise ValueError(f"gated_delta_rule: max_query_len must be a host int >= 0, got {max_query_len!r}")
+    return t, h, dk, dv
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x * rsqrt(sum(x^2) + 1e-6) over the last axis, in fp32 (transformers' and fla's formula)."""
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + L2NORM_EPS)
+
+
+def prepare_qk(
+    q: torch.Tensor, k: torch.Tensor, scale: float, use_qk_l2norm: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k in fp32, normalised if asked, q scaled: the operands of the recurrence."""
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    return q.float() * scale, k.float()
+
+
+def gated_delta_rule_ref(
+    q: torch.Tensor,  # [T, Hv, dk]
+    k: torch.Tensor,  # [T, Hv, dk]
+    v: torch.Tensor,  # [T, Hv, dv]
+    g: torch.Tensor,  # [T, Hv] fp32
+    beta: torch.Tensor,  # [T, Hv]
+    state: torch.Tensor,  # [num_slots, Hv, dk, dv]; updated in place
+    state_indices: torch.Tensor,  # int32 [B]
+    query_start_loc: torch.Tensor,  # int32 [B + 1]
+    *,
+    scale: float,
+    use_qk_l2norm: bool = True,
+    max_query_len: int | None = None,
+) -> torch.Tensor:  # [T, Hv, dv] in v.dtype
+    """The recurrence token by token, per sequence, in fp32: the oracle of every other path.
+
+    max_query_len is accepted for the common signature and not needed here. Raises
+    ValueError for bad shapes or dtypes, a layout that does not cover the rows, or a
+    slot out of range or named twice.
+    """
+    t, _, _, _ = _check(q, k, v, g, beta, state, state_indices, query_start_loc, max_query_len)
+    qsl, slots = check_layout_values("gated_delta_rule", t, state.shape[0], query_start_loc, state_indices)
+    out_dtype = v.dtype
+    q, k = prepare_qk(q, k, scale, use_qk_l2norm)  # [T, Hv, dk] fp32
+    v, beta, decay = v.float(), beta.float(), g.exp()  # [T, Hv, dv], [T, Hv], [T, Hv]
+    o = torch.empty(v.shape, dtype=torch.float32, device=v.device)  # [T, Hv, dv]
+    for b, slot in enumerate(slots):
+        s = state[slot].float()  # [Hv, dk, dv]
+        for i in range(qsl[b], qsl[b + 1]):
+            s = s * decay[i][:, None, None]
+            u = beta[i][:, None] * (v[i] - torch.einsum("hkv,hk->hv", s, k[i]))  # [Hv, dv]
+            s = s + k[i][:, :, None] * u[:, None, :]
+            o[i] = torch.einsum("hkv,hk->hv", s, q[i])
+        state[slot] = s.to(state.dtype)
+    return o.to(out_dtype)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,  # [T, Hv, dk]
+    k: torch.Tensor,  # [T, Hv, dk]
+    v: torch.Tensor,  # [T, Hv, dv]
+    g: torch.Tensor,  # [T, Hv] fp32
+    beta: torch.Tensor,  # [T, Hv]
+    state: torch.Tensor,  # [num_slots, Hv, dk, dv]; updated in place
+    state_indices: torch.Tensor,  # int32 [B]
+    query_start_loc: torch.Tensor,  # int32 [B + 1]
+    *,
+    scale: float,
+    use_qk_l2norm: bool = True,
+    max_query_len: int | None = None,  # host int, 1 = pure decode
+) -> torch.Tensor:  # [T, Hv, dv] in v.dtype
+    """The one entry point: the reference on every device until the Triton kernels land."""
+    return gated_delta_rule_ref(
+        q, k, v, g, beta, state, state_indices, query_start_loc,
+        scale=scale, use_qk_l2norm=use_qk_l2norm, max_query_len=max_query_len,
+    )
