@@ -9,6 +9,7 @@ Lengths are odd and cross transformers' 64-token chunk.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -22,6 +23,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the plain torch functions, even where transformers routes the names to an installed fla
 HF_RECURRENT = inspect.unwrap(hf.torch_recurrent_gated_delta_rule)
 HF_CHUNK = inspect.unwrap(hf.torch_chunk_gated_delta_rule)
+
+
+# every torch path; the chunked one with 16-row chunks, so 66 rows span 5 chunks
+IMPLS = {
+    "ref": gd.gated_delta_rule_ref,
+    "chunked": functools.partial(gd.gated_delta_rule_chunked, chunk=16),
+    "dispatch": gd.gated_delta_rule,
+}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -57,15 +66,16 @@ def run(fn, c, state=None, **kw):
     )
 
 
+@pytest.mark.parametrize("impl", ["ref", "chunked"])
 @pytest.mark.parametrize("hf_fn", [HF_RECURRENT, HF_CHUNK], ids=["recurrent", "chunk"])
 @pytest.mark.parametrize("l2norm", [True, False], ids=["l2norm", "raw-qk"])
-def test_reference_matches_transformers(hf_fn, l2norm):
-    lens = [1, 7, 66, 13]
+def test_torch_paths_match_transformers(impl, hf_fn, l2norm):
+    lens = [1, 7, 66, 13, 16]  # short ones go token by token on the chunked path too
     c = make_case(lens, seed=1)
     if not l2norm:  # keep the unnormalised recurrence bounded: |k|^2 * beta < 2
         c["q"], c["k"] = c["q"] * 0.2, c["k"] * 0.2
     before = c["state"].clone()
-    o = run(gd.gated_delta_rule_ref, c, use_qk_l2norm=l2norm)
+    o = run(IMPLS[impl], c, use_qk_l2norm=l2norm)
     assert o.shape == c["v"].shape and o.dtype == torch.float32
     qsl, slots = c["qsl"].tolist(), c["idx"].tolist()
     for b, slot in enumerate(slots):
@@ -116,8 +126,9 @@ def run_in_steps(fn, c, lens, steps, **kw):
     return o
 
 
-@pytest.mark.parametrize("fn", [gd.gated_delta_rule_ref, gd.gated_delta_rule], ids=["ref", "dispatch"])
-def test_prefill_in_chunks_equals_one_call(fn):
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_prefill_in_chunks_equals_one_call(impl):
+    fn = IMPLS[impl]
     whole = make_case(LENS, seed=2)
     parts = make_case(LENS, seed=2)
     o_whole = run(fn, whole, max_query_len=max(LENS))
@@ -147,6 +158,15 @@ def test_empty_sequence_and_untouched_state():
     idle = int(c["idx"][1])
     assert torch.equal(c["state"][idle], before[idle])
     assert not torch.equal(c["state"][int(c["idx"][0])], before[int(c["idx"][0])])
+
+
+@pytest.mark.parametrize("length", [8, 64, 65, 200])
+def test_chunked_path_lengths(length):
+    """Whole chunks, one row past a chunk, and the shortest length the chunked path takes."""
+    c, c_ref = make_case([length, 3], seed=6), make_case([length, 3], seed=6)
+    o = run(gd.gated_delta_rule_chunked, c)
+    assert rel_err(o, run(gd.gated_delta_rule_ref, c_ref)) < 1e-5
+    assert rel_err(c["state"], c_ref["state"]) < 1e-5
 
 
 def test_checks_name_the_argument():
