@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import use_triton
 from .varlen import check_layout, check_layout_values
 
 L2NORM_EPS = 1e-6  # as fla and transformers
@@ -225,7 +226,15 @@ def gated_delta_rule(
     use_qk_l2norm: bool = True,
     max_query_len: int | None = None,  # host int, 1 = pure decode
 ) -> torch.Tensor:  # [T, Hv, dv] in v.dtype
-    """The one entry point: on CPU the chunked torch path (token by token for short sequences)."""
+    """The one entry point: Triton (pprt_kernels.gated_delta_triton) where `use_triton`, else
+    the chunked torch path (token by token for short sequences)."""
+    if use_triton(q.device):
+        from .gated_delta_triton import gated_delta_rule_triton  # imports this module: not at the top
+
+        return gated_delta_rule_triton(
+            q, k, v, g, beta, state, state_indices, query_start_loc,
+            scale=scale, use_qk_l2norm=use_qk_l2norm, max_query_len=max_query_len,
+        )
     return gated_delta_rule_chunked(
         q, k, v, g, beta, state, state_indices, query_start_loc,
         scale=scale, use_qk_l2norm=use_qk_l2norm, max_query_len=max_query_len,
