@@ -165,7 +165,7 @@ def causal_conv1d_triton(
     y = torch.empty((t, c), dtype=x.dtype, device=x.device)
     if b == 0:
         return y
-    kp = triton.next_power_of_2(k - 1)
+    kp = max(2, triton.next_power_of_2(k - 1))
     block_t = min(64, max(kp, triton.next_power_of_2(max(1, -(-t // b)))))  # ~ the mean rows per sequence
     block_c = 128 if block_t <= 16 else 64
     _conv_kernel[(b, triton.cdiv(c, block_c))](

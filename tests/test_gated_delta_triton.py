@@ -128,7 +128,8 @@ def test_decode_step_never_takes_the_chunked_path(monkeypatch):
 def test_dispatch_follows_pprt_kernels(monkeypatch):
     c = make_case([2, 1], seed=16, **SMALL)
     calls = []
-    monkeypatch.setattr(gt, "gated_delta_rule_triton", lambda *a, **kw: calls.append("triton") or gd.gated_delta_rule_ref(*a, **kw))
+    fake = lambda *a, **kw: calls.append("triton") or gd.gated_delta_rule_ref(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(gt, "gated_delta_rule_triton", fake)
     monkeypatch.setenv("PPRT_KERNELS", "triton")
     run(gd.gated_delta_rule, c)
     monkeypatch.setenv("PPRT_KERNELS", "ref")
