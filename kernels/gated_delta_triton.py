@@ -8,8 +8,8 @@ Two kernels, chosen per sequence by `gated_delta_rule_triton`:
   reads the [dk, BV] tile of state[state_indices[b], h] once, runs the recurrence over the
   sequence's rows, and writes the tile back to the same slot: the state never leaves the
   pool, so a decode step moves each state once in and once out (the minimum). Serves every
-  sequence of a decode step (max_query_len == 1, no host sync) and, in other steps, the
-  sequences shorter than CHUNKED_MIN_ROWS.
+  sequence of a step with max_query_len < CHUNKED_MIN_ROWS (decode, short chunks: no host
+  sync) and, in other steps, the sequences shorter than CHUNKED_MIN_ROWS.
 - flash-linear-attention's `chunk_gated_delta_rule` (fla-core, MIT, Songlin Yang, Yu Zhang
   et al.; called, not copied) for sequences of CHUNKED_MIN_ROWS rows or more: the chunked
   (WY) algorithm turns the recurrence into matmuls. It takes dense initial states
@@ -165,8 +165,9 @@ def gated_delta_rule_triton(
 ) -> torch.Tensor:  # [T, Hv, dv] in v.dtype
     """Launcher: checks, allocates o, runs the recurrent kernel (and fla's chunked one for long rows).
 
-    A decode step (max_query_len == 1) never syncs with the host. Any other step reads
-    query_start_loc to the host once to pick each sequence's kernel. Slots must be distinct
+    A step whose max_query_len < CHUNKED_MIN_ROWS (decode: 1) runs the recurrent kernel alone,
+    without a host sync. Any other step reads query_start_loc to the host once to pick each
+    sequence's kernel. Slots must be distinct
     (not checked here: that would need a sync). Raises ValueError as the reference does.
     Never cached: the result depends on the tensors' contents.
     """
@@ -175,7 +176,8 @@ def gated_delta_rule_triton(
         raise RuntimeError("gated_delta_rule: triton is not installed")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)  # [T, Hv, dv]
-    if max_query_len == 1 or not _chunked_available(q.device):
+    all_short = max_query_len is not None and max_query_len < CHUNKED_MIN_ROWS
+    if all_short or not _chunked_available(q.device):
         _recurrent(q, k, v, g, beta, o, state, state_indices, query_start_loc, None, scale, use_qk_l2norm)
         return o
     qsl_host = query_start_loc.tolist()

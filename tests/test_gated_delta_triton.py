@@ -118,10 +118,12 @@ def test_chunked_plumbing_with_stand_in(monkeypatch, lens, long_runs):
     assert torch.equal(c["state"][others], before[others])
 
 
-def test_decode_step_never_takes_the_chunked_path(monkeypatch):
-    monkeypatch.setattr(gt, "_chunked_available", lambda device: pytest.fail("decode asked for fla"))
-    c, c_ref = make_case([1, 1], seed=15, **SMALL), make_case([1, 1], seed=15, **SMALL)
-    o = run(gt.gated_delta_rule_triton, c, max_query_len=1)
+@pytest.mark.parametrize("lens", [[1, 1], [1, 5]], ids=["decode", "short-chunks"])
+def test_short_steps_never_take_the_chunked_path(monkeypatch, lens):
+    """max_query_len below CHUNKED_MIN_ROWS: the recurrent kernel alone, without reading the layout."""
+    monkeypatch.setattr(gt, "_chunked_available", lambda device: pytest.fail("a short step asked for fla"))
+    c, c_ref = make_case(lens, seed=15, **SMALL), make_case(lens, seed=15, **SMALL)
+    o = run(gt.gated_delta_rule_triton, c, max_query_len=max(lens))
     assert rel_err(o, run(gd.gated_delta_rule_ref, c_ref)) < 1e-5
 
 
