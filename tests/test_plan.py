@@ -209,11 +209,13 @@ def test_qwen25_72b_bf16_32k():
     assert big.fits and big.num_sequences >= 1 and big.longest_sequence == 32768
     small = plan(config, devices(48, 48), max_context=32768)
     assert not small.fits and small.num_sequences == 0
-    # says by how much, where, and only what helps: Int4 does, fp8 KV or a shorter context cannot
+    # says by how much, where, and only what helps: FP8 or Int4 weights do, fp8 KV or a shorter context cannot
     assert "cuda:0" in small.message and "short by" in small.message and "GiB" in small.message
     fixes = small.message.split("would fit:")[1]
-    assert "--quant int4" in fixes and "fp8" not in fixes and "--max-context" not in fixes
+    assert "--quant fp8" in fixes and "--quant int4" in fixes
+    assert "--kv-dtype fp8" not in fixes and "--max-context" not in fixes
     assert plan(config, devices(48, 48), max_context=32768, quant="int4").fits
+    assert plan(config, devices(48, 48), max_context=32768, quant="fp8").fits
 
 
 def test_qwen3_235b_int4_128k_on_two_96gb():
@@ -286,7 +288,7 @@ def test_shorter_context_suggestion_is_the_longest_that_fits():
     result = plan(config, devices(38, 38))
     assert not result.fits
     fixes = result.message.split("would fit:")[1]
-    assert "--quant int4" in fixes and "fp8" not in fixes  # fp8 halves KV: not enough here
+    assert "--quant int4" in fixes and "--kv-dtype fp8" not in fixes  # fp8 halves KV: not enough here
     tokens = int(re.search(r"--max-context (\d+)", fixes)[1])
     assert plan(config, devices(38, 38), max_context=tokens).fits
     assert not plan(config, devices(38, 38), max_context=tokens + 16).fits
