@@ -154,9 +154,19 @@ def _target_tier(name: str, target: str) -> int | None:
 
 def _not_converted(name: str, patterns: tuple[str, ...]) -> bool:
     """transformers' `should_convert_module` inverted: a pattern matches from the start up to a
-    module boundary (as a regex), or as a suffix of the name."""
+    module boundary (as a regex), or as a suffix of the name; a module inside a listed module
+    (`layers.1.mlp` lists model.layers.1.mlp.up_proj) is not converted either."""
+    if not patterns:
+        return False
     boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return any(re.match(rf"(?:{p}){boundary}", n) or n.endswith(p) for p in patterns for n in name_variants(name))
+    names = [n for v in name_variants(name) for n in _ancestors(v)]
+    return any(re.match(rf"(?:{p}){boundary}", n) or n.endswith(p) for p in patterns for n in names)
+
+
+def _ancestors(name: str) -> list[str]:
+    """model.layers.1.mlp -> [model.layers.1.mlp, model.layers.1, model.layers, model]."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 @dataclass(frozen=True, slots=True)

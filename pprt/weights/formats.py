@@ -83,7 +83,7 @@ def plan_linears(stage: Stage, reader: CheckpointReader, quant: str | None) -> d
             at_load = at_load if at_load.kind is not Kind.FLOAT else None
         out[prefix] = LinearLoad(prefix, ckpt, m.in_features, m.out_features, m.bias is not None, stored, at_load)
     if float_but_configured:
-        log.info("%d linear layers that quantization_config quantizes are stored in float and load in float "
+        log.info("%d linear layer(s) that quantization_config quantizes are stored in float and load in float "
                  "(e.g. %s)", len(float_but_configured), float_but_configured[0])
     for (k, group), names in odd.items():
         what = f"use Int4 group {group}" if group else \
