@@ -137,3 +137,19 @@ def test_launcher_rejects_bad_operands(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         fm.fp8_matmul_ref(args["x"], args["weight"], args["scale"], (40, 96), args["bias"])
+
+
+def test_bench_runs_tiny(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import fp8_matmul as bench
+
+    rows = bench.main(["--tiny", "--results-dir", str(tmp_path)])
+    assert rows and all(r["max_rel_err"] < 1e-2 for r in rows)
+    saved = [json.loads(line) for line in (tmp_path / "fp8_matmul.jsonl").read_text().splitlines()]
+    assert len(saved) == len(rows) and "device" in saved[0]
+    if DEVICE == "cpu":
+        assert saved[0]["triton_ms"] == "not measured"
