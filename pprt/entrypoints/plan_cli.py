@@ -75,7 +75,7 @@ def format_table(result: Plan) -> str:
         f"model limit {result.context_limit:,})",
         f"sequences of {result.max_context:,} tokens at once: {result.num_sequences}",
         f"verdict: {'fits' if result.fits else 'DOES NOT FIT'} "
-        f"(weights {'int4' if result.quant == 'int4' else 'unquantized'}, KV {result.kv_dtype})",
+        f"(weights {'unquantized' if result.quant == 'none' else result.quant}, KV {result.kv_dtype})",
         result.message,
     ]
     return "\n".join(lines)

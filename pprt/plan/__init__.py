@@ -7,10 +7,15 @@ config.json; `python -m pprt.plan` (pprt.entrypoints.plan_cli) is a thin CLI ove
 
 Accounting, in bytes (db = model dtype bytes, T = chunk_size, H, n, m, h, I, V,
 E, k = experts per token, as in QWEN.md):
-- weights, exact: every tensor of QWEN.md section 2. With Int4 (`quant="int4"`,
-  or a GPTQ/AWQ checkpoint) each q/k/v/o, dense MLP and expert linear [N, K]
-  costs K*N/2 + ceil(K/g)*N*(2 + 1) (int4 values, 16-bit scales, uint8 zeros);
-  embedding, head, norms, q/k norms, biases and routers stay in the model dtype.
+- weights, exact: every tensor of QWEN.md section 2. Each q/k/v/o, dense MLP and
+  expert linear [N, K] is counted in the format the loader will hold it in
+  (`module_format`): the checkpoint's quantization_config module by module (GPTQ
+  `dynamic` rules, `modules_to_not_convert`, compressed-tensors groups and
+  `ignore`), else quantize-at-load (`quant`). Int4 costs K*N/2 + ceil(K/g)*N*(db + 1)
+  (int4 values, scales in the model dtype, uint8 zeros; + 8K with desc_act), FP8
+  N*K + ceil(N/bn)*ceil(K/bk)*4 (float32 block scales), float N*K*db (a layer that
+  quant="int4" cannot group stays float; see pprt.quantization). Embedding, head,
+  norms, q/k norms, biases and routers stay in the model dtype.
   A tied head is the embedding: free on a single stage, V*H again on the last
   stage when that is not stage 0.
 - KV per token: 2 * layers * m * (h * element bytes + s) (auto = model dtype;
@@ -22,7 +27,8 @@ E, k = experts per token, as in QWEN.md):
     + max over its layers of the MLP buffers: dense 3*T*I*db;
                                             sparse T*k*(3*Imoe + 2H)*db + 4*T*E (fp32 router)
     + 2*C*m*h*db                            K and V of one max_context (C) sequence gathered for prefill
-    + Int4: N*K*db of its largest linear    dequantized for large-M matmuls
+    + Int4 / FP8: N*K*db of its largest     dequantized for large-M matmuls
+      quantized linear
     + last stage: 2*T*V*4                   fp32 logits and probabilities of T rows
   Attention scores are not counted (a flash-style kernel on GPU).
 - Every stage holds the same number of KV blocks (block ids are global), so the
@@ -39,15 +45,17 @@ fits, the plan shows the cut with the smallest worst shortfall.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from ..quantization import AT_LOAD, FLOAT, RTN_GROUP_SIZES, Kind, ModuleFormat, at_load_format
 
 GiB = 1 << 30
 DEFAULT_OVERHEAD = 1 * GiB
 KV_ELEMENT_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4,
                     "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
-QUANTS = ("none", "int4")
+QUANTS = ("none",) + AT_LOAD  # quantize-at-load of a float checkpoint
 FP8_SCALE_BYTES = 4  # float32 scale per (slot, kv head) of an fp8 cache
 
 
@@ -88,7 +96,7 @@ class Plan:
     num_blocks: int  # KV blocks every stage allocates (the smallest stage's capacity)
     max_context: int  # requested length of one sequence
     context_limit: int  # the model's position limit (max_position_embeddings, or yarn's)
-    quant: str  # effective weight format: "none" or "int4"
+    quant: str  # decoder layers' weight formats: "none", "int4", "fp8" or "int4+fp8"
     kv_dtype: str
     message: str
 
@@ -129,40 +137,70 @@ class Plan:
 
 # ---- exact sizes ---------------------------------------------------------------------------
 
-def _linears(config: ModelConfig, layer: int) -> list[tuple[int, int, int]]:
-    """(N out, K in, count) of the quantizable linears of one layer."""
+def _linears(config: ModelConfig, layer: int) -> list[tuple[str, int, int]]:
+    """(module name, N out, K in) of every linear of decoder layer `layer` (routers excluded)."""
     H, n, m, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    attn = [(n * h, H, 1), (m * h, H, 2), (H, n * h, 1)]  # q; k and v; o
+    p = f"model.layers.{layer}."
+    out = [(p + "self_attn.q_proj", n * h, H), (p + "self_attn.k_proj", m * h, H), (p + "self_attn.v_proj", m * h, H),
+           (p + "self_attn.o_proj", H, n * h)]
     if config.is_sparse(layer):
-        I, E = config.moe_intermediate_size, config.num_experts
-        return attn + [(I, H, 2 * E), (H, I, E)]  # gate and up; down, per expert
-    I = config.intermediate_size
-    return attn + [(I, H, 2), (H, I, 1)]
+        I = config.moe_intermediate_size
+        mlps = [f"{p}mlp.experts.{e}." for e in range(config.num_experts)]
+    else:
+        I, mlps = config.intermediate_size, [p + "mlp."]
+    for q in mlps:
+        out += [(q + "gate_proj", I, H), (q + "up_proj", I, H), (q + "down_proj", H, I)]
+    return out
 
 
-def _effective_quant(config: ModelConfig, quant: str, group_size: int) -> tuple[str, int]:
+def module_format(config: ModelConfig, name: str, k_in: int, quant: str = "none", group_size: int = 128) -> ModuleFormat:
+    """The format linear `name` [*, k_in] is held in, as the loader decides it: the checkpoint's
+    quantization_config when there is one (`quant` is not applied to a quantized checkpoint),
+    else quantize-at-load (`quant`: "int4" takes group_size, or the largest of 128, 64, 32 that
+    divides k_in, or stays float; "fp8" block 128 x 128), else float."""
     if quant not in QUANTS:
-        raise ValueError(f"quant {quant!r} is not supported (none, int4)")
-    if config.quant is not None:  # GPTQ/AWQ checkpoint: kept in the internal Int4 format
-        return "int4", config.quant.group_size
-    return quant, group_size
+        raise ValueError(f"quant {quant!r} is not supported ({', '.join(QUANTS)})")
+    if config.quant is not None:
+        return config.quant.module(name)
+    if quant == "none":
+        return FLOAT
+    if quant == "int4" and group_size != RTN_GROUP_SIZES[0] and k_in % group_size == 0:
+        return ModuleFormat(Kind.INT4, "rtn", group_size=group_size, sym=False)
+    return at_load_format(quant, k_in)
 
 
-def int4_linear_bytes(n_out: int, k_in: int, group_size: int = 128) -> int:
-    """Internal Int4 format: packed int4 values, 16-bit scales and uint8 zeros per group."""
-    groups = -(-k_in // group_size)
-    return (k_in * n_out + 1) // 2 + groups * n_out * 2 + groups * n_out
+@functools.lru_cache(maxsize=1 << 14)
+def _layer_linear_bytes(config: ModelConfig, layer: int, quant: str, group_size: int,
+                        dtype_bytes: int) -> tuple[int, int, frozenset[Kind]]:
+    """(bytes of the layer's linears, elements of its largest quantized one, formats used).
+    Memoized: a config's layers repeat across the planner's many candidate plans."""
+    total, biggest, kinds = 0, 0, set()
+    for name, n_out, k_in in _linears(config, layer):
+        fmt = module_format(config, name, k_in, quant, group_size)
+        total += fmt.nbytes(n_out, k_in, dtype_bytes)
+        kinds.add(fmt.kind)
+        if fmt.kind is not Kind.FLOAT:
+            biggest = max(biggest, n_out * k_in)
+    return total, biggest, frozenset(kinds)
+
+
+def weight_formats(config: ModelConfig, quant: str = "none", group_size: int = 128) -> str:
+    """The weight formats of the decoder layers: "none", "int4", "fp8" or "int4+fp8"."""
+    kinds = set().union(*(_layer_linear_bytes(config, i, quant, group_size, 2)[2] for i in range(config.num_layers)))
+    used = [k.value for k in (Kind.INT4, Kind.FP8) if k in kinds]
+    return "+".join(used) or "none"
+
+
+def int4_linear_bytes(n_out: int, k_in: int, group_size: int = 128, scale_bytes: int = 2) -> int:
+    """Internal Int4 format: packed int4 values, scales in the model dtype and uint8 zeros per group."""
+    return ModuleFormat(Kind.INT4, group_size=group_size).nbytes(n_out, k_in, scale_bytes)
 
 
 def layer_weight_bytes(config: ModelConfig, layer: int, quant: str = "none", dtype_bytes: int = 2,
                        group_size: int = 128) -> int:
-    """Bytes of decoder layer `layer` as the runtime holds it."""
-    quant, group_size = _effective_quant(config, quant, group_size)
+    """Bytes of decoder layer `layer` as the runtime holds it (each linear in its format)."""
     H, n, m, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    total = 0
-    for n_out, k_in, count in _linears(config, layer):
-        size = int4_linear_bytes(n_out, k_in, group_size) if quant == "int4" else n_out * k_in * dtype_bytes
-        total += count * size
+    total = _layer_linear_bytes(config, layer, quant, group_size, dtype_bytes)[0]
     plain = 2 * H  # input and post-attention norms
     plain += (n + 2 * m) * h if config.qkv_bias else 0
     plain += 2 * h if config.qk_norm else 0
@@ -238,8 +276,7 @@ class _Costs:
                 mlp.append(T * k * (3 * c.moe_intermediate_size + 2 * c.hidden_size) * db + 4 * T * E)
             else:
                 mlp.append(3 * T * c.intermediate_size * db)
-            biggest = max(n_out * k_in for n_out, k_in, _ in _linears(c, i))
-            dequant.append(biggest * db if self.quant == "int4" else 0)
+            dequant.append(_layer_linear_bytes(c, i, self.quant, self.group_size, db)[1] * db)
         self._mlp_max, self._dequant_max = _range_max(mlp), _range_max(dequant)
         self._kv_layer = kv_bytes_per_token(c, 1, self.kv_dtype, db)  # K and V of one token, one layer
         self.seq_blocks = -(-self.max_context // self.block_size)
@@ -421,10 +458,12 @@ def plan(
         raise ValueError(f"speeds {speeds} must be {S} positive numbers, one per device")
     if split is not None:
         _check_split(list(split), L, S)
-    eff_quant, group = _effective_quant(config, quant, group_size)
+    if quant not in QUANTS:
+        raise ValueError(f"quant {quant!r} is not supported ({', '.join(QUANTS)})")
     kv_element_bytes(kv_dtype, dtype_bytes)  # validates
+    eff_quant = weight_formats(config, quant, group_size)
 
-    costs = _Costs(config, list(budgets), speeds, eff_quant, group, dtype_bytes, kv_dtype,
+    costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
                    block_size, max_context, chunk_size, overhead_bytes)
     cut, fits = _cut(costs, None if split is None else list(split))
     stages = tuple(costs.stage(s, lo, hi) for s, (lo, hi) in enumerate(_bounds(cut)))
@@ -454,8 +493,7 @@ def _describe(result: Plan) -> str:
 def _feasible(config: ModelConfig, budgets: list[DeviceBudget], args: dict, **changes) -> bool:
     """Whether some cut (or the given split) fits with `changes` applied to the plan arguments."""
     a = {**args, **changes}
-    quant, group = _effective_quant(config, a["quant"], a["group_size"])
-    costs = _Costs(config, budgets, [1.0] * len(budgets), quant, group, a["dtype_bytes"],
+    costs = _Costs(config, budgets, [1.0] * len(budgets), a["quant"], a["group_size"], a["dtype_bytes"],
                    a["kv_dtype"], a["block_size"], a["max_context"],
                    a["chunk_size"], a["overhead_bytes"])
     if a["split"] is not None:
@@ -465,13 +503,14 @@ def _feasible(config: ModelConfig, budgets: list[DeviceBudget], args: dict, **ch
 
 def _fixes(result: Plan, config: ModelConfig, budgets: list[DeviceBudget], args: dict) -> list[str]:
     """Changes that would each make the plan fit, tried for real; none that would not."""
-    options = []  # (label, changes), smallest first
-    if result.quant != "int4":
-        options.append(("--quant int4", {"quant": "int4"}))
+    options = []  # (label, changes), smallest first; combinations only when no single change fits
+    smaller = {"none": ("fp8", "int4"), "fp8": ("int4",), "int4": ()}[args["quant"]]
+    if config.quant is None:  # quantize-at-load changes nothing in a quantized checkpoint
+        options += [(f"--quant {q}", {"quant": q}) for q in smaller]
     if kv_element_bytes(args["kv_dtype"], args["dtype_bytes"]) > 1:
         options.append(("--kv-dtype fp8", {"kv_dtype": "fp8"}))
-    if len(options) == 2:
-        options.append(("--quant int4 with --kv-dtype fp8", {"quant": "int4", "kv_dtype": "fp8"}))
+        if config.quant is None and "int4" in smaller:
+            options.append(("--quant int4 with --kv-dtype fp8", {"quant": "int4", "kv_dtype": "fp8"}))
     fixes = []
     for label, changes in options:
         if not (len(changes) == 2 and fixes) and _feasible(config, budgets, args, **changes):

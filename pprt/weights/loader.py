@@ -2,8 +2,10 @@
 
 Split from checkpoint.py (which finds and reads tensors) because this is the
 one place that knows how model parameters map onto checkpoint tensors:
-float weights, GPTQ/AWQ Int4 layers (`<prefix>.qweight` present in the file)
-and quantize-at-load (`quant="int4"`). Every tensor's shape is checked against
+float weights, layers the file stores quantized (GPTQ / AWQ / compressed-tensors
+Int4, official or compressed-tensors FP8: formats.py decides each layer's format
+from the file and the config) and quantize-at-load (`quant="int4"` or `"fp8"`,
+one layer at a time as its weight arrives). Every tensor's shape is checked against
 the config before any data is read, so a wrong checkpoint fails before device
 memory is spent; an error while reading puts everything already loaded back on
 the meta device, so a failed load leaves no half-loaded stage behind.
@@ -20,40 +22,20 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from ..models.stage import Stage
 from .checkpoint import CheckpointReader
-
-QUANT_MODES = (None, "int4")
-
-
-def _never_quantized(prefix: str) -> bool:
-    """The head and MoE routers stay in the model dtype (QWEN.md section 4)."""
-    return prefix == "lm_head" or prefix.endswith(".mlp.gate")
+from .formats import file_tensors, load_quantized, plan_linears, quantize_at_load
 
 
 def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
                quant: str | None = None, progress: bool | None = None) -> float:
     """Fill `stage` in place on `device`; returns the seconds spent quantizing at load."""
-    if quant not in QUANT_MODES:
-        raise ValueError(f"quant={quant!r} is not supported (None or 'int4')")
-    linears = {p: m for p, m in stage.named_modules() if isinstance(m, nn.Linear)}
-    gptq_awq = {p for p in linears if f"{p}.qweight" in reader}
-    if gptq_awq and stage.config.quant is None:
-        raise CheckpointError(f"model {reader.source.name!r}: {next(iter(gptq_awq))}.qweight found but "
-                              "config.json has no quantization_config")
+    linears = plan_linears(stage, reader, quant)  # each layer's format; contradictions fail here
+    in_file = {p: lin for p, lin in linears.items() if lin.from_file}
 
-    if quant == "int4":  # before any read: RTN groups run along in_features
-        from .int4 import RTN_GROUP_SIZE
-
-        for prefix, m in linears.items():
-            if prefix not in gptq_awq and not _never_quantized(prefix) and m.in_features % RTN_GROUP_SIZE:
-                raise CheckpointError(f"model {reader.source.name!r} cannot be quantized with quant='int4': layer "
-                                      f"{prefix} has in_features {m.in_features}, not a multiple of the "
-                                      f"quantization group size {RTN_GROUP_SIZE}")
-
-    # Plain tensors: everything except the weights of Int4 layers.
+    # Plain tensors: everything except the layers an importer reads.
     plain = {}
     for name, param in stage.named_parameters():
         prefix = name.rpartition(".")[0]
-        if prefix in gptq_awq:
+        if prefix in in_file:
             continue
         plain[name] = (stage.checkpoint_name(name), tuple(param.shape))
     for ckpt_name, shape in plain.values():  # validate every header and shape first
@@ -63,8 +45,8 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
                                   f"the config expects {list(shape)}")
 
     total = sum(reader.nbytes(c) for c, _ in plain.values())
-    total += sum(reader.nbytes(f"{p}.{t}") for p in gptq_awq for t in ("qweight", "qzeros", "scales")
-                 if f"{p}.{t}" in reader)
+    quantized = {p: file_tensors(reader, lin) for p, lin in in_file.items()}
+    total += sum(reader.nbytes(t) for names in quantized.values() for t in names)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"layers {stage.lo}-{stage.hi - 1}",
                disable=None if progress is None else not progress, leave=False)
     quant_seconds = 0.0
@@ -76,15 +58,14 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
             tensor = reader.read(ckpt_name, device, dtype, shape)
             bar.update(reader.nbytes(ckpt_name))
             module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
-            if quant == "int4" and isinstance(module, nn.Linear) and not _never_quantized(prefix) \
-                    and all(p.device.type != "meta" for p in module.parameters()):
+            at_load = linears[prefix].at_load if prefix in linears else None
+            if at_load is not None and all(p.device.type != "meta" for p in module.parameters()):
                 t0 = time.perf_counter()
-                _replace(stage, prefix, _quantize(module))
+                _replace(stage, prefix, quantize_at_load(module, at_load))
                 quant_seconds += time.perf_counter() - t0
-        for prefix in gptq_awq:
-            _replace(stage, prefix, _load_int4(reader, prefix, linears[prefix], stage, dtype, device))
-            bar.update(sum(reader.nbytes(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales")
-                           if f"{prefix}.{t}" in reader))
+        for prefix, names in quantized.items():
+            _replace(stage, prefix, load_quantized(reader, in_file[prefix], dtype, device))
+            bar.update(sum(reader.nbytes(t) for t in names))
         leftover = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
         if leftover:
             raise CheckpointError(f"model {reader.source.name!r}: tensors not loaded: {leftover[:5]}")
@@ -113,23 +94,3 @@ def _release(stage: Stage) -> None:
 def _replace(stage: Stage, prefix: str, module: nn.Module) -> None:
     parent, _, child = prefix.rpartition(".")
     setattr(stage.get_submodule(parent) if parent else stage, child, module)
-
-
-def _quantize(linear: nn.Linear) -> nn.Module:
-    from .int4 import quantize_linear
-
-    return quantize_linear(linear.weight, linear.bias)
-
-
-def _load_int4(reader: CheckpointReader, prefix: str, linear: nn.Linear, stage: Stage,
-               dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from .int4 import load_quantized_linear
-
-    def read(name: str) -> torch.Tensor:
-        return reader.read(name, device)  # stored dtype; quant.py converts
-
-    try:
-        return load_quantized_linear(read, prefix, linear.in_features, linear.out_features,
-                                     linear.bias is not None, stage.config.quant, dtype, device)
-    except ValueError as e:  # a tensor of the file does not fit the config: a broken checkpoint
-        raise CheckpointError(f"model {reader.source.name!r}: {e}") from e
