@@ -5,21 +5,27 @@ rotary spelling: the old top-level `rope_theta` + `rope_scaling` that real
 Qwen checkpoints use, or the new `rope_parameters` that transformers v5
 writes. Knows nothing about files or devices: `weights/checkpoint.py` reads the JSON.
 
-Anything the runtime does not implement (another model_type, sliding window,
-an unknown rope type, a quantization other than 4-bit GPTQ/AWQ) fails here
-with a message naming the field and its value.
+Every field pprt reads is read through `pprt.fields.Fields`, with its type
+and range: booleans must be JSON booleans (the string "false" is refused,
+not taken as true), sizes positive integers, eps and rope_theta finite and
+positive. Anything wrong or unimplemented (another model_type, sliding
+window, an unknown rope type, a quantization other than 4-bit GPTQ/AWQ, a
+generation_config.json default the sampler would refuse) fails here with a
+ConfigError naming the file, the field and its value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ConfigError
-from .quantization import QuantConfig  # noqa: F401  (re-exported: the formats' rules live there)
+from .fields import Fields
+from .quantization import QuantConfig  # re-exported: the formats' rules live there
 
 log = logging.getLogger("pprt")
 
@@ -43,11 +49,11 @@ class RopeConfig:
             raise ConfigError(
                 f"rope type {self.type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
-        if self.theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.theta}")
+        if not (math.isfinite(self.theta) and self.theta > 0):
+            raise ConfigError(f"rope_theta must be finite and positive, got {self.theta}")
         if self.type == "yarn":
-            if self.factor <= 0:
-                raise ConfigError(f"rope_scaling.factor must be positive, got {self.factor}")
+            if not (math.isfinite(self.factor) and self.factor > 0):
+                raise ConfigError(f"rope_scaling.factor must be finite and positive, got {self.factor}")
             if not self.original_max_position:
                 raise ConfigError("yarn rope_scaling needs original_max_position_embeddings")
 
@@ -102,6 +108,9 @@ class ModelConfig:
                 )
             if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
                 raise ConfigError("moe_intermediate_size and decoder_sparse_step must be positive")
+        if self.intermediate_size <= 0 and not all(self.is_sparse(i) for i in range(self.num_layers)):
+            raise ConfigError(f"intermediate_size must be positive (a layer has a dense MLP), got "
+                              f"{self.intermediate_size}")
 
     def is_sparse(self, layer: int) -> bool:
         """True when `layer` has a mixture-of-experts MLP (qwen3_moe rule)."""
@@ -115,98 +124,100 @@ class ModelConfig:
         return dataclasses.replace(self, rope=rope)
 
     @classmethod
-    def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:
-        """Parse config.json (and optionally generation_config.json) contents."""
-        model_type = cfg.get("model_type")
+    def from_dict(cls, cfg: dict, generation_config: dict | None = None, *, path: str = "config.json",
+                  generation_path: str = "generation_config.json") -> ModelConfig:
+        """Parse config.json (and optionally generation_config.json) contents.
+
+        path, generation_path: the files, named in errors. Raises ConfigError naming the file and the
+        field when a field is missing, of the wrong type, out of range or unsupported.
+        """
+        f, gen = Fields(cfg, path), Fields(generation_config, generation_path)
+        model_type = f.string("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        if cfg.get("use_sliding_window"):
-            raise ConfigError("use_sliding_window = true is not supported (sliding-window attention is not implemented)")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-
-        def need(key: str):
-            if cfg.get(key) is None:
-                raise ConfigError(f"config.json has no {key!r}")
-            return cfg[key]
-
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        kv_heads = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or hidden // heads
+            raise f.error("model_type", f"{model_type!r} is not supported (supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        if f.flag("use_sliding_window", False):
+            raise f.error("use_sliding_window", "= true is not supported (sliding-window attention is not "
+                          "implemented)")
+        if f.string("hidden_act", "silu") != "silu":
+            raise f.error("hidden_act", f"{cfg['hidden_act']!r} is not supported (only silu)")
+        num_layers = f.integer("num_hidden_layers", at_least=1)
+        hidden, heads = f.integer("hidden_size", at_least=1), f.integer("num_attention_heads", at_least=1)
         is_moe = model_type == "qwen3_moe"
-        gen = generation_config or {}
-        quant = cfg.get("quantization_config")
-        return cls(
-            model_type=model_type,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(cfg.get("intermediate_size") or 0),
-            num_layers=int(need("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=int(kv_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=_parse_rope(cfg),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=model_type != "qwen2",
-            # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
-            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if is_moe else 0,
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0) if is_moe else 0,
-            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if is_moe else 0,
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-            decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1) or 1),
-            mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
-            eos_token_ids=_eos_ids(cfg, gen),
-            torch_dtype=_parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
-            quant=QuantConfig.from_dict(quant) if quant else None,
-            generation_defaults={
-                k: gen[k]
-                for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
-                if gen.get(k) is not None
-            },
-        )
+        quant = f.section("quantization_config")
+        with f.naming_file():  # ModelConfig's own checks (heads vs kv heads, ...) name the file too
+            return cls(
+                model_type=model_type,
+                vocab_size=f.integer("vocab_size", at_least=1),
+                hidden_size=hidden,
+                intermediate_size=f.integer("intermediate_size", 0, at_least=1),
+                num_layers=num_layers,
+                num_heads=heads,
+                num_kv_heads=f.integer("num_key_value_heads", heads, at_least=1),  # null means heads
+                head_dim=f.integer("head_dim", hidden // heads, at_least=1),
+                rms_norm_eps=f.number("rms_norm_eps", 1e-6, above=0),
+                rope=_parse_rope(f),
+                max_position_embeddings=f.integer("max_position_embeddings", 32768, at_least=1),
+                tie_word_embeddings=f.flag("tie_word_embeddings", False),
+                qkv_bias=True if model_type == "qwen2" else f.flag("attention_bias", False),
+                qk_norm=model_type != "qwen2",
+                # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
+                num_experts=f.integer("num_experts", f.integer("num_local_experts", 0, at_least=1), at_least=1)
+                if is_moe else 0,
+                num_experts_per_tok=f.integer("num_experts_per_tok", 0, at_least=1) if is_moe else 0,
+                moe_intermediate_size=f.integer("moe_intermediate_size", 0, at_least=1) if is_moe else 0,
+                norm_topk_prob=f.flag("norm_topk_prob", False),
+                decoder_sparse_step=f.integer("decoder_sparse_step", 1, at_least=1),
+                mlp_only_layers=f.integers("mlp_only_layers", at_least=0, at_most=num_layers - 1),
+                eos_token_ids=_eos_ids(f, gen),
+                torch_dtype=_parse_dtype(f.string("torch_dtype", None) or f.string("dtype", "float32")),
+                quant=QuantConfig.from_dict(quant.data) if quant is not None else None,
+                generation_defaults=_generation_defaults(gen),
+            )
 
 
-def _parse_rope(cfg: dict) -> RopeConfig:
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:  # new spelling
-        scaling, theta = params, params["rope_theta"]
+def _parse_rope(f: Fields) -> RopeConfig:
+    params = f.section("rope_parameters")
+    if params is not None and params.has("rope_theta"):  # new spelling
+        scaling, theta = params, params.number("rope_theta", above=0)
     else:  # old spelling
-        scaling, theta = cfg.get("rope_scaling") or {}, cfg.get("rope_theta", 10000.0)
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        scaling, theta = f.section("rope_scaling") or Fields({}, f.where), f.number("rope_theta", 10000.0, above=0)
+    key = "rope_type" if scaling.has("rope_type") else "type"
+    kind = scaling.string(key, "default")
     if kind == "default":
-        return RopeConfig(theta=float(theta))
+        return RopeConfig(theta=theta)
     if kind != "yarn":
-        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: default, yarn)")
-    if scaling.get("factor") is None:
-        raise ConfigError("yarn rope_scaling has no 'factor'")
+        raise scaling.error(key, f"{kind!r} is not supported (supported: default, yarn)")
     return RopeConfig(
-        theta=float(theta),
+        theta=theta,
         type="yarn",
-        factor=float(scaling["factor"]),
-        original_max_position=int(
-            scaling.get("original_max_position_embeddings") or cfg.get("max_position_embeddings") or 0
-        ),
-        beta_fast=float(scaling.get("beta_fast") or 32.0),
-        beta_slow=float(scaling.get("beta_slow") or 1.0),
-        attention_factor=scaling.get("attention_factor"),
-        truncate=bool(scaling.get("truncate", True)),
+        factor=scaling.number("factor", above=0),
+        original_max_position=scaling.integer("original_max_position_embeddings", None, at_least=1)
+        or f.integer("max_position_embeddings", 0, at_least=1),
+        beta_fast=scaling.number("beta_fast", 32.0),
+        beta_slow=scaling.number("beta_slow", 1.0),
+        attention_factor=scaling.number("attention_factor", None, above=0),
+        truncate=scaling.flag("truncate", True),
     )
 
 
-def _eos_ids(cfg: dict, gen: dict) -> tuple[int, ...]:
-    ids: list[int] = []
-    for source in (gen.get("eos_token_id"), cfg.get("eos_token_id")):
-        if source is None:
-            continue
-        for i in source if isinstance(source, (list, tuple)) else [source]:
-            if int(i) not in ids:
-                ids.append(int(i))
-    return tuple(ids)
+def _eos_ids(cfg: Fields, gen: Fields) -> tuple[int, ...]:
+    """generation_config.json's eos ids first, then config.json's (each an id or a list of ids)."""
+    ids = gen.integers("eos_token_id", at_least=0, single=True) + cfg.integers("eos_token_id", at_least=0, single=True)
+    return tuple(dict.fromkeys(ids))
+
+
+def _generation_defaults(gen: Fields) -> dict:
+    """The sampling defaults of generation_config.json, in the ranges SamplingParams accepts."""
+    defaults = {
+        "temperature": gen.number("temperature", None, at_least=0),
+        "top_p": gen.number("top_p", None, above=0, at_most=1),
+        "top_k": gen.integer("top_k", None, at_least=-1),
+        "min_p": gen.number("min_p", None, at_least=0, at_most=1),
+        "repetition_penalty": gen.number("repetition_penalty", None, above=0),
+        "do_sample": gen.flag("do_sample", None),
+    }
+    return {k: v for k, v in defaults.items() if v is not None}
 
 
 _DTYPES = {

@@ -33,6 +33,8 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .fields import read_json
+
 _REPLACEMENT = "\ufffd"
 
 
@@ -129,7 +131,7 @@ class Tokenizer:
         tok = _HFTokenizer.from_file(str(tokenizer_json))
         config: dict[str, Any] = {}
         if tokenizer_config is not None:
-            config = json.loads(Path(tokenizer_config).read_text(encoding="utf-8"))
+            config = read_json(Path(tokenizer_config))  # strict JSON; CheckpointError naming the file
         template = _pick_template(config.get("chat_template"), str(tokenizer_config))
         if chat_template_file is not None:
             template = Path(chat_template_file).read_text(encoding="utf-8")

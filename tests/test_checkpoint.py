@@ -208,7 +208,7 @@ def test_single_file_corrupt_header_named(single, tmp_path):
 @pytest.mark.parametrize("edit, field", [
     ({"model_type": "llama"}, "model_type 'llama'"),
     ({"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
-    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling type 'longrope'"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling.type 'longrope'"),
 ], ids=["model_type", "sliding-window", "rope-type"])
 def test_unsupported_config(broken, edit, field):
     cfg = json.loads((broken / "config.json").read_text())
