@@ -121,7 +121,7 @@ def test_bad_arguments(llm, model):
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([[1, 2, 100000]])
-    with pytest.raises(ValueError, match="prompts must be"):
+    with pytest.raises(ValueError, match="token ids must be ints, element 1 is 'a'"):
         llm.generate([1, "a"])
     free = llm.blocks.num_free
     with pytest.raises(ValueError, match="max_context"):  # the second prompt is refused...

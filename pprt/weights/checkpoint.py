@@ -52,6 +52,24 @@ def load_config(source: ModelSource) -> ModelConfig:
                                  path=str(path), generation_path=str(gen_path or "generation_config.json"))
 
 
+def read_tensor(path: Path, name: str, info: TensorInfo) -> torch.Tensor:
+    """Tensor `name` of file `path` (its header entry `info`) on the CPU, in its stored dtype.
+
+    A plain read, not mmap: file pages never count as this process's memory.
+    """
+    buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
+    try:
+        with path.open("rb") as f:
+            f.seek(info.begin)
+            got = f.readinto(memoryview(buf.numpy())) if buf.numel() else 0
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+    if got != buf.numel():
+        raise CheckpointError(f"{path}: truncated file while reading tensor {name!r} "
+                              f"({got} of {buf.numel()} bytes)")
+    return buf.view(info.dtype).reshape(info.shape)
+
+
 class CheckpointReader:
     """Reads named tensors of a (possibly sharded) safetensors checkpoint."""
 
@@ -123,17 +141,7 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has shape {list(info.shape)}, the config expects {list(shape)}"
             )
-        buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
-        try:  # a plain read, not mmap: file pages never count as this process's memory
-            with path.open("rb") as f:
-                f.seek(info.begin)
-                got = f.readinto(memoryview(buf.numpy())) if buf.numel() else 0
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
-        if got != buf.numel():
-            raise CheckpointError(f"{path}: truncated file while reading tensor {name!r} "
-                                  f"({got} of {buf.numel()} bytes)")
-        t = buf.view(info.dtype).reshape(info.shape)
+        t = read_tensor(path, name, info)
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype  # ints stay ints
         return t.to(device=device, dtype=target)
 
