@@ -162,10 +162,10 @@ class ModelConfig:
                 qkv_bias=True if model_type == "qwen2" else f.flag("attention_bias", False),
                 qk_norm=model_type != "qwen2",
                 # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
-                num_experts=f.integer("num_experts", f.integer("num_local_experts", 0, at_least=1), at_least=1)
-                if is_moe else 0,
-                num_experts_per_tok=f.integer("num_experts_per_tok", 0, at_least=1) if is_moe else 0,
-                moe_intermediate_size=f.integer("moe_intermediate_size", 0, at_least=1) if is_moe else 0,
+                num_experts=f.integer("num_local_experts" if f.has("num_local_experts") and not f.has("num_experts")
+                                      else "num_experts", at_least=1) if is_moe else 0,
+                num_experts_per_tok=f.integer("num_experts_per_tok", at_least=1) if is_moe else 0,
+                moe_intermediate_size=f.integer("moe_intermediate_size", at_least=1) if is_moe else 0,
                 norm_topk_prob=f.flag("norm_topk_prob", False),
                 decoder_sparse_step=f.integer("decoder_sparse_step", 1, at_least=1),
                 mlp_only_layers=f.integers("mlp_only_layers", at_least=0, at_most=num_layers - 1),

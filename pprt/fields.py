@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,8 @@ from .errors import CheckpointError, ConfigError
 # serde_json refuses a document nested 128 deep (measured with safetensors 0.8: 127 passes).
 MAX_DEPTH = 127
 _MISSING: Any = object()
+_SHORT = reprlib.Repr()  # values in messages: bounded in length and depth
+_SHORT.maxstring = _SHORT.maxother = 60
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -157,8 +160,7 @@ class Fields:
         return value
 
     def _bad(self, key: str, expected: str, value: Any) -> FieldError:
-        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        return self.error(key, f"must be {expected}, got {shown[:80]}")
+        return self.error(key, f"must be {expected}, got {_SHORT.repr(value)}")
 
     def integer(self, key: str, default: Any = _MISSING, *, at_least: int | None = None,
                 at_most: int | None = None) -> int:

@@ -56,6 +56,7 @@ class ModelSource:
             raise CheckpointError(f"model {self.name!r}: no such directory, and not a hub id (org/name)")
         self._probed = False
         self._unreachable: str | None = None  # the network error, once the hub did not answer
+        self._warned = False
 
     def get(self, filename: str) -> Path | None:
         """Local path of `filename`, fetching it from the hub if needed; None if the model has no such file.
@@ -72,7 +73,7 @@ class ModelSource:
         if not offline and not self._probed and not self._probe(filename):
             return None  # the hub says the repository has no such file
         try:
-            return Path(hf_hub_download(self.name, filename, revision=self.revision,
+            path = Path(hf_hub_download(self.name, filename, revision=self.revision,
                                         local_files_only=offline or self._unreachable is not None))
         except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
             if filename in OPTIONAL_FILES:
@@ -85,6 +86,11 @@ class ModelSource:
             return None
         except (HTTPError, OSError, ValueError) as e:  # ValueError: a repo id the hub's rules refuse
             raise self._hub_error(e) from e
+        if self._unreachable is not None and not self._warned:
+            self._warned = True
+            log.warning("model %r: the hub cannot be reached (%s): using the cached files", self.name,
+                        self._unreachable)
+        return path
 
     def require(self, filename: str) -> Path:
         p = self.get(filename)
@@ -110,16 +116,12 @@ class ModelSource:
         except HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else None
             if status is not None and (status in (408, 429) or status >= 500):  # the hub is there but failing
-                self._note_unreachable(f"HTTP {status} from {constants.ENDPOINT}")
+                self._unreachable = f"HTTP {status} from {constants.ENDPOINT}"
                 return True
             raise self._hub_error(e) from e
         except (HTTPError, OSError) as e:  # no answer: DNS, refused, timeout, TLS
-            self._note_unreachable(_one_line(e))
+            self._unreachable = _one_line(e)
         return True
-
-    def _note_unreachable(self, why: str) -> None:
-        self._unreachable = why
-        log.warning("model %r: the hub cannot be reached (%s): using the local cache", self.name, why)
 
     def _unreachable_error(self, why: str) -> CheckpointError:
         return CheckpointError(f"model {self.name!r}: the hub cannot be reached ({why}; set HF_HUB_OFFLINE=1 "
