@@ -144,6 +144,8 @@ class ModelConfig:
         num_layers = f.integer("num_hidden_layers", at_least=1)
         hidden, heads = f.integer("hidden_size", at_least=1), f.integer("num_attention_heads", at_least=1)
         is_moe = model_type == "qwen3_moe"
+        # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
+        experts_key = "num_local_experts" if f.has("num_local_experts") and not f.has("num_experts") else "num_experts"
         quant = f.section("quantization_config")
         with f.naming_file():  # ModelConfig's own checks (heads vs kv heads, ...) name the file too
             return cls(
@@ -161,9 +163,7 @@ class ModelConfig:
                 tie_word_embeddings=f.flag("tie_word_embeddings", False),
                 qkv_bias=True if model_type == "qwen2" else f.flag("attention_bias", False),
                 qk_norm=model_type != "qwen2",
-                # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
-                num_experts=f.integer("num_local_experts" if f.has("num_local_experts") and not f.has("num_experts")
-                                      else "num_experts", at_least=1) if is_moe else 0,
+                num_experts=f.integer(experts_key, at_least=1) if is_moe else 0,
                 num_experts_per_tok=f.integer("num_experts_per_tok", at_least=1) if is_moe else 0,
                 moe_intermediate_size=f.integer("moe_intermediate_size", at_least=1) if is_moe else 0,
                 norm_topk_prob=f.flag("norm_topk_prob", False),
