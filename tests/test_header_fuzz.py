@@ -222,6 +222,13 @@ def _shift(delta):
     return apply
 
 
+def _gap_before_last(f: File):
+    """The last tensor moves 8 bytes on, the file grows by 8: a gap inside the data."""
+    last = max((v for k, v in f.pairs if k != "__metadata__"), key=lambda v: v["data_offsets"][1])
+    last["data_offsets"] = [o + 8 for o in last["data_offsets"]]
+    f.data = f.data + bytes(8)
+
+
 def _dup(f: File):
     f.pairs.append(("a.weight", dict(dict(f.pairs)["a.weight"])))
 
@@ -235,7 +242,8 @@ def _extra(value):
 CASES = {  # name: (edit, words pprt's message holds, does the library read it?)
     "overlap": (lambda f: dict(f.pairs)["a.weight"]["data_offsets"].__setitem__(0, 4), "data_offsets", False),
     "alias": (_offsets_of("d.i32"), "data_offsets", False),
-    "gap": (lambda f: f.__setattr__("data", f.data + bytes(8)), "bytes no tensor covers", False),
+    "gap": (_gap_before_last, "leaves a gap of 8 bytes after tensor", False),
+    "trailing-bytes": (lambda f: f.__setattr__("data", f.data + bytes(8)), "bytes no tensor covers", False),
     "duplicate-key": (_dup, "appears twice", True),
     "length-into-padding": (_shift(2), "corrupt safetensors", False),
     "length-short": (_shift(-2), "corrupt safetensors header", False),
