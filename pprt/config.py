@@ -171,7 +171,7 @@ class ModelConfig:
                 mlp_only_layers=f.integers("mlp_only_layers", at_least=0, at_most=num_layers - 1),
                 eos_token_ids=_eos_ids(f, gen),
                 torch_dtype=_parse_dtype(f.string("torch_dtype", None) or f.string("dtype", "float32")),
-                quant=QuantConfig.from_dict(quant.data) if quant is not None else None,
+                quant=QuantConfig.from_fields(quant) if quant is not None else None,
                 generation_defaults=_generation_defaults(gen),
             )
 

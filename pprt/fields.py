@@ -207,7 +207,7 @@ class Fields:
         """A list of integers (or, with single=True, one integer standing for a list of one)."""
         value = self._get(key, default)
         if value is None:
-            return tuple(default)
+            return default if default is None else tuple(default)
         items = [value] if single and _is_int(value) else value
         ok = isinstance(items, list) and all(
             _is_int(i) and (at_least is None or i >= at_least) and (at_most is None or i <= at_most) for i in items)
@@ -215,6 +215,15 @@ class Fields:
             raise self._bad(key, ("an integer or " if single else "") + "a list of integers" +
                             _range(at_least, at_most), value)
         return tuple(items)
+
+    def strings(self, key: str, default: Any = ()) -> tuple[str, ...]:
+        """A list of strings."""
+        value = self._get(key, default)
+        if value is None:
+            return default if default is None else tuple(default)
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise self._bad(key, "a list of strings", value)
+        return tuple(value)
 
     def section(self, key: str) -> Fields | None:
         """The JSON object under `key` as Fields, or None when it is absent or null."""

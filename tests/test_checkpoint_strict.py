@@ -126,16 +126,17 @@ def test_integer_dtype_for_a_float_weight_is_refused(model):
     assert str(shard) in msg and f"'{PROBE}' is stored as I32" in msg and "float parameter" in msg
 
 
-def test_float8_weight_is_refused_until_fp8_is_supported(model):
+def test_float8_e5m2_weight_is_refused_by_role(model):
+    """FP8 files hold float8_e4m3fn weights with their scales; an e5m2 weight is no format pprt reads."""
     with safe_open(model / weight_map(model)[PROBE], "pt") as f:
         weight = f.get_tensor(PROBE)
-    save_file({PROBE: weight.to(torch.float8_e4m3fn)}, model / "fp8.safetensors")  # right shape, no scales
+    save_file({PROBE: weight.to(torch.float8_e5m2)}, model / "fp8.safetensors")  # right shape, no scales
     index = json.loads((model / INDEX_FILE).read_text())
     index["weight_map"][PROBE] = "fp8.safetensors"
     (model / INDEX_FILE).write_text(json.dumps(index))
     msg = construct(model)
-    assert str(model / "fp8.safetensors") in msg and "is stored as F8_E4M3" in msg
-    assert "FP8 checkpoints are not supported" in msg
+    assert str(model / "fp8.safetensors") in msg and f"'{PROBE}' is stored as F8_E5M2" in msg
+    assert "float parameter it must be F16 or BF16 or F32 or F64" in msg
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +179,8 @@ def test_a_module_a_quantized_file_leaves_in_float_loads_as_float(gptq):
 
 
 @pytest.mark.parametrize("tensor, dtype, words", [
-    ("model.layers.1.mlp.up_proj.qweight", "F32", "is stored as F32, but as an Int4 layer's qweight it must be I32"),
-    ("model.layers.1.mlp.up_proj.scales", "I16", "is stored as I16, but as an Int4 layer's scales"),
+    ("model.layers.1.mlp.up_proj.qweight", "F32", "is stored as F32, but as the qweight of a gptq layer it must be I32"),
+    ("model.layers.1.mlp.up_proj.scales", "I16", "is stored as I16, but as the scales of a gptq layer"),
     ("model.layers.0.self_attn.q_proj.weight", "I16", "is stored as I16, but as a float parameter"),
 ], ids=["float-qweight", "int-scales", "int-float-module"])
 def test_quantized_file_tensors_are_checked_by_role(gptq, tmp_path, tensor, dtype, words):

@@ -101,6 +101,22 @@ PATH, GEN_PATH = "/models/m/config.json", "/models/m/generation_config.json"
     (dict(quantization_config={"quant_method": "gptq", "desc_act": "false"}), "quantization_config.desc_act",
      "'false'"),
     (dict(quantization_config="gptq"), "quantization_config", "'gptq'"),
+    (dict(quantization_config={"quant_method": "gptq", "sym": "false"}), "quantization_config.sym", "'false'"),
+    (dict(quantization_config={"quant_method": "gptq", "dynamic": {"+:.*mlp.*": {"sym": "false"}}}),
+     "quantization_config.dynamic.+:.*mlp.*.sym", "'false'"),
+    (dict(quantization_config={"quant_method": "awq", "zero_point": "false"}), "quantization_config.zero_point",
+     "'false'"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": ["128", 128]}),
+     "quantization_config.weight_block_size", "['128', 128]"),
+    (dict(quantization_config={"quant_method": "fp8", "modules_to_not_convert": "lm_head"}),
+     "quantization_config.modules_to_not_convert", "'lm_head'"),
+    (dict(quantization_config={"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
+                                           "symmetric": "false"}}}}),
+     "quantization_config.config_groups.g.weights.symmetric", "'false'"),
+    (dict(quantization_config={"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": "4", "type": "int"}}}}),
+     "quantization_config.config_groups.g.weights.num_bits", "'4'"),
 ])
 def test_config_fields_are_typed_and_ranged(override, field, shown):
     with pytest.raises(ConfigError) as err:
