@@ -150,6 +150,8 @@ def test_null_means_default_and_json_booleans_are_kept():
 
 # ---- fuzz over the fields pprt reads ---------------------------------------------------------------
 
+import os  # noqa: E402
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -207,7 +209,8 @@ def _draw_fields(data, fields: dict, label: str) -> tuple[dict, set[str]]:
     return values, bad
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("PPRT_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_config_fuzz_every_read_field_is_checked(data):
     values, bad = _draw_fields(data, CONFIG_FIELDS, "config")

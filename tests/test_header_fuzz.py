@@ -18,6 +18,7 @@ library's bytes from every file it accepts.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -40,7 +41,9 @@ from pprt.weights.loader import load_stage
 STRICTER = ("appears twice", "unsupported dtype", "not an object")
 LIBRARY_DTYPES = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
                   "F64", "I64", "U64", "C64", "F4", "F6_E2M3", "F6_E3M2", "F8_E8M0"]
-FUZZ = settings(max_examples=300, deadline=None, database=None,
+# PPRT_FUZZ_EXAMPLES=5000 for a longer run than CI's (the default keeps each test under ~10 s)
+EXAMPLES = int(os.environ.get("PPRT_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -90,6 +93,13 @@ ODD_INTS = [-1, 2**64 - 1, 2**64, Raw("-0"), Raw("2.0"), Raw("2e0"), True, "2", 
             Raw("1e999")]
 
 
+def offsets_of(entry: dict) -> list:
+    """An entry's data_offsets as a list of at least two items (earlier edits may have broken it)."""
+    o = entry.get("data_offsets")
+    o = list(o) if isinstance(o, list) else []
+    return o + [0] * (2 - len(o))
+
+
 def mutate(f: File, data: st.DataObject) -> None:
     """One random edit of `f` (see the module docstring)."""
     idx = f.tensors()
@@ -100,21 +110,21 @@ def mutate(f: File, data: st.DataObject) -> None:
         j = data.draw(st.sampled_from(idx))
         name, entry = f.pairs[i]
     if op == "offset" and idx:
-        bounds = sorted({o for k in idx for o in f.pairs[k][1].get("data_offsets", []) if isinstance(o, int)})
+        bounds = sorted({o for k in idx for o in offsets_of(f.pairs[k][1]) if type(o) is int})
         base = data.draw(st.sampled_from(bounds or [0]))
         value = data.draw(st.one_of(st.integers(-8, 8).map(lambda d: max(0, base + d)), st.sampled_from(ODD_INTS)))
-        offsets = list(entry.get("data_offsets", [0, 0]))
+        offsets = offsets_of(entry)
         offsets[data.draw(st.integers(0, 1))] = value
         entry["data_offsets"] = offsets
     elif op == "swap" and idx:
         entry["data_offsets"], f.pairs[j][1]["data_offsets"] = f.pairs[j][1].get("data_offsets"), \
             entry.get("data_offsets")
     elif op == "alias" and idx:
-        entry["data_offsets"] = list(f.pairs[j][1].get("data_offsets", [0, 0]))
+        entry["data_offsets"] = offsets_of(f.pairs[j][1])
     elif op == "dtype" and idx:
         entry["dtype"] = data.draw(st.sampled_from(LIBRARY_DTYPES + ["f32", "", 4, None, "C128"]))
     elif op == "shape" and idx:
-        shape = list(entry.get("shape", []))
+        shape = list(entry["shape"]) if isinstance(entry.get("shape"), list) else []
         edit = data.draw(st.sampled_from(["append", "pop", "set", "odd"]))
         if edit == "append":
             shape.append(data.draw(st.integers(0, 3)))
@@ -147,7 +157,7 @@ def mutate(f: File, data: st.DataObject) -> None:
     elif op == "top":
         f.top = data.draw(st.sampled_from(["[]", "5", '"x"', "null", "{", "", DEEP[2000], "[" * 100000]))
     elif op == "arity" and idx:
-        offsets = list(entry.get("data_offsets", [0, 0]))
+        offsets = offsets_of(entry)
         entry["data_offsets"] = offsets[:1] if data.draw(st.booleans()) else offsets + [offsets[-1]]
 
 
@@ -310,7 +320,7 @@ def tiny_single(tmp_path_factory) -> Path:
                            tokenizer=False, num_hidden_layers=2)
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES // 5, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_loader_fuzz_loads_the_library_tensors_or_names_the_file(tiny_single, tmp_path_factory, data):
     work = tmp_path_factory.getbasetemp() / "loader-fuzz"
