@@ -24,7 +24,8 @@ from ..errors import CheckpointError, StageFailed
 from ..models.kv import parse_kv_dtype
 from ..params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
-from ..weights.checkpoint import ModelSource, load_config
+from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
+from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager
 from .scheduler import Scheduler, Sequence
 from .stats import StageStats, Stats
@@ -92,7 +93,7 @@ class LLM:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.source = ModelSource(model)
-        self.config = load_config(self.source)
+        self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
         on_cuda = torch.device(devices[0]).type == "cuda"
         self.dtype = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
         self.max_context = max_context or default_context(self.config)
