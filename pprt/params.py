@@ -47,7 +47,7 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         t = self.temperature
         if t is not None and not (_is_num(t) and t >= 0 and math.isfinite(t)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+            raise ValueError(f"temperature must be >= 0 and finite, got {t!r}")
         if self.top_p is not None and not (_is_num(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None:

@@ -50,7 +50,7 @@ def test_kv_heads_null_means_heads_and_eos_ids_merge():
 
 @pytest.mark.parametrize("override, words", [
     (dict(model_type="llama"), "model_type 'llama'"),
-    (dict(use_sliding_window=True), "use_sliding_window"),
+    (dict(use_sliding_window=True, sliding_window=64, max_window_layers=1), "use_sliding_window"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(num_key_value_heads=3), "num_key_value_heads"),
