@@ -78,6 +78,7 @@ _GUESSED = {
                   "moe_intermediate_size": 768},
 }
 _MAX_WINDOW_LAYERS = 28  # Qwen2Config / Qwen3Config default
+_SLIDING_WINDOW = 4096  # the classes' default window, when use_sliding_window is set without one
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ def _check_sliding_window(cfg: dict, where: str) -> None:
     """Refuse any layer that transformers would run with sliding-window attention."""
     n = cfg.get("num_hidden_layers")
     n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0  # config.py refuses a bad one
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    window = cfg.get("sliding_window", _SLIDING_WINDOW) if cfg.get("use_sliding_window") else None
     if cfg["model_type"] == "qwen3_moe":  # every layer slides when the window is on
         if window is not None:
             raise ConfigError(f"{where}: use_sliding_window = true with sliding_window = {window} is not "

@@ -176,3 +176,20 @@ def test_named_templates_pick_tool_use_when_tools_are_given(tiny_dir, hf_tok, tm
 def test_empty_conversation_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="empty conversation"):
         Tokenizer.from_dir(tiny_dir).apply_chat_template([])
+
+
+def test_llm_chat_with_a_generation_marked_template(tmp_path, hf_tok):
+    """The failure as reported: a TRL-trained checkpoint loads, then llm.chat() raised
+    TemplateSyntaxError: unknown tag 'generation'."""
+    from models import make_checkpoint
+    from pprt import LLM, SamplingParams
+
+    path = make_checkpoint(tmp_path, "qwen3")
+    template = (TEMPLATES / "qwen3-trl-training.jinja").read_text(encoding="utf-8")
+    (path / "chat_template.jinja").write_text(template, encoding="utf-8")
+    messages = [SYSTEM, USER, ANSWER_INLINE, FOLLOW_UP]
+    with LLM(str(path), devices=["cpu"], max_context=512) as llm:
+        out = llm.chat(messages, SamplingParams(max_tokens=2, temperature=0), enable_thinking=False)
+        want = hf_tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                          add_generation_prompt=True, enable_thinking=False)
+        assert out.prompt_token_ids == llm.tokenizer.encode(want) and len(out.token_ids) == 2

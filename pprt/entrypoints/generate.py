@@ -26,6 +26,7 @@ from typing import NoReturn, TextIO
 from .. import LLM, Completion, SamplingParams, Stats
 from ..distributed.stage_main import serve_torchrun, torchrun_rank
 from ..errors import ConfigError
+from ..rope import DEFAULT_MAX_POSITION, DEFAULT_THETA, rope_from_user
 from .demo_model import demo_model_path
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -106,15 +107,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
-    """--rope-scaling's JSON object (checked in full when the model's config is read)."""
+    """--rope-scaling's JSON object, checked as far as it can be without the model."""
     if text is None:
         return None
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"--rope-scaling {text!r} is not JSON ({e})") from None
-    if not isinstance(spec, dict):
-        raise UsageError(f"--rope-scaling must be a JSON object, got {text!r}")
+    try:  # the model's own theta and window replace these placeholders at load
+        rope_from_user(spec, theta=DEFAULT_THETA, max_position=DEFAULT_MAX_POSITION, where="--rope-scaling")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     return spec
 
 
