@@ -81,6 +81,10 @@ _MAX_WINDOW_LAYERS = 28  # Qwen2Config / Qwen3Config default
 _SLIDING_WINDOW = 4096  # the classes' default window, when use_sliding_window is set without one
 
 
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
 @dataclass(frozen=True, slots=True)
 class FieldAudit:
     exact_context: int | None  # longest context computed as the checkpoint expects; None: no limit
@@ -88,7 +92,7 @@ class FieldAudit:
     ignored: tuple[str, ...]  # fields neither pprt nor transformers' model reads
 
 
-def audit_fields(cfg: dict, where: str = "config.json") -> FieldAudit:
+def audit_fields(cfg: dict, where: str = "") -> FieldAudit:
     """Check every field of config.json `cfg` (a supported model_type); see the module docstring.
 
     Raises ConfigError naming the field for what pprt does not implement; logs one warning per
@@ -99,20 +103,20 @@ def audit_fields(cfg: dict, where: str = "config.json") -> FieldAudit:
         if name == "intermediate_size" and model_type == "qwen3_moe":
             continue
         if name not in cfg and not (name == "num_experts" and "num_local_experts" in cfg):
-            raise ConfigError(f"{where} has no {name!r} (transformers would assume {guess}, its "
+            raise ConfigError(f"{_at(where)}config.json has no {name!r} (transformers would assume {guess}, its "
                               f"{model_type} default; pprt does not guess a size)")
     _check_sliding_window(cfg, where)
     cap, reason = None, ""
     dca = cfg.get("dual_chunk_attention_config")
     if dca is not None:
         cap, reason = _dual_chunk_cap(dca, cfg, where)
-        log.warning("%s: dual_chunk_attention_config is not implemented (transformers ignores it too): a sequence "
+        log.warning("%sdual_chunk_attention_config is not implemented (transformers ignores it too): a sequence "
                     "of up to %d tokens (one chunk) computes exactly what it would, so the default context stops "
-                    "there; a longer max_context runs plain attention past it", where, cap)
+                    "there; a longer max_context runs plain attention past it", _at(where), cap)
     ignored = tuple(sorted(set(cfg) - READ[model_type] - HARMLESS[model_type] - WARNED - INERT))
     if ignored:
-        log.warning("%s: %s not read by pprt, nor by transformers' %s model: ignored", where, ", ".join(ignored),
-                    model_type)
+        log.warning("%sconfig.json fields %s are not read by pprt, nor by transformers' %s model: ignored",
+                    _at(where), ", ".join(ignored), model_type)
     return FieldAudit(cap, reason, ignored)
 
 
@@ -123,7 +127,7 @@ def _check_sliding_window(cfg: dict, where: str) -> None:
     window = cfg.get("sliding_window", _SLIDING_WINDOW) if cfg.get("use_sliding_window") else None
     if cfg["model_type"] == "qwen3_moe":  # every layer slides when the window is on
         if window is not None:
-            raise ConfigError(f"{where}: use_sliding_window = true with sliding_window = {window} is not "
+            raise ConfigError(f"{_at(where)}use_sliding_window = true with sliding_window = {window} is not "
                               "supported (sliding-window attention is not implemented)")
         return
     types = cfg.get("layer_types")
@@ -131,20 +135,20 @@ def _check_sliding_window(cfg: dict, where: str) -> None:
         start = cfg.get("max_window_layers", _MAX_WINDOW_LAYERS)
         types = ["sliding_attention" if window is not None and i >= start else "full_attention" for i in range(n)]
     elif not isinstance(types, list) or (n and len(types) != n):
-        raise ConfigError(f"{where}: layer_types must list one type per layer ({n}), got {types!r}")
+        raise ConfigError(f"{_at(where)}layer_types must list one type per layer ({n}), got {types!r}")
     unknown = sorted({t for t in types if t not in ("full_attention", "sliding_attention")}, key=str)
     if unknown:
-        raise ConfigError(f"{where}: layer_types {unknown} is not supported (only full_attention)")
+        raise ConfigError(f"{_at(where)}layer_types {unknown} is not supported (only full_attention)")
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if sliding:
-        fields = "layer_types" if "layer_types" in cfg else "use_sliding_window / max_window_layers"
-        raise ConfigError(f"{where}: {fields} put layers {sliding} on sliding-window attention (window "
+        fields = "layer_types" if cfg.get("layer_types") is not None else "use_sliding_window / max_window_layers"
+        raise ConfigError(f"{_at(where)}{fields} put layers {sliding} on sliding-window attention (window "
                           f"{window}), which is not supported (sliding-window attention is not implemented)")
 
 
 def _dual_chunk_cap(dca: object, cfg: dict, where: str) -> tuple[int, str]:
     if not isinstance(dca, dict):
-        raise ConfigError(f"{where}: dual_chunk_attention_config must be an object, got {dca!r}")
+        raise ConfigError(f"{_at(where)}dual_chunk_attention_config must be an object, got {dca!r}")
     limits = []
     chunk, local = dca.get("chunk_size"), dca.get("local_size")
     if isinstance(chunk, int) and isinstance(local, int) and chunk > local >= 0:
@@ -153,6 +157,6 @@ def _dual_chunk_cap(dca: object, cfg: dict, where: str) -> tuple[int, str]:
     if isinstance(original, int) and original > 0:
         limits.append(original)
     if not limits:
-        raise ConfigError(f"{where}: dual_chunk_attention_config {dca!r} has neither chunk_size / local_size nor "
+        raise ConfigError(f"{_at(where)}dual_chunk_attention_config {dca!r} has neither chunk_size / local_size nor "
                           "original_max_position_embeddings: pprt cannot tell how far plain attention is exact")
     return min(limits), "dual_chunk_attention_config"

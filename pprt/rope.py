@@ -76,16 +76,21 @@ class RopeConfig:
         return int(self.factor * self.original_max_position) if self.type == "yarn" else None
 
 
+def _at(where: str) -> str:
+    """The prefix naming where a setting came from ("" when the caller names the file)."""
+    return f"{where}: " if where else ""
+
+
 def _number(where: str, key: str, value: Any, *, positive: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or (positive and value <= 0):
-        raise ConfigError(f"{where}: {key} must be a {'positive ' if positive else ''}number, got {value!r}")
+        raise ConfigError(f"{_at(where)}{key} must be a {'positive ' if positive else ''}number, got {value!r}")
     return float(value)
 
 
 def _count(where: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
-        raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{_at(where)}{key} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -94,23 +99,23 @@ def _settings(where: str, spec: dict, theta: float, max_position: int,
     """RopeConfig of one settings dict (see the module docstring), `theta` when it has none."""
     kind = spec["rope_type"] if "rope_type" in spec else spec.get("type", "default")
     if kind not in _KEYS:
-        raise ConfigError(f"{where}: rope type {kind!r} is not supported (supported: "
+        raise ConfigError(f"{_at(where)}rope type {kind!r} is not supported (supported: "
                           f"{', '.join(SUPPORTED_ROPE_TYPES)})")
     unknown = sorted(set(spec) - _KEYS[kind])
     if unknown:
-        raise ConfigError(f"{where}: {', '.join(map(repr, unknown))} is not a setting of rope type {kind!r} "
+        raise ConfigError(f"{_at(where)}{', '.join(map(repr, unknown))} is not a setting of rope type {kind!r} "
                           f"(it takes {', '.join(sorted(_KEYS[kind] - {'type'}))})")
     theta = _number(where, "rope_theta", spec.get("rope_theta", theta))
     partial = spec.get("partial_rotary_factor", 1.0)
     if _number(where, "partial_rotary_factor", partial) != 1.0:
-        raise ConfigError(f"{where}: partial_rotary_factor = {partial} is not supported for this model "
+        raise ConfigError(f"{_at(where)}partial_rotary_factor = {partial} is not supported for this model "
                           "(rotary over the whole head only)")
     if kind == "default":
         return RopeConfig(theta=theta)
     if "factor" not in spec:
-        raise ConfigError(f"{where}: yarn needs 'factor'")
+        raise ConfigError(f"{_at(where)}yarn needs 'factor'")
     if require_original and "original_max_position_embeddings" not in spec:
-        raise ConfigError(f"{where}: yarn needs 'original_max_position_embeddings' (the window the model was "
+        raise ConfigError(f"{_at(where)}yarn needs 'original_max_position_embeddings' (the window the model was "
                           "trained for, which the factor extends)")
     if original_override is not None:
         original = original_override
@@ -130,21 +135,22 @@ def _settings(where: str, spec: dict, theta: float, max_position: int,
             _number(where, "mscale_all_dim", spec["mscale_all_dim"], positive=False))
     truncate = spec.get("truncate", True)
     if not isinstance(truncate, bool):
-        raise ConfigError(f"{where}: truncate must be true or false, got {truncate!r}")
+        raise ConfigError(f"{_at(where)}truncate must be true or false, got {truncate!r}")
     return RopeConfig(theta=theta, type="yarn", factor=factor, original_max_position=original,
                       beta_fast=_number(where, "beta_fast", spec.get("beta_fast") or 32.0, positive=False),
                       beta_slow=_number(where, "beta_slow", spec.get("beta_slow") or 1.0, positive=False),
                       attention_factor=attention, truncate=truncate)
 
 
-def parse_rope(cfg: dict, where: str = "config.json") -> RopeConfig:
+def parse_rope(cfg: dict, where: str = "") -> RopeConfig:
     """The rotary settings of config.json `cfg`, as transformers computes them (module docstring).
 
-    Raises ConfigError naming the field for anything it would not compute the same way.
+    Raises ConfigError naming the field (after `where`, when given) for anything it would not
+    compute the same way.
     """
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if not isinstance(scaling, dict):
-        raise ConfigError(f"{where}: rope_scaling must be an object, got {scaling!r}")
+        raise ConfigError(f"{_at(where)}rope_scaling must be an object, got {scaling!r}")
     name = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     spec = dict(scaling)
     if "partial_rotary_factor" in cfg:  # transformers moves it into the rope settings
@@ -154,7 +160,7 @@ def parse_rope(cfg: dict, where: str = "config.json") -> RopeConfig:
     if "original_max_position_embeddings" in cfg:  # a top-level one wins (transformers' Phi-3 rule)
         original = _count(where, "original_max_position_embeddings", cfg["original_max_position_embeddings"])
     theta = cfg.get("rope_theta", DEFAULT_THETA)
-    return _settings(f"{where}: {name}" if scaling else where, spec, theta, max_position, original)
+    return _settings(f"{_at(where)}{name}" if scaling else where, spec, theta, max_position, original)
 
 
 def rope_from_user(spec: dict, theta: float, max_position: int, where: str = "rope_scaling") -> RopeConfig:
@@ -194,6 +200,6 @@ def native_window(cfg: dict) -> int:
     max_position = cfg.get("max_position_embeddings", DEFAULT_MAX_POSITION)
     dca = cfg.get("dual_chunk_attention_config")
     if isinstance(dca, dict) and dca.get("original_max_position_embeddings"):
-        return _count("config.json", "dual_chunk_attention_config.original_max_position_embeddings",
+        return _count("", "dual_chunk_attention_config.original_max_position_embeddings",
                       dca["original_max_position_embeddings"])
     return _TRAINED_WINDOW.get((cfg.get("model_type"), max_position), max_position)

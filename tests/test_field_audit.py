@@ -72,7 +72,7 @@ def test_real_configs_load_without_a_warning(cfg, caplog):
 def test_an_unknown_field_is_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="pprt"):
         ModelConfig.from_dict({**QWEN3_32B, "use_mrope": False, "fancy_attention": True})
-    assert "fancy_attention, use_mrope not read by pprt, nor by transformers' qwen3 model" in caplog.text
+    assert "fields fancy_attention, use_mrope are not read by pprt, nor by transformers' qwen3 model" in caplog.text
 
 
 # ---- sliding windows: refused exactly where transformers would slide ------------------------------

@@ -206,19 +206,21 @@ def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_
     """
     B, V = x.shape
     K = V if max_k is None else min(max_k, V)
-    best = x.topk(K, dim=-1).values if K < V else x.sort(dim=-1, descending=True).values  # [B, K]
+    best, order = x.topk(K, dim=-1) if K < V else x.sort(dim=-1, descending=True)  # [B, K], descending
     k = torch.where(top_k > 0, top_k, float(K)).clamp(max=K).long()  # [B]
-    x = x.masked_fill(x < best.gather(1, (k - 1)[:, None]), -math.inf)  # ties with the k-th stay
+    kth = best.gather(1, (k - 1)[:, None])  # [B, 1]
     if not bool((top_p < 1).any()):
-        return x
-    n = int((x > -math.inf).sum(dim=-1).max())  # every row's survivors fit in its n best
-    xs, order = x.topk(n, dim=-1)  # [B, n], descending
+        return x.masked_fill(x < kth, -math.inf)  # ties with the k-th stay
+    n = int((x >= kth).sum(dim=-1).max())  # survivors of the fullest row
+    if n > K:  # ties with the k-th reach past the max_k best: rank the survivors again
+        best, order = x.topk(n, dim=-1)
+    xs = best.masked_fill(best < kth, -math.inf)  # [B, K or n], descending; every survivor is in it
     probs = xs.softmax(dim=-1)
-    ahead = probs.cumsum(dim=-1) - probs  # [B, n] mass ranked before each token
+    ahead = probs.cumsum(dim=-1) - probs  # mass ranked before each token
     # a run of equal values takes the mass before its first member: the strictly better tokens
     starts = torch.ones_like(xs, dtype=torch.bool)
     starts[:, 1:] = xs[:, 1:] != xs[:, :-1]
-    first = torch.where(starts, torch.arange(n, device=x.device), 0).cummax(dim=-1).values  # [B, n]
+    first = torch.where(starts, torch.arange(xs.shape[1], device=x.device), 0).cummax(dim=-1).values
     ahead = ahead.gather(1, first)
     p = torch.where(top_p < 1, top_p, math.inf)[:, None]  # top_p == 1: never cut (cumsum rounding)
     xs = xs.masked_fill(ahead >= p, -math.inf)
