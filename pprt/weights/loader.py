@@ -61,7 +61,6 @@ def resolve_tied_head(config: ModelConfig, reader: CheckpointReader, rows_per_re
     return dataclasses.replace(config, tie_word_embeddings=False)
 
 
-
 def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
                quant: str | None = None, progress: bool | None = None) -> float:
     """Fill `stage` in place on `device`; returns the seconds spent quantizing at load."""
