@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
-from .quantization import QuantConfig  # noqa: F401  (re-exported: the formats' rules live there)
 from .field_audit import audit_fields
+from .quantization import QuantConfig  # noqa: F401  (re-exported: the formats' rules live there)
 from .rope import SUPPORTED_ROPE_TYPES, RopeConfig, native_window, parse_rope, rope_from_user  # noqa: F401
 
 log = logging.getLogger("pprt")
