@@ -1,61 +1,41 @@
 """ModelConfig: one validated, frozen description of a Qwen checkpoint.
 
-Built from the dicts of config.json (and generation_config.json) in either
-rotary spelling: the old top-level `rope_theta` + `rope_scaling` that real
-Qwen checkpoints use, or the new `rope_parameters` that transformers v5
-writes. Knows nothing about files or devices: `weights/checkpoint.py` reads the JSON.
+Built from the dicts of config.json (and generation_config.json). The rotary
+settings are read by `pprt.rope` in every spelling transformers accepts; every
+other field is accounted for by `pprt.field_audit` (read, refused, or warned
+about with the default context capped). Knows nothing about files or devices:
+`weights/checkpoint.py` reads the JSON.
 
-Every field pprt reads is read through `pprt.fields.Fields`, with its type
-and range: booleans must be JSON booleans (the string "false" is refused,
-not taken as true), sizes positive integers, eps and rope_theta finite and
-positive. Anything wrong or unimplemented (another model_type, sliding
-window, an unknown rope type, a quantization other than 4-bit GPTQ/AWQ, a
-generation_config.json default the sampler would refuse) fails here with a
-ConfigError naming the file, the field and its value.
+Every field config.py reads is read through `pprt.fields.Fields`, with its
+type and range: booleans must be JSON booleans (the string "false" is refused,
+not taken as true), sizes positive integers, eps finite and positive; a
+generation_config.json default the sampler would refuse is refused here.
+Anything wrong or unimplemented (another model_type, sliding window, a rope
+setting other than default or YaRN, a quantization pprt does not run) fails
+with a ConfigError naming the file, the field and its value.
+
+`default_context` and `extend_context` decide the context served and the
+rotary that serves it: the checkpoint's own window, or YaRN over the window
+the checkpoint was trained for (`ModelConfig.trained_window`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ConfigError
+from .field_audit import audit_fields
 from .fields import Fields
-from .quantization import QuantConfig  # re-exported: the formats' rules live there
+from .quantization import QuantConfig  # noqa: F401  (re-exported: the formats' rules live there)
+from .rope import SUPPORTED_ROPE_TYPES, RopeConfig, native_window, parse_rope, rope_from_user  # noqa: F401
 
 log = logging.getLogger("pprt")
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
-SUPPORTED_ROPE_TYPES = ("default", "yarn")
-
-
-@dataclass(frozen=True, slots=True)
-class RopeConfig:
-    theta: float
-    type: str = "default"  # "default" or "yarn"
-    factor: float = 1.0  # yarn: context extension factor
-    original_max_position: int | None = None  # yarn: pre-training window L0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float | None = None  # yarn: None -> 0.1 ln(factor) + 1
-    truncate: bool = True  # yarn: floor/ceil the correction range
-
-    def __post_init__(self) -> None:
-        if self.type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(
-                f"rope type {self.type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-        if not (math.isfinite(self.theta) and self.theta > 0):
-            raise ConfigError(f"rope_theta must be finite and positive, got {self.theta}")
-        if self.type == "yarn":
-            if not (math.isfinite(self.factor) and self.factor > 0):
-                raise ConfigError(f"rope_scaling.factor must be finite and positive, got {self.factor}")
-            if not self.original_max_position:
-                raise ConfigError("yarn rope_scaling needs original_max_position_embeddings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +64,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: torch.dtype = torch.float32  # the dtype the checkpoint was saved in
     quant: QuantConfig | None = None
+    # tokens the positions were trained for without scaling, the window YaRN extends when pprt
+    # enables it (pprt.rope.native_window); None means max_position_embeddings
+    native_context: int | None = None
+    # longest context computed exactly as the checkpoint expects (a warned-about field such as
+    # dual_chunk_attention_config limits it); None: no limit
+    exact_context: int | None = None
+    exact_context_reason: str = ""
     # generation_config.json defaults (temperature, top_p, ...), as read
     generation_defaults: dict = field(default_factory=dict, compare=False)
 
@@ -123,6 +110,20 @@ class ModelConfig:
     def with_rope(self, rope: RopeConfig) -> ModelConfig:
         return dataclasses.replace(self, rope=rope)
 
+    @property
+    def trained_window(self) -> int:
+        """The window YaRN extends when pprt enables it (native_context, else max_position_embeddings)."""
+        return self.native_context or self.max_position_embeddings
+
+    def with_rope_scaling(self, spec: dict | None) -> ModelConfig:
+        """This config with a user's rope scaling (config.json's spellings) instead of the file's;
+        None keeps the file's. See pprt.rope.rope_from_user. Raises ConfigError."""
+        if spec is None:
+            return self
+        rope = rope_from_user(spec, self.rope.theta, self.max_position_embeddings)
+        log.info("rope: using the given rope_scaling %s instead of the checkpoint's", spec)
+        return self.with_rope(rope)
+
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None, *, path: str = "config.json",
                   generation_path: str = "generation_config.json") -> ModelConfig:
@@ -136,18 +137,19 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise f.error("model_type", f"{model_type!r} is not supported (supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)})")
-        if f.flag("use_sliding_window", False):
-            raise f.error("use_sliding_window", "= true is not supported (sliding-window attention is not "
-                          "implemented)")
         if f.string("hidden_act", "silu") != "silu":
             raise f.error("hidden_act", f"{cfg['hidden_act']!r} is not supported (only silu)")
         num_layers = f.integer("num_hidden_layers", at_least=1)
         hidden, heads = f.integer("hidden_size", at_least=1), f.integer("num_attention_heads", at_least=1)
+        f.flag("use_sliding_window", False)  # typed here; pprt.field_audit decides what they mean
+        f.integer("sliding_window", None, at_least=0)
+        f.integer("max_window_layers", None, at_least=0)
         is_moe = model_type == "qwen3_moe"
         # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
         experts_key = "num_local_experts" if f.has("num_local_experts") and not f.has("num_experts") else "num_experts"
         quant = f.section("quantization_config")
-        with f.naming_file():  # ModelConfig's own checks (heads vs kv heads, ...) name the file too
+        with f.naming_file():  # the errors of pprt.rope, pprt.field_audit and ModelConfig's own checks too
+            audit = audit_fields(cfg)
             return cls(
                 model_type=model_type,
                 vocab_size=f.integer("vocab_size", at_least=1),
@@ -158,7 +160,7 @@ class ModelConfig:
                 num_kv_heads=f.integer("num_key_value_heads", heads, at_least=1),  # null means heads
                 head_dim=f.integer("head_dim", hidden // heads, at_least=1),
                 rms_norm_eps=f.number("rms_norm_eps", 1e-6, above=0),
-                rope=_parse_rope(f),
+                rope=parse_rope(cfg),
                 max_position_embeddings=f.integer("max_position_embeddings", 32768, at_least=1),
                 tie_word_embeddings=f.flag("tie_word_embeddings", False),
                 qkv_bias=True if model_type == "qwen2" else f.flag("attention_bias", False),
@@ -172,33 +174,11 @@ class ModelConfig:
                 eos_token_ids=_eos_ids(f, gen),
                 torch_dtype=_parse_dtype(f.string("torch_dtype", None) or f.string("dtype", "float32")),
                 quant=QuantConfig.from_fields(quant) if quant is not None else None,
+                native_context=native_window(cfg),
+                exact_context=audit.exact_context,
+                exact_context_reason=audit.exact_context_reason,
                 generation_defaults=_generation_defaults(gen),
             )
-
-
-def _parse_rope(f: Fields) -> RopeConfig:
-    params = f.section("rope_parameters")
-    if params is not None and params.has("rope_theta"):  # new spelling
-        scaling, theta = params, params.number("rope_theta", above=0)
-    else:  # old spelling
-        scaling, theta = f.section("rope_scaling") or Fields({}, f.where), f.number("rope_theta", 10000.0, above=0)
-    key = "rope_type" if scaling.has("rope_type") else "type"
-    kind = scaling.string(key, "default")
-    if kind == "default":
-        return RopeConfig(theta=theta)
-    if kind != "yarn":
-        raise scaling.error(key, f"{kind!r} is not supported (supported: default, yarn)")
-    return RopeConfig(
-        theta=theta,
-        type="yarn",
-        factor=scaling.number("factor", above=0),
-        original_max_position=scaling.integer("original_max_position_embeddings", None, at_least=1)
-        or f.integer("max_position_embeddings", 0, at_least=1),
-        beta_fast=scaling.number("beta_fast", 32.0),
-        beta_slow=scaling.number("beta_slow", 1.0),
-        attention_factor=scaling.number("attention_factor", None, above=0),
-        truncate=scaling.flag("truncate", True),
-    )
 
 
 def _eos_ids(cfg: Fields, gen: Fields) -> tuple[int, ...]:
@@ -240,34 +220,42 @@ parse_dtype = _parse_dtype
 
 
 def default_context(config: ModelConfig) -> int:
-    """The checkpoint's window: max_position_embeddings, or what its YaRN scaling serves."""
-    rope = config.rope
-    if rope.type == "yarn":
-        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
-    return config.max_position_embeddings
+    """The context served when none is asked for: max_position_embeddings, or the window the
+    checkpoint's YaRN serves (factor x original) when larger, capped at the exact context
+    (ModelConfig.exact_context) when a field pprt does not implement limits it."""
+    window = max(config.max_position_embeddings, config.rope.window or 0)
+    return min(window, config.exact_context) if config.exact_context else window
 
 
 def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:
-    """Enable YaRN as Qwen documents it when `max_context` exceeds the native window of a
-    checkpoint without rope scaling (factor = max_context / native, original = native).
+    """The config that serves `max_context` tokens.
 
-    A config that already has YaRN is used as it is (it serves factor x original tokens).
+    Past max_position_embeddings of a checkpoint without rope scaling, YaRN is enabled as Qwen
+    documents it: original = the trained window (ModelConfig.trained_window: 32768 for a
+    Qwen3 config saying 40960), factor = max_context / original (131072 -> factor 4). A rope
+    scaling from the file or the user is used as it is (a warning past the window it serves).
+    Past exact_context the checkpoint expects math pprt does not implement: a warning.
     """
-    native = config.max_position_embeddings
+    if config.exact_context and max_context > config.exact_context:
+        log.warning("max_context %d exceeds the %d tokens pprt computes exactly for this checkpoint: past them it "
+                    "runs plain attention where the checkpoint's %s expects otherwise (as transformers does)",
+                    max_context, config.exact_context, config.exact_context_reason)
     rope = config.rope
     if rope.type == "yarn":
-        window = max(native, int(rope.factor * rope.original_max_position))
-        log.info("rope: the checkpoint's YaRN (factor %g, original %d) serves up to %d tokens",
+        window = max(config.max_position_embeddings, rope.window)
+        log.info("rope: YaRN (factor %g, original %d) serves up to %d tokens",
                  rope.factor, rope.original_max_position, window)
         if max_context > window:
-            log.warning("max_context %d exceeds the %d tokens the checkpoint's YaRN was set up for "
+            log.warning("max_context %d exceeds the %d tokens this YaRN was set up for "
                         "(factor %g x original %d): quality past it is unknown",
                         max_context, window, rope.factor, rope.original_max_position)
         return config
-    if max_context <= native:
+    if max_context <= config.max_position_embeddings or config.exact_context:
         return config
+    native = config.trained_window
     factor = max_context / native
-    log.warning("max_context %d exceeds the native window %d: enabling YaRN (factor %.4g, original %d); "
-                "static YaRN also applies to short prompts", max_context, native, factor, native)
+    log.warning("max_context %d exceeds max_position_embeddings %d: enabling YaRN (factor %.4g, original %d) "
+                "over the trained window; static YaRN also applies to short prompts",
+                max_context, config.max_position_embeddings, factor, native)
     rope = RopeConfig(theta=rope.theta, type="yarn", factor=factor, original_max_position=native)
     return dataclasses.replace(config.with_rope(rope), max_position_embeddings=max_context)

@@ -50,7 +50,7 @@ def test_kv_heads_null_means_heads_and_eos_ids_merge():
 
 @pytest.mark.parametrize("override, words", [
     (dict(model_type="llama"), "model_type 'llama'"),
-    (dict(use_sliding_window=True), "use_sliding_window"),
+    (dict(use_sliding_window=True, sliding_window=64, max_window_layers=1), "use_sliding_window"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(num_key_value_heads=3), "num_key_value_heads"),
@@ -72,7 +72,7 @@ PATH, GEN_PATH = "/models/m/config.json", "/models/m/generation_config.json"
 
 @pytest.mark.parametrize("override, field, shown", [
     (dict(tie_word_embeddings="false"), "tie_word_embeddings", "'false'"),
-    (dict(model_type="qwen3", attention_bias="true"), "attention_bias", "'true'"),
+    (dict(model_type="qwen3", head_dim=16, attention_bias="true"), "attention_bias", "'true'"),
     (dict(use_sliding_window="false"), "use_sliding_window", "'false'"),
     (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
           norm_topk_prob=1), "norm_topk_prob", "1"),
@@ -89,8 +89,8 @@ PATH, GEN_PATH = "/models/m/config.json", "/models/m/generation_config.json"
     (dict(rope_theta=-1.0), "rope_theta", "-1.0"),
     (dict(rope_theta="1e6"), "rope_theta", "'1e6'"),
     (dict(rope_scaling={"type": "yarn", "factor": 0, "original_max_position_embeddings": 64}),
-     "rope_scaling.factor", "0"),
-    (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), "rope_parameters.rope_theta", "0"),
+     "rope_scaling: factor", "0"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), "rope_parameters: rope_theta", "0"),
     (dict(max_position_embeddings=2.5), "max_position_embeddings", "2.5"),
     (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
           num_hidden_layers=2, mlp_only_layers=[2]), "mlp_only_layers", "[2]"),
@@ -144,13 +144,14 @@ def test_cross_field_errors_name_the_file():
 
 
 def test_null_means_default_and_json_booleans_are_kept():
-    c = ModelConfig.from_dict(cfg(head_dim=None, rms_norm_eps=None, tie_word_embeddings=True, rope_theta=None))
-    assert (c.head_dim, c.rms_norm_eps, c.tie_word_embeddings, c.rope.theta) == (16, 1e-6, True, 10000.0)
+    c = ModelConfig.from_dict(cfg(head_dim=None, rms_norm_eps=None, tie_word_embeddings=True, num_key_value_heads=None))
+    assert (c.head_dim, c.rms_norm_eps, c.tie_word_embeddings, c.num_kv_heads) == (16, 1e-6, True, 4)
 
 
 # ---- fuzz over the fields pprt reads ---------------------------------------------------------------
 
 import os  # noqa: E402
+import re  # noqa: E402
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -182,7 +183,12 @@ CONFIG_FIELDS = {
     "mlp_only_layers": ([[], [0], [0, 1]], ["0", [0.0], [True], [99], [-1], 0]),
     "eos_token_id": ([2, [2, 3]], ["2", [2, "3"], -1, True, 2.0, [[2]]]),
     "torch_dtype": (["bfloat16", "float32", "float16"], [16, "float64", True, ["bfloat16"]]),
-    "hidden_act": (["silu"], ["gelu", 5, None if False else "SiLU"]),
+    "hidden_act": (["silu"], ["gelu", 5, "SiLU"]),
+    "sliding_window": ([4096, 32768], ["4096", 4.5, -1, True]),
+    "rope_scaling": ([{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+                      {"rope_type": "default"}],
+                     ["yarn", {"type": "yarn", "factor": "4"}, {"type": "dynamic", "factor": 2.0},
+                      {"type": "yarn", "factor": 4.0, "truncate": "false"}, {"type": "yarn", "factor": NAN}]),
 }
 PRESENT = {"intermediate_size"}  # absent is legal only when no layer is dense: not drawn
 GEN_FIELDS = {
@@ -216,14 +222,14 @@ def test_config_fuzz_every_read_field_is_checked(data):
     values, bad = _draw_fields(data, CONFIG_FIELDS, "config")
     gen, bad_gen = _draw_fields(data, GEN_FIELDS, "generation")
     required = {"hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers", "num_experts",
-                "num_experts_per_tok", "moe_intermediate_size"}
+                "num_experts_per_tok", "moe_intermediate_size", "num_key_value_heads"}
     bad |= {f for f in required if f not in values}  # a required field absent is an error too
     raw = dict(values, model_type="qwen3_moe")
     try:
         config = ModelConfig.from_dict(raw, gen, path=PATH, generation_path=GEN_PATH)
     except ConfigError as e:
         msg = str(e)
-        named = [f for f in bad if msg.startswith(f"{PATH}: {f} ")] + \
+        named = [f for f in bad if re.match(rf"{re.escape(PATH)}: ({f}[ :.]|config.json has no '{f}')", msg)] + \
             [f for f in bad_gen if msg.startswith(f"{GEN_PATH}: {f} ")]
         assert named, f"error names no wrong field of {sorted(bad)} / {sorted(bad_gen)}: {msg}"
         return
@@ -237,4 +243,5 @@ def test_config_fuzz_every_read_field_is_checked(data):
                     rms_norm_eps=raw.get("rms_norm_eps", 1e-6), mlp_only_layers=tuple(raw.get("mlp_only_layers", ())))
     assert {k: getattr(config, k) for k in expected} == expected
     assert config.rope.theta == raw.get("rope_theta", 10000.0)
+    assert config.rope.type == raw.get("rope_scaling", {}).get("type", "default")
     assert set(config.generation_defaults) == set(gen) - {"eos_token_id"}
