@@ -28,7 +28,7 @@ from pprt.weights.source import ModelSource
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CONFIG = json.dumps(dict(model_type="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          max_position_embeddings=4096, torch_dtype="bfloat16")).encode()
 FAST = 5.0  # seconds: one metadata request, no retries
 
