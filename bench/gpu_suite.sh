@@ -9,6 +9,8 @@
 #   6. attn-bench   python -m bench.attention               (paged decode / prefill)
 #   6b. delta-bench python -m bench.gated_delta             (Gated DeltaNet: gated delta rule and conv1d,
 #                   decode against the state bytes moved, prefill fla vs our recurrent kernel)
+#   6c. moe-bench   python -m bench.fused_moe               (one MoE layer, Qwen3-30B-A3B / Qwen3.5-35B-A3B
+#                   shapes, 1/8/32 tokens: reference, Triton bf16 and Int4, torch grouped_mm)
 #   7. generate     python -m bench.generate: Qwen2.5-7B geometry with random weights, bf16 and
 #                   Int4, 1 stage and 2 stages on the one GPU through the host transport, against
 #                   transformers; it gets whatever time the parts before it left
@@ -103,7 +105,8 @@ EOF
 gpu_tests() {
     local files=()
     for f in tests/test_paged_attention.py tests/test_int4_matmul.py tests/test_quant.py tests/test_fp8_matmul.py \
-        tests/test_gated_delta_triton.py tests/test_causal_conv1d.py tests/test_kernel_launchers.py; do
+        tests/test_gated_delta_triton.py tests/test_causal_conv1d.py tests/test_kernel_launchers.py \
+        tests/test_fused_moe.py; do
         [[ -f $f ]] && files+=("$f")
     done
     "$PY" -m pytest -q -p no:cacheprovider "${files[@]}" || return $?
@@ -150,6 +153,7 @@ part attn-bench 75 "$PY" -m bench.attention "${TINY_FLAG[@]}" --results-dir "$RE
 if [[ -f bench/gated_delta.py ]]; then
     part delta-bench 60 "$PY" -m bench.gated_delta "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
 fi
+part moe-bench 90 "$PY" -m bench.fused_moe "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
 part generate 400 generate_bench
 
 echo
@@ -217,6 +221,11 @@ if delta:
           if r.get("op") == "gated_delta" and r.get("kind") == "prefill" and num(r.get("vs_recurrent"))]
     print(f"gated_delta: {len(delta)} rows; decode fraction of copy bandwidth up to {max(fr, default=0):.2f}; "
           f"prefill vs our recurrent kernel {', '.join(vs) or '-'}; goals met {sum(met)}/{len(met)}")
+moe = rows("fused_moe")
+if moe:
+    print("fused_moe (per MoE layer):")
+    print_table(moe, ["model", "weights", "path", "tokens", "launches", "syncs", "ms", "GBps", "frac_copy_bw",
+                      "rel_err"])
 gen = rows("generate")
 if gen:
     for r in gen:

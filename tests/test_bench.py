@@ -142,3 +142,21 @@ def test_generate_tiny_end_to_end(tmp_path):
 
 def test_gpu_suite_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_suite.sh")], check=True)
+
+
+def test_fused_moe_bench_counts_launches_and_syncs(tmp_path):
+    """bench.fused_moe --tiny: every path counted; the Triton path launches the same few kernels at any
+    token count and never syncs; the reference reads its counts on the host; GPU columns not measured on CPU."""
+    from bench import fused_moe
+
+    rows = fused_moe.main(["--tiny", "--results-dir", str(tmp_path)])
+    assert {r["path"] for r in rows} >= {"ref", "triton", "grouped_mm"}
+    triton = [r for r in rows if r["path"] == "triton"]
+    assert {r["tokens"] for r in triton} == set(fused_moe.TINY_TOKENS)
+    assert all(r["syncs"] == 0 for r in rows if r["path"] != "ref")
+    assert len({r["launches"] for r in triton}) == 1 and triton[0]["launches"] <= 8
+    assert all(r["syncs"] > 0 and r["launches"] > triton[0]["launches"] for r in rows if r["path"] == "ref")
+    if not torch.cuda.is_available():
+        assert all(r["ms"] == fused_moe.NOT_MEASURED for r in rows)
+    saved = harness.read_results(tmp_path / "fused_moe.jsonl")
+    assert len(saved) == len(rows) and ENV_KEYS <= set(saved[0])

@@ -17,10 +17,12 @@ import pytest
 import torch
 
 import pprt_kernels.causal_conv1d as cc
+import pprt_kernels.fp8_matmul as fm
+import pprt_kernels.fused_moe as moe
 import pprt_kernels.gated_delta as gd
 import pprt_kernels.gated_delta_triton as gt
-import pprt_kernels.fp8_matmul as fm
 import pprt_kernels.int4_matmul as im
+import pprt_kernels.moe_routing as mr
 import pprt_kernels.paged_attention as pa
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,6 +133,38 @@ def _conv_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
     return [t.to(DEVICE) for t in (x, weight, bias, state, idx, qsl)], {}
 
 
+def _moe_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
+    t, h, i, e = 5, 32, 24, 6
+    x = torch.randn(t, h, generator=gen)
+    logits = torch.randn(t, e, generator=gen)
+    gate_up = torch.randn(e, 2 * i, h, generator=gen) * 0.2
+    down = torch.randn(e, h, i, generator=gen) * 0.2
+    return [t.to(DEVICE) for t in (x, logits, gate_up, down)], {"top_k": 2}
+
+
+def _moe(fn):
+    def call(args, kw):
+        x, logits, gate_up, down = args
+        return fn(x, logits, moe.ExpertWeights(moe.ExpertFormat.FLOAT, gate_up),
+                  moe.ExpertWeights(moe.ExpertFormat.FLOAT, down), kw["top_k"], True)
+    return call
+
+
+def _route(fn):
+    def call(args, kw):  # weights and ids side by side, one tensor
+        weights, ids = fn(args[1], kw["top_k"], True, torch.float32)
+        return torch.cat([weights, ids.float()], dim=1)
+    return call
+
+
+def _align(fn):
+    def call(args, kw):  # ids from the logits (a pure function of them), then the layout as one tensor
+        ids = args[1].topk(kw["top_k"], dim=-1).indices.to(torch.int32)
+        a = fn(ids, args[1].shape[1], 4)
+        return torch.cat([a.sorted_pairs, a.block_expert, a.expert_ends]).float()
+    return call
+
+
 # name -> (build arguments, launcher, reference, index of the argument changed in place)
 LAUNCHERS = {
     "int4_matmul": (_int4_args, _int4_matmul, _int4_matmul_ref, 0),
@@ -148,6 +182,10 @@ LAUNCHERS = {
     "causal_conv1d": (
         _conv_args, _with_state_copy(cc.causal_conv1d_triton, 3), _with_state_copy(cc.causal_conv1d_ref, 3), 3,
     ),
+    "moe_route": (_moe_args, _route(mr.moe_route_triton), _route(mr.moe_route_ref), 1),
+    "moe_align": (_moe_args, _align(mr.moe_align_triton), _align(mr.moe_align_ref), 1),
+    "fused_moe_triton": (_moe_args, _moe(moe.fused_moe_triton), _moe(moe.fused_moe_ref), 0),
+    "fused_moe_weights_changed": (_moe_args, _moe(moe.fused_moe_triton), _moe(moe.fused_moe_ref), 3),
 }
 
 

@@ -1,0 +1,305 @@
+"""Fused mixture-of-experts: routed experts as two grouped GEMMs, no host sync.
+
+    out[t] = sum over the k experts e chosen for token t of
+             w[t, e] * down_e(silu(gate_e(x[t])) * up_e(x[t]))
+
+Expert weights are `ExpertWeights` (moe_weights.py: float or Int4, stacked
+along a leading expert dim; gate_up holds gate's I rows then up's).
+
+Implementations behind one dispatch (`fused_moe`), all with one signature:
+- `fused_moe_ref`: plain torch, the CPU path and the oracle. It visits only the
+  experts some token chose, which it learns by reading the per-expert counts on
+  the host: on CUDA that is a sync, so it is not the GPU path.
+- `fused_moe_triton`: route (moe_routing.py), align the pairs to blocks of
+  `block_m` rows of one expert, then two launches of one grouped-GEMM kernel:
+  gate_up with SiLU(gate) * up in its epilogue, writing [T*k, I]; down with the
+  routing weight in its epilogue, summing the k experts of a token by fp32
+  atomics into [T, H] (so the summation order, and the last bit, may vary
+  from run to run). Grids have fixed sizes (blocks without an expert exit at
+  once): about 7 launches per layer whatever the routing, no host sync.
+- `fused_moe_grouped_mm`: torch's grouped GEMM for bf16 float weights. Used
+  only where it runs without a sync: torch's `_grouped_mm_cuda`
+  (aten/src/ATen/native/cuda/GroupedBlas.cpp) takes its CUTLASS path on
+  compute capability 9.x / 10.x and otherwise falls back to a loop that reads
+  the offsets to the host; sm86 and sm120 cards therefore use the Triton kernel.
+This module knows nothing of models or checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pprt_kernels import num_sms, use_triton
+from pprt_kernels.moe_routing import MoEAlignment, moe_align_gpu, moe_route_ref, moe_route_triton
+from pprt_kernels.moe_weights import ExpertFormat, ExpertWeights, check_moe_args
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs run the reference
+    triton = None
+
+
+# ---------------------------------------------------------------- reference
+
+
+def moe_experts_ref(
+    x: torch.Tensor,  # [T, H]
+    weights: torch.Tensor,  # [T, k] routing weights (activation dtype)
+    ids: torch.Tensor,  # int32 [T, k] chosen experts
+    gate_up: ExpertWeights,  # N = 2I, K = H
+    down: ExpertWeights,  # N = H, K = I
+) -> torch.Tensor:  # [T, H] in x.dtype
+    """Each chosen expert on its tokens at once; matmuls in fp32, silu(g)*u rounded to x.dtype, fp32 sum."""
+    t, h, i = check_moe_args(x, weights, ids, gate_up, down)
+    k = ids.shape[1]
+    flat = ids.reshape(-1).long()  # [S]
+    order = torch.argsort(flat, stable=True)  # pair ids grouped by expert
+    counts = torch.bincount(flat, minlength=gate_up.num_experts).tolist()  # host read (a sync on CUDA)
+    w_pair = weights.reshape(-1).float()
+    out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, c in enumerate(counts):
+        if not c:
+            continue
+        pairs = order[start:start + c]
+        start += c
+        tokens = pairs // k
+        gu = x[tokens].float() @ gate_up.dense(e).t()  # [c, 2I]
+        act = (F.silu(gu[:, :i]) * gu[:, i:]).to(x.dtype)
+        y = act.float() @ down.dense(e).t()  # [c, H]
+        out.index_add_(0, tokens, y * w_pair[pairs, None])
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _moe_gemm_kernel(
+        a_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, pairs_ptr, block_expert_ptr, rw_ptr, out_ptr,
+        N, K, S, k_per_split,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+        stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_pe, stride_pk,
+        stride_om, stride_on,
+        TOP_K: tl.constexpr, GATE_UP: tl.constexpr, ATOMIC: tl.constexpr, INT4: tl.constexpr,
+        GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # grid (row blocks, column blocks, K slices); each row block belongs to one expert.
+        # GATE_UP: rows of x gathered by token (pair // TOP_K), N = I columns of gate and the same of
+        #   up (at +N), out[pair] = silu(gate) * up.  Else (down): rows of the [S, I] intermediate by
+        #   pair, out[token] (+)= routing weight * result.
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if expert < 0:  # a block past the last used one: the grid is sized for the worst case
+            return
+        pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM], padding = S
+        valid = pair < S
+        a_row = pair
+        if GATE_UP:
+            a_row = pair // TOP_K
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_e = w_ptr + expert * stride_we
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        k_start = pid_k * k_per_split  # a multiple of BLOCK_K (and, for Int4, BLOCK_K divides GROUP)
+        k_end = tl.minimum(k_start + k_per_split, K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_end
+            cols = offs_k
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + expert * stride_pe + offs_k * stride_pk, mask=mask_k, other=0)
+            a = tl.load(a_ptr + a_row[:, None] * stride_am + cols[None, :] * stride_ak,
+                        mask=valid[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+            if INT4:
+                words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                shifts = tl.arange(0, 8) * 4
+                g = k0 // GROUP
+                s_e = s_ptr + expert * stride_se + g * stride_sg
+                z_e = z_ptr + expert * stride_ze + g * stride_zg
+                packed = tl.load(w_e + words[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                                 mask=mask_n[None, :], other=0)  # [BK/8, BN] int32
+                q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+                s = tl.load(s_e + offs_n * stride_sn, mask=mask_n, other=0.0)
+                z = tl.load(z_e + offs_n * stride_zn, mask=mask_n, other=0).to(tl.int32)
+                acc = tl.dot(a, (q - z[None, :]).to(s.dtype) * s[None, :], acc, input_precision=DOT_PRECISION)
+                if GATE_UP:
+                    up_n = offs_n + N
+                    packed = tl.load(w_e + words[:, None] * stride_wk + up_n[None, :] * stride_wn,
+                                     mask=mask_n[None, :], other=0)
+                    q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+                    s = tl.load(s_e + up_n * stride_sn, mask=mask_n, other=0.0)
+                    z = tl.load(z_e + up_n * stride_zn, mask=mask_n, other=0).to(tl.int32)
+                    acc_up = tl.dot(a, (q - z[None, :]).to(s.dtype) * s[None, :], acc_up,
+                                    input_precision=DOT_PRECISION)
+            else:
+                mask_w = mask_k[:, None] & mask_n[None, :]
+                w = tl.load(w_e + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=mask_w, other=0.0)  # [BK, BN] = W_e^T tile
+                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+                if GATE_UP:
+                    w = tl.load(w_e + offs_k[:, None] * stride_wk + (offs_n + N)[None, :] * stride_wn,
+                                mask=mask_w, other=0.0)
+                    acc_up = tl.dot(a, w, acc_up, input_precision=DOT_PRECISION)
+        mask = valid[:, None] & mask_n[None, :]
+        if GATE_UP:
+            acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+            out_row = pair
+        else:
+            acc = acc * tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
+            out_row = pair // TOP_K
+        out_ptrs = out_ptr + out_row[:, None] * stride_om + offs_n[None, :] * stride_on
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")  # fp32: the k experts of a token meet here
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_m(num_pairs: int, num_experts: int) -> int:
+    """Rows per block from the mean pairs per expert (decode: 16, the least tl.dot takes)."""
+    mean = num_pairs / num_experts
+    return 16 if mean <= 16 else 32 if mean <= 48 else 64
+
+
+def _block_k(w: ExpertWeights, cap: int) -> int:
+    if w.format is ExpertFormat.FLOAT:
+        return min(cap, max(16, triton.next_power_of_2(w.in_features)))
+    for bk in (128, 64, 32, 16):  # Int4 tiles never straddle a group
+        if bk <= cap and w.group_size % bk == 0:
+            return bk
+    raise ValueError(f"fused_moe (triton): Int4 group_size {w.group_size} must be a multiple of 16")
+
+
+def _launch_gemm(a, w: ExpertWeights, align: MoEAlignment, rw, out, n: int, num_pairs: int, top_k: int,
+                 gate_up: bool, split: int, block_n: int, block_k: int) -> None:
+    int4 = w.format is ExpertFormat.INT4
+    k = w.in_features
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)  # no empty slices
+    wt = w.weight
+    # FLOAT [E, N, K]: dims (n, k); INT4 [E, K/8, N]: dims (k/8, n)
+    stride_wn, stride_wk = (wt.stride(2), wt.stride(1)) if int4 else (wt.stride(1), wt.stride(2))
+    s, z, perm = (w.scales, w.zeros, w.perm) if int4 else (wt, wt, None)
+    grid = (align.block_expert.numel(), triton.cdiv(n, block_n), split)
+    _moe_gemm_kernel[grid](
+        a, wt, s, z, perm if perm is not None else align.sorted_pairs, align.sorted_pairs, align.block_expert,
+        rw, out, n, k, num_pairs, k_per_split,
+        a.stride(0), a.stride(1), wt.stride(0), stride_wn, stride_wk,
+        s.stride(0), s.stride(1), s.stride(2), z.stride(0), z.stride(1), z.stride(2),
+        perm.stride(0) if perm is not None else 0, perm.stride(1) if perm is not None else 0,
+        out.stride(0), out.stride(1),
+        TOP_K=top_k, GATE_UP=gate_up, ATOMIC=not gate_up and (top_k > 1 or split > 1), INT4=int4,
+        GROUP=w.group_size if int4 else 1, HAS_PERM=perm is not None,
+        BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
+    )
+
+
+def moe_experts_triton(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+    block_m: int | None = None,  # None: from the shape; tests force values
+    split_k: int | None = None,  # down projection's K slices; None: from the shape
+) -> torch.Tensor:  # [T, H]
+    """Launcher: align the pairs, then the two grouped GEMMs (shapes fixed by T, k, E: no host sync)."""
+    t, h, i = check_moe_args(x, weights, ids, gate_up, down)
+    if triton is None:
+        raise RuntimeError("fused_moe: triton is not installed")
+    top_k, e = ids.shape[1], gate_up.num_experts
+    s = t * top_k
+    if t == 0:
+        return x.new_zeros((0, h))
+    x, weights = x.contiguous(), weights.contiguous()
+    align = moe_align_gpu(ids, e, block_m or _block_m(s, e))
+    small = s <= 64  # decode: narrow tiles over many programs
+    block_n = 64 if small else 128
+    inter = x.new_empty((s, i))  # [S, I] silu(gate) * up, one row per pair
+    _launch_gemm(x, gate_up, align, weights, inter, i, s, top_k, True, 1, block_n, _block_k(gate_up, 64))
+    bk = _block_k(down, 128 if small else 64)
+    if split_k is None:  # decode: slice K until the weight streams from every SM
+        tiles = min(s, e) * triton.cdiv(h, block_n)
+        split_k = max(1, min(i // bk, triton.cdiv(2 * num_sms(x.device), tiles))) if small else 1
+    atomic = top_k > 1 or split_k > 1
+    out = torch.zeros((t, h), dtype=torch.float32, device=x.device) if atomic else x.new_empty((t, h))
+    _launch_gemm(inter, down, align, weights, out, h, s, top_k, False, split_k, block_n, bk)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- torch grouped GEMM
+
+
+def grouped_mm_serves(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights) -> bool:
+    """True where torch's grouped GEMM runs these experts without a host sync (see the module docstring)."""
+    return (
+        x.device.type == "cuda"
+        and hasattr(F, "grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+        and x.dtype == torch.bfloat16
+        and gate_up.format is ExpertFormat.FLOAT
+        and down.format is ExpertFormat.FLOAT
+        and x.shape[1] % 8 == 0  # 16-byte rows
+        and down.in_features % 8 == 0
+    )
+
+
+def moe_experts_grouped_mm(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights
+) -> torch.Tensor:  # [T, H]
+    """Float experts through F.grouped_mm over the expert-sorted pairs (block_m = 1: no padding)."""
+    t, h, i = check_moe_args(x, weights, ids, gate_up, down)
+    if gate_up.format is not ExpertFormat.FLOAT or down.format is not ExpertFormat.FLOAT:
+        raise ValueError("fused_moe (grouped_mm): float expert weights only")
+    top_k = ids.shape[1]
+    align = moe_align_gpu(ids, gate_up.num_experts, 1)
+    pairs = align.sorted_pairs.long()  # [S] pair ids, by expert
+    gu = F.grouped_mm(x[pairs // top_k], gate_up.weight.transpose(1, 2), offs=align.expert_ends)  # [S, 2I]
+    act = F.silu(gu[:, :i]) * gu[:, i:]
+    y = F.grouped_mm(act, down.weight.transpose(1, 2), offs=align.expert_ends)  # [S, H]
+    y = y.float() * weights.reshape(-1)[pairs].float()[:, None]
+    per_pair = torch.empty_like(y).index_copy_(0, pairs, y)  # back to pair order: [T*k, H]
+    return per_pair.view(t, top_k, h).sum(dim=1).to(x.dtype)  # deterministic fp32 sum over the k experts
+
+
+# ---------------------------------------------------------------- the whole layer
+
+
+def fused_moe_ref(
+    x: torch.Tensor,  # [T, H]
+    router_logits: torch.Tensor,  # [T, E]
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+    top_k: int,
+    renormalize: bool,
+) -> torch.Tensor:  # [T, H] in x.dtype
+    weights, ids = moe_route_ref(router_logits, top_k, renormalize, x.dtype)
+    return moe_experts_ref(x, weights, ids, gate_up, down)
+
+
+def fused_moe_triton(x, router_logits, gate_up: ExpertWeights, down: ExpertWeights, top_k: int,
+                     renormalize: bool) -> torch.Tensor:
+    weights, ids = moe_route_triton(router_logits, top_k, renormalize, x.dtype)
+    return moe_experts_triton(x, weights, ids, gate_up, down)
+
+
+def fused_moe_grouped_mm(x, router_logits, gate_up: ExpertWeights, down: ExpertWeights, top_k: int,
+                         renormalize: bool) -> torch.Tensor:
+    weights, ids = moe_route_triton(router_logits, top_k, renormalize, x.dtype)
+    return moe_experts_grouped_mm(x, weights, ids, gate_up, down)
+
+
+def fused_moe(x, router_logits, gate_up: ExpertWeights, down: ExpertWeights, top_k: int,
+              renormalize: bool) -> torch.Tensor:
+    """The one entry point: torch's grouped GEMM where it serves, else Triton where `use_triton`, else the ref."""
+    if use_triton(x.device):
+        if grouped_mm_serves(x, gate_up, down):
+            return fused_moe_grouped_mm(x, router_logits, gate_up, down, top_k, renormalize)
+        return fused_moe_triton(x, router_logits, gate_up, down, top_k, renormalize)
+    return fused_moe_ref(x, router_logits, gate_up, down, top_k, renormalize)
