@@ -1,7 +1,8 @@
 """Fused MoE benchmark: one MoE layer (router + routed experts) at Qwen3-30B-A3B and Qwen3.5-35B-A3B shapes.
 
 For tokens T = 1, 8, 32 and every path (`ref`: the per-expert reference, one host
-read per layer; `triton`: pprt's grouped-GEMM kernels, bf16 and Int4 g128;
+read per layer; `triton`: pprt's grouped-GEMM kernels, bf16, Int4 g128 and
+FP8 block 128;
 `grouped_mm`: torch's grouped GEMM, where it serves) it reports:
 
 - launches and syncs per layer, counted on any device by bench/counting.py
@@ -34,6 +35,7 @@ if not torch.cuda.is_available():  # count the Triton path on CPU: set before an
 
 from bench.counting import count_ops
 from bench.harness import append_results, copy_bandwidth, environment, print_table, time_fn
+from pprt.weights.fp8 import quantize_fp8
 from pprt.weights.int4 import quantize_rtn
 
 NOT_MEASURED = "not measured"
@@ -53,33 +55,36 @@ class Shape:
 SHAPES = [Shape("Qwen3-30B-A3B", 2048, 768, 128, 8, True), Shape("Qwen3.5-35B-A3B", 2048, 512, 256, 8, True)]
 TINY = [Shape("tiny", 64, 32, 16, 4, True)]
 TOKENS = [1, 8, 32]
+WEIGHTS = ["bf16", "int4", "fp8"]
 TINY_TOKENS = [1, 8]
 
 
-def make_layer(shape: Shape, dtype: torch.dtype, device: torch.device, int4: bool, seed: int = 0):
-    """Random router [E, H] and experts (gate_up, down) as ExpertWeights, float or Int4 (RTN, g128)."""
+def make_layer(shape: Shape, dtype: torch.dtype, device: torch.device, weights: str, seed: int = 0):
+    """Random router [E, H] and experts (gate_up, down) as ExpertWeights: float, Int4 (RTN, group 128 where
+    it divides K, else 32) or FP8 (block 128), stacked as the loader stacks them (pprt.weights.experts)."""
+    from types import SimpleNamespace
+
     import pprt_kernels.fused_moe as fm
+    from pprt.weights.experts import load_projection
 
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i, e = shape.hidden, shape.inter, shape.experts
     rand = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=dtype) * 0.02  # noqa: E731
-    router = rand(e, h)
-    if not int4:
-        return router, fm.ExpertWeights(fm.ExpertFormat.FLOAT, rand(e, 2 * i, h)), \
-            fm.ExpertWeights(fm.ExpertFormat.FLOAT, rand(e, h, i))
-    stacked = []
-    for n, k in ((2 * i, h), (h, i)):
-        group = GROUP if k % GROUP == 0 else 32
-        qs = [quantize_rtn(rand(n, k), group) for _ in range(e)]
-        stacked.append(fm.ExpertWeights(fm.ExpertFormat.INT4, torch.stack([q.qweight for q in qs]),
-                                        torch.stack([q.scales for q in qs]), torch.stack([q.zeros for q in qs]),
-                                        group))
-    return router, stacked[0], stacked[1]
+    quantize = {"int4": lambda w: quantize_rtn(w, GROUP if w.shape[1] % GROUP == 0 else 32),
+                "fp8": quantize_fp8}.get(weights)
+    out = []
+    for names, n, k in ((("gate_proj", "up_proj"), 2 * i, h), (("down_proj",), h, i)):
+        target = SimpleNamespace(num_experts=e, in_features=k, out_features=n, weight=None)
+        proj = load_projection(target, "experts", names, lambda name, size: rand(*size), None, quantize, device,
+                               dtype)
+        out.append(fm.ExpertWeights(fm.ExpertFormat.FLOAT, proj.weight) if quantize is None else
+                   proj.expert_weights())
+    return rand(e, h), out[0], out[1]
 
 
 def expert_bytes(w) -> int:
     """Bytes of one expert of one projection."""
-    ts = [w.weight] + [t for t in (w.scales, w.zeros) if t is not None]
+    ts = [w.weight] + [t for t in (w.scales, w.zeros, w.perm) if t is not None]
     return sum(t[0].numel() * t.element_size() for t in ts)
 
 
@@ -112,13 +117,13 @@ def bench(shape: Shape, device: torch.device, count_hidden: int, repeats: int, c
     dtype = torch.bfloat16 if gpu else torch.float16  # the interpreter's bf16 dot is wrong
     counted_shape = shape if gpu else Shape(shape.model, count_hidden, count_hidden // 2, shape.experts,
                                             shape.top_k, shape.renormalize)
-    for weights in ("bf16", "int4"):
-        layer = make_layer(counted_shape, dtype, device, int4=weights == "int4")
+    for weights in WEIGHTS:
+        layer = make_layer(counted_shape, dtype, device, weights)
         for t in tokens:
             x = torch.randn(t, counted_shape.hidden, device=device, dtype=dtype)
             for name, fn in paths(device, x, *layer[1:]).items():
                 launches, syncs = count_layer(counted_shape, fn, *layer, x)
-                row = {"model": shape.model, "weights": weights if gpu or weights == "int4" else "fp16",
+                row = {"model": shape.model, "weights": weights if gpu or weights != "bf16" else "fp16",
                        "path": name, "tokens": t, "E": shape.experts, "top_k": shape.top_k, "H": shape.hidden,
                        "I": shape.inter, "launches": launches, "syncs": syncs, "counted_with_H": counted_shape.hidden,
                        "ms": NOT_MEASURED, "GBps": NOT_MEASURED, "frac_copy_bw": NOT_MEASURED,

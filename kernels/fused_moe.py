@@ -3,8 +3,10 @@
     out[t] = sum over the k experts e chosen for token t of
              w[t, e] * down_e(silu(gate_e(x[t])) * up_e(x[t]))
 
-Expert weights are `ExpertWeights` (moe_weights.py: float or Int4, stacked
-along a leading expert dim; gate_up holds gate's I rows then up's).
+Expert weights are `ExpertWeights` (moe_weights.py: float, Int4 or FP8, stacked
+along a leading expert dim; gate_up holds gate's I rows then up's). The kernel
+dequantizes Int4 and FP8 tiles inside its K loop, as int4_matmul / fp8_matmul do
+(FP8 by Triton's e4m3 type from sm89, by integer bit decoding before).
 
 Implementations behind one dispatch (`fused_moe`), all with one signature:
 - `fused_moe_ref`: plain torch, the CPU path and the oracle. It visits only the
@@ -31,12 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from pprt_kernels import num_sms, use_triton
+from pprt_kernels.fp8_matmul import native_fp8
 from pprt_kernels.moe_routing import MoEAlignment, moe_align_gpu, moe_route_ref, moe_route_triton
 from pprt_kernels.moe_weights import ExpertFormat, ExpertWeights, check_moe_args
 
 try:
     import triton
     import triton.language as tl
+
+    from pprt_kernels.fp8_matmul import _fp8_tile  # the FP8 tile decoder (native e4m3 or bits)
 except ImportError:  # CPU-only installs run the reference
     triton = None
 
@@ -66,32 +71,65 @@ def moe_experts_ref(
         pairs = order[start:start + c]
         start += c
         tokens = pairs // k
-        gu = x[tokens].float() @ gate_up.dense(e).t()  # [c, 2I]
+        gu = x[tokens].float() @ gate_up.dense(e, x.dtype).t()  # [c, 2I]
         act = (F.silu(gu[:, :i]) * gu[:, i:]).to(x.dtype)
-        y = act.float() @ down.dense(e).t()  # [c, H]
+        y = act.float() @ down.dense(e, x.dtype).t()  # [c, H]
         out.index_add_(0, tokens, y * w_pair[pairs, None])
     return out.to(x.dtype)
 
 
 # ---------------------------------------------------------------- Triton
 
+FLOAT_W, INT4_W, FP8_W = 0, 1, 2  # the kernel's FORMAT
+
 if triton is not None:
+
+    @triton.jit
+    def _weight_tile(
+        w_e, s_e, z_e, k0, offs_k, mask_k, offs_n, mask_n, scale_rows,
+        stride_wn, stride_wk, stride_s1, stride_s2, stride_z1, stride_z2, dtype: tl.constexpr,
+        FORMAT: tl.constexpr, GROUP: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+        NATIVE_FP8: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """W_e^T tile [BK, BN] in `dtype`, dequantized as the format says (see moe_weights.py);
+        scale_rows [BN]: the FP8 scale row of each column."""
+        if FORMAT == 1:  # INT4: [K/8, N] words, [K/g, N] scales and zeros; BK divides the group
+            words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            packed = tl.load(w_e + words[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                             mask=mask_n[None, :], other=0)  # [BK/8, BN] int32
+            shifts = tl.arange(0, 8) * 4
+            q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+            g = k0 // GROUP
+            s = tl.load(s_e + g * stride_s1 + offs_n * stride_s2, mask=mask_n, other=0.0)
+            z = tl.load(z_e + g * stride_z1 + offs_n * stride_z2, mask=mask_n, other=0).to(tl.int32)
+            w = (q - z[None, :]).to(s.dtype) * s[None, :]  # exact ints times the scale, rounded once
+        elif FORMAT == 2:  # FP8: [N, K] values, float32 scale per (SCALE_N, SCALE_K) block
+            w = _fp8_tile(w_e, offs_n, offs_k, mask_k[:, None] & mask_n[None, :], stride_wn, stride_wk,
+                          NATIVE_FP8)  # [BK, BN] fp32
+            s = tl.load(s_e + scale_rows * stride_s1 + (k0 // SCALE_K) * stride_s2,
+                        mask=mask_n, other=0.0)
+            w = (w * s[None, :]).to(dtype)
+        else:  # FLOAT: [N, K]
+            w = tl.load(w_e + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        return w.to(dtype)
 
     @triton.jit
     def _moe_gemm_kernel(
         a_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, pairs_ptr, block_expert_ptr, rw_ptr, out_ptr,
-        N, K, S, k_per_split,
+        N, K, S, k_per_split, up_scale_row0,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-        stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn, stride_pe, stride_pk,
+        stride_se, stride_s1, stride_s2, stride_ze, stride_z1, stride_z2, stride_pe, stride_pk,
         stride_om, stride_on,
-        TOP_K: tl.constexpr, GATE_UP: tl.constexpr, ATOMIC: tl.constexpr, INT4: tl.constexpr,
-        GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
+        TOP_K: tl.constexpr, GATE_UP: tl.constexpr, ATOMIC: tl.constexpr, FORMAT: tl.constexpr,
+        GROUP: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, NATIVE_FP8: tl.constexpr,
+        HAS_PERM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         # grid (row blocks, column blocks, K slices); each row block belongs to one expert.
         # GATE_UP: rows of x gathered by token (pair // TOP_K), N = I columns of gate and the same of
-        #   up (at +N), out[pair] = silu(gate) * up.  Else (down): rows of the [S, I] intermediate by
-        #   pair, out[token] (+)= routing weight * result.
+        #   up (at +N; FP8 scale rows from up_scale_row0), out[pair] = silu(gate) * up.
+        # Else (down): rows of the [S, I] intermediate by pair, out[token] (+)= routing weight * result.
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if expert < 0:  # a block past the last used one: the grid is sized for the worst case
@@ -104,9 +142,11 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         w_e = w_ptr + expert * stride_we
+        s_e = s_ptr + expert * stride_se
+        z_e = z_ptr + expert * stride_ze
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-        k_start = pid_k * k_per_split  # a multiple of BLOCK_K (and, for Int4, BLOCK_K divides GROUP)
+        k_start = pid_k * k_per_split  # a multiple of BLOCK_K; K tiles stay inside a group / scale block
         k_end = tl.minimum(k_start + k_per_split, K)
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -116,36 +156,16 @@ if triton is not None:
                 cols = tl.load(perm_ptr + expert * stride_pe + offs_k * stride_pk, mask=mask_k, other=0)
             a = tl.load(a_ptr + a_row[:, None] * stride_am + cols[None, :] * stride_ak,
                         mask=valid[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-            if INT4:
-                words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-                shifts = tl.arange(0, 8) * 4
-                g = k0 // GROUP
-                s_e = s_ptr + expert * stride_se + g * stride_sg
-                z_e = z_ptr + expert * stride_ze + g * stride_zg
-                packed = tl.load(w_e + words[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                                 mask=mask_n[None, :], other=0)  # [BK/8, BN] int32
-                q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
-                s = tl.load(s_e + offs_n * stride_sn, mask=mask_n, other=0.0)
-                z = tl.load(z_e + offs_n * stride_zn, mask=mask_n, other=0).to(tl.int32)
-                acc = tl.dot(a, (q - z[None, :]).to(s.dtype) * s[None, :], acc, input_precision=DOT_PRECISION)
-                if GATE_UP:
-                    up_n = offs_n + N
-                    packed = tl.load(w_e + words[:, None] * stride_wk + up_n[None, :] * stride_wn,
-                                     mask=mask_n[None, :], other=0)
-                    q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
-                    s = tl.load(s_e + up_n * stride_sn, mask=mask_n, other=0.0)
-                    z = tl.load(z_e + up_n * stride_zn, mask=mask_n, other=0).to(tl.int32)
-                    acc_up = tl.dot(a, (q - z[None, :]).to(s.dtype) * s[None, :], acc_up,
-                                    input_precision=DOT_PRECISION)
-            else:
-                mask_w = mask_k[:, None] & mask_n[None, :]
-                w = tl.load(w_e + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                            mask=mask_w, other=0.0)  # [BK, BN] = W_e^T tile
-                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-                if GATE_UP:
-                    w = tl.load(w_e + offs_k[:, None] * stride_wk + (offs_n + N)[None, :] * stride_wn,
-                                mask=mask_w, other=0.0)
-                    acc_up = tl.dot(a, w, acc_up, input_precision=DOT_PRECISION)
+            w = _weight_tile(w_e, s_e, z_e, k0, offs_k, mask_k, offs_n, mask_n, offs_n // SCALE_N,
+                             stride_wn, stride_wk, stride_s1, stride_s2, stride_z1, stride_z2, a.dtype,
+                             FORMAT, GROUP, SCALE_N, SCALE_K, NATIVE_FP8, BLOCK_K, BLOCK_N)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            if GATE_UP:
+                w = _weight_tile(w_e, s_e, z_e, k0, offs_k, mask_k, offs_n + N, mask_n,
+                                 up_scale_row0 + offs_n // SCALE_N,  # up's own scale rows
+                                 stride_wn, stride_wk, stride_s1, stride_s2, stride_z1, stride_z2, a.dtype,
+                                 FORMAT, GROUP, SCALE_N, SCALE_K, NATIVE_FP8, BLOCK_K, BLOCK_N)
+                acc_up = tl.dot(a, w, acc_up, input_precision=DOT_PRECISION)
         mask = valid[:, None] & mask_n[None, :]
         if GATE_UP:
             acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
@@ -167,35 +187,45 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
 
 
 def _block_k(w: ExpertWeights, cap: int) -> int:
+    """K tile: Int4 tiles never straddle a group, FP8 tiles never a scale block."""
+    k = w.in_features
     if w.format is ExpertFormat.FLOAT:
-        return min(cap, max(16, triton.next_power_of_2(w.in_features)))
-    for bk in (128, 64, 32, 16):  # Int4 tiles never straddle a group
-        if bk <= cap and w.group_size % bk == 0:
+        return min(cap, max(16, triton.next_power_of_2(k)))
+    step = w.group_size if w.format is ExpertFormat.INT4 else w.block[1]
+    for bk in (128, 64, 32, 16):
+        if bk <= cap and (step % bk == 0 or (w.format is ExpertFormat.FP8 and step >= k)):
             return bk
-    raise ValueError(f"fused_moe (triton): Int4 group_size {w.group_size} must be a multiple of 16")
+    raise ValueError(f"fused_moe (triton): the {w.format.value} group / scale block along K ({step}) must be a "
+                     "multiple of 16")
 
 
 def _launch_gemm(a, w: ExpertWeights, align: MoEAlignment, rw, out, n: int, num_pairs: int, top_k: int,
                  gate_up: bool, split: int, block_n: int, block_k: int) -> None:
-    int4 = w.format is ExpertFormat.INT4
+    fmt = {ExpertFormat.FLOAT: FLOAT_W, ExpertFormat.INT4: INT4_W, ExpertFormat.FP8: FP8_W}[w.format]
     k = w.in_features
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)  # no empty slices
     wt = w.weight
-    # FLOAT [E, N, K]: dims (n, k); INT4 [E, K/8, N]: dims (k/8, n)
-    stride_wn, stride_wk = (wt.stride(2), wt.stride(1)) if int4 else (wt.stride(1), wt.stride(2))
-    s, z, perm = (w.scales, w.zeros, w.perm) if int4 else (wt, wt, None)
+    native = fmt != FP8_W or native_fp8(wt.device)
+    if fmt == FP8_W and not native:
+        wt = wt.view(torch.uint8)  # pre-sm89: the kernel decodes the bits
+    # FLOAT / FP8 [E, N, K]: dims (n, k); INT4 [E, K/8, N]: dims (k/8, n)
+    stride_wn, stride_wk = (wt.stride(2), wt.stride(1)) if fmt == INT4_W else (wt.stride(1), wt.stride(2))
+    s = w.scales if w.scales is not None else wt
+    z = w.zeros if w.zeros is not None else wt
+    perm = w.perm
+    scale_n, scale_k = w.block if fmt == FP8_W else (1, 1)
     grid = (align.block_expert.numel(), triton.cdiv(n, block_n), split)
     _moe_gemm_kernel[grid](
         a, wt, s, z, perm if perm is not None else align.sorted_pairs, align.sorted_pairs, align.block_expert,
-        rw, out, n, k, num_pairs, k_per_split,
+        rw, out, n, k, num_pairs, k_per_split, w.scale_rows_per_part if fmt == FP8_W else 0,
         a.stride(0), a.stride(1), wt.stride(0), stride_wn, stride_wk,
         s.stride(0), s.stride(1), s.stride(2), z.stride(0), z.stride(1), z.stride(2),
         perm.stride(0) if perm is not None else 0, perm.stride(1) if perm is not None else 0,
         out.stride(0), out.stride(1),
-        TOP_K=top_k, GATE_UP=gate_up, ATOMIC=not gate_up and (top_k > 1 or split > 1), INT4=int4,
-        GROUP=w.group_size if int4 else 1, HAS_PERM=perm is not None,
-        BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        TOP_K=top_k, GATE_UP=gate_up, ATOMIC=not gate_up and (top_k > 1 or split > 1), FORMAT=fmt,
+        GROUP=w.group_size if fmt == INT4_W else 1, SCALE_N=scale_n, SCALE_K=scale_k, NATIVE_FP8=native,
+        HAS_PERM=perm is not None, BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
     )
 

@@ -1,9 +1,10 @@
 """pprt.weights.experts: per-expert tensors into the stacked layout the fused MoE kernels read.
 
-Float experts stack into [E, N, K] (gate rows, then up); Int4 experts (from a
-GPTQ/AWQ reader or quantized at load) concatenate gate and up along N with
-their scales and zeros, and the fused kernel's reference on the stack equals
-the per-expert Int4 layers. Experts whose layouts differ are refused by name.
+Float experts stack into [E, N, K] (gate rows, then up); Int4 and FP8 experts
+(from a quantized file's reader or quantized at load) join gate and up along N
+with their scales, and the fused kernel's reference on the stack equals the
+per-expert Int4Linear / Fp8Linear layers. Experts whose layouts differ are
+refused by name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import pprt_kernels.fused_moe as fm
-from pprt.weights.experts import Int4StackedLinear, concat_out, load_projection
+from pprt.weights.experts import Fp8StackedLinear, Int4StackedLinear, concat_out, load_projection
+from pprt.weights.fp8 import Fp8Linear, quantize_fp8
 from pprt.weights.int4 import Int4Linear, quantize_rtn
 
 E, H, I = 3, 64, 32
@@ -58,18 +60,21 @@ def test_float_experts_stack_gate_rows_then_up():
         assert torch.equal(down.weight[e], tensors[f"{PREFIX}.{e}.down_proj.weight"])
 
 
-def test_quantize_at_load_equals_per_expert_int4_layers():
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_quantize_at_load_equals_per_expert_layers(fmt):
     tensors, reads = per_expert_tensors(1), []
-    gu = load_projection(target(2 * I, H), PREFIX, ("gate_proj", "up_proj"), reader(tensors, reads), None, 32,
-                         torch.device("cpu"), torch.float32)
-    down = load_projection(target(H, I), PREFIX, ("down_proj",), reader(tensors, reads), None, 32,
+    quantize = (lambda w: quantize_rtn(w, 32)) if fmt == "int4" else (lambda w: quantize_fp8(w, (16, 32)))
+    gu = load_projection(target(2 * I, H), PREFIX, ("gate_proj", "up_proj"), reader(tensors, reads), None,
+                         quantize, torch.device("cpu"), torch.float32)
+    down = load_projection(target(H, I), PREFIX, ("down_proj",), reader(tensors, reads), None, quantize,
                            torch.device("cpu"), torch.float32)
-    assert isinstance(gu, Int4StackedLinear) and (gu.num_experts, gu.in_features, gu.out_features) == (E, H, 2 * I)
+    assert isinstance(gu, Int4StackedLinear if fmt == "int4" else Fp8StackedLinear)
     x = torch.randn(5, H)
     logits = torch.randn(5, E)
     got = fm.fused_moe_ref(x, logits, gu.expert_weights(), down.expert_weights(), 2, True)
-    # the same experts as per-expert Int4Linear layers, run one by one
-    layers = {n: Int4Linear(quantize_rtn(t, 32)) for n, t in tensors.items()}
+    # the same experts as per-expert Int4Linear / Fp8Linear layers, run one by one
+    layer = (lambda w: Int4Linear(quantize(w))) if fmt == "int4" else (lambda w: Fp8Linear(quantize(w)))
+    layers = {n: layer(t) for n, t in tensors.items()}
     w, ids = torch.softmax(logits, -1).topk(2, -1)
     w = w / w.sum(-1, keepdim=True)
     want = torch.zeros_like(x)
@@ -85,13 +90,13 @@ def test_int4_reader_and_layout_mismatch_is_named():
     tensors = per_expert_tensors(2)
     quant = {n.removesuffix(".weight"): quantize_rtn(t, 32) for n, t in tensors.items()}
     gu = load_projection(target(2 * I, H), PREFIX, ("gate_proj", "up_proj"), None,
-                         lambda name, k, n: quant[name], None, torch.device("cpu"), torch.float32)
+                         lambda name: quant[name], None, torch.device("cpu"), torch.float32)
     assert torch.equal(gu.qweight[1], torch.cat([quant[f"{PREFIX}.1.gate_proj"].qweight,
                                                  quant[f"{PREFIX}.1.up_proj"].qweight], 1))
     quant[f"{PREFIX}.2.up_proj"] = quantize_rtn(tensors[f"{PREFIX}.2.up_proj.weight"], 64)
     with pytest.raises(ValueError, match=rf"{PREFIX}\.2\.gate_proj\+up_proj"):
         load_projection(target(2 * I, H), PREFIX, ("gate_proj", "up_proj"), None,
-                        lambda name, k, n: quant[name], None, torch.device("cpu"), torch.float32)
+                        lambda name: quant[name], None, torch.device("cpu"), torch.float32)
     a, b = quant[f"{PREFIX}.0.gate_proj"], quant[f"{PREFIX}.0.up_proj"]
     a.perm, b.perm = torch.randperm(H), torch.randperm(H)
     with pytest.raises(ValueError, match="desc_act"):

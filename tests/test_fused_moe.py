@@ -18,10 +18,12 @@ import torch.nn.functional as F
 import pprt_kernels.fused_moe as fm
 import pprt_kernels.moe_routing as mr
 from bench.counting import count_ops
+from pprt.weights.fp8 import dequantize as fp8_dequantize
+from pprt.weights.fp8 import quantize_fp8
 from pprt.weights.int4 import dequantize, quantize_rtn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FLOAT, INT4 = fm.ExpertFormat.FLOAT, fm.ExpertFormat.INT4
+FLOAT, INT4, FP8 = fm.ExpertFormat.FLOAT, fm.ExpertFormat.INT4, fm.ExpertFormat.FP8
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,6 +84,18 @@ def int4_experts(e, n, k, group, seed, perm=False) -> tuple[fm.ExpertWeights, to
     w = fm.ExpertWeights(INT4, stack("qweight"), stack("scales"), stack("zeros"), group,
                          perms.to(DEVICE) if perm else None)
     return w, dense
+
+
+def fp8_experts(e, n_part, k, parts, block, seed) -> tuple[fm.ExpertWeights, torch.Tensor]:
+    """Block-FP8 random experts, `parts` layers of n_part rows stacked along N (each with its own scale
+    rows), and their dequantized float weights [E, parts * n_part, K]."""
+    gen = torch.Generator().manual_seed(seed)
+    qs = [[quantize_fp8(torch.randn(n_part, k, generator=gen) / k**0.5, block) for _ in range(parts)]
+          for _ in range(e)]
+    w = torch.stack([torch.cat([q.weight for q in expert]) for expert in qs]).to(DEVICE)
+    s = torch.stack([torch.cat([q.scale for q in expert]) for expert in qs]).to(DEVICE)
+    dense = torch.stack([torch.cat([fp8_dequantize(q) for q in expert]) for expert in qs])
+    return fm.ExpertWeights(FP8, w, s, block=block, parts=parts), dense
 
 
 # ---------------------------------------------------------------- routing
@@ -192,6 +206,27 @@ def test_int4_experts(group, top_k, t, perm):
     assert rel_err(fm.fused_moe_triton(x.half(), logits, *half, top_k, False), ref16) < 2e-3
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["e4m3", "bits"])
+@pytest.mark.parametrize("block,i", [((128, 128), 32), ((16, 32), 24)], ids=["b128-I32", "b16x32-I24"])
+def test_fp8_experts(block, i, native, monkeypatch):
+    """FP8 experts (official block 128 with partial blocks; small blocks that do not divide I, so gate's
+    and up's scale rows must stay apart): reference = loop on the dequantized weights, Triton = reference,
+    with Triton's e4m3 type and with the pre-sm89 bit decoder."""
+    e, h, top_k, t = 7, 64, 2, 6
+    gu, gu_dense = fp8_experts(e, i, h, 2, block, seed=i)
+    dn, dn_dense = fp8_experts(e, h, i, 1, block, seed=i + 1)
+    gen = torch.Generator().manual_seed(i)
+    x, logits = torch.randn(t, h, generator=gen).to(DEVICE), torch.randn(t, e, generator=gen).to(DEVICE)
+    want = loop_moe(x, logits, gu_dense[:, :i].to(DEVICE), gu_dense[:, i:].to(DEVICE), dn_dense.to(DEVICE),
+                    top_k, renormalize=True)
+    ref = fm.fused_moe_ref(x, logits, gu, dn, top_k, True)
+    assert rel_err(ref, want) < 1e-5
+    monkeypatch.setattr(fm, "native_fp8", lambda device: native)
+    assert rel_err(fm.fused_moe_triton(x, logits, gu, dn, top_k, True), ref) < 1e-5
+    ref16 = fm.fused_moe_ref(x.half(), logits, gu, dn, top_k, True)
+    assert rel_err(fm.fused_moe_triton(x.half(), logits, gu, dn, top_k, True), ref16) < 2e-3
+
+
 def test_grouped_mm_path_equals_reference():
     """torch's grouped GEMM over the expert-sorted pairs (fp32 runs on CPU too; bf16 where it serves)."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -241,7 +276,7 @@ def test_reference_reads_counts_on_the_host():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["float", "int4"])
+@pytest.mark.parametrize("fmt", ["float", "int4", "fp8"])
 def test_gpu_dispatch_runs_without_sync(fmt):
     """On the GPU, the dispatched path (grouped_mm or Triton) runs with sync debugging set to error."""
     x, logits, _, (gu, dn) = make_case(8, 128, 64, 16, 4, "random", torch.bfloat16, seed=5)
@@ -249,6 +284,9 @@ def test_gpu_dispatch_runs_without_sync(fmt):
         gu, _ = int4_experts(16, 128, 128, 64, seed=6)
         dn, _ = int4_experts(16, 128, 64, 64, seed=7)
         gu.scales, dn.scales = gu.scales.bfloat16(), dn.scales.bfloat16()
+    elif fmt == "fp8":
+        gu, _ = fp8_experts(16, 64, 128, 2, (128, 128), seed=6)
+        dn, _ = fp8_experts(16, 128, 64, 1, (128, 128), seed=7)
     want = fm.fused_moe_ref(x, logits, gu, dn, 4, True)
     fm.fused_moe(x, logits, gu, dn, 4, True)  # compile outside the check
     torch.cuda.synchronize()
