@@ -35,8 +35,6 @@ if not torch.cuda.is_available():  # count the Triton path on CPU: set before an
 
 from bench.counting import count_ops
 from bench.harness import append_results, copy_bandwidth, environment, print_table, time_fn
-from pprt.weights.fp8 import quantize_fp8
-from pprt.weights.int4 import quantize_rtn
 
 NOT_MEASURED = "not measured"
 GROUP = 128
@@ -61,25 +59,27 @@ TINY_TOKENS = [1, 8]
 
 def make_layer(shape: Shape, dtype: torch.dtype, device: torch.device, weights: str, seed: int = 0):
     """Random router [E, H] and experts (gate_up, down) as ExpertWeights: float, Int4 (RTN, group 128 where
-    it divides K, else 32) or FP8 (block 128), stacked as the loader stacks them (pprt.weights.experts)."""
-    from types import SimpleNamespace
+    it divides K, else 32) or FP8 (block 128), stacked expert by expert as the loader stacks them."""
+    from torch import nn
 
-    import pprt_kernels.fused_moe as fm
-    from pprt.weights.experts import load_projection
+    from pprt.weights import fp8, int4
+    from pprt.weights.experts import stack_expert
 
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i, e = shape.hidden, shape.inter, shape.experts
     rand = lambda *s: torch.randn(*s, generator=gen, device=device, dtype=dtype) * 0.02  # noqa: E731
-    quantize = {"int4": lambda w: quantize_rtn(w, GROUP if w.shape[1] % GROUP == 0 else 32),
-                "fp8": quantize_fp8}.get(weights)
-    out = []
-    for names, n, k in ((("gate_proj", "up_proj"), 2 * i, h), (("down_proj",), h, i)):
-        target = SimpleNamespace(num_experts=e, in_features=k, out_features=n, weight=None)
-        proj = load_projection(target, "experts", names, lambda name, size: rand(*size), None, quantize, device,
-                               dtype)
-        out.append(fm.ExpertWeights(fm.ExpertFormat.FLOAT, proj.weight) if quantize is None else
-                   proj.expert_weights())
-    return rand(e, h), out[0], out[1]
+    moe = nn.Module()
+    moe.num_experts, moe.experts, moe.stacked = e, nn.ModuleList(nn.Module() for _ in range(e)), nn.Module()
+    moe.stacked.gate_up = moe.stacked.down = None
+    for expert in range(e):
+        for proj, (n, k) in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+            w = rand(n, k)
+            layer = {"int4": lambda: int4.quantize_linear(w, None, GROUP if k % GROUP == 0 else 32),
+                     "fp8": lambda: fp8.quantize_linear(w, None)}.get(weights, lambda: nn.Linear(k, n, False, "meta"))()
+            if isinstance(layer, nn.Linear):
+                layer.weight = nn.Parameter(w, requires_grad=False)
+            stack_expert(moe, expert, proj, layer, f"expert {expert} {proj}")
+    return rand(e, h), moe.stacked.gate_up.expert_weights(), moe.stacked.down.expert_weights()
 
 
 def expert_bytes(w) -> int:

@@ -1,103 +1,114 @@
-"""pprt.weights.experts: per-expert tensors into the stacked layout the fused MoE kernels read.
+"""pprt.weights.experts: loaded per-expert linears into the stacks the fused MoE kernels read.
 
 Float experts stack into [E, N, K] (gate rows, then up); Int4 and FP8 experts
-(from a quantized file's reader or quantized at load) join gate and up along N
-with their scales, and the fused kernel's reference on the stack equals the
-per-expert Int4Linear / Fp8Linear layers. Experts whose layouts differ are
-refused by name.
+join gate and up along N with their scales (FP8 scale rows part by part), and
+the fused kernel's reference on the stacks equals the per-expert Int4Linear /
+Fp8Linear layers run one by one. Experts arrive in any order; each is dropped
+once stacked; experts whose format or layout differs are refused by name.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import pprt_kernels.fused_moe as fm
-from pprt.weights.experts import Fp8StackedLinear, Int4StackedLinear, concat_out, load_projection
-from pprt.weights.fp8 import Fp8Linear, quantize_fp8
-from pprt.weights.int4 import Int4Linear, quantize_rtn
+from pprt.weights import fp8, int4
+from pprt.weights.experts import expert_linear, stack_expert
 
 E, H, I = 3, 64, 32
-PREFIX = "model.layers.1.mlp.experts"
+PREFIX = "model.layers.1.mlp"
 
 
-def per_expert_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+class Holder(nn.Module):
+    """What stack_expert needs of the model's MoE module."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts = E
+        self.experts = nn.ModuleList(nn.Module() for _ in range(E))
+        self.stacked = nn.Module()
+        self.stacked.gate_up = self.stacked.down = None
+
+
+def float_layers(seed: int = 0) -> dict[tuple[int, str], nn.Linear]:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for e in range(E):
-        for name, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-            out[f"{PREFIX}.{e}.{name}.weight"] = torch.randn(*shape, generator=gen)
+        for name, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            lin = nn.Linear(k, n, bias=False)
+            lin.weight.data = torch.randn(n, k, generator=gen) / k**0.5
+            out[(e, name)] = lin
     return out
 
 
-def target(n: int, k: int):
-    """A stand-in for the model's meta StackedLinear."""
-    return SimpleNamespace(num_experts=E, in_features=k, out_features=n, weight=None)
+def stack_all(layers: dict, order_seed: int | None = 0) -> Holder:
+    holder = Holder()
+    for e, name in layers:
+        setattr(holder.experts[e], name, layers[(e, name)])
+    keys = list(layers)
+    if order_seed is not None:
+        random.Random(order_seed).shuffle(keys)  # the loader's order is its business
+    for e, name in keys:
+        stack_expert(holder, e, name, layers[(e, name)], f"{PREFIX}.experts.{e}.{name}")
+    return holder
 
 
-def reader(tensors, reads):
-    def read(name, shape):
-        reads.append(name)
-        t = tensors[name]
-        assert tuple(t.shape) == shape
-        return t
-    return read
+def test_expert_linear_names():
+    assert expert_linear(f"{PREFIX}.experts.12.up_proj") == (PREFIX, 12, "up_proj")
+    assert expert_linear(f"{PREFIX}.shared_expert.up_proj") is None
+    assert expert_linear(f"{PREFIX}.gate") is None
 
 
-def test_float_experts_stack_gate_rows_then_up():
-    tensors, reads = per_expert_tensors(), []
-    gu = load_projection(target(2 * I, H), PREFIX, ("gate_proj", "up_proj"), reader(tensors, reads), None, None,
-                         torch.device("cpu"), torch.float32)
-    down = load_projection(target(H, I), PREFIX, ("down_proj",), reader(tensors, reads), None, None,
-                           torch.device("cpu"), torch.float32)
-    assert sorted(reads) == sorted(tensors)  # every tensor read once
+def test_float_experts_stack_gate_rows_then_up_and_are_dropped():
+    layers = float_layers()
+    holder = stack_all(layers)
+    gu, down = holder.stacked.gate_up.expert_weights(), holder.stacked.down.expert_weights()
     for e in range(E):
-        assert torch.equal(gu.weight[e, :I], tensors[f"{PREFIX}.{e}.gate_proj.weight"])
-        assert torch.equal(gu.weight[e, I:], tensors[f"{PREFIX}.{e}.up_proj.weight"])
-        assert torch.equal(down.weight[e], tensors[f"{PREFIX}.{e}.down_proj.weight"])
+        assert torch.equal(gu.weight[e, :I], layers[(e, "gate_proj")].weight)
+        assert torch.equal(gu.weight[e, I:], layers[(e, "up_proj")].weight)
+        assert torch.equal(down.weight[e], layers[(e, "down_proj")].weight)
+    assert len(holder.experts) == 0  # every expert is in the stacks: the per-expert modules are gone
+    assert sum(t.numel() for t in holder.state_dict().values()) == sum(m.weight.numel() for m in layers.values())
 
 
-@pytest.mark.parametrize("fmt", ["int4", "fp8"])
-def test_quantize_at_load_equals_per_expert_layers(fmt):
-    tensors, reads = per_expert_tensors(1), []
-    quantize = (lambda w: quantize_rtn(w, 32)) if fmt == "int4" else (lambda w: quantize_fp8(w, (16, 32)))
-    gu = load_projection(target(2 * I, H), PREFIX, ("gate_proj", "up_proj"), reader(tensors, reads), None,
-                         quantize, torch.device("cpu"), torch.float32)
-    down = load_projection(target(H, I), PREFIX, ("down_proj",), reader(tensors, reads), None, quantize,
-                           torch.device("cpu"), torch.float32)
-    assert isinstance(gu, Int4StackedLinear if fmt == "int4" else Fp8StackedLinear)
-    x = torch.randn(5, H)
-    logits = torch.randn(5, E)
-    got = fm.fused_moe_ref(x, logits, gu.expert_weights(), down.expert_weights(), 2, True)
-    # the same experts as per-expert Int4Linear / Fp8Linear layers, run one by one
-    layer = (lambda w: Int4Linear(quantize(w))) if fmt == "int4" else (lambda w: Fp8Linear(quantize(w)))
-    layers = {n: layer(t) for n, t in tensors.items()}
+@pytest.mark.parametrize("fmt", ["int4", "fp8-b16x32", "fp8-b128"])
+def test_quantized_stacks_equal_the_per_expert_layers(fmt):
+    block = (16, 32) if fmt == "fp8-b16x32" else (128, 128)
+    convert = (lambda lin: int4.quantize_linear(lin.weight.data, None, 32)) if fmt == "int4" else \
+        (lambda lin: fp8.quantize_linear(lin.weight.data, None, block))
+    layers = {key: convert(lin) for key, lin in float_layers(1).items()}
+    holder = stack_all(layers, order_seed=1)
+    x, logits = torch.randn(5, H), torch.randn(5, E)
+    got = fm.fused_moe_ref(x, logits, holder.stacked.gate_up.expert_weights(), holder.stacked.down.expert_weights(),
+                           2, True)
     w, ids = torch.softmax(logits, -1).topk(2, -1)
     w = w / w.sum(-1, keepdim=True)
     want = torch.zeros_like(x)
     for t in range(5):
         for j in range(2):
-            p = f"{PREFIX}.{int(ids[t, j])}"
-            h = F.silu(layers[f"{p}.gate_proj.weight"](x[t:t + 1])) * layers[f"{p}.up_proj.weight"](x[t:t + 1])
-            want[t] += w[t, j] * layers[f"{p}.down_proj.weight"](h)[0]
+            e = int(ids[t, j])
+            h = F.silu(layers[(e, "gate_proj")](x[t:t + 1])) * layers[(e, "up_proj")](x[t:t + 1])
+            want[t] += w[t, j] * layers[(e, "down_proj")](h)[0]
     assert float((got - want).norm() / want.norm()) < 1e-5
 
 
-def test_int4_reader_and_layout_mismatch_is_named():
-    tensors = per_expert_tensors(2)
-    quant = {n.removesuffix(".weight"): quantize_rtn(t, 32) for n, t in tensors.items()}
-    gu = load_projection(target(2 * I, H), PREFIX, ("gate_proj", "up_proj"), None,
-                         lambda name: quant[name], None, torch.device("cpu"), torch.float32)
-    assert torch.equal(gu.qweight[1], torch.cat([quant[f"{PREFIX}.1.gate_proj"].qweight,
-                                                 quant[f"{PREFIX}.1.up_proj"].qweight], 1))
-    quant[f"{PREFIX}.2.up_proj"] = quantize_rtn(tensors[f"{PREFIX}.2.up_proj.weight"], 64)
-    with pytest.raises(ValueError, match=rf"{PREFIX}\.2\.gate_proj\+up_proj"):
-        load_projection(target(2 * I, H), PREFIX, ("gate_proj", "up_proj"), None,
-                        lambda name: quant[name], None, torch.device("cpu"), torch.float32)
-    a, b = quant[f"{PREFIX}.0.gate_proj"], quant[f"{PREFIX}.0.up_proj"]
-    a.perm, b.perm = torch.randperm(H), torch.randperm(H)
+def test_mixed_or_mismatched_experts_are_named():
+    layers = {key: int4.quantize_linear(lin.weight.data, None, 32) for key, lin in float_layers(2).items()}
+    layers[(2, "up_proj")] = float_layers(2)[(2, "up_proj")]  # one float layer among Int4 ones
+    with pytest.raises(ValueError, match=r"experts\.2\.up_proj: a float layer"):
+        stack_all(layers, order_seed=None)
+    layers[(2, "up_proj")] = int4.quantize_linear(float_layers(2)[(2, "up_proj")].weight.data, None, 64)
+    with pytest.raises(ValueError, match=r"experts\.2\.up_proj.*int4', 64"):
+        stack_all(layers, order_seed=None)
+    perm = [torch.randperm(H), torch.randperm(H)]
+    for p, name in zip(perm, ("gate_proj", "up_proj")):
+        w = int4.quantize_rtn(float_layers(3)[(0, name)].weight.data, 32)
+        w.perm = p
+        layers[(0, name)] = int4.Int4Linear(w)
     with pytest.raises(ValueError, match="desc_act"):
-        concat_out([a, b], "here")
+        stack_all({k: v for k, v in layers.items() if k[0] == 0 and k[1] != "down_proj"}, order_seed=None)

@@ -1,199 +1,125 @@
-"""A MoE layer's routed experts, stacked for the fused kernels, filled one expert tensor at a time.
+"""A MoE layer's routed experts stacked for the fused kernels, filled expert by expert while loading.
 
-In the model a layer's experts are two stacked projections (pprt.models.moe):
-gate_up_proj [E, 2I, H] (gate's I rows, then up's) and down_proj [E, H, I]. In
-a checkpoint they are per expert (`mlp.experts.{e}.gate_proj.weight`, or an
-Int4 / FP8 layer's tensors) or fused in one tensor (Qwen3.5-MoE); the loader
-hands `load_projection` readers of canonical per-expert names, and the stack is
-allocated once and filled expert by expert, so loading never holds more than
-the stack plus one expert's tensors. The stack's bytes equal the per-expert
-layers' (what the planner counts).
-
-- float experts: copied into a [E, N, K] parameter of the model dtype;
-- quantized experts (GPTQ / AWQ / compressed-tensors Int4, FP8), read by the
-  formats' own importers into pprt's Int4Weight / Fp8Weight, or float experts
-  quantized at load (RTN Int4, block FP8) as each arrives: gate and up joined
-  along N (Int4: scales and zeros with their columns; FP8: scale rows part by
-  part), then stacked into an Int4StackedLinear / Fp8StackedLinear, the layouts
-  of pprt_kernels.moe_weights.
-Knows nothing of checkpoint files (the readers do) or of routing.
+The model names its experts as checkpoints do, one MLP each
+(`mlp.experts.{e}.gate_proj` ...), so the loader, the formats (formats.py),
+the checkpoint layout and the planner treat every expert linear like any
+other. The fused kernels read them stacked (pprt_kernels.moe_weights):
+gate_up [E, 2I, H] (gate's I rows, then up's) and down [E, H, I]. As soon as
+the loader has placed one expert linear (float, Int4 of any importer or
+quantized at load, FP8), `stack_expert` copies it into its layer's stack
+(allocated on the first expert) and drops it; so loading holds the stacks plus
+one expert's tensors, and the bytes equal the per-expert layers' (what the
+planner counts). Gate and up join along N: Int4 with their scales and zeros
+(one desc_act order needed), FP8 with their own scale rows.
+Knows nothing of checkpoint files or of routing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+import re
 
 import torch
 from torch import nn
 
 from pprt_kernels.moe_weights import ExpertFormat, ExpertWeights
 
-from .fp8 import Fp8Weight
-from .int4 import Int4Weight
+from .fp8 import Fp8Linear, Fp8Weight
+from .int4 import Int4Linear, Int4Weight
 
-Quantized = Int4Weight | Fp8Weight
-
-
-@dataclass(slots=True)
-class JoinedFp8:
-    """FP8 layers of one input joined along N, each keeping its own scale rows (so not an Fp8Weight
-    when a part's rows do not fill whole blocks)."""
-
-    weight: torch.Tensor  # float8_e4m3fn [N, K]
-    scale: torch.Tensor  # float32 [parts * ceil(N/parts/bn), ceil(K/bk)]
-    block: tuple[int, int]
+_EXPERT_LINEAR = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+_PARTS = {"gate_proj": ("gate_up", 0, 2), "up_proj": ("gate_up", 1, 2), "down_proj": ("down", 0, 1)}
 
 
-class Stacked(Protocol):
-    """What the loader fills: the model's float StackedLinear (meta until loaded)."""
-
-    num_experts: int
-    in_features: int
-    out_features: int
-    weight: nn.Parameter
+def expert_linear(prefix: str) -> tuple[str, int, str] | None:
+    """(MoE module prefix, expert, projection) when `prefix` names one routed expert's linear."""
+    m = _EXPERT_LINEAR.match(prefix)
+    return (m[1], int(m[2]), m[3]) if m else None
 
 
-class _StackedBuffers(nn.Module):
-    """E experts' tensors stacked along dim 0 as buffers (so .to() moves them); filled by `set_expert`."""
+class _Stack(nn.Module):
+    """E experts' tensors of one projection, `parts` layers joined along N; filled by `set_part`."""
 
-    _FIELDS: tuple[str, ...] = ()
-
-    def room(self, num_experts: int, w) -> None:
-        for field, t in zip(self._FIELDS, self._tensors(w)):
-            stacked = None if t is None else torch.empty((num_experts, *t.shape), dtype=t.dtype, device=t.device)
-            self.register_buffer(field, stacked)
-
-    def set_expert(self, e: int, w, where: str) -> None:
-        """Copy expert `e` in; `where` names it when its layout differs from the layer's."""
-        for field, t in zip(self._FIELDS, self._tensors(w)):
-            mine = getattr(self, field)
-            if (t is None) != (mine is None) or (t is not None and tuple(t.shape) != tuple(mine.shape[1:])) \
-                    or self._params(w) != self._params(self):
-                raise ValueError(f"{where}: its {type(w).__name__} layout ({field} "
-                                 f"{None if t is None else list(t.shape)}, {self._params(w)}) differs from the "
-                                 f"layer's other experts ({None if mine is None else list(mine.shape[1:])}, "
-                                 f"{self._params(self)})")
-            if t is not None:
-                mine[e].copy_(t)
-
-
-class Int4StackedLinear(_StackedBuffers):
-    """E Int4 linear maps stacked: qweight int32 [E, K/8, N], scales [E, K/g, N], zeros, perm [E, K] | None."""
-
-    _FIELDS = ("qweight", "scales", "zeros", "perm")
-
-    def __init__(self, num_experts: int, like: Int4Weight) -> None:
+    def __init__(self, num_experts: int, parts: int, like: dict[str, torch.Tensor], n_dim: dict[str, int],
+                 params: tuple) -> None:
         super().__init__()
-        self.group_size = like.group_size
-        self.room(num_experts, like)
+        self.parts, self.params, self.filled = parts, params, 0
+        self.n_dim = n_dim  # tensor name -> its dim along which the parts join (in one expert's tensor)
+        for name, t in like.items():
+            shape = list(t.shape)
+            if n_dim[name] >= 0:
+                shape[n_dim[name]] *= parts
+            self.register_buffer(name, torch.empty((num_experts, *shape), dtype=t.dtype, device=t.device))
 
-    @staticmethod
-    def _tensors(w):
-        return (w.qweight, w.scales, w.zeros, w.perm)
+    def set_part(self, e: int, part: int, tensors: dict[str, torch.Tensor], params: tuple, where: str) -> None:
+        if params != self.params or set(tensors) != set(self._buffers):
+            raise ValueError(f"{where}: stored as {params} ({sorted(tensors)}), unlike the layer's other experts "
+                             f"{self.params} ({sorted(self._buffers)})")
+        for name, t in tensors.items():
+            dim = self.n_dim[name]
+            size = t.shape[dim]
+            dest = getattr(self, name)[e].narrow(dim, part * size, size) if dim >= 0 else getattr(self, name)[e]
+            if tuple(dest.shape) != tuple(t.shape):
+                raise ValueError(f"{where}: {name} has shape {list(t.shape)}, the layer's others {list(dest.shape)}")
+            if dim < 0 and part > 0 and not torch.equal(dest, t):  # shared by the parts (desc_act order)
+                raise ValueError(f"{where}: gate and up are stored with different {name} (desc_act orders); "
+                                 "their joined projection needs one")
+            dest.copy_(t)
+        self.filled += 1
 
-    @staticmethod
-    def _params(w) -> tuple:
-        return (w.group_size,)
 
+class FloatStack(_Stack):
     def expert_weights(self) -> ExpertWeights:
-        return ExpertWeights(ExpertFormat.INT4, self.qweight, self.scales, self.zeros, self.group_size, self.perm)
-
-    def extra_repr(self) -> str:
-        e, k8, n = self.qweight.shape
-        return f"experts={e}, in_features={k8 * 8}, out_features={n}, group_size={self.group_size}, " \
-               f"desc_act={self.perm is not None}"
+        return ExpertWeights(ExpertFormat.FLOAT, self.weight)
 
 
-class Fp8StackedLinear(_StackedBuffers):
-    """E FP8 linear maps stacked: weight float8_e4m3fn [E, N, K], scale float32 [E, rows, ceil(K/bk)]."""
-
-    _FIELDS = ("weight", "weight_scale")
-
-    def __init__(self, num_experts: int, like: JoinedFp8, parts: int) -> None:
-        super().__init__()
-        self.block, self.parts = like.block, parts
-        self.room(num_experts, like)
-
-    @staticmethod
-    def _tensors(w):
-        return (w.weight, w.scale)
-
-    @staticmethod
-    def _params(w) -> tuple:
-        return (w.block,)
-
+class Int4Stack(_Stack):
     def expert_weights(self) -> ExpertWeights:
-        return ExpertWeights(ExpertFormat.FP8, self.weight, self.weight_scale, block=self.block, parts=self.parts)
-
-    def extra_repr(self) -> str:
-        e, n, k = self.weight.shape
-        return f"experts={e}, in_features={k}, out_features={n}, block={self.block}"
+        return ExpertWeights(ExpertFormat.INT4, self.qweight, self.scales, self.zeros, self.params[1],
+                             getattr(self, "perm", None))
 
 
-def concat_out(parts: list[Quantized], where: str) -> Int4Weight | JoinedFp8:
-    """Layers of one input side by side along N (out): Int4 with their scales and zeros (one desc_act
-    order needed), FP8 with their scale rows one after the other (same block)."""
-    first = parts[0]
-    for p in parts[1:]:
-        if type(p) is not type(first) or p.in_features != first.in_features:
-            raise ValueError(f"{where}: cannot join a {type(first).__name__} of in_features {first.in_features} "
-                             f"and a {type(p).__name__} of {p.in_features}")
-        if isinstance(p, Int4Weight) and (p.group_size != first.group_size or (p.perm is None) != (first.perm is None)
-                                          or (p.perm is not None and not torch.equal(p.perm, first.perm))):
-            raise ValueError(f"{where}: gate and up have different Int4 groups or desc_act orders (g_idx); "
-                             "their joined projection needs one")
-        if isinstance(p, Fp8Weight) and p.block != first.block:
-            raise ValueError(f"{where}: gate and up have different FP8 blocks {first.block} and {p.block}")
-    if isinstance(first, Fp8Weight):
-        return JoinedFp8(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), first.block)
-    if len(parts) == 1:
-        return first
-    return Int4Weight(torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
-                      torch.cat([p.zeros for p in parts], 1), first.group_size, first.perm)
+class Fp8Stack(_Stack):
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(ExpertFormat.FP8, self.weight, self.weight_scale, block=self.params[1], parts=self.parts)
 
 
-def load_projection(
-    target: Stacked,
-    experts_prefix: str,  # canonical "model.layers.{i}.mlp.experts"
-    names: tuple[str, ...],  # ("gate_proj", "up_proj"): joined along N in this order; or ("down_proj",)
-    read_float: Callable[[str, tuple[int, int]], torch.Tensor] | None,  # weight name, [n, K] -> device, model dtype
-    read_quantized: Callable[[str], Quantized] | None,  # linear prefix -> on device (the file stores it quantized)
-    quantize: Callable[[torch.Tensor], Quantized] | None,  # quantize-at-load of a float expert weight
-    device: torch.device,
-    dtype: torch.dtype,
-) -> nn.Module:
-    """Fill `target` (float) in place and return it, or return the stacked quantized module that replaces it.
+def _tensors(module: nn.Module, where: str) -> tuple[type[_Stack], dict[str, torch.Tensor], dict[str, int], tuple]:
+    """One loaded expert linear as (stack class, tensors, join dim of each, format parameters)."""
+    if getattr(module, "bias", None) is not None:
+        raise ValueError(f"{where}: routed experts have no bias")
+    if isinstance(module, Int4Linear):
+        w: Int4Weight = module.weight
+        tensors = {"qweight": w.qweight, "scales": w.scales, "zeros": w.zeros}
+        dims = {"qweight": 1, "scales": 1, "zeros": 1}  # [K/8, N], [K/g, N]: N is dim 1
+        if w.perm is not None:
+            tensors["perm"], dims["perm"] = w.perm, -1  # one [K] order for all parts
+        return Int4Stack, tensors, dims, ("int4", w.group_size)
+    if isinstance(module, Fp8Linear):
+        f: Fp8Weight = module.fp8_weight
+        return Fp8Stack, {"weight": f.weight, "weight_scale": f.scale}, {"weight": 0, "weight_scale": 0}, \
+            ("fp8", f.block)
+    if isinstance(module, nn.Linear):
+        return FloatStack, {"weight": module.weight.data}, {"weight": 0}, ("float", module.weight.dtype)
+    raise ValueError(f"{where}: cannot stack a {type(module).__name__}")
 
-    Exactly one way in: read_quantized, or read_float (with or without `quantize`).
-    Raises ValueError naming the expert whose tensors do not fit the others.
+
+def stack_expert(moe: nn.Module, expert: int, proj: str, module: nn.Module, where: str) -> None:
+    """Copy one placed expert linear into `moe`'s stacks and drop it from `moe.experts`.
+
+    `moe` has `experts` (per-expert MLPs), `stacked` (whose `gate_up` / `down` are set here) and
+    `num_experts`. Raises ValueError naming the linear when its format or shape differs from the
+    layer's other experts. When every expert is in, `moe.experts` is emptied.
     """
-    e_count, n, k = target.num_experts, target.out_features, target.in_features
-    if n % len(names):
-        raise ValueError(f"{experts_prefix}: {n} outputs do not split into {names}")
-    n_each = n // len(names)
-    if read_quantized is None and quantize is None:
-        stack = torch.empty((e_count, n, k), device=device, dtype=dtype)
-        for e in range(e_count):
-            for j, name in enumerate(names):
-                stack[e, j * n_each:(j + 1) * n_each].copy_(
-                    read_float(f"{experts_prefix}.{e}.{name}.weight", (n_each, k)))
-        target.weight = nn.Parameter(stack, requires_grad=False)
-        return target  # type: ignore[return-value]
-    out: Int4StackedLinear | Fp8StackedLinear | None = None
-    for e in range(e_count):
-        where = f"{experts_prefix}.{e}.{'+'.join(names)}"
-        if read_quantized is not None:
-            parts = [read_quantized(f"{experts_prefix}.{e}.{name}") for name in names]
-        else:
-            parts = [quantize(read_float(f"{experts_prefix}.{e}.{name}.weight", (n_each, k))) for name in names]
-        if any((p.out_features, p.in_features) != (n_each, k) for p in parts):
-            raise ValueError(f"{where}: expected [{n_each}, {k}] per part, got "
-                             f"{[[p.out_features, p.in_features] for p in parts]}")
-        w = concat_out(parts, where)
-        if out is None:
-            out = Fp8StackedLinear(e_count, w, len(names)) if isinstance(w, JoinedFp8) else \
-                Int4StackedLinear(e_count, w)
-        out.set_expert(e, w, where)
-    return out
+    name, part, parts = _PARTS[proj]
+    cls, tensors, dims, params = _tensors(module, where)
+    stack = getattr(moe.stacked, name)
+    if stack is None:
+        stack = cls(moe.num_experts, parts, tensors, dims, params)
+        setattr(moe.stacked, name, stack)
+    elif not isinstance(stack, cls):
+        raise ValueError(f"{where}: a {params[0]} layer, but the layer's other experts are {stack.params[0]}")
+    stack.set_part(expert, part, tensors, params, where)
+    setattr(moe.experts[expert], proj, None)  # its tensors now live in the stack
+    if all(s is not None and s.filled == s.parts * moe.num_experts
+           for s in (moe.stacked.gate_up, moe.stacked.down)):
+        moe.experts = nn.ModuleList()
