@@ -18,7 +18,7 @@ from torch import nn
 
 import pprt_kernels.fused_moe as fm
 from pprt.weights import fp8, int4
-from pprt.weights.experts import expert_linear, stack_expert
+from pprt.weights.experts import expert_linear, stack_expert, unstack
 
 E, H, I = 3, 64, 32
 PREFIX = "model.layers.1.mlp"
@@ -73,6 +73,7 @@ def test_float_experts_stack_gate_rows_then_up_and_are_dropped():
         assert torch.equal(gu.weight[e, I:], layers[(e, "up_proj")].weight)
         assert torch.equal(down.weight[e], layers[(e, "down_proj")].weight)
     assert len(holder.experts) == 0  # every expert is in the stacks: the per-expert modules are gone
+    assert all(torch.equal(w, layers[key].weight) for key, w in unstack(holder).items())
     assert sum(t.numel() for t in holder.state_dict().values()) == sum(m.weight.numel() for m in layers.values())
 
 
@@ -95,6 +96,10 @@ def test_quantized_stacks_equal_the_per_expert_layers(fmt):
             h = F.silu(layers[(e, "gate_proj")](x[t:t + 1])) * layers[(e, "up_proj")](x[t:t + 1])
             want[t] += w[t, j] * layers[(e, "down_proj")](h)[0]
     assert float((got - want).norm() / want.norm()) < 1e-5
+    for (e, name), w in unstack(holder).items():  # and each expert's weight comes back as it went in
+        placed = layers[(e, name)]
+        back = int4.dequantize(w) if fmt == "int4" else fp8.dequantize(w)
+        assert torch.equal(back, int4.dequantize(placed.weight) if fmt == "int4" else fp8.dequantize(placed.fp8_weight))
 
 
 def test_mixed_or_mismatched_experts_are_named():

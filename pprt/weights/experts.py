@@ -37,7 +37,8 @@ def expert_linear(prefix: str) -> tuple[str, int, str] | None:
 
 
 class _Stack(nn.Module):
-    """E experts' tensors of one projection, `parts` layers joined along N; filled by `set_part`."""
+    """E experts' tensors of one projection, `parts` layers joined along N; filled by `set_part`.
+    Buffers (so .to() moves them), except a float weight, which stays a parameter as in nn.Linear."""
 
     def __init__(self, num_experts: int, parts: int, like: dict[str, torch.Tensor], n_dim: dict[str, int],
                  params: tuple) -> None:
@@ -48,12 +49,17 @@ class _Stack(nn.Module):
             shape = list(t.shape)
             if n_dim[name] >= 0:
                 shape[n_dim[name]] *= parts
-            self.register_buffer(name, torch.empty((num_experts, *shape), dtype=t.dtype, device=t.device))
+            stacked = torch.empty((num_experts, *shape), dtype=t.dtype, device=t.device)
+            if isinstance(self, FloatStack):
+                self.register_parameter(name, nn.Parameter(stacked, requires_grad=False))
+            else:
+                self.register_buffer(name, stacked)
 
     def set_part(self, e: int, part: int, tensors: dict[str, torch.Tensor], params: tuple, where: str) -> None:
-        if params != self.params or set(tensors) != set(self._buffers):
+        mine = set(self._buffers) | set(self._parameters)
+        if params != self.params or set(tensors) != mine:
             raise ValueError(f"{where}: stored as {params} ({sorted(tensors)}), unlike the layer's other experts "
-                             f"{self.params} ({sorted(self._buffers)})")
+                             f"{self.params} ({sorted(mine)})")
         for name, t in tensors.items():
             dim = self.n_dim[name]
             size = t.shape[dim]
@@ -63,7 +69,8 @@ class _Stack(nn.Module):
             if dim < 0 and part > 0 and not torch.equal(dest, t):  # shared by the parts (desc_act order)
                 raise ValueError(f"{where}: gate and up are stored with different {name} (desc_act orders); "
                                  "their joined projection needs one")
-            dest.copy_(t)
+            with torch.no_grad():
+                dest.copy_(t)
         self.filled += 1
 
 
@@ -123,3 +130,26 @@ def stack_expert(moe: nn.Module, expert: int, proj: str, module: nn.Module, wher
     if all(s is not None and s.filled == s.parts * moe.num_experts
            for s in (moe.stacked.gate_up, moe.stacked.down)):
         moe.experts = nn.ModuleList()
+
+
+def unstack(moe: nn.Module) -> dict[tuple[int, str], torch.Tensor | Int4Weight | Fp8Weight]:
+    """The inverse view: (expert, projection) -> that linear's weight as it was placed (float [N, K],
+    Int4Weight or Fp8Weight), sharing the stacks' memory. For tests and inspection."""
+    out = {}
+    for proj, (name, part, parts) in _PARTS.items():
+        stack = getattr(moe.stacked, name)
+        for e in range(moe.num_experts):
+            if isinstance(stack, FloatStack):
+                n = stack.weight.shape[1] // parts
+                out[(e, proj)] = stack.weight[e, part * n:(part + 1) * n]
+            elif isinstance(stack, Int4Stack):
+                n = stack.qweight.shape[2] // parts
+                cols = slice(part * n, (part + 1) * n)
+                out[(e, proj)] = Int4Weight(stack.qweight[e, :, cols], stack.scales[e, :, cols],
+                                            stack.zeros[e, :, cols], stack.params[1],
+                                            stack.perm[e] if "perm" in stack._buffers else None)
+            else:
+                n, r = stack.weight.shape[1] // parts, stack.weight_scale.shape[1] // parts
+                out[(e, proj)] = Fp8Weight(stack.weight[e, part * n:(part + 1) * n],
+                                           stack.weight_scale[e, part * r:(part + 1) * r], stack.params[1])
+    return out
