@@ -153,3 +153,22 @@ def unstack(moe: nn.Module) -> dict[tuple[int, str], torch.Tensor | Int4Weight |
                 out[(e, proj)] = Fp8Weight(stack.weight[e, part * n:(part + 1) * n],
                                            stack.weight_scale[e, part * r:(part + 1) * r], stack.params[1])
     return out
+
+
+def expert_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """Every stacked expert linear under `root` as the module it was placed as (nn.Linear, Int4Linear,
+    Fp8Linear), named `<moe>.experts.{e}.{proj}`, sharing the stacks' memory. For tests and inspection."""
+    out = {}
+    for prefix, moe in root.named_modules():
+        if not hasattr(moe, "stacked") or getattr(moe.stacked, "gate_up", None) is None:
+            continue
+        for (e, proj), w in unstack(moe).items():
+            if isinstance(w, Int4Weight):
+                layer = Int4Linear(w)
+            elif isinstance(w, Fp8Weight):
+                layer = Fp8Linear(w)
+            else:
+                layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+                layer.weight = nn.Parameter(w, requires_grad=False)
+            out[f"{prefix}.experts.{e}.{proj}"] = layer
+    return out
