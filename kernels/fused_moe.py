@@ -309,18 +309,22 @@ def fused_moe_ref(
     top_k: int,
     renormalize: bool,
 ) -> torch.Tensor:  # [T, H] in x.dtype
+    """Route (softmax in fp32, top-k, `renormalize`: weights summing to one) and run the chosen experts:
+    the CPU path and the oracle. Raises ValueError naming any operand that does not fit the others."""
     weights, ids = moe_route_ref(router_logits, top_k, renormalize, x.dtype)
     return moe_experts_ref(x, weights, ids, gate_up, down)
 
 
 def fused_moe_triton(x, router_logits, gate_up: ExpertWeights, down: ExpertWeights, top_k: int,
                      renormalize: bool) -> torch.Tensor:
+    """fused_moe_ref's contract on the Triton kernels (routing, alignment, two grouped GEMMs)."""
     weights, ids = moe_route_triton(router_logits, top_k, renormalize, x.dtype)
     return moe_experts_triton(x, weights, ids, gate_up, down)
 
 
 def fused_moe_grouped_mm(x, router_logits, gate_up: ExpertWeights, down: ExpertWeights, top_k: int,
                          renormalize: bool) -> torch.Tensor:
+    """fused_moe_ref's contract with torch's grouped GEMM for the experts (float weights)."""
     weights, ids = moe_route_triton(router_logits, top_k, renormalize, x.dtype)
     return moe_experts_grouped_mm(x, weights, ids, gate_up, down)
 
