@@ -129,6 +129,8 @@ def test_bad_arguments(llm, model):
     with pytest.raises(ValueError, match="max_context"):  # the second prompt is refused...
         llm.generate([[1, 2], [1] * llm.max_context])
     assert not llm.scheduler.has_work and llm.blocks.num_free == free  # ...and the first is not left behind
+    with pytest.raises(ValueError, match="stage_timeout"):
+        LLM(str(model), devices=["cpu", "cpu"], stage_timeout=0)
     closed = LLM(str(model), devices=["cpu"])
     closed.close()
     with pytest.raises(RuntimeError, match="closed"):

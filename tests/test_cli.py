@@ -230,6 +230,7 @@ def test_stop_string_cuts_the_output(chat_model, llm, capsys):
     (["--quant", "int8"], "invalid choice: 'int8'"),
     (["--max-context", "0"], "--max-context must be >= 1"),
     (["--transport", "pigeon"], "invalid choice: 'pigeon'"),
+    (["--stage-timeout", "0"], "--stage-timeout must be > 0 seconds"),
 ], ids=lambda x: None if isinstance(x, str) else "_".join(x).strip("-"))
 def test_argument_errors_exit_2_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

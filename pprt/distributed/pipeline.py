@@ -121,6 +121,8 @@ class PipelineExecutor:
 
     def _wait(self) -> None:
         """Block until a message arrives or a liveness check is due; raise StageFailed on a fault."""
+        for stage in self.stages:  # first what came while nobody listened (a late heartbeat counts)
+            self._inbox[stage.index].extend(stage.read())
         now = time.monotonic()
         for stage in self.stages:
             stage.check(now)

@@ -125,6 +125,7 @@ class LLM:
         Raises ValueError / RequestTooLarge for a prompt that cannot be served (then
         nothing of the call starts), StageFailed when a stage fails, RuntimeError once closed.
         """
+        self._engine.refuse_on_loop_thread("generate")
         prepared = [self._prepare(p, sampling) for p in _as_prompt_list(prompts)]
         finished: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         ids = [self._engine.new_request_id() for _ in prepared]
@@ -154,6 +155,7 @@ class LLM:
         The generator's return value (StopIteration.value, or `yield from`) is the Completion.
         Closing the generator early cancels the request.
         """
+        self._engine.refuse_on_loop_thread("stream")
         (prompt,) = _as_prompt_list(prompt)
         prompt_ids, params = self._prepare(prompt, sampling)
         outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()

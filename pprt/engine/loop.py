@@ -96,8 +96,15 @@ class EngineLoop:
                 self._inbox.append(_Cancel(request_id))
                 self._cond.notify()
 
+    def refuse_on_loop_thread(self, what: str) -> None:
+        """Raise instead of waiting for the loop on its own thread (from an output sink): that never ends."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError(f"{what} waits for the engine loop: it cannot be called from an output callback, "
+                               "which runs on the engine loop's thread")
+
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the loop's thread between two steps and return its result (or raise its error)."""
+        self.refuse_on_loop_thread("this call")
         future: Future = Future()
         self._post(_Call(fn, future))
         return future.result()
