@@ -163,8 +163,8 @@ def interrupts_deferred() -> Iterator[None]:
     Python runs signal handlers in the main thread only: in other threads there is
     nothing to hold back and this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler installed outside Python, which could not be put back)
         return
     caught = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
