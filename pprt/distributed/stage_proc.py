@@ -151,7 +151,8 @@ class StageProcess:
         if self.fault in (Fault.REPORTED, Fault.PEER):
             return f"{self.name} failed: {self.fault_detail}"
         if self.fault is Fault.HUNG:
-            return f"{self.name} stopped responding: {self.fault_detail}; process {self.proc.pid} is {_state(self.proc.pid)}"
+            return (f"{self.name} stopped responding: {self.fault_detail}; "
+                    f"process {self.proc.pid} is {_state(self.proc.pid)}")
         try:
             code = self.proc.wait(EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
