@@ -1,13 +1,22 @@
 """ModelConfig: one validated, frozen description of a Qwen checkpoint.
 
-Built from the dicts of config.json (and generation_config.json) in either
-rotary spelling: the old top-level `rope_theta` + `rope_scaling` that real
-Qwen checkpoints use, or the new `rope_parameters` that transformers v5
-writes. Knows nothing about files or devices: `weights/checkpoint.py` reads the JSON.
+Built from the dicts of config.json (and generation_config.json). The rotary
+settings are read by `pprt.rope` in every spelling transformers accepts; every
+other field is accounted for by `pprt.field_audit` (read, refused, or warned
+about with the default context capped). Knows nothing about files or devices:
+`weights/checkpoint.py` reads the JSON.
 
-Anything the runtime does not implement (another model_type, sliding window,
-an unknown rope type, a quantization other than 4-bit GPTQ/AWQ) fails here
-with a message naming the field and its value.
+Every field config.py reads is read through `pprt.fields.Fields`, with its
+type and range: booleans must be JSON booleans (the string "false" is refused,
+not taken as true), sizes positive integers, eps finite and positive; a
+generation_config.json default the sampler would refuse is refused here.
+Anything wrong or unimplemented (another model_type, sliding window, a rope
+setting other than default or YaRN, a quantization pprt does not run) fails
+with a ConfigError naming the file, the field and its value.
+
+`default_context` and `extend_context` decide the context served and the
+rotary that serves it: the checkpoint's own window, or YaRN over the window
+the checkpoint was trained for (`ModelConfig.trained_window`).
 """
 
 from __future__ import annotations
@@ -19,37 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
+from .field_audit import audit_fields
+from .fields import Fields
 from .quantization import QuantConfig  # noqa: F401  (re-exported: the formats' rules live there)
+from .rope import SUPPORTED_ROPE_TYPES, RopeConfig, native_window, parse_rope, rope_from_user  # noqa: F401
 
 log = logging.getLogger("pprt")
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
-SUPPORTED_ROPE_TYPES = ("default", "yarn")
-
-
-@dataclass(frozen=True, slots=True)
-class RopeConfig:
-    theta: float
-    type: str = "default"  # "default" or "yarn"
-    factor: float = 1.0  # yarn: context extension factor
-    original_max_position: int | None = None  # yarn: pre-training window L0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float | None = None  # yarn: None -> 0.1 ln(factor) + 1
-    truncate: bool = True  # yarn: floor/ceil the correction range
-
-    def __post_init__(self) -> None:
-        if self.type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(
-                f"rope type {self.type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-        if self.theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.theta}")
-        if self.type == "yarn":
-            if self.factor <= 0:
-                raise ConfigError(f"rope_scaling.factor must be positive, got {self.factor}")
-            if not self.original_max_position:
-                raise ConfigError("yarn rope_scaling needs original_max_position_embeddings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +64,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: torch.dtype = torch.float32  # the dtype the checkpoint was saved in
     quant: QuantConfig | None = None
+    # tokens the positions were trained for without scaling, the window YaRN extends when pprt
+    # enables it (pprt.rope.native_window); None means max_position_embeddings
+    native_context: int | None = None
+    # longest context computed exactly as the checkpoint expects (a warned-about field such as
+    # dual_chunk_attention_config limits it); None: no limit
+    exact_context: int | None = None
+    exact_context_reason: str = ""
     # generation_config.json defaults (temperature, top_p, ...), as read
     generation_defaults: dict = field(default_factory=dict, compare=False)
 
@@ -102,6 +95,9 @@ class ModelConfig:
                 )
             if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
                 raise ConfigError("moe_intermediate_size and decoder_sparse_step must be positive")
+        if self.intermediate_size <= 0 and not all(self.is_sparse(i) for i in range(self.num_layers)):
+            raise ConfigError(f"intermediate_size must be positive (a layer has a dense MLP), got "
+                              f"{self.intermediate_size}")
 
     def is_sparse(self, layer: int) -> bool:
         """True when `layer` has a mixture-of-experts MLP (qwen3_moe rule)."""
@@ -114,99 +110,94 @@ class ModelConfig:
     def with_rope(self, rope: RopeConfig) -> ModelConfig:
         return dataclasses.replace(self, rope=rope)
 
+    @property
+    def trained_window(self) -> int:
+        """The window YaRN extends when pprt enables it (native_context, else max_position_embeddings)."""
+        return self.native_context or self.max_position_embeddings
+
+    def with_rope_scaling(self, spec: dict | None) -> ModelConfig:
+        """This config with a user's rope scaling (config.json's spellings) instead of the file's;
+        None keeps the file's. See pprt.rope.rope_from_user. Raises ConfigError."""
+        if spec is None:
+            return self
+        rope = rope_from_user(spec, self.rope.theta, self.max_position_embeddings)
+        log.info("rope: using the given rope_scaling %s instead of the checkpoint's", spec)
+        return self.with_rope(rope)
+
     @classmethod
-    def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:
-        """Parse config.json (and optionally generation_config.json) contents."""
-        model_type = cfg.get("model_type")
+    def from_dict(cls, cfg: dict, generation_config: dict | None = None, *, path: str = "config.json",
+                  generation_path: str = "generation_config.json") -> ModelConfig:
+        """Parse config.json (and optionally generation_config.json) contents.
+
+        path, generation_path: the files, named in errors. Raises ConfigError naming the file and the
+        field when a field is missing, of the wrong type, out of range or unsupported.
+        """
+        f, gen = Fields(cfg, path), Fields(generation_config, generation_path)
+        model_type = f.string("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        if cfg.get("use_sliding_window"):
-            raise ConfigError("use_sliding_window = true is not supported (sliding-window attention is not implemented)")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-
-        def need(key: str):
-            if cfg.get(key) is None:
-                raise ConfigError(f"config.json has no {key!r}")
-            return cfg[key]
-
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        kv_heads = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or hidden // heads
+            raise f.error("model_type", f"{model_type!r} is not supported (supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        if f.string("hidden_act", "silu") != "silu":
+            raise f.error("hidden_act", f"{cfg['hidden_act']!r} is not supported (only silu)")
+        num_layers = f.integer("num_hidden_layers", at_least=1)
+        hidden, heads = f.integer("hidden_size", at_least=1), f.integer("num_attention_heads", at_least=1)
+        f.flag("use_sliding_window", False)  # typed here; pprt.field_audit decides what they mean
+        f.integer("sliding_window", None, at_least=0)
+        f.integer("max_window_layers", None, at_least=0)
         is_moe = model_type == "qwen3_moe"
-        gen = generation_config or {}
-        quant = cfg.get("quantization_config")
-        return cls(
-            model_type=model_type,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(cfg.get("intermediate_size") or 0),
-            num_layers=int(need("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=int(kv_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=_parse_rope(cfg),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=model_type != "qwen2",
-            # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
-            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if is_moe else 0,
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0) if is_moe else 0,
-            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if is_moe else 0,
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-            decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1) or 1),
-            mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
-            eos_token_ids=_eos_ids(cfg, gen),
-            torch_dtype=_parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
-            quant=QuantConfig.from_dict(quant) if quant else None,
-            generation_defaults={
-                k: gen[k]
-                for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
-                if gen.get(k) is not None
-            },
-        )
+        # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
+        experts_key = "num_local_experts" if f.has("num_local_experts") and not f.has("num_experts") else "num_experts"
+        quant = f.section("quantization_config")
+        with f.naming_file():  # the errors of pprt.rope, pprt.field_audit and ModelConfig's own checks too
+            audit = audit_fields(cfg)
+            return cls(
+                model_type=model_type,
+                vocab_size=f.integer("vocab_size", at_least=1),
+                hidden_size=hidden,
+                intermediate_size=f.integer("intermediate_size", 0, at_least=1),
+                num_layers=num_layers,
+                num_heads=heads,
+                num_kv_heads=f.integer("num_key_value_heads", heads, at_least=1),  # null means heads
+                head_dim=f.integer("head_dim", hidden // heads, at_least=1),
+                rms_norm_eps=f.number("rms_norm_eps", 1e-6, above=0),
+                rope=parse_rope(cfg),
+                max_position_embeddings=f.integer("max_position_embeddings", 32768, at_least=1),
+                tie_word_embeddings=f.flag("tie_word_embeddings", False),
+                qkv_bias=True if model_type == "qwen2" else f.flag("attention_bias", False),
+                qk_norm=model_type != "qwen2",
+                num_experts=f.integer(experts_key, at_least=1) if is_moe else 0,
+                num_experts_per_tok=f.integer("num_experts_per_tok", at_least=1) if is_moe else 0,
+                moe_intermediate_size=f.integer("moe_intermediate_size", at_least=1) if is_moe else 0,
+                norm_topk_prob=f.flag("norm_topk_prob", False),
+                decoder_sparse_step=f.integer("decoder_sparse_step", 1, at_least=1),
+                mlp_only_layers=f.integers("mlp_only_layers", at_least=0, at_most=num_layers - 1),
+                eos_token_ids=_eos_ids(f, gen),
+                torch_dtype=_parse_dtype(f.string("torch_dtype", None) or f.string("dtype", "float32")),
+                quant=QuantConfig.from_fields(quant) if quant is not None else None,
+                native_context=native_window(cfg),
+                exact_context=audit.exact_context,
+                exact_context_reason=audit.exact_context_reason,
+                generation_defaults=_generation_defaults(gen),
+            )
 
 
-def _parse_rope(cfg: dict) -> RopeConfig:
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:  # new spelling
-        scaling, theta = params, params["rope_theta"]
-    else:  # old spelling
-        scaling, theta = cfg.get("rope_scaling") or {}, cfg.get("rope_theta", 10000.0)
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind == "default":
-        return RopeConfig(theta=float(theta))
-    if kind != "yarn":
-        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: default, yarn)")
-    if scaling.get("factor") is None:
-        raise ConfigError("yarn rope_scaling has no 'factor'")
-    return RopeConfig(
-        theta=float(theta),
-        type="yarn",
-        factor=float(scaling["factor"]),
-        original_max_position=int(
-            scaling.get("original_max_position_embeddings") or cfg.get("max_position_embeddings") or 0
-        ),
-        beta_fast=float(scaling.get("beta_fast") or 32.0),
-        beta_slow=float(scaling.get("beta_slow") or 1.0),
-        attention_factor=scaling.get("attention_factor"),
-        truncate=bool(scaling.get("truncate", True)),
-    )
+def _eos_ids(cfg: Fields, gen: Fields) -> tuple[int, ...]:
+    """generation_config.json's eos ids first, then config.json's (each an id or a list of ids)."""
+    ids = gen.integers("eos_token_id", at_least=0, single=True) + cfg.integers("eos_token_id", at_least=0, single=True)
+    return tuple(dict.fromkeys(ids))
 
 
-def _eos_ids(cfg: dict, gen: dict) -> tuple[int, ...]:
-    ids: list[int] = []
-    for source in (gen.get("eos_token_id"), cfg.get("eos_token_id")):
-        if source is None:
-            continue
-        for i in source if isinstance(source, (list, tuple)) else [source]:
-            if int(i) not in ids:
-                ids.append(int(i))
-    return tuple(ids)
+def _generation_defaults(gen: Fields) -> dict:
+    """The sampling defaults of generation_config.json, in the ranges SamplingParams accepts."""
+    defaults = {
+        "temperature": gen.number("temperature", None, at_least=0),
+        "top_p": gen.number("top_p", None, above=0, at_most=1),
+        "top_k": gen.integer("top_k", None, at_least=-1),
+        "min_p": gen.number("min_p", None, at_least=0, at_most=1),
+        "repetition_penalty": gen.number("repetition_penalty", None, above=0),
+        "do_sample": gen.flag("do_sample", None),
+    }
+    return {k: v for k, v in defaults.items() if v is not None}
 
 
 _DTYPES = {
@@ -229,34 +220,42 @@ parse_dtype = _parse_dtype
 
 
 def default_context(config: ModelConfig) -> int:
-    """The checkpoint's window: max_position_embeddings, or what its YaRN scaling serves."""
-    rope = config.rope
-    if rope.type == "yarn":
-        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
-    return config.max_position_embeddings
+    """The context served when none is asked for: max_position_embeddings, or the window the
+    checkpoint's YaRN serves (factor x original) when larger, capped at the exact context
+    (ModelConfig.exact_context) when a field pprt does not implement limits it."""
+    window = max(config.max_position_embeddings, config.rope.window or 0)
+    return min(window, config.exact_context) if config.exact_context else window
 
 
 def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:
-    """Enable YaRN as Qwen documents it when `max_context` exceeds the native window of a
-    checkpoint without rope scaling (factor = max_context / native, original = native).
+    """The config that serves `max_context` tokens.
 
-    A config that already has YaRN is used as it is (it serves factor x original tokens).
+    Past max_position_embeddings of a checkpoint without rope scaling, YaRN is enabled as Qwen
+    documents it: original = the trained window (ModelConfig.trained_window: 32768 for a
+    Qwen3 config saying 40960), factor = max_context / original (131072 -> factor 4). A rope
+    scaling from the file or the user is used as it is (a warning past the window it serves).
+    Past exact_context the checkpoint expects math pprt does not implement: a warning.
     """
-    native = config.max_position_embeddings
+    if config.exact_context and max_context > config.exact_context:
+        log.warning("max_context %d exceeds the %d tokens pprt computes exactly for this checkpoint: past them it "
+                    "runs plain attention where the checkpoint's %s expects otherwise (as transformers does)",
+                    max_context, config.exact_context, config.exact_context_reason)
     rope = config.rope
     if rope.type == "yarn":
-        window = max(native, int(rope.factor * rope.original_max_position))
-        log.info("rope: the checkpoint's YaRN (factor %g, original %d) serves up to %d tokens",
+        window = max(config.max_position_embeddings, rope.window)
+        log.info("rope: YaRN (factor %g, original %d) serves up to %d tokens",
                  rope.factor, rope.original_max_position, window)
         if max_context > window:
-            log.warning("max_context %d exceeds the %d tokens the checkpoint's YaRN was set up for "
+            log.warning("max_context %d exceeds the %d tokens this YaRN was set up for "
                         "(factor %g x original %d): quality past it is unknown",
                         max_context, window, rope.factor, rope.original_max_position)
         return config
-    if max_context <= native:
+    if max_context <= config.max_position_embeddings or config.exact_context:
         return config
+    native = config.trained_window
     factor = max_context / native
-    log.warning("max_context %d exceeds the native window %d: enabling YaRN (factor %.4g, original %d); "
-                "static YaRN also applies to short prompts", max_context, native, factor, native)
+    log.warning("max_context %d exceeds max_position_embeddings %d: enabling YaRN (factor %.4g, original %d) "
+                "over the trained window; static YaRN also applies to short prompts",
+                max_context, config.max_position_embeddings, factor, native)
     rope = RopeConfig(theta=rope.theta, type="yarn", factor=factor, original_max_position=native)
     return dataclasses.replace(config.with_rope(rope), max_position_embeddings=max_context)

@@ -219,7 +219,7 @@ def test_stop_string_cuts_the_output(chat_model, llm, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be an int >= 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0 and finite"),
     (["--devices", "gpu:0"], "--devices: 'gpu:0' is not a device"),
     (["--devices", "cpu,", "--prompt", "x"], "--devices 'cpu,' has an empty item"),
     (["--devices", "cpu", "--split", "1,2"], "--split has 2 stages but --devices names 1"),
@@ -231,6 +231,9 @@ def test_stop_string_cuts_the_output(chat_model, llm, capsys):
     (["--max-context", "0"], "--max-context must be >= 1"),
     (["--transport", "pigeon"], "invalid choice: 'pigeon'"),
     (["--stage-timeout", "0"], "--stage-timeout must be > 0 seconds"),
+    (["--rope-scaling", "{yarn"], "--rope-scaling '{yarn' is not JSON"),
+    (["--rope-scaling", '{"rope_type": "yarn", "factor": 4}'], "needs 'original_max_position_embeddings'"),
+    (["--rope-scaling", '{"rope_type": "linear", "factor": 2}'], "rope type 'linear' is not supported"),
 ], ids=lambda x: None if isinstance(x, str) else "_".join(x).strip("-"))
 def test_argument_errors_exit_2_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -20,9 +20,12 @@ FORBIDDEN = {
     "config": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "tokenizer"),
     "params": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "tokenizer"),
     "errors": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "params", "tokenizer"),
+    "fields": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "params", "tokenizer"),
     "models": ("weights", "engine", "distributed", "entrypoints", "plan"),
     "weights": ("engine", "distributed", "entrypoints", "plan"),
     "plan": ("engine", "distributed", "entrypoints", "weights", "models"),
+    "tokenizer": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config"),
+    "chat_template": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "tokenizer"),
     "distributed": ("engine", "entrypoints"),
     "engine": ("entrypoints",),
 }

@@ -24,11 +24,13 @@ from ..distributed.pipeline import DEFAULT_STAGE_TIMEOUT_S
 from ..distributed.stage_main import local_device, torchrun_rank
 from ..errors import CheckpointError
 from ..models.kv import parse_kv_dtype
-from ..params import SamplingParams
+from ..params import SamplingParams, check_seed
 from ..tokenizer import Tokenizer
-from ..weights.checkpoint import ModelSource, load_config
+from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
+from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager
 from .loop import EngineLoop
+from .prompts import as_prompt_list, check_vocab
 from .requests import Completion, OutputSink, RequestOutput
 from .scheduler import Scheduler
 from .stats import Stats
@@ -45,16 +47,20 @@ class LLM:
     None, "int4" or "fp8" to quantize a float checkpoint while loading
     (quantized checkpoints: GPTQ, AWQ, FP8, compressed-tensors, run in their
     own format). max_context: the longest prompt + generation (default: the
-    checkpoint's window, or the window its YaRN serves; beyond the native
-    window YaRN is enabled). block_size: tokens per KV block. chunk_size:
-    tokens per prefill chunk. kv_cache_memory: bytes of KV pool per stage
-    (default: what the plan leaves; at most 64 MiB on CPU). kv_dtype: "auto"
-    (the model dtype), "bf16", "fp16", "fp32" or "fp8". memory_budget: bytes
-    each device may use (default: a GPU's free memory; on CPU an equal share
-    of the available memory). transport: "auto", "nccl", "gloo" or "host".
-    seed: for requests without their own seed. stage_timeout: seconds a stage
-    process may leave a heartbeat unanswered before it counts as hung
-    (StageFailed naming it).
+    checkpoint's window, or the window its YaRN serves; past
+    max_position_embeddings YaRN is enabled over the window the checkpoint was
+    trained for, e.g. factor 4 over 32768 for 131072 on Qwen3). rope_scaling:
+    rope scaling instead of the checkpoint's, in config.json's spelling, e.g.
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
+    32768}; {"rope_type": "default"} turns the checkpoint's off. block_size:
+    tokens per KV block. chunk_size: tokens per prefill chunk.
+    kv_cache_memory: bytes of KV pool per stage (default: what the plan
+    leaves; at most 64 MiB on CPU). kv_dtype: "auto" (the model dtype),
+    "bf16", "fp16", "fp32" or "fp8". memory_budget: bytes each device may use
+    (default: a GPU's free memory; on CPU an equal share of the available
+    memory). transport: "auto", "nccl", "gloo" or "host". seed: for requests
+    without their own seed. stage_timeout: seconds a stage process may leave
+    a heartbeat unanswered before it counts as hung (StageFailed naming it).
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -65,7 +71,7 @@ class LLM:
                  max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
-                 stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S):
+                 rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -80,13 +86,16 @@ class LLM:
             raise ValueError("devices must name at least one device")
         if quant not in (None, "int4", "fp8"):
             raise ValueError(f"quant={quant!r} is not supported (None, 'int4' or 'fp8')")
-        for name, value in (("block_size", block_size), ("chunk_size", chunk_size), ("max_num_seqs", max_num_seqs)):
-            if not isinstance(value, int) or value <= 0:
+        for name, value in (("block_size", block_size), ("chunk_size", chunk_size), ("max_num_seqs", max_num_seqs),
+                            ("max_context", 1 if max_context is None else max_context)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(stage_timeout, (int, float)) or not stage_timeout > 0:
+        if isinstance(stage_timeout, bool) or not isinstance(stage_timeout, (int, float)) or not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be a positive number of seconds, got {stage_timeout!r}")
+        check_seed(seed)
         self.source = ModelSource(model)
-        self.config = load_config(self.source)
+        self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
+        self.config = self.config.with_rope_scaling(rope_scaling)
         on_cuda = torch.device(devices[0]).type == "cuda"
         self.dtype = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
         self.max_context = max_context or default_context(self.config)
@@ -122,11 +131,13 @@ class LLM:
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
         """Complete one prompt or a batch (str, list of str, token ids, or lists of token ids).
 
-        Raises ValueError / RequestTooLarge for a prompt that cannot be served (then
-        nothing of the call starts), StageFailed when a stage fails, RuntimeError once closed.
+        Raises ValueError for a prompt of another form, a token id outside the vocabulary or a
+        bad sampling field, RequestTooLarge for a request no KV pool could hold (then nothing
+        of the call is queued), StageFailed when a stage fails, RuntimeError once closed.
         """
         self._engine.refuse_on_loop_thread("generate")
-        prepared = [self._prepare(p, sampling) for p in _as_prompt_list(prompts)]
+        self._check_open()
+        prepared = [self._prepare(p, sampling) for p in as_prompt_list(prompts)]  # all checked before any runs
         finished: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         ids = [self._engine.new_request_id() for _ in prepared]
         completions: dict[int, Completion] = {}
@@ -153,11 +164,17 @@ class LLM:
         """Yield the completion's text piece by piece as tokens are produced.
 
         The generator's return value (StopIteration.value, or `yield from`) is the Completion.
-        Closing the generator early cancels the request.
+        The prompt and sampling are checked at the call; the request is queued at the first
+        `next()`, and closing the generator early cancels it.
         """
         self._engine.refuse_on_loop_thread("stream")
-        (prompt,) = _as_prompt_list(prompt)
-        prompt_ids, params = self._prepare(prompt, sampling)
+        self._check_open()
+        prompts = as_prompt_list(prompt)
+        if len(prompts) != 1:
+            raise ValueError(f"stream() takes one prompt, got {len(prompts)}: use generate() for a batch")
+        return self._stream(*self._prepare(prompts[0], sampling))
+
+    def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Generator[str, None, Completion]:
         outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         request_id = self._engine.new_request_id()
         done = False
@@ -177,7 +194,13 @@ class LLM:
                 self._engine.cancel(request_id)
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None, **template_kwargs) -> Completion:
-        """Render the model's chat template over `messages` and complete it."""
+        """Render the model's chat template over `messages` (a non-empty list of dicts with a
+        'role') and complete it."""
+        self._check_open()
+        if not isinstance(messages, (list, tuple)) or not messages or \
+                not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise ValueError(f"chat() needs a non-empty list of messages, each a dict with a 'role' "
+                             f"(and 'content'); got {str(messages)[:80]}")
         if self.tokenizer is None:
             raise ValueError(f"model {self.source.name!r} has no tokenizer.json: chat needs one")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
@@ -191,9 +214,10 @@ class LLM:
         `lambda out: loop.call_soon_threadsafe(q.put_nowait, out)`. Its last output is
         `finished` (a Completion, or the error that ended the request). Raises like `generate`.
         """
-        prompts = _as_prompt_list(prompt)
+        self._check_open()
+        prompts = as_prompt_list(prompt)
         if len(prompts) != 1:
-            raise ValueError(f"submit takes one prompt (a str or a list of token ids), got {len(prompts)}")
+            raise ValueError(f"submit() takes one prompt (a str or a list of token ids), got {len(prompts)}")
         prompt_ids, params = self._prepare(prompts[0], sampling)
         request_id = self._engine.new_request_id()
         self._engine.add(request_id, prompt_ids, params, on_output or _ignore)
@@ -219,39 +243,30 @@ class LLM:
         self.close()
 
     # ---- internals ---------------------------------------------------------------
-    def _prepare(self, prompt, sampling: SamplingParams | None) -> tuple[list[int], SamplingParams]:
-        """Token ids and resolved parameters of one prompt, refused here if it can never be served."""
+    def _check_open(self) -> None:
         if self._engine.closed_reason is not None:
             raise RuntimeError(self._engine.closed_reason)
-        params = (sampling or SamplingParams()).resolve(self.config.generation_defaults)
+
+    def _prepare(self, prompt: str | list[int], sampling: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+        """Token ids and resolved sampling of one prompt (from as_prompt_list), checked so that the
+        engine loop can serve it: every id, the sampling fields, the KV it needs."""
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        params = (sampling or SamplingParams()).resolve(self.config.generation_defaults)  # re-validates
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model {self.source.name!r} has no tokenizer.json: give token ids")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+            ids = prompt
+        check_vocab(ids, self.config.vocab_size, "prompt")
+        check_vocab(params.stop_token_ids, self.config.vocab_size, "stop_token_ids:")
         self._engine.scheduler.check(ids, params)
         return ids, params
 
 
 def _ignore(out: RequestOutput) -> None:
     pass
-
-
-def _as_prompt_list(prompts) -> list:
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given")
-    if all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt of token ids
-    if all(isinstance(p, str) for p in prompts) or all(isinstance(p, (list, tuple)) for p in prompts):
-        return prompts
-    raise ValueError("prompts must be a str, a list of str, a list of token ids, or a list of lists of token ids")
 
 
 def _load_tokenizer(source: ModelSource) -> Tokenizer | None:

@@ -263,7 +263,7 @@ class EngineLoop:
             executor.close()
         except Exception:
             log.exception("closing the stages failed")
-        reason = error if error is not None else RuntimeError("this LLM was closed")
+        reason = error if error is not None else RuntimeError("this LLM is closed")
         for req in self._requests.values():
             _deliver(req.sink, RequestOutput(req.id, error=reason))
         self._requests.clear()

@@ -48,7 +48,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-from ..config import ModelConfig
+from ..config import ModelConfig, default_context
 from ..quantization import AT_LOAD, FLOAT, RTN_GROUP_SIZES, Kind, ModuleFormat, at_load_format
 
 GiB = 1 << 30
@@ -238,11 +238,9 @@ def kv_bytes_per_token(config: ModelConfig, layers: int | tuple[int, int], kv_dt
 
 
 def context_limit(config: ModelConfig) -> int:
-    """The longest context the model's positions are meant for."""
-    rope = config.rope
-    if rope.type == "yarn" and rope.original_max_position:
-        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
-    return config.max_position_embeddings
+    """The context the model serves by default (`pprt.config.default_context`): its window, or
+    its YaRN's, capped where a field pprt does not implement would change the math."""
+    return default_context(config)
 
 
 # ---- the planner ---------------------------------------------------------------------------
@@ -474,12 +472,22 @@ def plan(
                 overhead_bytes=overhead_bytes, speeds=speeds)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
-        message += (f"\nnote: max_context {max_context:,} is beyond the model's context limit {limit:,} "
-                    "(max_position_embeddings, or rope_scaling yarn factor x original length)")
+        message += "\n" + _beyond_limit(config, max_context, limit)
     return dataclasses.replace(result, message=message)
 
 
 # ---- messages ------------------------------------------------------------------------------
+
+def _beyond_limit(config: ModelConfig, max_context: int, limit: int) -> str:
+    """What serving `max_context` past the model's context means (as `pprt.config.extend_context` does it)."""
+    if config.rope.type == "yarn" or config.exact_context:
+        return (f"note: max_context {max_context:,} is beyond the {limit:,} tokens this model serves as configured "
+                f"({config.exact_context_reason or 'its YaRN factor x original length'}): quality past them "
+                "is unknown")
+    return (f"note: max_context {max_context:,} is beyond max_position_embeddings {limit:,}: pprt enables YaRN "
+            f"(factor {max_context / config.trained_window:.4g} over the trained window "
+            f"{config.trained_window:,})")
+
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
