@@ -37,6 +37,7 @@ from .stats import Stats
 
 log = logging.getLogger("pprt")
 
+
 class LLM:
     """Run a Qwen checkpoint on one or several devices.
 
