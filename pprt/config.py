@@ -14,6 +14,9 @@ Anything wrong or unimplemented (another model_type, sliding window, a rope
 setting other than default or YaRN, a quantization pprt does not run) fails
 with a ConfigError naming the file, the field and its value.
 
+`quantization_config` is parsed by `pprt.quantization` (GPTQ, AWQ, block-wise
+FP8, compressed-tensors, per-module rules); config.py only keeps the result.
+
 `default_context` and `extend_context` decide the context served and the
 rotary that serves it: the checkpoint's own window, or YaRN over the window
 the checkpoint was trained for (`ModelConfig.trained_window`).
