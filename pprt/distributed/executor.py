@@ -67,7 +67,7 @@ class LocalExecutor:
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
-                  torchrun=False):
+                  max_num_seqs=256, enforce_eager=False, torchrun=False):
     """Plan the cut and the KV pool (refusing before anything loads when it cannot fit), then start the stages."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
@@ -75,7 +75,9 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     if not result.fits:
         raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
-                        seed=seed) for stage, device in zip(result.stages, devices)]
+                        seed=seed, max_context=max_context, max_num_seqs=max_num_seqs,
+                        cuda_graphs="off" if enforce_eager else "auto")
+             for stage, device in zip(result.stages, devices)]
     kv_blocks = _kv_blocks(specs, result.num_blocks, kv_cache_memory)
     if torchrun:
         from .stage_main import torchrun_transport

@@ -3,7 +3,11 @@
 A `Worker` is what runs on each device. In a one-device run it lives in the
 caller's process; in a pipeline each lives in its own process (see comm.py
 and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
-on one micro-batch. Knows nothing of tokenization or scheduling.
+on one micro-batch. A step's tensors come from `StepInputs` (one copy to the
+device); pure-decode steps replay CUDA graphs (graphs.py) unless the spec
+says `cuda_graphs="off"`. Only the last stage waits for the device (for the
+sampled ids): a non-last stage hands its output to the transport, which is
+ordered after it on the device. Knows nothing of tokenization or scheduling.
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..models.attention import AttentionBatch
 from ..models.kv import CacheSpec, KVCache
 from ..models.sampler import Sampler
 from ..models.stage import Stage
 from ..weights.checkpoint import CheckpointReader, ModelSource
 from ..weights.loader import load_stage
+from .graphs import DecodeGraphs
 from .step import StepPlan, StepResult
+from .step_inputs import StepInputs
+
+CUDA_GRAPHS = ("auto", "off", "padded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +44,15 @@ class WorkerSpec:
     kv_dtype: torch.dtype | None = None  # None: the model dtype
     block_size: int = 16
     seed: int | None = None
+    max_context: int | None = None  # the longest sequence (None: the config's max_position_embeddings)
+    max_num_seqs: int = 256  # the most sequences of a step: the largest CUDA graph
+    # "auto": CUDA graphs of decode steps on a CUDA device; "off": eager (enforce_eager);
+    # "padded": the graphs' padded static-buffer path run eagerly (tests; any device)
+    cuda_graphs: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is not one of {', '.join(CUDA_GRAPHS)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +89,6 @@ def _proc_status_kib(field: str) -> int:
 
 log = logging.getLogger("pprt")
 GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV pool
-_NO_BLOCKS = torch.zeros(0, dtype=torch.int32)
 
 
 class Worker:
@@ -94,8 +109,10 @@ class Worker:
                                     spec.block_size, spec.kv_dtype or spec.dtype)
         self.cache: KVCache | None = None
         self.sampler = Sampler(spec.config.vocab_size, self.device, spec.seed) if self.stage.is_last else None
-        self.busy_seconds = 0.0  # time spent computing steps
-        self.tables: dict[int, torch.Tensor] = {}  # block table of each sequence (int32, host)
+        # time spent in steps: on a CUDA stage other than the last, the time to issue them
+        self.busy_seconds = 0.0
+        self.inputs: StepInputs | None = None  # with the cache
+        self.graphs: DecodeGraphs | None = None
 
     def peak_device_bytes(self) -> int | None:
         """Peak GPU memory this stage allocated (None on CPU)."""
@@ -105,7 +122,29 @@ class Worker:
         return sum(t.nbytes for t in self.stage.state_dict().values())
 
     def allocate_cache(self, num_blocks: int) -> None:
-        self.cache = KVCache(self.cache_spec, num_blocks, self.device)
+        """The KV pool, the step inputs and (CUDA) the decode graphs, captured now."""
+        mode = self.graph_mode()
+        self.cache = KVCache(self.cache_spec, num_blocks, self.device, pad_block=mode != "off")
+        max_context = self.spec.max_context or self.spec.config.max_position_embeddings
+        columns = -(-max_context // self.spec.block_size)
+        self.inputs = StepInputs(self.device, self.spec.block_size, columns, self.cache.pad_block)
+        if mode != "off":
+            self.graphs = DecodeGraphs(self.stage, self.cache, self.inputs, self.spec.max_num_seqs, columns,
+                                       self.spec.dtype, capture=mode == "capture")
+
+    def graph_mode(self) -> str:
+        """"capture" (CUDA graphs), "padded" (their path, eager) or "off"."""
+        mode = self.spec.cuda_graphs
+        if mode == "auto":
+            if self.device.type != "cuda":
+                return "off"
+            waits = [type(m).__name__ for m in self.stage.modules() if getattr(m, "waits_for_host", False)]
+            if waits:
+                log.info("layers %d-%d: no CUDA graphs (%s waits for the host)", self.stage.lo, self.stage.hi - 1,
+                         waits[0])
+                return "off"
+            return "capture"
+        return mode
 
     def execute(self, plan: StepPlan, x: torch.Tensor | None = None) -> torch.Tensor | StepResult:
         """Run one micro-batch: returns hidden states [T, H], or on the last stage the sampled tokens.
@@ -115,20 +154,21 @@ class Worker:
         t0 = time.perf_counter()
         # Idempotent: a plan that failed here may be sent again (see Scheduler.abort).
         for seq_id in plan.removed:
-            self.tables.pop(seq_id, None)
+            self.inputs.forget(seq_id)
             if self.sampler is not None and seq_id in self.sampler:
                 self.sampler.remove(seq_id)
         if self.sampler is not None:
             for new in plan.added:
                 if new.seq_id not in self.sampler:
                     self.sampler.add(new.seq_id, new.params, new.prompt_ids)
-        batch, logits_indices = self._batch(plan)
-        if self.stage.is_first:
-            x = torch.tensor([t for c in plan.chunks for t in c.token_ids], dtype=torch.long, device=self.device)
-        out = self.stage(x, batch, self.cache, logits_indices)
+        size = self.graphs.size_for(plan) if self.graphs is not None else None
+        if size is not None:
+            out = self.graphs.run(plan, x, size)  # every row samples
+        else:
+            step = self.inputs.build(plan)
+            out = self.stage(step.token_ids if self.stage.is_first else x, step.batch, self.cache,
+                             step.logits_indices if self.stage.is_last else None)
         if not self.stage.is_last:
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
             self.busy_seconds += time.perf_counter() - t0
             return out
         seq_ids = [c.seq_id for c in plan.chunks if c.sample]
@@ -137,36 +177,6 @@ class Worker:
         self.busy_seconds += elapsed
         return StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
                           sampled.logprobs if sampled else None, elapsed)
-
-    def _batch(self, plan: StepPlan) -> tuple[AttentionBatch, torch.Tensor]:
-        """Tensors of a plan: positions, slots, block tables, query offsets, context lengths."""
-        bs = self.spec.block_size
-        starts, ctx, sample_rows, rows = [0], [], [], []
-        for c in plan.chunks:
-            old = self.tables.get(c.seq_id, _NO_BLOCKS)
-            if c.new_blocks or c.blocks_from < len(old):
-                self.tables[c.seq_id] = torch.cat([old[: c.blocks_from], torch.tensor(c.new_blocks, dtype=torch.int32)])
-            rows.append(self.tables[c.seq_id])
-            starts.append(starts[-1] + len(c.token_ids))
-            ctx.append(c.end)
-            if c.sample:
-                sample_rows.append(starts[-1] - 1)
-        tables = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, max blocks]
-        q_lens = torch.tensor([len(c.token_ids) for c in plan.chunks])
-        seq_of_token = torch.repeat_interleave(torch.arange(len(plan.chunks)), q_lens)  # [T]
-        positions = torch.cat([torch.arange(c.start, c.end) for c in plan.chunks])  # [T]
-        slots = tables[seq_of_token, positions // bs].long() * bs + positions % bs  # [T]
-        dev = self.device
-        batch = AttentionBatch(
-            positions=positions.to(dev),
-            slot_mapping=slots.to(dev),
-            block_tables=tables.to(dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-            max_query_len=max(len(c.token_ids) for c in plan.chunks),
-            max_context_len=max(ctx),
-        )
-        return batch, torch.tensor(sample_rows, dtype=torch.long, device=dev)
 
 
 def worker_blocks(worker: Worker, wanted: int) -> int:

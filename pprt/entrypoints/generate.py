@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--transport", default="auto", choices=["auto", "nccl", "gloo", "host"],
                    help="how stages pass activations: auto (NCCL between GPUs), or host (through pinned host "
                         "memory, for machines where GPU peer-to-peer hangs)")
+    m.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (by default a CUDA stage replays captured graphs for decode steps)")
     m.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_S,
                    help="seconds a stage process may leave a heartbeat unanswered before it counts as hung")
     i = p.add_argument_group("input and output")
@@ -194,7 +196,8 @@ def open_model(args: argparse.Namespace) -> LLM:
             devices = ["cpu", "cpu"]  # the demo runs as a two-stage pipeline
     return LLM(model, devices=devices, split=args.split_list, dtype=args.dtype, quant=args.quant,
                max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed,
-               rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout)
+               rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout,
+               enforce_eager=args.enforce_eager)
 
 
 def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO | None) -> tuple[Completion, dict]:

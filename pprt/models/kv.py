@@ -88,13 +88,18 @@ class LayerKV(NamedTuple):
 
 
 class KVCache:
-    """The block pool of one stage."""
+    """The block pool of one stage.
 
-    def __init__(self, spec: CacheSpec, num_blocks: int, device: torch.device | str):
+    pad_block: one more block past `num_blocks` that no sequence owns: the padded rows of a
+    CUDA-graph decode step (pprt.distributed.graphs) write their keys and values there.
+    """
+
+    def __init__(self, spec: CacheSpec, num_blocks: int, device: torch.device | str, pad_block: bool = False):
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.spec, self.num_blocks = spec, num_blocks
-        shape = (spec.num_layers, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.pad_block = num_blocks if pad_block else None  # its block id
+        shape = (spec.num_layers, num_blocks + int(pad_block), spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.v = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.k_scale = self.v_scale = None

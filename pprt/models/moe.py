@@ -12,6 +12,8 @@ from .layers import MLP
 class MoE(nn.Module):
     """Top-k routed experts (qwen3_moe): softmax over all experts in fp32, top-k, optional renorm."""
 
+    waits_for_host = True  # the loop reads which experts were chosen: no CUDA graph can hold it
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob

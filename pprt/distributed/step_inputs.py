@@ -1,0 +1,305 @@
+"""A step's input tensors on a stage's device: written on the host into one buffer, copied in one go.
+
+`StepInputs` turns a `StepPlan` into what `Stage.forward` reads: the token ids
+(first stage), positions, KV slots, query offsets, context lengths, block
+tables and the rows whose logits are sampled. Per step the host writes these
+fields through numpy views into one staging buffer (pinned on CUDA) and the
+device receives them in ONE asynchronous copy: building a step makes the host
+wait for nothing (the staging buffers are a ring of `RING`; one is refilled
+once the copy it last fed has run, so the host runs at most RING steps ahead).
+
+Block tables stay on the device. Each sequence owns a row of a [rows, columns]
+int32 table; a step writes only the entries its plan adds (`SeqChunk.blocks_from`
+and `new_blocks`: one index_put) and gathers its sequences' rows (one
+index_select). The host keeps each sequence's block ids as well, to compute
+slots. A step's host work grows with its tokens and new blocks, never with
+the sequences' contexts.
+
+`padded` lays a pure-decode step out for CUDA graphs (graphs.py): fixed fields
+sized for the largest captured batch in a static device buffer, the rows past
+the real batch pointing at a scratch KV block that no sequence owns (their
+keys and values land there; their outputs are dropped). Row 0 of the device
+table is that padding row. Knows nothing of the model or the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..models.attention import AttentionBatch
+from .step import StepPlan
+
+RING = 4  # staging buffers in flight: the host runs at most this many steps ahead of the device
+_I64 = ("ids", "positions", "slots", "rows", "logits", "upd_rows", "upd_cols")
+_I32 = ("qsl", "ctx", "upd_blocks")
+_PAD_ROW = 0  # the device table's row of padding entries (no sequence owns it)
+
+
+class _Layout:
+    """Byte offsets of a step's fields in one buffer (int64 fields first, each 8-byte aligned)."""
+
+    def __init__(self, lengths: dict[str, int]):
+        self.spans: dict[str, tuple[int, int, torch.dtype]] = {}
+        offset = 0
+        for name in _I64 + _I32:
+            dtype = torch.int64 if name in _I64 else torch.int32
+            n = lengths.get(name, 0)
+            self.spans[name] = (offset, n, dtype)
+            offset += -(-n * dtype.itemsize // 8) * 8
+        self.nbytes = max(offset, 8)
+
+    def tensors(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of `buf` (uint8, at least nbytes) as the fields."""
+        return {name: buf[o:o + n * dt.itemsize].view(dt) for name, (o, n, dt) in self.spans.items()}
+
+    def arrays(self, buf: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: buf[o:o + n * dt.itemsize].view(np.int64 if dt == torch.int64 else np.int32)
+                for name, (o, n, dt) in self.spans.items()}
+
+
+@dataclass(slots=True)
+class StepTensors:
+    """What the stage reads in one step (on its device)."""
+
+    batch: AttentionBatch
+    token_ids: torch.Tensor  # [T] int64 (used by the first stage)
+    logits_indices: torch.Tensor  # [R] int64 rows whose logits are sampled
+
+
+@dataclass(slots=True)
+class StaticInputs:
+    """Fixed device tensors of a padded decode step (CUDA graphs capture their addresses)."""
+
+    layout: _Layout
+    buf: torch.Tensor  # uint8 [layout.nbytes]
+    fields: dict[str, torch.Tensor]  # views of buf
+    tables: torch.Tensor  # [max_batch, columns] int32
+    max_batch: int
+    block_size: int
+
+    def batch(self, size: int) -> AttentionBatch:
+        """The AttentionBatch of a padded step of `size` rows (every key column may be read)."""
+        f = self.fields
+        return AttentionBatch(positions=f["positions"][:size], slot_mapping=f["slots"][:size],
+                              block_tables=self.tables[:size], query_start_loc=f["qsl"][:size + 1],
+                              context_lens=f["ctx"][:size], max_query_len=1,
+                              max_context_len=self.tables.shape[1] * self.block_size)
+
+
+@dataclass(slots=True)
+class _Seq:
+    row: int
+    blocks: list[int]
+
+
+class StepInputs:
+    """Step tensors of one stage's sequences (see the module docstring).
+
+    device: the stage's device. block_size: tokens per KV block. columns: block-table
+    columns to start with (grown when a sequence needs more). pad_block: the scratch KV
+    block padded rows write to (None: no padded steps).
+    """
+
+    def __init__(self, device: torch.device | str, block_size: int, columns: int, pad_block: int | None = None):
+        self.device, self.block_size, self.pad_block = torch.device(device), block_size, pad_block
+        self._seqs: dict[int, _Seq] = {}
+        self._free_rows: list[int] = []
+        self.table = torch.zeros(0, max(columns, 1), dtype=torch.int32, device=self.device)  # [rows, columns]
+        self._grow(rows=8, columns=max(columns, 1))
+        self._ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._turn = 0
+
+    # ---- sequences ---------------------------------------------------------------------------
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
+
+    def forget(self, seq_id: int) -> None:
+        """Drop a finished sequence's table (idempotent)."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is not None:
+            self._free_rows.append(seq.row)
+
+    def blocks(self, seq_id: int) -> list[int]:
+        """The block ids of `seq_id` as the stage holds them (a copy)."""
+        return list(self._seqs[seq_id].blocks)
+
+    def _grow(self, rows: int, columns: int) -> None:
+        old = self.table
+        rows, columns = max(rows, old.shape[0]), max(columns, old.shape[1])
+        if (rows, columns) == tuple(old.shape):
+            return
+        table = torch.zeros(rows, columns, dtype=torch.int32, device=self.device)
+        table[: old.shape[0], : old.shape[1]] = old
+        if self.pad_block is not None:
+            table[_PAD_ROW] = self.pad_block
+        self._free_rows.extend(range(rows - 1, max(old.shape[0], _PAD_ROW + 1) - 1, -1))
+        self.table = table
+
+    def _take(self, plan: StepPlan) -> tuple[list[_Seq], list[int], list[int], list[int]]:
+        """Apply the plan's table changes on the host: its sequences, and the (row, column, block) entries it adds."""
+        seqs, upd_rows, upd_cols, upd_blocks = [], [], [], []
+        for c in plan.chunks:
+            seq = self._seqs.get(c.seq_id)
+            if seq is None:
+                if not self._free_rows:
+                    self._grow(rows=2 * self.table.shape[0], columns=0)
+                seq = self._seqs[c.seq_id] = _Seq(self._free_rows.pop(), [])
+            if c.blocks_from > len(seq.blocks):
+                raise ValueError(f"sequence {c.seq_id}: its plan keeps {c.blocks_from} blocks, the stage holds "
+                                 f"{len(seq.blocks)}")
+            del seq.blocks[c.blocks_from:]
+            seq.blocks.extend(c.new_blocks)
+            n = len(c.new_blocks)
+            if n:
+                if len(seq.blocks) > self.table.shape[1]:
+                    self._grow(rows=0, columns=max(len(seq.blocks), 2 * self.table.shape[1]))
+                upd_rows += [seq.row] * n
+                upd_cols += range(c.blocks_from, c.blocks_from + n)
+                upd_blocks += c.new_blocks
+            if (c.end - 1) // self.block_size >= len(seq.blocks):
+                raise ValueError(f"sequence {c.seq_id}: positions up to {c.end - 1} need "
+                                 f"{(c.end - 1) // self.block_size + 1} blocks, its table has {len(seq.blocks)}")
+            seqs.append(seq)
+        return seqs, upd_rows, upd_cols, upd_blocks
+
+    def _slots(self, seq: _Seq, start: int, end: int):
+        bs = self.block_size
+        if end - start == 1:
+            return [seq.blocks[start // bs] * bs + start % bs]
+        pos = np.arange(start, end)
+        first = start // bs
+        blocks = np.asarray(seq.blocks[first:(end - 1) // bs + 1], dtype=np.int64)
+        return blocks[pos // bs - first] * bs + pos % bs
+
+    # ---- staging -------------------------------------------------------------------------------
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        """A host buffer of at least `nbytes` (uint8): on CUDA the next pinned buffer of the ring whose
+        last copy has run; on CPU a fresh one (it is the step's tensors itself)."""
+        if self.device.type != "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8)
+        if len(self._ring) < RING:
+            self._ring.append((torch.empty(0, dtype=torch.uint8), None))
+        i = self._turn = (self._turn + 1) % len(self._ring)
+        buf, event = self._ring[i]
+        if event is not None:
+            event.synchronize()  # the copy from this buffer RING steps ago (long done unless the device lags)
+        if buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 2 * buf.numel()), dtype=torch.uint8, pin_memory=True)
+        self._ring[i] = (buf, None)
+        return buf
+
+    def _upload(self, host: torch.Tensor, nbytes: int, dest: torch.Tensor | None = None) -> torch.Tensor:
+        """`host[:nbytes]` on the device (into `dest` when given): one asynchronous copy."""
+        if self.device.type != "cuda":
+            if dest is None:
+                return host[:nbytes]
+            dest[:nbytes].copy_(host[:nbytes])
+            return dest
+        if dest is None:
+            dest = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dest[:nbytes].copy_(host[:nbytes], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._ring[self._turn] = (host, event)
+        return dest
+
+    def _apply_updates(self, f: dict[str, torch.Tensor], n: int) -> None:
+        if n:
+            self.table.index_put_((f["upd_rows"][:n], f["upd_cols"][:n]), f["upd_blocks"][:n])
+
+    # ---- a step ----------------------------------------------------------------------------------
+    def build(self, plan: StepPlan) -> StepTensors:
+        """The step tensors of `plan`, exactly sized."""
+        seqs, upd_rows, upd_cols, upd_blocks = self._take(plan)
+        chunks = plan.chunks
+        T, B, U = plan.num_tokens, len(chunks), len(upd_rows)
+        sample = [i for i, c in enumerate(chunks) if c.sample]
+        layout = _Layout({"ids": T, "positions": T, "slots": T, "rows": B, "logits": len(sample),
+                          "upd_rows": U, "upd_cols": U, "qsl": B + 1, "ctx": B, "upd_blocks": U})
+        host = self._staging(layout.nbytes)
+        a = layout.arrays(host.numpy())
+        qsl, o = [0], 0
+        for c, seq in zip(chunks, seqs):
+            n = len(c.token_ids)
+            a["ids"][o:o + n] = c.token_ids
+            a["positions"][o:o + n] = range(c.start, c.end) if n > 1 else c.start
+            a["slots"][o:o + n] = self._slots(seq, c.start, c.end)
+            o += n
+            qsl.append(o)
+        a["qsl"][:] = qsl
+        a["ctx"][:] = [c.end for c in chunks]
+        a["rows"][:] = [s.row for s in seqs]
+        a["logits"][:] = [qsl[i + 1] - 1 for i in sample]
+        a["upd_rows"][:], a["upd_cols"][:], a["upd_blocks"][:] = upd_rows, upd_cols, upd_blocks
+        f = layout.tensors(self._upload(host, layout.nbytes))
+        self._apply_updates(f, U)
+        max_ctx = max(c.end for c in chunks)
+        columns = -(-max_ctx // self.block_size)
+        tables = self.table[:, :columns].index_select(0, f["rows"])  # [B, columns]
+        batch = AttentionBatch(positions=f["positions"], slot_mapping=f["slots"], block_tables=tables,
+                               query_start_loc=f["qsl"], context_lens=f["ctx"],
+                               max_query_len=max(len(c.token_ids) for c in chunks), max_context_len=max_ctx)
+        return StepTensors(batch, f["ids"], f["logits"])
+
+    # ---- padded decode steps (CUDA graphs) ------------------------------------------------------
+    def static(self, max_batch: int, columns: int) -> StaticInputs:
+        """Fixed device tensors for padded decode steps of up to `max_batch` rows whose tables have
+        `columns` columns (the longest context in blocks)."""
+        if self.pad_block is None:
+            raise ValueError("padded steps need a scratch KV block (pad_block)")
+        self._grow(rows=0, columns=columns)
+        m = max_batch
+        layout = _Layout({"ids": m, "positions": m, "slots": m, "rows": m, "upd_rows": m, "upd_cols": m,
+                          "qsl": m + 1, "ctx": m, "upd_blocks": m})
+        buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=self.device)
+        static = StaticInputs(layout, buf, layout.tensors(buf),
+                              torch.zeros(m, columns, dtype=torch.int32, device=self.device), m, self.block_size)
+        self._pad_rows(static, 0, m)
+        return static
+
+    def fits(self, plan: StepPlan, static: StaticInputs) -> bool:
+        """True when `plan` is a pure-decode step a padded layout of `static` can hold."""
+        return (len(plan.chunks) <= static.max_batch
+                and all(len(c.token_ids) == 1 and c.sample for c in plan.chunks)
+                and sum(len(c.new_blocks) for c in plan.chunks) <= static.max_batch
+                and max(c.end for c in plan.chunks) <= static.tables.shape[1] * self.block_size)
+
+    def padded(self, plan: StepPlan, size: int, static: StaticInputs) -> None:
+        """Write the decode step `plan` (checked with `fits`) into `static`, padded to `size` rows."""
+        seqs, upd_rows, upd_cols, upd_blocks = self._take(plan)
+        B, U = len(plan.chunks), len(upd_rows)
+        if not B <= size <= static.max_batch:
+            raise ValueError(f"a padded step of {size} rows cannot hold {B} sequences (at most {static.max_batch})")
+        host = self._staging(static.layout.nbytes)
+        a = static.layout.arrays(host.numpy())
+        self._pad_arrays(a, B, size)
+        a["ids"][:B] = [c.token_ids[0] for c in plan.chunks]
+        a["positions"][:B] = [c.start for c in plan.chunks]
+        a["slots"][:B] = [s.blocks[c.start // self.block_size] * self.block_size + c.start % self.block_size
+                          for c, s in zip(plan.chunks, seqs)]
+        a["rows"][:B] = [s.row for s in seqs]
+        a["ctx"][:B] = [c.end for c in plan.chunks]
+        a["upd_rows"][:U], a["upd_cols"][:U], a["upd_blocks"][:U] = upd_rows, upd_cols, upd_blocks
+        self._upload(host, static.layout.nbytes, static.buf)
+        self._apply_updates(static.fields, U)
+        columns = static.tables.shape[1]
+        torch.index_select(self.table[:, :columns], 0, static.fields["rows"][:size], out=static.tables[:size])
+
+    def _pad_arrays(self, a: dict[str, np.ndarray], lo: int, hi: int) -> None:
+        """Rows [lo, hi) as padding: token 0 at position 0 in the scratch block, one key of context."""
+        a["ids"][lo:hi] = 0
+        a["positions"][lo:hi] = 0
+        a["slots"][lo:hi] = self.pad_block * self.block_size
+        a["rows"][lo:hi] = _PAD_ROW
+        a["ctx"][lo:hi] = 1
+        a["qsl"][:] = np.arange(a["qsl"].shape[0])  # one token per row
+
+    def _pad_rows(self, static: StaticInputs, lo: int, hi: int) -> None:
+        host = torch.zeros(static.layout.nbytes, dtype=torch.uint8)
+        self._pad_arrays(static.layout.arrays(host.numpy()), lo, hi)
+        static.buf.copy_(host.to(self.device))
+        columns = static.tables.shape[1]
+        torch.index_select(self.table[:, :columns], 0, static.fields["rows"], out=static.tables)
