@@ -3,10 +3,9 @@
 `StepInputs` turns a `StepPlan` into what `Stage.forward` reads: the token ids
 (first stage), positions, KV slots, query offsets, context lengths, block
 tables and the rows whose logits are sampled. Per step the host writes these
-fields through numpy views into one staging buffer (pinned on CUDA) and the
-device receives them in ONE asynchronous copy: building a step makes the host
-wait for nothing (the staging buffers are a ring of `RING`; one is refilled
-once the copy it last fed has run, so the host runs at most RING steps ahead).
+fields into one staging buffer and the device receives them in ONE
+asynchronous copy (pprt.models.staging): building a step makes the host wait
+for nothing.
 
 Block tables stay on the device. Each sequence owns a row of a [rows, columns]
 int32 table; a step writes only the entries its plan adds (`SeqChunk.blocks_from`
@@ -30,34 +29,18 @@ import numpy as np
 import torch
 
 from ..models.attention import AttentionBatch
+from ..models.staging import Layout, Uploader
 from .step import StepPlan
 
-RING = 4  # staging buffers in flight: the host runs at most this many steps ahead of the device
-_I64 = ("ids", "positions", "slots", "rows", "logits", "upd_rows", "upd_cols")
-_I32 = ("qsl", "ctx", "upd_blocks")
+_I64, _I32 = torch.int64, torch.int32
 _PAD_ROW = 0  # the device table's row of padding entries (no sequence owns it)
 
 
-class _Layout:
-    """Byte offsets of a step's fields in one buffer (int64 fields first, each 8-byte aligned)."""
-
-    def __init__(self, lengths: dict[str, int]):
-        self.spans: dict[str, tuple[int, int, torch.dtype]] = {}
-        offset = 0
-        for name in _I64 + _I32:
-            dtype = torch.int64 if name in _I64 else torch.int32
-            n = lengths.get(name, 0)
-            self.spans[name] = (offset, n, dtype)
-            offset += -(-n * dtype.itemsize // 8) * 8
-        self.nbytes = max(offset, 8)
-
-    def tensors(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of `buf` (uint8, at least nbytes) as the fields."""
-        return {name: buf[o:o + n * dt.itemsize].view(dt) for name, (o, n, dt) in self.spans.items()}
-
-    def arrays(self, buf: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: buf[o:o + n * dt.itemsize].view(np.int64 if dt == torch.int64 else np.int32)
-                for name, (o, n, dt) in self.spans.items()}
+def _layout(T: int, B: int, R: int, U: int) -> Layout:
+    """A step's fields: T tokens of B sequences, R sampled rows, U new table entries."""
+    return Layout([("ids", _I64, T), ("positions", _I64, T), ("slots", _I64, T), ("rows", _I64, B),
+                   ("logits", _I64, R), ("upd_rows", _I64, U), ("upd_cols", _I64, U), ("qsl", _I32, B + 1),
+                   ("ctx", _I32, B), ("upd_blocks", _I32, U)])
 
 
 @dataclass(slots=True)
@@ -73,7 +56,7 @@ class StepTensors:
 class StaticInputs:
     """Fixed device tensors of a padded decode step (CUDA graphs capture their addresses)."""
 
-    layout: _Layout
+    layout: Layout
     buf: torch.Tensor  # uint8 [layout.nbytes]
     fields: dict[str, torch.Tensor]  # views of buf
     tables: torch.Tensor  # [max_batch, columns] int32
@@ -109,8 +92,7 @@ class StepInputs:
         self._free_rows: list[int] = []
         self.table = torch.zeros(0, max(columns, 1), dtype=torch.int32, device=self.device)  # [rows, columns]
         self._grow(rows=8, columns=max(columns, 1))
-        self._ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
-        self._turn = 0
+        self.uploader = Uploader(self.device)
 
     # ---- sequences ---------------------------------------------------------------------------
     def __contains__(self, seq_id: int) -> bool:
@@ -174,38 +156,6 @@ class StepInputs:
         blocks = np.asarray(seq.blocks[first:(end - 1) // bs + 1], dtype=np.int64)
         return blocks[pos // bs - first] * bs + pos % bs
 
-    # ---- staging -------------------------------------------------------------------------------
-    def _staging(self, nbytes: int) -> torch.Tensor:
-        """A host buffer of at least `nbytes` (uint8): on CUDA the next pinned buffer of the ring whose
-        last copy has run; on CPU a fresh one (it is the step's tensors itself)."""
-        if self.device.type != "cuda":
-            return torch.empty(nbytes, dtype=torch.uint8)
-        if len(self._ring) < RING:
-            self._ring.append((torch.empty(0, dtype=torch.uint8), None))
-        i = self._turn = (self._turn + 1) % len(self._ring)
-        buf, event = self._ring[i]
-        if event is not None:
-            event.synchronize()  # the copy from this buffer RING steps ago (long done unless the device lags)
-        if buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 2 * buf.numel()), dtype=torch.uint8, pin_memory=True)
-        self._ring[i] = (buf, None)
-        return buf
-
-    def _upload(self, host: torch.Tensor, nbytes: int, dest: torch.Tensor | None = None) -> torch.Tensor:
-        """`host[:nbytes]` on the device (into `dest` when given): one asynchronous copy."""
-        if self.device.type != "cuda":
-            if dest is None:
-                return host[:nbytes]
-            dest[:nbytes].copy_(host[:nbytes])
-            return dest
-        if dest is None:
-            dest = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        dest[:nbytes].copy_(host[:nbytes], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._ring[self._turn] = (host, event)
-        return dest
-
     def _apply_updates(self, f: dict[str, torch.Tensor], n: int) -> None:
         if n:
             self.table.index_put_((f["upd_rows"][:n], f["upd_cols"][:n]), f["upd_blocks"][:n])
@@ -217,10 +167,9 @@ class StepInputs:
         chunks = plan.chunks
         T, B, U = plan.num_tokens, len(chunks), len(upd_rows)
         sample = [i for i, c in enumerate(chunks) if c.sample]
-        layout = _Layout({"ids": T, "positions": T, "slots": T, "rows": B, "logits": len(sample),
-                          "upd_rows": U, "upd_cols": U, "qsl": B + 1, "ctx": B, "upd_blocks": U})
-        host = self._staging(layout.nbytes)
-        a = layout.arrays(host.numpy())
+        layout = _layout(T, B, len(sample), U)
+        host = self.uploader.host(layout.nbytes)
+        a = layout.arrays(host)
         qsl, o = [0], 0
         for c, seq in zip(chunks, seqs):
             n = len(c.token_ids)
@@ -234,7 +183,7 @@ class StepInputs:
         a["rows"][:] = [s.row for s in seqs]
         a["logits"][:] = [qsl[i + 1] - 1 for i in sample]
         a["upd_rows"][:], a["upd_cols"][:], a["upd_blocks"][:] = upd_rows, upd_cols, upd_blocks
-        f = layout.tensors(self._upload(host, layout.nbytes))
+        f = layout.tensors(self.uploader.upload(host, layout.nbytes))
         self._apply_updates(f, U)
         max_ctx = max(c.end for c in chunks)
         columns = -(-max_ctx // self.block_size)
@@ -251,13 +200,12 @@ class StepInputs:
         if self.pad_block is None:
             raise ValueError("padded steps need a scratch KV block (pad_block)")
         self._grow(rows=0, columns=columns)
-        m = max_batch
-        layout = _Layout({"ids": m, "positions": m, "slots": m, "rows": m, "upd_rows": m, "upd_cols": m,
-                          "qsl": m + 1, "ctx": m, "upd_blocks": m})
+        layout = _layout(max_batch, max_batch, 0, max_batch)
         buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=self.device)
         static = StaticInputs(layout, buf, layout.tensors(buf),
-                              torch.zeros(m, columns, dtype=torch.int32, device=self.device), m, self.block_size)
-        self._pad_rows(static, 0, m)
+                              torch.zeros(max_batch, columns, dtype=torch.int32, device=self.device), max_batch,
+                              self.block_size)
+        self._pad_rows(static, 0, max_batch)
         return static
 
     def fits(self, plan: StepPlan, static: StaticInputs) -> bool:
@@ -273,8 +221,8 @@ class StepInputs:
         B, U = len(plan.chunks), len(upd_rows)
         if not B <= size <= static.max_batch:
             raise ValueError(f"a padded step of {size} rows cannot hold {B} sequences (at most {static.max_batch})")
-        host = self._staging(static.layout.nbytes)
-        a = static.layout.arrays(host.numpy())
+        host = self.uploader.host(static.layout.nbytes)
+        a = static.layout.arrays(host)
         self._pad_arrays(a, B, size)
         a["ids"][:B] = [c.token_ids[0] for c in plan.chunks]
         a["positions"][:B] = [c.start for c in plan.chunks]
@@ -283,7 +231,7 @@ class StepInputs:
         a["rows"][:B] = [s.row for s in seqs]
         a["ctx"][:B] = [c.end for c in plan.chunks]
         a["upd_rows"][:U], a["upd_cols"][:U], a["upd_blocks"][:U] = upd_rows, upd_cols, upd_blocks
-        self._upload(host, static.layout.nbytes, static.buf)
+        self.uploader.upload(host, static.layout.nbytes, static.buf)
         self._apply_updates(static.fields, U)
         columns = static.tables.shape[1]
         torch.index_select(self.table[:, :columns], 0, static.fields["rows"][:size], out=static.tables[:size])
@@ -299,7 +247,7 @@ class StepInputs:
 
     def _pad_rows(self, static: StaticInputs, lo: int, hi: int) -> None:
         host = torch.zeros(static.layout.nbytes, dtype=torch.uint8)
-        self._pad_arrays(static.layout.arrays(host.numpy()), lo, hi)
+        self._pad_arrays(static.layout.arrays(host), lo, hi)
         static.buf.copy_(host.to(self.device))
         columns = static.tables.shape[1]
         torch.index_select(self.table[:, :columns], 0, static.fields["rows"], out=static.tables)

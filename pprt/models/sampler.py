@@ -10,12 +10,19 @@ Per step and per row, in the order transformers and vLLM use:
 Greedy rows (`SamplingParams.greedy`: temperature 0, or below
 GREEDY_TEMPERATURE) take the argmax of the penalized logits. Draws use the
 exponential race, argmax(p / q) with q ~ Exp(1), which is exactly a
-categorical draw from p; a seeded row draws its q from its own generator and
-every filter decides from its own row alone (one top_k tie rule, one top_p
-rule, whatever path the batch takes), so its tokens do not depend on which
-other rows share the batch. Any finite logits are safe: each row is shifted
-so its best token is at 0 before the temperature divides it, so nothing
-overflows (logits of 1e38, all but one token at -inf).
+categorical draw from p. Rows without a seed take q from the sampler's
+generator. A seeded row's q is a counter-based stream of (seed, the row's
+draw count, v) (pprt_kernels.seeded_noise: splitmix64, one launch for all
+seeded rows), so its tokens depend on its seed alone, not on which other rows
+share the batch nor on the device (integer math). Every filter
+decides from its own row alone (one top_k tie rule, one top_p rule, whatever
+path the batch takes). Any finite logits are safe: each row is shifted so its
+best token is at 0 before the temperature divides it, so nothing overflows
+(logits of 1e38, all but one token at -inf).
+
+Per step, the rows' settings reach the device in one copy
+(pprt.models.staging), penalties touch only the penalized rows, and the host
+reads the device once: the sampled ids with the logprobs asked for.
 
 Logprobs are those of the model's distribution: log_softmax of the RAW
 logits (before penalty, temperature and filters), as vLLM reports them.
@@ -29,7 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pprt_kernels.seeded_noise import seeded_noise, stream_start
+
 from ..params import SamplingParams
+from .staging import Layout, Uploader
 
 
 @dataclass(slots=True)
@@ -42,7 +52,7 @@ class SampleOutput:
 class _SeqState:
     params: SamplingParams
     slot: int | None  # row of the presence pool; None when repetition_penalty == 1
-    generator: torch.Generator | None  # only for seeded requests
+    draws: int = 0  # tokens drawn so far: a seeded row's position in its stream
 
 
 class Sampler:
@@ -57,6 +67,7 @@ class Sampler:
         # one row per penalized sequence: has token v appeared (prompt or generated)
         self._presence = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)  # [slots, V]
         self._free_slots: list[int] = []
+        self._uploader = Uploader(self.device)
         self._gen = torch.Generator(device=self.device)  # for rows without a seed
         if seed is None:
             self._gen.seed()
@@ -70,16 +81,12 @@ class Sampler:
             raise ValueError(f"seq {seq_id}: SamplingParams must be resolved first (params.resolve(defaults))")
         slot = None
         if params.repetition_penalty != 1.0:
-            ids = torch.as_tensor(prompt_ids, dtype=torch.long).to(self.device)
-            if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size):
                 raise ValueError(f"seq {seq_id}: prompt_ids must lie in [0, {self.vocab_size})")
             slot = self._take_slot()
+            ids = self._uploader.send(Layout([("ids", torch.int64, len(prompt_ids))]), {"ids": prompt_ids})["ids"]
             self._presence[slot, ids] = True
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed)
-        self._seqs[seq_id] = _SeqState(params, slot, gen)
+        self._seqs[seq_id] = _SeqState(params, slot)
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seqs
@@ -111,88 +118,118 @@ class Sampler:
             raise ValueError(f"seq_ids has duplicates: {seq_ids}")
         states = [self._seqs[s] for s in seq_ids]
         raw = logits[:, : self.vocab_size].float()  # [B, V]; padded head columns dropped
-        tokens = self._choose(raw, states)  # [B]
-        logprobs = self._logprobs(raw, tokens, states)
-        self._record(tokens, states)
-        return SampleOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+        rows = _Rows(states)
+        f = self._upload(rows, states)
+        lp = raw.index_select(0, f["lp_rows"]).log_softmax(dim=-1) if rows.logprobs else None  # [A, V]
+        tokens = self._choose(raw, states, rows, f)  # [B]
+        self._record(tokens, rows, f)
+        for s in states:
+            s.draws += 1
+        return self._read(tokens, lp, states, rows, f)
 
-    def _choose(self, raw: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
+    def _upload(self, rows: _Rows, states: list[_SeqState]) -> dict[str, torch.Tensor]:
+        """Every per-row setting of the step on the device, in one copy."""
         ps = [s.params for s in states]
-        x = self._penalize(raw, states)  # [B, V]
+        B, R, S = len(states), len(rows.penalized), len(rows.seeded)
+        layout = Layout([("knobs", torch.float32, 4 * B), ("pen", torch.float32, R), ("greedy", torch.int64, B),
+                         ("pen_rows", torch.int64, R), ("pen_slots", torch.int64, R), ("seeded", torch.int64, S),
+                         ("starts", torch.int64, S), ("lp_rows", torch.int64, len(rows.logprobs))])
+        knobs = [v for p in ps for v in (1.0 if p.greedy else p.temperature, p.top_p, p.top_k, p.min_p)]
+        return self._uploader.send(layout, {
+            "knobs": knobs, "pen": [ps[i].repetition_penalty for i in rows.penalized],
+            "greedy": [p.greedy for p in ps], "pen_rows": rows.penalized,
+            "pen_slots": [states[i].slot for i in rows.penalized], "seeded": rows.seeded,
+            "starts": [stream_start(ps[i].seed, states[i].draws) for i in rows.seeded], "lp_rows": rows.logprobs})
+
+    def _choose(self, raw: torch.Tensor, states: list[_SeqState], rows: _Rows,
+                f: dict[str, torch.Tensor]) -> torch.Tensor:
+        ps = [s.params for s in states]
+        B = raw.shape[0]
+        sub = self._penalize(raw, rows, f)  # [R, V] the penalized rows, or None
         greedy = [p.greedy for p in ps]
-        if all(greedy):
-            return x.argmax(dim=-1)
-        argmax = x.argmax(dim=-1) if any(greedy) else None  # [B], for the greedy rows
-        # per-row knobs in one host->device copy: [B, 4] = temperature, top_p, top_k, min_p
-        knobs = torch.tensor(
-            [[1.0 if p.greedy else p.temperature, p.top_p, p.top_k, p.min_p] for p in ps], dtype=torch.float32
-        ).to(self.device)
-        temp, top_p, top_k, min_p = knobs.unbind(dim=1)  # [B] each
+        argmax = None
+        if any(greedy):  # [B], for the greedy rows
+            argmax = raw.argmax(dim=-1)
+            if sub is not None:
+                argmax.index_copy_(0, f["pen_rows"], sub.argmax(dim=-1))
+            if all(greedy):
+                return argmax
+        temp, top_p, top_k, min_p = f["knobs"].view(B, 4).unbind(dim=1)  # [B] each
         # best token at 0, the rest <= 0: exp never overflows, whatever the logits and temperature
-        x = x.clamp(max=torch.finfo(x.dtype).max)  # a penalty < 1 may have doubled a huge logit to inf
-        x = (x - x.amax(dim=-1, keepdim=True)) / temp[:, None]
-        if any(p.top_k > 0 or p.top_p < 1 for p in ps):
+        fmax = torch.finfo(raw.dtype).max
+        x = raw.clamp(max=fmax)  # [B, V]; a penalty < 1 may have doubled a huge logit to inf
+        if sub is not None:
+            x.index_copy_(0, f["pen_rows"], sub.clamp_(max=fmax))
+        x = x.sub_(x.amax(dim=-1, keepdim=True)).div_(temp[:, None])
+        any_top_p = any(p.top_p < 1 for p in ps)
+        if any_top_p or any(p.top_k > 0 for p in ps):
             # every row top_k-limited (Qwen's defaults are): a partial topk, not a full sort
             max_k = max(p.top_k for p in ps) if all(p.top_k > 0 for p in ps) else None
-            x = _top_k_top_p(x, top_k, top_p, max_k)
+            x = _top_k_top_p(x, top_k, top_p, max_k, any_top_p)
         if any(p.min_p > 0 for p in ps):
             probs = x.softmax(dim=-1)
             x = x.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), -math.inf)
         probs = x.softmax(dim=-1)  # [B, V]
         q = torch.empty_like(probs).exponential_(generator=self._gen)  # [B, V]
-        for i, s in enumerate(states):
-            if s.generator is not None and not greedy[i]:
-                q[i].exponential_(generator=s.generator)
+        if rows.seeded:  # every seeded row's own stream, in one launch
+            seeded_noise(f["starts"], f["seeded"], q)
         drawn = (probs / q.clamp_min(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # [B]
         if argmax is None:
             return drawn
-        return torch.where(torch.tensor(greedy).to(self.device), argmax, drawn)
+        return torch.where(f["greedy"] != 0, argmax, drawn)
 
-    def _penalize(self, raw: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
-        """HF repetition penalty: seen tokens' logits divided by the penalty if > 0, multiplied if < 0."""
-        rows = [i for i, s in enumerate(states) if s.slot is not None]
-        if not rows:
-            return raw
-        rows_t = torch.tensor(rows).to(self.device)
-        slots = torch.tensor([states[i].slot for i in rows]).to(self.device)
-        pen = torch.tensor([states[i].params.repetition_penalty for i in rows], dtype=torch.float32)
-        pen = pen.to(self.device)[:, None]  # [R, 1]
-        sub = raw[rows_t]  # [R, V]
-        seen = self._presence[slots]  # [R, V]
-        sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
-        out = raw.clone()
-        out[rows_t] = sub
-        return out
-
-    def _logprobs(
-        self, raw: torch.Tensor, tokens: torch.Tensor, states: list[_SeqState]
-    ) -> list[dict[int, float] | None] | None:
-        rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        if not rows:
+    def _penalize(self, raw: torch.Tensor, rows: _Rows, f: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """HF repetition penalty of the penalized rows [R, V] (seen tokens' logits divided by the
+        penalty if > 0, multiplied if < 0); None when no row is penalized. `raw` is left as is."""
+        if not rows.penalized:
             return None
-        rows_t = torch.tensor(rows).to(self.device)
-        lp = raw[rows_t].log_softmax(dim=-1)  # [A, V], the model's distribution
-        chosen = lp.gather(1, tokens[rows_t, None])[:, 0]  # [A]
-        k = min(max(states[i].params.logprobs for i in rows), self.vocab_size)
+        pen = f["pen"][:, None]  # [R, 1]
+        sub = raw.index_select(0, f["pen_rows"])  # [R, V]
+        seen = self._presence.index_select(0, f["pen_slots"])  # [R, V]
+        return torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+
+    def _read(self, tokens: torch.Tensor, lp: torch.Tensor | None, states: list[_SeqState], rows: _Rows,
+              f: dict[str, torch.Tensor]) -> SampleOutput:
+        """The sampled ids and the logprobs asked for, read from the device at once."""
+        if lp is None:
+            return SampleOutput(token_ids=tokens.tolist(), logprobs=None)
+        B, A = len(states), len(rows.logprobs)
+        chosen = lp.gather(1, tokens.index_select(0, f["lp_rows"])[:, None])[:, 0]  # [A]
+        k = min(max(states[i].params.logprobs for i in rows.logprobs), self.vocab_size)
         top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())  # [A, k]
-        chosen_l, tok_l, top_vl, top_il = chosen.tolist(), tokens[rows_t].tolist(), top_v.tolist(), top_i.tolist()
-        out: list[dict[int, float] | None] = [None] * len(states)
-        for a, i in enumerate(rows):
-            d = {tok_l[a]: chosen_l[a]}
+        # ids and logprobs in one float64 read (ids < 2**53 are exact)
+        flat = torch.cat([tokens.double(), chosen.double(), top_v.double().flatten(), top_i.double().flatten()])
+        values = flat.tolist()
+        token_ids = [int(t) for t in values[:B]]
+        chosen_l = values[B:B + A]
+        top_vl, top_il = values[B + A:B + A + A * k], values[B + A + A * k:]
+        out: list[dict[int, float] | None] = [None] * B
+        for a, i in enumerate(rows.logprobs):
+            d = {token_ids[i]: chosen_l[a]}
             kk = states[i].params.logprobs
-            d.update(zip(top_il[a][:kk], top_vl[a][:kk]))
+            d.update(zip((int(t) for t in top_il[a * k:a * k + kk]), top_vl[a * k:a * k + kk]))
             out[i] = d
-        return out
+        return SampleOutput(token_ids=token_ids, logprobs=out)
 
-    def _record(self, tokens: torch.Tensor, states: list[_SeqState]) -> None:
+    def _record(self, tokens: torch.Tensor, rows: _Rows, f: dict[str, torch.Tensor]) -> None:
         """Append each penalized row's new token to its presence row."""
-        rows = [i for i, s in enumerate(states) if s.slot is not None]
-        if rows:
-            slots = torch.tensor([states[i].slot for i in rows]).to(self.device)
-            self._presence[slots, tokens[torch.tensor(rows).to(self.device)]] = True
+        if rows.penalized:
+            self._presence[f["pen_slots"], tokens.index_select(0, f["pen_rows"])] = True
 
 
-def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_k: int | None) -> torch.Tensor:
+class _Rows:
+    """Which rows of a step need what (host lists of row indices)."""
+
+    __slots__ = ("penalized", "seeded", "logprobs")
+
+    def __init__(self, states: list[_SeqState]):
+        self.penalized = [i for i, s in enumerate(states) if s.slot is not None]
+        self.seeded = [i for i, s in enumerate(states) if s.params.seed is not None and not s.params.greedy]
+        self.logprobs = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_k: int | None,
+                 any_top_p: bool | None = None) -> torch.Tensor:
     """Mask to -inf what top_k and then top_p remove; x: [B, V]; top_k, top_p: [B].
 
     top_k (0 = off) keeps every token whose logit is >= the k-th largest: tokens tied
@@ -202,20 +239,26 @@ def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_
     top_p (1 = off) then keeps a token when the renormalized mass of the tokens strictly
     more likely than it is < top_p (transformers' TopPLogitsWarper on untied logits);
     tokens tied in value are kept or dropped together, so the order a sort gives equal
-    values never matters.
+    values never matters. Ties with the k-th that reach past the max_k best share the
+    k-th token's fate and count in the renormalization (found without reading the device).
+    any_top_p: whether some row has top_p < 1 (None: read it from top_p).
     """
     B, V = x.shape
     K = V if max_k is None else min(max_k, V)
     best, order = x.topk(K, dim=-1) if K < V else x.sort(dim=-1, descending=True)  # [B, K], descending
     k = torch.where(top_k > 0, top_k, float(K)).clamp(max=K).long()  # [B]
     kth = best.gather(1, (k - 1)[:, None])  # [B, 1]
-    if not bool((top_p < 1).any()):
+    if any_top_p is None:
+        any_top_p = bool((top_p < 1).any())
+    if not any_top_p:
         return x.masked_fill(x < kth, -math.inf)  # ties with the k-th stay
-    n = int((x >= kth).sum(dim=-1).max())  # survivors of the fullest row
-    if n > K:  # ties with the k-th reach past the max_k best: rank the survivors again
-        best, order = x.topk(n, dim=-1)
-    xs = best.masked_fill(best < kth, -math.inf)  # [B, K or n], descending; every survivor is in it
-    probs = xs.softmax(dim=-1)
+    listed = best >= kth  # [B, K]: survivors among the K best
+    xs = torch.where(listed, best, -math.inf)
+    if K < V:  # survivors past the K best are ties with the k-th: one more column holds their mass
+        unlisted = (x >= kth).sum(dim=-1, keepdim=True) - listed.sum(dim=-1, keepdim=True)  # [B, 1]
+        probs = torch.cat([xs, kth + unlisted.log()], dim=-1).softmax(dim=-1)[:, :K]  # log(0) = -inf: no mass
+    else:
+        probs = xs.softmax(dim=-1)  # [B, K]
     ahead = probs.cumsum(dim=-1) - probs  # mass ranked before each token
     # a run of equal values takes the mass before its first member: the strictly better tokens
     starts = torch.ones_like(xs, dtype=torch.bool)
@@ -223,5 +266,7 @@ def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_
     first = torch.where(starts, torch.arange(xs.shape[1], device=x.device), 0).cummax(dim=-1).values
     ahead = ahead.gather(1, first)
     p = torch.where(top_p < 1, top_p, math.inf)[:, None]  # top_p == 1: never cut (cumsum rounding)
-    xs = xs.masked_fill(ahead >= p, -math.inf)
-    return torch.full_like(x, -math.inf).scatter_(1, order, xs)
+    # what stays is every token at least as likely as the least likely kept survivor (ties past
+    # the K best included)
+    cutoff = torch.where((ahead < p) & listed, xs, math.inf).amin(dim=-1, keepdim=True)  # [B, 1]
+    return x.masked_fill(x < cutoff, -math.inf)
