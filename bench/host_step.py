@@ -5,7 +5,8 @@ Three parts of a step run on the host whatever the device:
 - `tables`: a stage turns the step plan into its step tensors (positions,
   slots, block tables, query offsets, context lengths) for B sequences at a
   context of L tokens, in steady decode and in a step where every sequence
-  gains a block;
+  gains a block (on CPU this includes gathering the [B, L / 16] block tables,
+  which a GPU does on the device);
 - `schedule`: the driver plans the micro-batches of a step and applies their
   results (`Scheduler.schedule` + `complete`) with N sequences running, in
   `depth` groups (one per pipeline stage);
@@ -57,19 +58,19 @@ def _median_ms(fn, repeats: int) -> float:
 
 def _step_tensors(batch: int, context: int):
     """A function building one decode step's tensors (returns it and a plan maker)."""
-    from pprt.distributed.worker import Worker
+    from pprt.distributed.step_inputs import StepInputs
 
-    worker = SimpleNamespace(spec=SimpleNamespace(block_size=BLOCK), tables={}, device=torch.device("cpu"))
     blocks = context // BLOCK
+    inputs = StepInputs("cpu", BLOCK, blocks + 1)
     prefill = StepPlan(0, [SeqChunk(s, [1] * 1, 0, 0, list(range(s * blocks, (s + 1) * blocks)), True)
                            for s in range(batch)])
-    Worker._batch(worker, prefill)  # every sequence now holds `blocks` blocks
+    inputs.build(prefill)  # every sequence now holds `blocks` blocks
 
     def plan(pos: int, gain: bool) -> StepPlan:
         return StepPlan(1, [SeqChunk(s, [7], pos, blocks if gain else blocks + (pos >= context),
                                      [batch * blocks + s] if gain else [], True) for s in range(batch)])
 
-    return (lambda p: Worker._batch(worker, p)), plan
+    return inputs.build, plan
 
 
 def bench_tables(batch: int, context: int, repeats: int) -> list[dict]:

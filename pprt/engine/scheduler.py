@@ -16,12 +16,19 @@ order, so the cached prefix is always there when needed).
 When blocks run out, the most recently admitted running sequence that is not
 in flight is preempted: its blocks are freed and it is recomputed later from
 its tokens. A request that could never fit the pool is refused at `add`.
+
+Planning a micro-batch costs O(its sequences), not O(running sequences):
+running sequences that have tokens to send wait in a heap ordered by
+admission (a sequence joins it when admitted, when its sampled token arrives
+and when an aborted plan gives its tokens back), so `schedule` never walks the
+sequences that are in flight.
 Knows nothing of devices or tensors.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -53,6 +60,8 @@ class Sequence:
     registered: bool = False  # the stages know it (sampler state, block table)
     blocks_sent: int = 0  # entries of its block table the stages have
     released: bool = False  # finished and its blocks and sampler state given back
+    admitted: int = -1  # its place in admission order (set each time it starts running)
+    queued: int | None = None  # `admitted` when it waits in the scheduler's heap of sequences to schedule
 
     @property
     def tokens(self) -> list[int]:
@@ -84,6 +93,9 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
+        self._ready: list[tuple[int, int, Sequence]] = []  # heap of (admitted, tiebreak, seq) with tokens to send
+        self._admissions = itertools.count()
+        self._tiebreak = itertools.count()
         self._ids = itertools.count()
         self._steps = itertools.count()
         self._removed: list[int] = []
@@ -155,24 +167,31 @@ class Scheduler:
         added: list[NewSequence] = []
         budget = self.chunk_size
         limit = max_seqs or self.max_num_seqs
-        for seq in list(self.running):
-            if budget == 0 or len(chunks) >= limit:
+        skipped = []  # no blocks for them now: they stay ready
+        while budget > 0 and len(chunks) < limit:
+            seq = self._pop_ready()
+            if seq is None:
                 break
-            if seq.schedulable and seq in self.running:
-                chunk = self._chunk(seq, budget, preempt=True)
-                if chunk is not None:
-                    chunks.append(chunk)
-                    budget -= len(chunk.token_ids)
+            chunk = self._chunk(seq, budget, preempt=True)
+            if chunk is None:
+                skipped.append(seq)
+                continue
+            chunks.append(chunk)
+            budget -= len(chunk.token_ids)
+            self._mark_ready(seq)  # a prompt with chunks left
+        for seq in skipped:
+            self._mark_ready(seq)
         while self.waiting and budget > 0 and len(chunks) < limit and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             chunk = self._chunk(seq, budget, preempt=False)
             if chunk is None:
                 break  # first come, first served: later requests wait too
             self.waiting.popleft()
-            seq.status = SeqStatus.RUNNING
+            seq.status, seq.admitted = SeqStatus.RUNNING, next(self._admissions)
             self.running.append(seq)
             chunks.append(chunk)
             budget -= len(chunk.token_ids)
+            self._mark_ready(seq)
             if not seq.registered:
                 seq.registered = True
                 added.append(NewSequence(seq.seq_id, seq.params, list(seq.prompt_ids)))
@@ -181,6 +200,23 @@ class Scheduler:
         plan = StepPlan(next(self._steps), chunks, added, self._removed)
         self._removed = []
         return plan
+
+    def _mark_ready(self, seq: Sequence) -> None:
+        """Queue a running sequence that has tokens to send (once)."""
+        if seq.status is SeqStatus.RUNNING and seq.schedulable and seq.queued is None:
+            seq.queued = seq.admitted
+            heapq.heappush(self._ready, (seq.admitted, next(self._tiebreak), seq))
+
+    def _pop_ready(self) -> Sequence | None:
+        """The first-admitted queued sequence that can still be scheduled (entries of sequences
+        preempted or finished since they were queued are dropped on the way)."""
+        while self._ready:
+            admitted, _, seq = heapq.heappop(self._ready)
+            if seq.queued == admitted:
+                seq.queued = None
+                if seq.status is SeqStatus.RUNNING and seq.schedulable:
+                    return seq
+        return None
 
     def _chunk(self, seq: Sequence, budget: int, preempt: bool) -> SeqChunk | None:
         n = min(budget, seq.num_tokens - seq.num_scheduled)
@@ -206,7 +242,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.seq_id)
         self.running.remove(seq)
-        seq.status, seq.num_scheduled, seq.blocks_sent = SeqStatus.WAITING, 0, 0
+        seq.status, seq.num_scheduled, seq.blocks_sent, seq.queued = SeqStatus.WAITING, 0, 0, None
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -218,6 +254,7 @@ class Scheduler:
             seq.num_scheduled = min(seq.num_scheduled, chunk.start)
             seq.blocks_sent = min(seq.blocks_sent, chunk.blocks_from)
             self._release_if_idle(seq)
+            self._mark_ready(seq)
         for new in plan.added:
             seqs[new.seq_id].registered = False  # the sampler never heard of it
         self._removed.extend(plan.removed)  # nor of these removals
@@ -250,6 +287,8 @@ class Scheduler:
                 self.finish(seq, "stop")
             elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
                 self.finish(seq, "length")
+            else:
+                self._mark_ready(seq)
         for chunk in plan.chunks:
             self._release_if_idle(seqs[chunk.seq_id])
         return updated
