@@ -93,9 +93,9 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
-        self._ready: list[tuple[int, int, Sequence]] = []  # heap of (admitted, tiebreak, seq) with tokens to send
+        # heap of (admitted, seq): running sequences with tokens to send (an `admitted` is queued once at most)
+        self._ready: list[tuple[int, Sequence]] = []
         self._admissions = itertools.count()
-        self._tiebreak = itertools.count()
         self._ids = itertools.count()
         self._steps = itertools.count()
         self._removed: list[int] = []
@@ -178,7 +178,8 @@ class Scheduler:
                 continue
             chunks.append(chunk)
             budget -= len(chunk.token_ids)
-            self._mark_ready(seq)  # a prompt with chunks left
+            if not chunk.sample:
+                self._mark_ready(seq)  # a prompt with chunks left
         for seq in skipped:
             self._mark_ready(seq)
         while self.waiting and budget > 0 and len(chunks) < limit and len(self.running) < self.max_num_seqs:
@@ -191,7 +192,8 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(chunk)
             budget -= len(chunk.token_ids)
-            self._mark_ready(seq)
+            if not chunk.sample:
+                self._mark_ready(seq)
             if not seq.registered:
                 seq.registered = True
                 added.append(NewSequence(seq.seq_id, seq.params, list(seq.prompt_ids)))
@@ -203,15 +205,15 @@ class Scheduler:
 
     def _mark_ready(self, seq: Sequence) -> None:
         """Queue a running sequence that has tokens to send (once)."""
-        if seq.status is SeqStatus.RUNNING and seq.schedulable and seq.queued is None:
+        if seq.queued is None and seq.status is SeqStatus.RUNNING and seq.schedulable:
             seq.queued = seq.admitted
-            heapq.heappush(self._ready, (seq.admitted, next(self._tiebreak), seq))
+            heapq.heappush(self._ready, (seq.admitted, seq))
 
     def _pop_ready(self) -> Sequence | None:
         """The first-admitted queued sequence that can still be scheduled (entries of sequences
         preempted or finished since they were queued are dropped on the way)."""
         while self._ready:
-            admitted, _, seq = heapq.heappop(self._ready)
+            admitted, seq = heapq.heappop(self._ready)
             if seq.queued == admitted:
                 seq.queued = None
                 if seq.status is SeqStatus.RUNNING and seq.schedulable:
