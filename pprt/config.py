@@ -5,9 +5,19 @@ rotary spelling: the old top-level `rope_theta` + `rope_scaling` that real
 Qwen checkpoints use, or the new `rope_parameters` that transformers v5
 writes. Knows nothing about files or devices: `weights/checkpoint.py` reads the JSON.
 
+Families: qwen2, qwen3, qwen3_moe, qwen2_moe, and the hybrid Gated DeltaNet
+families qwen3_next and qwen3_5 / qwen3_5_moe (shared/QWEN.md section 7). A
+Qwen3.5 release is multimodal: its top-level config (`qwen3_5`, `qwen3_5_moe`)
+holds the text model in `text_config`, and `tie_word_embeddings` at the top
+level as transformers reads it; text-only exports (`qwen3_5_text`,
+`qwen3_5_moe_text`) are flat. Only the text model is run: the vision tower and
+the MTP head (`mtp_num_hidden_layers`, `num_nextn_predict_layers`) are read
+and ignored.
+
 Anything the runtime does not implement (another model_type, sliding window,
-an unknown rope type, a quantization other than 4-bit GPTQ/AWQ) fails here
-with a message naming the field and its value.
+an unknown rope type, a quantization other than 4-bit GPTQ/AWQ, ungated
+attention in a hybrid family) fails here with a message naming the field and
+its value.
 """
 
 from __future__ import annotations
@@ -22,8 +32,16 @@ from .errors import ConfigError
 
 log = logging.getLogger("pprt")
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe")
+HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # Gated DeltaNet + gated full attention
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "qwen3_next", "qwen3_5_moe")
+# A multimodal wrapper's text model, and the model_type of text-only exports
+_TEXT_MODEL_TYPES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+_LATER = {"qwen4_exp": "hyper-connections, hashed n-gram embeddings and sparse attention are a later issue",
+          "qwen3_5_vision": "a vision tower alone has no text model to run",
+          "qwen3_5_moe_vision": "a vision tower alone has no text model to run"}
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
+FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +115,50 @@ class QuantConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LinearAttentionConfig:
+    """Geometry of the Gated DeltaNet layers (`linear_*` fields of config.json)."""
+
+    num_key_heads: int  # Hk
+    num_value_heads: int  # Hv, a multiple of Hk
+    key_head_dim: int  # dk
+    value_head_dim: int  # dv
+    conv_kernel: int  # K of the short causal conv over q, k, v
+    fused_projections: bool = False  # qwen3_next: in_proj_qkvz / in_proj_ba grouped per key head
+
+    def __post_init__(self) -> None:
+        names = {"num_key_heads": "linear_num_key_heads", "num_value_heads": "linear_num_value_heads",
+                 "key_head_dim": "linear_key_head_dim", "value_head_dim": "linear_value_head_dim",
+                 "conv_kernel": "linear_conv_kernel_dim"}
+        for attr, field_name in names.items():
+            if getattr(self, attr) <= 0:
+                raise ConfigError(f"{field_name} must be positive, got {getattr(self, attr)}")
+        if self.num_value_heads % self.num_key_heads:
+            raise ConfigError(f"linear_num_value_heads ({self.num_value_heads}) is not a multiple of "
+                              f"linear_num_key_heads ({self.num_key_heads})")
+        if self.conv_kernel < 2:
+            raise ConfigError(f"linear_conv_kernel_dim must be >= 2, got {self.conv_kernel}")
+
+    @property
+    def key_dim(self) -> int:  # Hk * dk: width of q and of k
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:  # Hv * dv: width of v, z and the output
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:  # channels of the conv: q, k and v
+        return 2 * self.key_dim + self.value_dim
+
+    def state_bytes(self, conv_dtype_bytes: int, ssm_dtype_bytes: int = 4) -> int:
+        """One sequence's state in one layer: conv [conv_dim, K-1] + recurrent [Hv, dk, dv]."""
+        conv = self.conv_dim * (self.conv_kernel - 1) * conv_dtype_bytes
+        return conv + self.num_value_heads * self.key_head_dim * self.value_head_dim * ssm_dtype_bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
-    model_type: str  # "qwen2", "qwen3" or "qwen3_moe"
+    model_type: str  # one of SUPPORTED_MODEL_TYPES (a Qwen3.5 wrapper's text model: qwen3_5 / qwen3_5_moe)
     vocab_size: int
     hidden_size: int  # H
     intermediate_size: int  # I of dense MLP layers
@@ -111,14 +171,23 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # qwen2: always; qwen3: attention_bias
-    qk_norm: bool = False  # qwen3, qwen3_moe
-    # MoE (qwen3_moe); num_experts == 0 means a dense model
+    qk_norm: bool = False  # qwen3, qwen3_moe and the hybrid families
+    o_bias: bool = False  # o_proj bias (hybrid families: attention_bias)
+    # hybrid families: norms are x_normed * (1 + w); full attention is gated; partial rotary
+    zero_centered_norm: bool = False
+    attn_output_gate: bool = False  # q_proj [n * 2h, H]: per head query | gate, sigmoid(gate) before o_proj
+    partial_rotary_factor: float = 1.0  # rotary on the first int(h * factor) dims of each head
+    layer_types: tuple[str, ...] = ()  # per layer FULL_ATTENTION or LINEAR_ATTENTION; () = all full
+    linear: LinearAttentionConfig | None = None  # the DeltaNet layers' geometry (hybrid families)
+    mtp_num_layers: int = 0  # multi-token-prediction layers in the checkpoint (read, not run)
+    # MoE (qwen3_moe, qwen2_moe, qwen3_next, qwen3_5_moe); num_experts == 0 means a dense model
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0  # gated shared expert beside the routed ones (0: none)
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: torch.dtype = torch.float32  # the dtype the checkpoint was saved in
     quant: QuantConfig | None = None
@@ -146,6 +215,38 @@ class ModelConfig:
                 )
             if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
                 raise ConfigError("moe_intermediate_size and decoder_sparse_step must be positive")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for num_hidden_layers = "
+                                  f"{self.num_layers}")
+            bad = [t for t in self.layer_types if t not in (FULL_ATTENTION, LINEAR_ATTENTION)]
+            if bad:
+                raise ConfigError(f"layer_types entry {bad[0]!r} is not supported ({FULL_ATTENTION}, "
+                                  f"{LINEAR_ATTENTION})")
+            if LINEAR_ATTENTION in self.layer_types and self.linear is None:
+                raise ConfigError("layer_types has linear_attention layers but the config has no linear_* fields")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} gives rotary dims "
+                              f"{self.rotary_dim} of head_dim {self.head_dim}: need an even number >= 2")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rotary embedding turns: int(head_dim * partial_rotary_factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def hybrid(self) -> bool:
+        """True when some layers are Gated DeltaNet (a stage then keeps recurrent state)."""
+        return LINEAR_ATTENTION in self.layer_types
+
+    def is_linear(self, layer: int) -> bool:
+        """True when `layer` is a Gated DeltaNet (linear attention) layer."""
+        return bool(self.layer_types) and self.layer_types[layer] == LINEAR_ATTENTION
+
+    def layers_of(self, lo: int, hi: int) -> tuple[int, int]:
+        """(full-attention layers, DeltaNet layers) in [lo, hi): the KV pool and the state pool of a stage."""
+        linear = sum(self.is_linear(i) for i in range(lo, hi))
+        return hi - lo - linear, linear
 
     def is_sparse(self, layer: int) -> bool:
         """True when `layer` has a mixture-of-experts MLP (qwen3_moe rule)."""
@@ -161,7 +262,15 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:
         """Parse config.json (and optionally generation_config.json) contents."""
+        top = cfg
         model_type = cfg.get("model_type")
+        if model_type in _LATER:
+            raise ConfigError(f"model_type {model_type!r} is not supported: {_LATER[model_type]}")
+        if model_type in ("qwen3_5", "qwen3_5_moe"):  # multimodal release: the text model is text_config
+            if not isinstance(cfg.get("text_config"), dict):
+                raise ConfigError(f"model_type {model_type!r} has no text_config: pprt runs the text model only")
+            cfg = {**cfg["text_config"], "quantization_config": top.get("quantization_config")}
+        model_type = _TEXT_MODEL_TYPES.get(cfg.get("model_type", model_type), cfg.get("model_type", model_type))
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -179,9 +288,12 @@ class ModelConfig:
         hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or hidden // heads
-        is_moe = model_type == "qwen3_moe"
+        hybrid = model_type in HYBRID_MODEL_TYPES
+        is_moe = model_type in MOE_MODEL_TYPES
+        all_sparse = model_type == "qwen3_5_moe"  # every layer routed, top-k always renormalised
         gen = generation_config or {}
         quant = cfg.get("quantization_config")
+        tie = top.get("tie_word_embeddings", False) if top is not cfg else cfg.get("tie_word_embeddings", False)
         return cls(
             model_type=model_type,
             vocab_size=int(need("vocab_size")),
@@ -194,18 +306,28 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=_parse_rope(cfg),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=model_type != "qwen2",
+            tie_word_embeddings=bool(tie),
+            qkv_bias=_qkv_bias(model_type, cfg),
+            qk_norm=model_type not in ("qwen2", "qwen2_moe"),
+            o_bias=hybrid and bool(cfg.get("attention_bias", False)),
+            zero_centered_norm=hybrid,
+            attn_output_gate=_attn_output_gate(model_type, cfg),
+            partial_rotary_factor=_partial_rotary_factor(cfg, 0.25 if hybrid else 1.0),
+            layer_types=_layer_types(model_type, cfg),
+            linear=_linear_attention(model_type, cfg) if hybrid else None,
+            mtp_num_layers=int(cfg.get("mtp_num_hidden_layers") or cfg.get("num_nextn_predict_layers") or 0),
             # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
             num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if is_moe else 0,
             num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0) if is_moe else 0,
             moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if is_moe else 0,
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-            decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1) or 1),
-            mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
-            eos_token_ids=_eos_ids(cfg, gen),
-            torch_dtype=_parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            norm_topk_prob=all_sparse or bool(cfg.get("norm_topk_prob", model_type == "qwen3_next")),
+            decoder_sparse_step=1 if all_sparse else int(cfg.get("decoder_sparse_step", 1) or 1),
+            mlp_only_layers=() if all_sparse else tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+            if model_type in ("qwen2_moe", "qwen3_next", "qwen3_5_moe") else 0,
+            eos_token_ids=_eos_ids(cfg, gen, top),
+            torch_dtype=_parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or top.get("torch_dtype")
+                                     or top.get("dtype") or "float32"),
             quant=QuantConfig.from_dict(quant) if quant else None,
             generation_defaults={
                 k: gen[k]
@@ -213,6 +335,69 @@ class ModelConfig:
                 if gen.get(k) is not None
             },
         )
+
+
+def _qkv_bias(model_type: str, cfg: dict) -> bool:
+    if model_type == "qwen2":
+        return True
+    if model_type == "qwen2_moe":  # a field of its own, true when absent (Qwen1.5-MoE files lack it)
+        return bool(cfg.get("qkv_bias", True))
+    return bool(cfg.get("attention_bias", False))
+
+
+def _attn_output_gate(model_type: str, cfg: dict) -> bool:
+    if model_type not in HYBRID_MODEL_TYPES:
+        return False
+    if cfg.get("attn_output_gate", True) is not True:  # transformers builds the gated q_proj regardless
+        raise ConfigError(f"attn_output_gate = {cfg['attn_output_gate']!r} is not supported for {model_type} "
+                          "(its full attention is always gated)")
+    return True
+
+
+def _partial_rotary_factor(cfg: dict, default: float) -> float:
+    """New spelling inside rope_parameters, old one at the top level; the family default otherwise."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
+        return float(params["partial_rotary_factor"])
+    if cfg.get("partial_rotary_factor") is not None:
+        return float(cfg["partial_rotary_factor"])
+    return default
+
+
+def _layer_types(model_type: str, cfg: dict) -> tuple[str, ...]:
+    """`layer_types` when present, else (hybrid families) every full_attention_interval-th layer is full."""
+    n = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is not None:
+        types = tuple(str(t) for t in types)
+        if model_type not in HYBRID_MODEL_TYPES and LINEAR_ATTENTION in types:
+            raise ConfigError(f"layer_types has linear_attention layers, which model_type {model_type!r} "
+                              "does not have")
+        if "sliding_attention" in types:
+            raise ConfigError("layer_types has sliding_attention layers: sliding-window attention is not "
+                              "implemented")
+        return types if model_type in HYBRID_MODEL_TYPES else ()
+    if model_type not in HYBRID_MODEL_TYPES:
+        return ()
+    interval = int(cfg.get("full_attention_interval") or 4)
+    if interval <= 0:
+        raise ConfigError(f"full_attention_interval must be positive, got {interval}")
+    return tuple(FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(n))
+
+
+def _linear_attention(model_type: str, cfg: dict) -> LinearAttentionConfig:
+    """The linear_* fields (transformers' class defaults where absent); refuses a non-fp32 state."""
+    ssm_dtype = cfg.get("mamba_ssm_dtype")
+    if ssm_dtype is not None and str(ssm_dtype).removeprefix("torch.") not in ("float32", "float"):
+        raise ConfigError(f"mamba_ssm_dtype {ssm_dtype!r} is not supported (the recurrent state is float32)")
+    return LinearAttentionConfig(
+        num_key_heads=int(cfg.get("linear_num_key_heads") or 16),
+        num_value_heads=int(cfg.get("linear_num_value_heads") or 32),
+        key_head_dim=int(cfg.get("linear_key_head_dim") or 128),
+        value_head_dim=int(cfg.get("linear_value_head_dim") or 128),
+        conv_kernel=int(cfg.get("linear_conv_kernel_dim") or 4),
+        fused_projections=model_type == "qwen3_next",
+    )
 
 
 def _parse_rope(cfg: dict) -> RopeConfig:
@@ -242,9 +427,10 @@ def _parse_rope(cfg: dict) -> RopeConfig:
     )
 
 
-def _eos_ids(cfg: dict, gen: dict) -> tuple[int, ...]:
+def _eos_ids(cfg: dict, gen: dict, top: dict) -> tuple[int, ...]:
+    """generation_config.json's eos ids first, then config.json's (a wrapper's text_config, then its top)."""
     ids: list[int] = []
-    for source in (gen.get("eos_token_id"), cfg.get("eos_token_id")):
+    for source in (gen.get("eos_token_id"), cfg.get("eos_token_id"), top.get("eos_token_id")):
         if source is None:
             continue
         for i in source if isinstance(source, (list, tuple)) else [source]:

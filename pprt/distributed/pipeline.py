@@ -25,14 +25,14 @@ from multiprocessing.connection import wait
 from ..errors import StageFailed
 from .comm import free_port
 from .stage_main import CLOSE, STATS, serve_spawned
-from .step import StageError, StageReady, StageCounters, StepPlan, StepResult
+from .step import PoolSizes, StageError, StageReady, StageCounters, StepPlan, StepResult
 from .worker import WorkerSpec, peak_rss_bytes
 
 JOIN_TIMEOUT_S = 5.0
 
 
 class PipelineExecutor:
-    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int, threads: int | None = None):
+    def __init__(self, specs: list[WorkerSpec], transport: str, pools: PoolSizes, threads: int | None = None):
         self.specs, self.depth = specs, len(specs)
         if threads is None and all(s.device == "cpu" for s in specs):
             threads = max(1, (os.cpu_count() or 1) // len(specs))  # stages share the cores
@@ -43,7 +43,7 @@ class PipelineExecutor:
         for i, spec in enumerate(specs):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=serve_spawned, name=f"pprt-stage{i}", daemon=True,
-                               args=(i, len(specs), spec, transport, init_method, child, kv_blocks, threads))
+                               args=(i, len(specs), spec, transport, init_method, child, pools, threads))
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -52,8 +52,8 @@ class PipelineExecutor:
         try:
             _take_load_report(self, [self._receive(i, StageReady) for i in range(len(specs))])
             for conn in self.conns:
-                conn.send(self.num_blocks)
-            self.kv_bytes = [self._receive(i, int) for i in range(len(specs))]
+                conn.send(self.pools)
+            _take_pool_bytes(self, [self._receive(i, tuple) for i in range(len(specs))])
         except BaseException:
             self.close()
             raise
@@ -117,12 +117,19 @@ class PipelineExecutor:
 
 
 def _take_load_report(executor, readies: list[StageReady]) -> None:
-    """What every executor tells about its loaded stages; the KV pool is the smallest stage's."""
-    executor.num_blocks = min(r.num_blocks for r in readies)
+    """What every executor tells about its loaded stages; each pool is the smallest stage's."""
+    executor.pools = PoolSizes(min(r.num_blocks for r in readies), min(r.num_slots for r in readies))
+    executor.num_blocks, executor.num_slots = executor.pools.blocks, executor.pools.slots
     executor.weight_bytes = [r.weight_bytes for r in readies]
     executor.load_seconds = max(r.load_seconds for r in readies)
     executor.load_rss_bytes = [r.load_rss_bytes for r in readies]
     executor.quant_seconds = max(r.quant_seconds for r in readies)
+
+
+def _take_pool_bytes(executor, sizes: list[tuple[int, int]]) -> None:
+    """Each stage's (KV pool, state pool) bytes as allocated."""
+    executor.kv_bytes = [kv for kv, _ in sizes]
+    executor.state_bytes = [state for _, state in sizes]
 
 
 def _shutdown(procs: list, conns: list) -> None:
@@ -152,27 +159,27 @@ class TorchrunExecutor:
     group's timeout.
     """
 
-    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int):
+    def __init__(self, specs: list[WorkerSpec], transport: str, pools: PoolSizes):
         from .comm import ActivationChannel, ObjectChannel, init_group
-        from .worker import Worker, worker_blocks
+        from .worker import Worker, worker_pools
 
         self.specs, self.depth = specs, len(specs)
         self._failed = False
         init_group(0, len(specs), transport, specs[0].device)
         self.objects = ObjectChannel()
         for rank in range(1, len(specs)):
-            self.objects.send((specs[rank], kv_blocks), rank)
+            self.objects.send((specs[rank], pools), rank)
         self.worker = Worker(specs[0])
         self.channel = ActivationChannel(0, len(specs), self.worker.device, transport)
-        readies = [StageReady(0, worker_blocks(self.worker, kv_blocks),
-                              self.worker.weight_bytes(), self.worker.load_seconds, self.worker.load_rss_bytes,
-                              self.worker.quant_seconds)]
+        room = worker_pools(self.worker, pools)
+        readies = [StageReady(0, room.blocks, self.worker.weight_bytes(), self.worker.load_seconds,
+                              self.worker.load_rss_bytes, self.worker.quant_seconds, room.slots)]
         readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
         _take_load_report(self, readies)
         for rank in range(1, len(specs)):
-            self.objects.send(self.num_blocks, rank)
-        self.worker.allocate_cache(self.num_blocks)
-        self.kv_bytes = [self.worker.cache.nbytes] + [self._receive(r, int) for r in range(1, len(specs))]
+            self.objects.send(self.pools, rank)
+        self.worker.allocate_cache(self.pools)
+        _take_pool_bytes(self, [self.worker.pool_bytes] + [self._receive(r, tuple) for r in range(1, len(specs))])
 
     def submit(self, plan: StepPlan) -> None:
         hidden = self.worker.execute(plan)  # first: if stage 0 fails, no rank waits for this step

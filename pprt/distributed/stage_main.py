@@ -1,7 +1,7 @@
 """The loop of a stage that runs in its own process: spawned by the driver, or a torchrun rank.
 
-A stage loads its layers, reports `StageReady` (with the KV blocks its memory
-allows), allocates the number of blocks the driver decides, then executes
+A stage loads its layers, reports `StageReady` (with the KV blocks and state
+slots its memory allows), allocates the pools the driver decides, then executes
 step plans until told to close: it receives the previous stage's hidden
 states (comm.py), runs its layers, and sends hidden states on, or, on the
 last stage, sends the `StepResult` back to the driver.
@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import ActivationChannel, ObjectChannel, init_group
-from .step import StageError, StageReady, StageCounters
-from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_blocks
+from .step import PoolSizes, StageError, StageReady, StageCounters
+from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_pools
 
 CLOSE = "close"  # control message: leave the loop
 STATS = "stats"  # control message: report StageCounters
@@ -58,15 +58,16 @@ class DistControl:
         self.objects.send(obj, 0)
 
 
-def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control, kv_blocks: int) -> None:
+def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control, pools: PoolSizes) -> None:
     """Load, report, then execute plans from `control` until it says close."""
     worker = Worker(spec)
     channel = ActivationChannel(stage, world, worker.device, transport)
     try:
-        control.send(StageReady(stage, worker_blocks(worker, kv_blocks), worker.weight_bytes(),
-                                worker.load_seconds, worker.load_rss_bytes, worker.quant_seconds))
+        room = worker_pools(worker, pools)
+        control.send(StageReady(stage, room.blocks, worker.weight_bytes(), worker.load_seconds,
+                                worker.load_rss_bytes, worker.quant_seconds, room.slots))
         worker.allocate_cache(control.recv())
-        control.send(worker.cache.nbytes)  # the pool as allocated, scales included
+        control.send(worker.pool_bytes)  # the pools as allocated (KV with fp8 scales, state)
         steps = 0
         while True:
             msg = control.recv()
@@ -90,14 +91,14 @@ def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control,
 
 
 def serve_spawned(stage: int, world: int, spec: WorkerSpec, transport: str, init_method: str, conn,
-                  kv_blocks: int, threads: int | None) -> None:
+                  pools: PoolSizes, threads: int | None) -> None:
     """Body of a stage process spawned by PipelineExecutor."""
     _die_with_parent()
     if threads:
         torch.set_num_threads(threads)
     try:
         init_group(stage, world, transport, spec.device, init_method)
-        run_stage(stage, world, spec, transport, PipeControl(conn), kv_blocks)
+        run_stage(stage, world, spec, transport, PipeControl(conn), pools)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the driver is gone: leave quietly
     except BaseException as e:  # report, then exit
@@ -160,9 +161,9 @@ def serve_torchrun() -> None:
     init_group(rank, world, transport, local_device())
     objects = ObjectChannel()
     try:
-        spec, kv_blocks = objects.recv(0)
+        spec, pools = objects.recv(0)
         spec = dataclasses.replace(spec, device=local_device())
-        run_stage(rank, world, spec, transport, DistControl(objects), kv_blocks)
+        run_stage(rank, world, spec, transport, DistControl(objects), pools)
     except BaseException as e:
         objects.send(StageError(rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"), 0)
         raise

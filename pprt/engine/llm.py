@@ -25,7 +25,7 @@ from ..models.kv import parse_kv_dtype
 from ..params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from ..weights.checkpoint import ModelSource, load_config
-from .blocks import BlockManager
+from .blocks import BlockManager, SlotManager
 from .scheduler import Scheduler, Sequence
 from .stats import StageStats, Stats
 
@@ -101,10 +101,13 @@ class LLM:
                                       block_size=block_size, max_context=self.max_context,
                                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                                       transport=transport, seed=seed,
-                                      chunk_size=chunk_size, torchrun=torchrun is not None)
+                                      chunk_size=chunk_size, torchrun=torchrun is not None,
+                                      max_num_seqs=max_num_seqs)
         self.blocks = BlockManager(self.executor.num_blocks, block_size)
+        self.slots = SlotManager(self.executor.num_slots) if self.executor.num_slots else None
         self.scheduler = Scheduler(self.blocks, max_context=self.max_context, chunk_size=chunk_size,
-                                   max_num_seqs=max_num_seqs, eos_token_ids=self.config.eos_token_ids)
+                                   max_num_seqs=max_num_seqs, eos_token_ids=self.config.eos_token_ids,
+                                   slots=self.slots)
         self._requests: dict[int, _Request] = {}
         self._seqs: dict[int, Sequence] = {}
         self._in_flight: deque = deque()
@@ -155,15 +158,18 @@ class LLM:
         ex, sched = self.executor, self.scheduler
         stages = tuple(
             StageStats(i, spec.device, tuple(spec.layers), weight, kv, c.busy_seconds, c.wait_seconds, c.steps,
-                       c.peak_rss_bytes, c.peak_device_bytes)
-            for i, (spec, c, weight, kv) in enumerate(zip(ex.specs, ex.stats(), ex.weight_bytes, ex.kv_bytes)))
+                       c.peak_rss_bytes, c.peak_device_bytes, state)
+            for i, (spec, c, weight, kv, state)
+            in enumerate(zip(ex.specs, ex.stats(), ex.weight_bytes, ex.kv_bytes, ex.state_bytes)))
+        slots = self.slots
         return Stats(
             requests_running=len(sched.running), requests_waiting=len(sched.waiting),
             requests_finished=sched.num_finished, prompt_tokens=sched.num_prompt_tokens,
             computed_tokens=sched.num_computed_tokens, generated_tokens=sched.num_generated_tokens,
             preemptions=sched.num_preemptions, kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free, kv_block_size=self.blocks.block_size,
-            state_slots_total=0, state_slots_used=0,
+            state_slots_total=slots.num_slots if slots else 0,
+            state_slots_used=slots.num_slots - slots.num_free if slots else 0,
             load_seconds=ex.load_seconds, quantize_seconds=ex.quant_seconds, stages=stages)
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ class StageStats:
     steps: int  # micro-batches executed (-1 where the stage runs in the driver's process and does not count)
     peak_rss_bytes: int  # the stage process's peak resident host memory
     peak_device_bytes: int | None  # peak GPU memory allocated (None on CPU)
+    state_cache_bytes: int = 0  # the state pool of its DeltaNet layers as allocated (hybrid models)
 
 
 @dataclass(frozen=True, slots=True)

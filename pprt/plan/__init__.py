@@ -7,33 +7,39 @@ config.json; `python -m pprt.plan` (pprt.entrypoints.plan_cli) is a thin CLI ove
 
 Accounting, in bytes (db = model dtype bytes, T = chunk_size, H, n, m, h, I, V,
 E, k = experts per token, as in QWEN.md):
-- weights, exact: every tensor of QWEN.md section 2. With Int4 (`quant="int4"`,
-  or a GPTQ/AWQ checkpoint) each q/k/v/o, dense MLP and expert linear [N, K]
-  costs K*N/2 + ceil(K/g)*N*(2 + 1) (int4 values, 16-bit scales, uint8 zeros);
-  embedding, head, norms, q/k norms, biases and routers stay in the model dtype.
+- weights, KV per token and recurrent state per sequence, exact: pprt.plan.sizes
+  (every tensor of QWEN.md sections 2 and 7; Int4 where a linear's K fits the group).
   A tied head is the embedding: free on a single stage, V*H again on the last
-  stage when that is not stage 0.
-- KV per token: 2 * layers * m * (h * element bytes + s) (auto = model dtype;
-  fp8: 1 byte and s = 4, the float32 scale per (slot, kv head) of paged_attention;
-  s = 0 otherwise).
-- reserve of a stage (what a forward of T tokens needs besides weights and cache):
+  stage when that is not stage 0. KV counts a stage's full-attention layers only:
+  a stage of DeltaNet layers alone has 0 KV bytes per block.
+- reserve of a stage (what a forward of T tokens needs besides weights and pools):
       overhead_bytes                        CUDA context, allocator slack, library workspaces
-    + T*db*(4H + 2(n + m)h)                 hidden, residual, normed, received; q, k, v, attention out
+    + T*db*(4H + 2(n*g + m)h)               hidden, residual, normed, received; q (g = 2 gated), k, v, out
     + max over its layers of the MLP buffers: dense 3*T*I*db;
                                             sparse T*k*(3*Imoe + 2H)*db + 4*T*E (fp32 router)
+                                            + 3*T*Is*db with a shared expert
+    + max over its DeltaNet layers: T*db*(2*(2*conv + 2*Hv*dv + 2*Hv)) projections and conv out,
+                                    + 4*T*Hv*(2*dk + 2*dv) fp32 q, k (repeated per value head), v, o
     + 2*C*m*h*db                            K and V of one max_context (C) sequence gathered for prefill
     + Int4: N*K*db of its largest linear    dequantized for large-M matmuls
     + last stage: 2*T*V*4                   fp32 logits and probabilities of T rows
   Attention scores are not counted (a flash-style kernel on GPU).
 - Every stage holds the same number of KV blocks (block ids are global), so the
   pool is the smallest stage capacity. A plan fits when every stage holds
-  weights + reserve + the blocks of one max_context sequence.
+  weights + reserve + the blocks of one max_context sequence + one sequence's state.
+- Hybrid models: every stage also holds the same number of state slots (one per
+  running sequence; slot ids are global). State comes first: slots =
+  min(max_num_seqs, what every stage holds after weights, reserve and the KV of one
+  max_context sequence); the KV pool gets the rest. When memory bounds the slots
+  below max_num_seqs, the message says so (the engine runs at most that many
+  sequences at once).
 
 The cut minimizes the slowest stage's time per decoded token, bytes read / speed,
 where bytes read = layer weights (+ norm and head on the last stage) + KV of one
-max_context sequence; the embedding is a row lookup, so it costs memory but no
-time. Among cuts equally fast, the one with the largest KV pool wins. When no cut
-fits, the plan shows the cut with the smallest worst shortfall.
+max_context sequence + the recurrent state of one sequence read and written back
+(2x its bytes); the embedding is a row lookup, so it costs memory but no time.
+Among cuts equally fast, the one with the largest KV pool wins. When no cut fits,
+the plan shows the cut with the smallest worst shortfall.
 """
 
 from __future__ import annotations
@@ -42,13 +48,30 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from .sizes import (
+    FP8_SCALE_BYTES,
+    KV_ELEMENT_BYTES,
+    QUANTS,
+    _linears,
+    context_limit,
+    effective_quant,
+    embedding_bytes,
+    head_bytes,
+    int4_linear_bytes,
+    kv_bytes_per_token,
+    kv_element_bytes,
+    layer_weight_bytes,
+    state_bytes_per_sequence,
+)
+
+__all__ = ["DeviceBudget", "StagePlan", "Plan", "plan", "GiB", "QUANTS", "KV_ELEMENT_BYTES", "FP8_SCALE_BYTES",
+           "context_limit", "embedding_bytes", "head_bytes", "int4_linear_bytes", "kv_bytes_per_token",
+           "kv_element_bytes", "layer_weight_bytes", "state_bytes_per_sequence"]
 
 GiB = 1 << 30
+MiB = 1 << 20
 DEFAULT_OVERHEAD = 1 * GiB
-KV_ELEMENT_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4,
-                    "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
-QUANTS = ("none", "int4")
-FP8_SCALE_BYTES = 4  # float32 scale per (slot, kv head) of an fp8 cache
+DEFAULT_MAX_NUM_SEQS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +96,7 @@ class StagePlan:
     kv_tokens: int  # tokens of KV this device alone could hold (whole blocks); 0 if none
     budget_bytes: int = 0
     read_bytes: int = 0  # bytes read per decoded token at max_context
+    state_bytes_per_seq: int = 0  # recurrent state of one sequence on this stage (hybrid models)
 
     def __post_init__(self) -> None:
         lo, hi = self.layers
@@ -91,6 +115,8 @@ class Plan:
     quant: str  # effective weight format: "none" or "int4"
     kv_dtype: str
     message: str
+    num_slots: int = 0  # state slots every stage allocates (hybrid models; 0 otherwise)
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # as asked; num_slots may bound it
 
     @property
     def split(self) -> list[int]:
@@ -116,95 +142,17 @@ class Plan:
             "stages": [
                 {"device": s.device, "layers": list(s.layers), "weight_bytes": s.weight_bytes,
                  "kv_bytes_per_token": s.kv_bytes_per_token, "kv_tokens": s.kv_tokens,
-                 "reserve_bytes": s.reserve_bytes, "budget_bytes": s.budget_bytes}
+                 "reserve_bytes": s.reserve_bytes, "budget_bytes": s.budget_bytes,
+                 "state_bytes_per_seq": s.state_bytes_per_seq}
                 for s in self.stages
             ],
+            "num_slots": self.num_slots, "max_num_seqs": self.max_num_seqs,
             "quant": self.quant, "kv_dtype": self.kv_dtype, "block_size": self.block_size,
             "num_blocks": self.num_blocks, "kv_tokens": self.kv_tokens,
             "max_context": self.max_context, "context_limit": self.context_limit,
             "longest_sequence": self.longest_sequence, "num_sequences": self.num_sequences,
             "message": self.message,
         }
-
-
-# ---- exact sizes ---------------------------------------------------------------------------
-
-def _linears(config: ModelConfig, layer: int) -> list[tuple[int, int, int]]:
-    """(N out, K in, count) of the quantizable linears of one layer."""
-    H, n, m, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    attn = [(n * h, H, 1), (m * h, H, 2), (H, n * h, 1)]  # q; k and v; o
-    if config.is_sparse(layer):
-        I, E = config.moe_intermediate_size, config.num_experts
-        return attn + [(I, H, 2 * E), (H, I, E)]  # gate and up; down, per expert
-    I = config.intermediate_size
-    return attn + [(I, H, 2), (H, I, 1)]
-
-
-def _effective_quant(config: ModelConfig, quant: str, group_size: int) -> tuple[str, int]:
-    if quant not in QUANTS:
-        raise ValueError(f"quant {quant!r} is not supported (none, int4)")
-    if config.quant is not None:  # GPTQ/AWQ checkpoint: kept in the internal Int4 format
-        return "int4", config.quant.group_size
-    return quant, group_size
-
-
-def int4_linear_bytes(n_out: int, k_in: int, group_size: int = 128) -> int:
-    """Internal Int4 format: packed int4 values, 16-bit scales and uint8 zeros per group."""
-    groups = -(-k_in // group_size)
-    return (k_in * n_out + 1) // 2 + groups * n_out * 2 + groups * n_out
-
-
-def layer_weight_bytes(config: ModelConfig, layer: int, quant: str = "none", dtype_bytes: int = 2,
-                       group_size: int = 128) -> int:
-    """Bytes of decoder layer `layer` as the runtime holds it."""
-    quant, group_size = _effective_quant(config, quant, group_size)
-    H, n, m, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    total = 0
-    for n_out, k_in, count in _linears(config, layer):
-        size = int4_linear_bytes(n_out, k_in, group_size) if quant == "int4" else n_out * k_in * dtype_bytes
-        total += count * size
-    plain = 2 * H  # input and post-attention norms
-    plain += (n + 2 * m) * h if config.qkv_bias else 0
-    plain += 2 * h if config.qk_norm else 0
-    plain += config.num_experts * H if config.is_sparse(layer) else 0  # router
-    return total + plain * dtype_bytes
-
-
-def embedding_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:
-    return config.vocab_size * config.hidden_size * dtype_bytes
-
-
-def head_bytes(config: ModelConfig, dtype_bytes: int = 2, *, shares_embedding_stage: bool = True) -> int:
-    """Final norm + lm_head on the last stage. A tied head costs nothing more when the last
-    stage also holds the embedding, and a copy of it when it does not."""
-    head = 0 if config.tie_word_embeddings and shares_embedding_stage else embedding_bytes(config, dtype_bytes)
-    return head + config.hidden_size * dtype_bytes
-
-
-def kv_element_bytes(kv_dtype: str, dtype_bytes: int = 2) -> int:
-    if kv_dtype == "auto":
-        return dtype_bytes
-    if kv_dtype not in KV_ELEMENT_BYTES:
-        raise ValueError(f"kv_dtype {kv_dtype!r} is not supported (auto, {', '.join(KV_ELEMENT_BYTES)})")
-    return KV_ELEMENT_BYTES[kv_dtype]
-
-
-def kv_bytes_per_token(config: ModelConfig, layers: int | tuple[int, int], kv_dtype: str = "auto",
-                       dtype_bytes: int = 2) -> int:
-    """K and V of one token over `layers` (a count, or a range (lo, hi)); an fp8 cache also keeps
-    one float32 scale per (token, kv head) for K and for V (paged_attention's recommended form)."""
-    count = layers if isinstance(layers, int) else layers[1] - layers[0]
-    elem = kv_element_bytes(kv_dtype, dtype_bytes)
-    scale = FP8_SCALE_BYTES if elem == 1 else 0
-    return 2 * count * config.num_kv_heads * (config.head_dim * elem + scale)
-
-
-def context_limit(config: ModelConfig) -> int:
-    """The longest context the model's positions are meant for."""
-    rope = config.rope
-    if rope.type == "yarn" and rope.original_max_position:
-        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
-    return config.max_position_embeddings
 
 
 # ---- the planner ---------------------------------------------------------------------------
@@ -224,27 +172,37 @@ class _Costs:
     max_context: int
     chunk_size: int
     overhead: int
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
 
     def __post_init__(self) -> None:
         c, db, T, L = self.config, self.dtype_bytes, self.chunk_size, self.config.num_layers
         layer = [layer_weight_bytes(c, i, self.quant, db, self.group_size) for i in range(L)]
-        self._prefix = [0]
-        for b in layer:
-            self._prefix.append(self._prefix[-1] + b)
-        mlp, dequant = [], []
+        self._prefix = _prefix_sums(layer)
+        self._attention = _prefix_sums([0 if c.is_linear(i) else 1 for i in range(L)])  # full-attention layers
+        mlp, deltanet, dequant = [], [], []
         for i in range(L):
             if c.is_sparse(i):
                 k, E = c.num_experts_per_tok, c.num_experts
-                mlp.append(T * k * (3 * c.moe_intermediate_size + 2 * c.hidden_size) * db + 4 * T * E)
+                mlp.append(T * k * (3 * c.moe_intermediate_size + 2 * c.hidden_size) * db + 4 * T * E
+                           + 3 * T * c.shared_expert_intermediate_size * db)
             else:
                 mlp.append(3 * T * c.intermediate_size * db)
+            if c.is_linear(i):
+                lin = c.linear
+                deltanet.append(T * db * 2 * (2 * lin.conv_dim + 2 * lin.value_dim + 2 * lin.num_value_heads)
+                                + 4 * T * lin.num_value_heads * (2 * lin.key_head_dim + 2 * lin.value_head_dim))
+            else:
+                deltanet.append(0)
             biggest = max(n_out * k_in for n_out, k_in, _ in _linears(c, i))
             dequant.append(biggest * db if self.quant == "int4" else 0)
         self._mlp_max, self._dequant_max = _range_max(mlp), _range_max(dequant)
+        self._deltanet_max = _range_max(deltanet)
         self._kv_layer = kv_bytes_per_token(c, 1, self.kv_dtype, db)  # K and V of one token, one layer
         self.seq_blocks = -(-self.max_context // self.block_size)
         H, n, m, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        self._fixed = self.overhead + T * db * (4 * H + 2 * (n + m) * h) + 2 * self.max_context * m * h * db
+        g = 2 if c.attn_output_gate else 1
+        self._fixed = self.overhead + T * db * 4 * H
+        self._attention_buffers = T * db * 2 * (n * g + m) * h + 2 * self.max_context * m * h * db
 
     def weights(self, s: int, lo: int, hi: int) -> int:
         c, db = self.config, self.dtype_bytes
@@ -254,27 +212,53 @@ class _Costs:
         return total
 
     def kv_per_token(self, lo: int, hi: int) -> int:
-        return (hi - lo) * self._kv_layer
+        return (self._attention[hi] - self._attention[lo]) * self._kv_layer
+
+    def state_per_seq(self, lo: int, hi: int) -> int:
+        return state_bytes_per_sequence(self.config, (lo, hi), self.dtype_bytes)
 
     def reserve(self, lo: int, hi: int) -> int:
         logits = 2 * self.chunk_size * self.config.vocab_size * 4 if hi == self.config.num_layers else 0
-        return self._fixed + self._mlp_max[lo][hi] + self._dequant_max[lo][hi] + logits
+        attention = self._attention_buffers if self._attention[hi] > self._attention[lo] else 0
+        return (self._fixed + attention + self._mlp_max[lo][hi] + self._deltanet_max[lo][hi]
+                + self._dequant_max[lo][hi] + logits)
 
     def need(self, s: int, lo: int, hi: int) -> int:
-        """Weights + reserve + the KV blocks of one max_context sequence."""
+        """Weights + reserve + the KV blocks of one max_context sequence + one sequence's state."""
         kv = self.seq_blocks * self.block_size * self.kv_per_token(lo, hi)
-        return self.weights(s, lo, hi) + self.reserve(lo, hi) + kv
+        return self.weights(s, lo, hi) + self.reserve(lo, hi) + kv + self.state_per_seq(lo, hi)
 
     def shortfall(self, s: int, lo: int, hi: int) -> int:
         return self.need(s, lo, hi) - self.budgets[s].bytes
 
-    def capacity_blocks(self, s: int, lo: int, hi: int) -> int:
-        free = self.budgets[s].bytes - self.weights(s, lo, hi) - self.reserve(lo, hi)
-        return free // (self.kv_per_token(lo, hi) * self.block_size)
+    def _free(self, s: int, lo: int, hi: int) -> int:
+        return self.budgets[s].bytes - self.weights(s, lo, hi) - self.reserve(lo, hi)
+
+    def capacity_slots(self, s: int, lo: int, hi: int) -> int | None:
+        """State slots this stage holds beside the KV of one max_context sequence, at most
+        max_num_seqs; None when it has no DeltaNet layer."""
+        per_seq = self.state_per_seq(lo, hi)
+        if not per_seq:
+            return None
+        kv = self.seq_blocks * self.block_size * self.kv_per_token(lo, hi)
+        return max(0, min(self.max_num_seqs, (self._free(s, lo, hi) - kv) // per_seq))
+
+    def capacity_blocks(self, s: int, lo: int, hi: int, slots: int | None = None) -> int | None:
+        """KV blocks this stage holds beside `slots` state slots (default: as many as it holds
+        itself); None when it has no full-attention layer (its blocks cost nothing)."""
+        per_token = self.kv_per_token(lo, hi)
+        if not per_token:
+            return None
+        if slots is None:
+            slots = self.capacity_slots(s, lo, hi) or 0
+        free = self._free(s, lo, hi) - slots * self.state_per_seq(lo, hi)
+        return free // (per_token * self.block_size)
 
     def read_bytes(self, lo: int, hi: int) -> int:
+        """Bytes a decode step of one max_context sequence reads and writes on [lo, hi)."""
         c, db = self.config, self.dtype_bytes
         total = self._prefix[hi] - self._prefix[lo] + self.kv_per_token(lo, hi) * self.max_context
+        total += 2 * self.state_per_seq(lo, hi)  # the recurrent state, read and written back
         if hi == c.num_layers:  # the head is read whole every step, tied or not
             total += embedding_bytes(c, db) + c.hidden_size * db
         return total
@@ -285,13 +269,34 @@ class _Costs:
     def fits(self, s: int, lo: int, hi: int) -> bool:
         return self.shortfall(s, lo, hi) <= 0
 
-    def stage(self, s: int, lo: int, hi: int) -> StagePlan:
+    def stage(self, s: int, lo: int, hi: int, slots: int) -> StagePlan:
+        blocks = self.capacity_blocks(s, lo, hi, slots)
         return StagePlan(
             device=self.budgets[s].name, layers=(lo, hi), weight_bytes=self.weights(s, lo, hi),
             kv_bytes_per_token=self.kv_per_token(lo, hi), reserve_bytes=self.reserve(lo, hi),
-            kv_tokens=max(0, self.capacity_blocks(s, lo, hi)) * self.block_size,
+            kv_tokens=max(0, blocks) * self.block_size if blocks is not None else 0,
             budget_bytes=self.budgets[s].bytes, read_bytes=self.read_bytes(lo, hi),
+            state_bytes_per_seq=self.state_per_seq(lo, hi),
         )
+
+    def pools(self, bounds: list[tuple[int, int]]) -> tuple[int, int]:
+        """(KV blocks, state slots) every stage of a cut allocates: slots first (at most max_num_seqs),
+        then the blocks left on the fullest stage. Without any KV, blocks enough for every slot's
+        max_context sequence (they cost nothing)."""
+        slot_caps = [c for s, (lo, hi) in enumerate(bounds) if (c := self.capacity_slots(s, lo, hi)) is not None]
+        slots = min(slot_caps) if slot_caps else 0
+        block_caps = [b for s, (lo, hi) in enumerate(bounds)
+                      if (b := self.capacity_blocks(s, lo, hi, slots)) is not None]
+        if not block_caps:
+            return self.seq_blocks * max(1, slots), slots
+        return max(0, min(block_caps)), slots
+
+
+def _prefix_sums(values: list[int]) -> list[int]:
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
 
 
 def _range_max(values: list[int]) -> list[list[int]]:
@@ -377,7 +382,12 @@ def _cut(costs: _Costs, split: list[int] | None) -> tuple[list[int], bool]:
     if fastest is None:  # nothing fits: show the cut that misses by the least
         return _minimize_max(S, L, costs.shortfall)[0], False
     bound = fastest[1]
-    roomiest = _minimize_max(S, L, lambda s, lo, hi: -costs.capacity_blocks(s, lo, hi),
+
+    def room(s: int, lo: int, hi: int) -> int:  # a stage without KV never limits the pool
+        blocks = costs.capacity_blocks(s, lo, hi)
+        return -(blocks if blocks is not None else 1 << 62)
+
+    roomiest = _minimize_max(S, L, room,
                              lambda s, lo, hi: costs.fits(s, lo, hi) and costs.time(s, lo, hi) <= bound)
     return roomiest[0], True
 
@@ -397,16 +407,19 @@ def plan(
     overhead_bytes: int = DEFAULT_OVERHEAD,
     speeds: list[float] | None = None,
     suggest: bool = True,
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
 ) -> Plan:
     """Cut `config` over `budgets` (one stage per device, in order) and say whether it fits.
 
     `split` (layers per stage) is validated and checked instead of chosen. `speeds` are relative
     memory bandwidths (equal by default). `max_context` defaults to the model's context limit.
+    `max_num_seqs`: sequences the engine may run at once (hybrid models: state slots to hold).
     Raises ValueError for bad arguments; a plan that does not fit is returned with fits=False.
     """
     if not budgets:
         raise ValueError("budgets: at least one device is needed")
-    for name, value in (("dtype_bytes", dtype_bytes), ("block_size", block_size), ("chunk_size", chunk_size)):
+    for name, value in (("dtype_bytes", dtype_bytes), ("block_size", block_size), ("chunk_size", chunk_size),
+                        ("max_num_seqs", max_num_seqs)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     limit = context_limit(config)
@@ -421,18 +434,20 @@ def plan(
         raise ValueError(f"speeds {speeds} must be {S} positive numbers, one per device")
     if split is not None:
         _check_split(list(split), L, S)
-    eff_quant, group = _effective_quant(config, quant, group_size)
+    eff_quant, group = effective_quant(config, quant, group_size)
     kv_element_bytes(kv_dtype, dtype_bytes)  # validates
 
     costs = _Costs(config, list(budgets), speeds, eff_quant, group, dtype_bytes, kv_dtype,
-                   block_size, max_context, chunk_size, overhead_bytes)
+                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs)
     cut, fits = _cut(costs, None if split is None else list(split))
-    stages = tuple(costs.stage(s, lo, hi) for s, (lo, hi) in enumerate(_bounds(cut)))
-    num_blocks = max(0, min(costs.capacity_blocks(s, lo, hi) for s, (lo, hi) in enumerate(_bounds(cut))))
-    result = Plan(stages, fits, block_size, num_blocks, max_context, limit, eff_quant, kv_dtype, "")
+    bounds = _bounds(cut)
+    num_blocks, num_slots = costs.pools(bounds)
+    stages = tuple(costs.stage(s, lo, hi, num_slots) for s, (lo, hi) in enumerate(bounds))
+    result = Plan(stages, fits, block_size, num_blocks, max_context, limit, eff_quant, kv_dtype, "",
+                  num_slots, max_num_seqs)
     args = dict(quant=quant, kv_dtype=kv_dtype, dtype_bytes=dtype_bytes, block_size=block_size,
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
-                overhead_bytes=overhead_bytes, speeds=speeds)
+                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += (f"\nnote: max_context {max_context:,} is beyond the model's context limit {limit:,} "
@@ -447,17 +462,25 @@ def _gib(n: int) -> str:
 
 
 def _describe(result: Plan) -> str:
-    return (f"fits: layers {result.split} over {len(result.stages)} device(s); KV pool {result.kv_tokens:,} tokens "
+    text = (f"fits: layers {result.split} over {len(result.stages)} device(s); KV pool {result.kv_tokens:,} tokens "
             f"= {result.num_sequences} sequence(s) of {result.max_context:,}")
+    per_seq = max(s.state_bytes_per_seq for s in result.stages)
+    if per_seq:
+        text += (f"; recurrent state {per_seq / MiB:,.1f} MiB per sequence on the fullest stage, "
+                 f"{result.num_slots} slot(s)")
+        if result.num_slots < result.max_num_seqs:
+            text += (f"\nmax_num_seqs {result.max_num_seqs} is bounded by recurrent-state memory: at most "
+                     f"{result.num_slots} sequence(s) run at once")
+    return text
 
 
 def _feasible(config: ModelConfig, budgets: list[DeviceBudget], args: dict, **changes) -> bool:
     """Whether some cut (or the given split) fits with `changes` applied to the plan arguments."""
     a = {**args, **changes}
-    quant, group = _effective_quant(config, a["quant"], a["group_size"])
+    quant, group = effective_quant(config, a["quant"], a["group_size"])
     costs = _Costs(config, budgets, [1.0] * len(budgets), quant, group, a["dtype_bytes"],
                    a["kv_dtype"], a["block_size"], a["max_context"],
-                   a["chunk_size"], a["overhead_bytes"])
+                   a["chunk_size"], a["overhead_bytes"], a["max_num_seqs"])
     if a["split"] is not None:
         return all(costs.fits(s, lo, hi) for s, (lo, hi) in enumerate(_bounds(list(a["split"]))))
     return len(budgets) <= config.num_layers and _greedy(len(budgets), config.num_layers, costs.fits) is not None
@@ -516,9 +539,10 @@ def _explain(result: Plan, costs: _Costs, config: ModelConfig, budgets: list[Dev
         short = costs.shortfall(s, lo, hi)
         if short > 0:
             kv = costs.seq_blocks * costs.block_size * st.kv_bytes_per_token
+            state = f" + recurrent state {_gib(st.state_bytes_per_seq)}" if st.state_bytes_per_seq else ""
             lines.append(
                 f"  {st.device} (layers [{lo}, {hi})) needs {_gib(costs.need(s, lo, hi))} = weights "
-                f"{_gib(st.weight_bytes)} + reserve {_gib(st.reserve_bytes)} + KV {_gib(kv)} for one "
+                f"{_gib(st.weight_bytes)} + reserve {_gib(st.reserve_bytes)} + KV {_gib(kv)}{state} for one "
                 f"{result.max_context:,}-token sequence, but has {_gib(st.budget_bytes)}: short by {_gib(short)}")
     if suggest:
         fixes = _fixes(result, config, budgets, args)

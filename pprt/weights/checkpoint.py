@@ -8,9 +8,11 @@ tensors a stage asks for.
 Tensors are read straight from the safetensors files with plain file reads:
 one tensor at a time is read into a host buffer, converted to the target
 dtype and moved to the target device, so the whole state dict never exists
-in host memory (peak extra host memory is about one tensor). Every header is
-validated before any data is trusted; every error names the file and tensor.
-Knows nothing about model math.
+in host memory (peak extra host memory is about one tensor). A `TensorPart`
+names a contiguous part of a stored tensor (an expert of a fused
+[E, 2I, H] tensor, or its gate rows): only that part's bytes are read. Every
+header is validated before any data is trusted; every error names the file and
+tensor. Knows nothing about model math.
 """
 
 from __future__ import annotations
@@ -116,6 +118,47 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
     end: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPart:
+    """Stored tensor `name`, or its contiguous part `t[index][rows[0]:rows[1]]`.
+
+    index: leading indices (e.g. the expert); rows: then a range of the next axis (None: all).
+    Every later axis is whole, so the part is one contiguous byte range of the file.
+    """
+
+    name: str
+    index: tuple[int, ...] = ()
+    rows: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        if not self.index and self.rows is None:
+            return self.name
+        parts = [str(i) for i in self.index] + ([f"{self.rows[0]}:{self.rows[1]}"] if self.rows else [])
+        return f"{self.name}[{', '.join(parts)}]"
+
+    def locate(self, info: TensorInfo) -> tuple[tuple[int, ...], int, int]:
+        """(shape, begin, end) of the part in the file; ValueError when it is out of the tensor."""
+        shape, k = info.shape, len(self.index)
+        if k + (self.rows is not None) > len(shape) or any(not 0 <= i < d for i, d in zip(self.index, shape)):
+            raise ValueError(f"{self} is out of range for shape {list(shape)}")
+        strides = [1] * len(shape)
+        for axis in range(len(shape) - 2, -1, -1):
+            strides[axis] = strides[axis + 1] * shape[axis + 1]
+        offset = sum(i * st for i, st in zip(self.index, strides))
+        rest = shape[k:]
+        if self.rows is not None:
+            lo, hi = self.rows
+            if not 0 <= lo < hi <= shape[k]:
+                raise ValueError(f"{self} is out of range for shape {list(shape)}")
+            offset += lo * strides[k]
+            rest = (hi - lo,) + shape[k + 1:]
+        numel = 1
+        for d in rest:
+            numel *= d
+        size = info.dtype.itemsize
+        return rest, info.begin + offset * size, info.begin + (offset + numel) * size
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -227,28 +270,39 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but absent from the shard")
         return path, header[name]
 
-    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    def locate(self, part: str | TensorPart) -> tuple[Path, torch.dtype, tuple[int, ...], int, int]:
+        """(file, dtype, shape, begin, end) of a tensor or of a part of one."""
+        part = TensorPart(part) if isinstance(part, str) else part
+        path, info = self.info(part.name)
+        try:
+            shape, begin, end = part.locate(info)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: tensor {part.name!r} has shape {list(info.shape)}: {e}") from None
+        return path, info.dtype, shape, begin, end
+
+    def read(self, name: str | TensorPart, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
              shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Tensor `name` on `device` (cast to `dtype` if given), checked against `shape` if given."""
-        path, info = self.info(name)
-        if shape is not None and tuple(shape) != info.shape:
+        """Tensor (or tensor part) `name` on `device` (cast to `dtype` if given), checked against
+        `shape` if given. Reads exactly its bytes."""
+        path, stored, got_shape, begin, end = self.locate(name)
+        if shape is not None and tuple(shape) != got_shape:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {list(info.shape)}, the config expects {list(shape)}"
+                f"{path}: tensor {str(name)!r} has shape {list(got_shape)}, the config expects {list(shape)}"
             )
-        buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
+        buf = torch.empty(end - begin, dtype=torch.uint8)
         try:  # a plain read, not mmap: file pages never count as this process's memory
             with path.open("rb") as f:
-                f.seek(info.begin)
+                f.seek(begin)
                 got = f.readinto(memoryview(buf.numpy())) if buf.numel() else 0
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+            raise CheckpointError(f"{path}: cannot read tensor {str(name)!r} ({e})") from e
         if got != buf.numel():
-            raise CheckpointError(f"{path}: truncated file while reading tensor {name!r} "
+            raise CheckpointError(f"{path}: truncated file while reading tensor {str(name)!r} "
                                   f"({got} of {buf.numel()} bytes)")
-        t = buf.view(info.dtype).reshape(info.shape)
+        t = buf.view(stored).reshape(got_shape)
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype  # ints stay ints
         return t.to(device=device, dtype=target)
 
-    def nbytes(self, name: str) -> int:
-        _, info = self.info(name)
-        return info.end - info.begin
+    def nbytes(self, name: str | TensorPart) -> int:
+        _, _, _, begin, end = self.locate(name)
+        return end - begin
