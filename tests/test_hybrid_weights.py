@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import fuse_experts, make_checkpoint, reference_greedy, reference_model
+from models import make_checkpoint, reference_greedy, reference_model
 from pprt import LLM, SamplingParams
 from pprt.config import ModelConfig
 from pprt.errors import CheckpointError
