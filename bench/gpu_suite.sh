@@ -6,6 +6,8 @@
 #                   and every test marked `gpu`)
 #   4. int4-bench   python -m bench.int4_matmul             (Qwen2.5-72B / Qwen3-32B layer shapes)
 #   5. attn-bench   python -m bench.attention               (paged decode / prefill)
+#   5b. delta-bench python -m bench.gated_delta             (Gated DeltaNet: gated delta rule and conv1d,
+#                   decode against the state bytes moved, prefill fla vs our recurrent kernel)
 #   6. generate     python -m bench.generate: Qwen2.5-7B geometry with random weights, bf16 and
 #                   Int4, 1 stage and 2 stages on the one GPU through the host transport, against
 #                   transformers; it gets whatever time the parts before it left
@@ -87,7 +89,11 @@ try:
     import triton; tv = triton.__version__
 except ImportError:
     tv = None
-print(f"python {platform.python_version()}, torch {torch.__version__}, triton {tv}, "
+try:
+    from importlib.metadata import version; fla = version("fla-core")
+except Exception:
+    fla = "not installed (pip install 'pprt[gpu]')"
+print(f"python {platform.python_version()}, torch {torch.__version__}, triton {tv}, fla-core {fla}, "
       f"cuda available {torch.cuda.is_available()}"
       + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
 EOF
@@ -95,7 +101,8 @@ EOF
 
 gpu_tests() {
     local files=()
-    for f in tests/test_paged_attention.py tests/test_int4_matmul.py tests/test_quant.py; do
+    for f in tests/test_paged_attention.py tests/test_int4_matmul.py tests/test_quant.py \
+        tests/test_gated_delta_triton.py tests/test_causal_conv1d.py tests/test_kernel_launchers.py; do
         [[ -f $f ]] && files+=("$f")
     done
     "$PY" -m pytest -q -p no:cacheprovider "${files[@]}" || return $?
@@ -130,12 +137,15 @@ part ceilings 40 "$PY" -m bench.harness "${TINY_FLAG[@]}" --results-dir "$RESULT
 if ((TINY)); then
     PARTS+=(gpu-tests); STATUS+=("skipped (--tiny)"); SECONDS_USED+=(0)
 else
-    part gpu-tests 110 gpu_tests
+    part gpu-tests 140 gpu_tests
 fi
 if [[ -f bench/int4_matmul.py ]]; then
     part int4-bench 75 "$PY" -m bench.int4_matmul "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
 fi
 part attn-bench 75 "$PY" -m bench.attention "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
+if [[ -f bench/gated_delta.py ]]; then
+    part delta-bench 60 "$PY" -m bench.gated_delta "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
+fi
 part generate 400 generate_bench
 
 echo
@@ -185,6 +195,14 @@ if attn:
     fr = [r["frac_copy"] for r in attn if r.get("kind") == "decode" and num(r.get("frac_copy"))]
     print(f"attention: {len(attn)} rows; decode fraction of copy bandwidth up to {max(fr, default=0):.2f}; "
           f"goals met {sum(met)}/{len(met)}")
+delta = rows("gated_delta")
+if delta:
+    met = [r.get("goal_met") for r in delta if isinstance(r.get("goal_met"), bool)]
+    fr = [r["frac_copy"] for r in delta if r.get("kind") == "decode" and r.get("op") == "gated_delta"]
+    vs = [f"{r['rows']}: {r['vs_recurrent']:.2g}x" for r in delta
+          if r.get("op") == "gated_delta" and r.get("kind") == "prefill" and num(r.get("vs_recurrent"))]
+    print(f"gated_delta: {len(delta)} rows; decode fraction of copy bandwidth up to {max(fr, default=0):.2f}; "
+          f"prefill vs our recurrent kernel {', '.join(vs) or '-'}; goals met {sum(met)}/{len(met)}")
 gen = rows("generate")
 if gen:
     for r in gen:

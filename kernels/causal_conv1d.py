@@ -14,6 +14,10 @@ as transformers' `causal_conv1d_fn` / `causal_conv1d_update` compute it
 Accumulation is in fp32, rounded once to x.dtype.
 
 `causal_conv1d_ref` is plain torch (the CPU path and the test oracle);
+`causal_conv1d_triton` one Triton kernel for decode and prefill alike: a program per
+(sequence, block of channels) walks the sequence's rows in tiles, reading the inputs that
+precede its first row from the slot, and finally writes the slot's new K-1 inputs in place
+(no host sync: the row tile size comes from T / B, known on the host);
 `causal_conv1d` dispatches with `pprt_kernels.use_triton`.
 This module knows nothing of which channels are q, k or v.
 """
@@ -23,7 +27,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import use_triton
 from .varlen import check_layout, check_layout_values
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs run the reference
+    triton = None
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACTIVATIONS = ("silu", None)
@@ -83,6 +94,93 @@ def causal_conv1d_ref(
     return y
 
 
+# ---------------------------------------------------------------- Triton path
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, idx_ptr, qsl_ptr, C,
+        stride_xt, stride_xc, stride_wc, stride_wk, stride_yt, stride_yc, stride_ss, stride_sc, stride_sk,
+        K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    ):
+        # grid (sequences, channel blocks); rows of the sequence in tiles of BT (BT >= K-1)
+        b, pid_c = tl.program_id(0), tl.program_id(1)
+        bos = tl.load(qsl_ptr + b).to(tl.int64)
+        length = tl.load(qsl_ptr + b + 1).to(tl.int64) - bos
+        slot = tl.load(idx_ptr + b).to(tl.int64)
+        offs_c = pid_c * BC + tl.arange(0, BC)
+        mask_c = offs_c < C
+        s_base = s_ptr + slot * stride_ss + offs_c * stride_sc  # [BC] this slot's channels
+        for t0 in range(0, length, BT):
+            offs_t = t0 + tl.arange(0, BT)  # positions in the sequence
+            mask_t = offs_t < length
+            acc = tl.full((BT, BC), 0.0, dtype=tl.float32)
+            for j in tl.static_range(K):
+                p = offs_t - (K - 1) + j  # the input this tap reads: x row p, or slot column p + K-1
+                in_x = (mask_t & (p >= 0))[:, None] & mask_c[None, :]
+                in_s = (mask_t & (p < 0))[:, None] & mask_c[None, :]
+                xv = tl.load(x_ptr + (bos + p)[:, None] * stride_xt + offs_c[None, :] * stride_xc, mask=in_x, other=0.0)
+                sv = tl.load(s_base[None, :] + (p + K - 1)[:, None] * stride_sk, mask=in_s, other=0.0)
+                w = tl.load(w_ptr + offs_c * stride_wc + j * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
+                acc += (xv.to(tl.float32) + sv.to(tl.float32)) * w[None, :]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+            if SILU:
+                acc = acc * tl.sigmoid(acc)
+            y_ptrs = y_ptr + (bos + offs_t)[:, None] * stride_yt + offs_c[None, :] * stride_yc
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
+        # the new state: column i holds input length - (K-1) + i (from x, or the old state if before row 0)
+        offs_i = tl.arange(0, KP)
+        p = length - (K - 1) + offs_i
+        in_x = mask_c[:, None] & ((offs_i < K - 1) & (p >= 0))[None, :]
+        in_s = mask_c[:, None] & ((offs_i < K - 1) & (p < 0))[None, :]
+        xv = tl.load(x_ptr + (bos + p)[None, :] * stride_xt + offs_c[:, None] * stride_xc, mask=in_x, other=0.0)
+        sv = tl.load(s_base[:, None] + (p + K - 1)[None, :] * stride_sk, mask=in_s, other=0.0)
+        tl.debug_barrier()  # every read of the old state is done before it is overwritten
+        new_mask = mask_c[:, None] & (offs_i < K - 1)[None, :]
+        tl.store(s_base[:, None] + offs_i[None, :] * stride_sk, (xv + sv).to(s_ptr.dtype.element_ty), mask=new_mask)
+
+
+def causal_conv1d_triton(
+    x: torch.Tensor,  # [T, C]
+    weight: torch.Tensor,  # [C, K]
+    bias: torch.Tensor | None,  # [C]
+    conv_state: torch.Tensor,  # [num_slots, C, K-1], x.dtype; updated in place
+    state_indices: torch.Tensor,  # int32 [B]
+    query_start_loc: torch.Tensor,  # int32 [B + 1]
+    *,
+    activation: str | None = "silu",
+) -> torch.Tensor:  # [T, C] in x.dtype
+    """Launcher: checks, allocates y, one launch for decode and prefill; no host sync.
+
+    Slots must be distinct (not checked: that would need a sync). Any strides. Raises
+    ValueError as the reference does. Never cached: the result depends on the tensors' contents.
+    """
+    t, c, k = _check(x, weight, bias, conv_state, state_indices, query_start_loc, activation)
+    if triton is None:
+        raise RuntimeError("causal_conv1d: triton is not installed")
+    b = state_indices.shape[0]
+    y = torch.empty((t, c), dtype=x.dtype, device=x.device)
+    if b == 0:
+        return y
+    kp = max(2, triton.next_power_of_2(k - 1))
+    block_t = min(64, max(kp, triton.next_power_of_2(max(1, -(-t // b)))))  # ~ the mean rows per sequence
+    block_c = 128 if block_t <= 16 else 64
+    _conv_kernel[(b, triton.cdiv(c, block_c))](
+        x, weight, bias if bias is not None else weight, y, conv_state, state_indices, query_start_loc, c,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
+        K=k, KP=kp, BT=block_t, BC=block_c, HAS_BIAS=bias is not None, SILU=activation == "silu",
+        num_warps=4,
+    )
+    return y
+
+
+# ---------------------------------------------------------------- dispatch
+
+
 def causal_conv1d(
     x: torch.Tensor,  # [T, C]
     weight: torch.Tensor,  # [C, K]
@@ -93,5 +191,7 @@ def causal_conv1d(
     *,
     activation: str | None = "silu",
 ) -> torch.Tensor:  # [T, C] in x.dtype
-    """The one entry point: the reference on every device until the Triton kernel lands."""
+    """The one entry point: Triton where `use_triton`, else the reference."""
+    if use_triton(x.device):
+        return causal_conv1d_triton(x, weight, bias, conv_state, state_indices, query_start_loc, activation=activation)
     return causal_conv1d_ref(x, weight, bias, conv_state, state_indices, query_start_loc, activation=activation)

@@ -128,3 +128,79 @@ def test_checks_name_the_argument():
         call(qsl=torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="one slot twice"):
         call(idx=torch.tensor([1, 1], dtype=torch.int32, device=DEVICE))
+
+
+# ---------------------------------------------------------------- Triton (under TRITON_INTERPRET=1 on CPU)
+
+
+@pytest.mark.parametrize(
+    "lens,k,c,dtype,bias,activation,tol",
+    [
+        ([1, 1, 1], 4, 37, torch.float32, True, "silu", 1e-6),
+        ([1, 2, 5, 17, 0], 4, 37, torch.float32, False, "silu", 1e-6),
+        ([3, 1, 40], 4, 130, torch.float16, True, None, 2e-3),
+        ([2, 6], 4, 20, torch.bfloat16, True, "silu", 1e-2),
+        ([1, 3, 9], 2, 20, torch.float32, True, "silu", 1e-6),
+        ([1, 3, 9], 6, 20, torch.float32, True, "silu", 1e-6),
+    ],
+    ids=["decode-K4", "mixed-K4-nobias", "fp16-linear-C130", "bf16", "K2", "K6"],
+)
+def test_triton_matches_reference(lens, k, c, dtype, bias, activation, tol):
+    case, case_ref = (make_case(lens, c=c, k=k, bias=bias, dtype=dtype, seed=6) for _ in range(2))
+    before = case["state"].clone()
+    y = run(cc.causal_conv1d_triton, case, activation=activation)
+    want = run(cc.causal_conv1d_ref, case_ref, activation=activation)
+    assert y.dtype == dtype and rel_err(y, want) < tol
+    assert torch.equal(case["state"], case_ref["state"])  # copies of inputs: exact
+    others = [s for s in range(before.shape[0]) if s not in case["idx"].tolist()]
+    assert torch.equal(case["state"][others], before[others])
+
+
+def test_triton_strided_operands():
+    """x a column slice of the packed projection, the pool one layer of a [slots, layers, C, K-1] buffer."""
+    lens = [4, 1]
+    case, case_ref = make_case(lens, seed=7), make_case(lens, seed=7)
+    wide = torch.randn(5, 50, device=DEVICE)
+    wide[:, 5:42] = case["x"]
+    case["x"] = wide[:, 5:42]
+    pool = torch.randn(6, 2, 37, 3, device=DEVICE)
+    pool[:, 1] = case["state"]
+    case["state"] = pool[:, 1]
+    y = run(cc.causal_conv1d_triton, case)
+    assert rel_err(y, run(cc.causal_conv1d_ref, case_ref)) < 1e-6
+    assert torch.equal(pool[:, 1], case_ref["state"])
+
+
+def test_triton_chunks_equal_one_call(monkeypatch):
+    monkeypatch.setenv("PPRT_KERNELS", "triton")
+    test_chunks_equal_one_call(cc.causal_conv1d)
+
+
+def test_dispatch_follows_pprt_kernels(monkeypatch):
+    case = make_case([2, 1], seed=8)
+    calls = []
+    fake = lambda *a, **kw: calls.append("triton") or cc.causal_conv1d_ref(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(cc, "causal_conv1d_triton", fake)
+    monkeypatch.setenv("PPRT_KERNELS", "triton")
+    run(cc.causal_conv1d, case)
+    monkeypatch.setenv("PPRT_KERNELS", "ref")
+    run(cc.causal_conv1d, case)
+    assert calls == ["triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_on_gpu_qwen_width_and_no_sync():
+    """Qwen3.5-27B's conv width (10240 channels), bf16, prompts beside decode rows; decode never syncs."""
+    lens = [1, 300, 2, 1]
+    case, case_ref = (make_case(lens, c=10240, num_slots=6, dtype=torch.bfloat16, seed=9) for _ in range(2))
+    y = run(cc.causal_conv1d_triton, case)
+    case_ref = {n: (x.cpu() if x is not None else None) for n, x in case_ref.items()}
+    assert rel_err(y.cpu(), run(cc.causal_conv1d_ref, case_ref)) < 1e-2
+    assert torch.equal(case["state"].cpu(), case_ref["state"])
+    d = make_case([1] * 4, c=10240, dtype=torch.bfloat16, seed=10)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(cc.causal_conv1d_triton, d)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -9,6 +9,7 @@ Lengths are odd and cross transformers' 64-token chunk.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -22,6 +23,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the plain torch functions, even where transformers routes the names to an installed fla
 HF_RECURRENT = inspect.unwrap(hf.torch_recurrent_gated_delta_rule)
 HF_CHUNK = inspect.unwrap(hf.torch_chunk_gated_delta_rule)
+
+
+# every torch path; the chunked one with 16-row chunks, so 66 rows span 5 chunks
+IMPLS = {
+    "ref": gd.gated_delta_rule_ref,
+    "chunked": functools.partial(gd.gated_delta_rule_chunked, chunk=16),
+    "dispatch": gd.gated_delta_rule,
+}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -57,15 +66,16 @@ def run(fn, c, state=None, **kw):
     )
 
 
+@pytest.mark.parametrize("impl", ["ref", "chunked"])
 @pytest.mark.parametrize("hf_fn", [HF_RECURRENT, HF_CHUNK], ids=["recurrent", "chunk"])
 @pytest.mark.parametrize("l2norm", [True, False], ids=["l2norm", "raw-qk"])
-def test_reference_matches_transformers(hf_fn, l2norm):
-    lens = [1, 7, 66, 13]
+def test_torch_paths_match_transformers(impl, hf_fn, l2norm):
+    lens = [1, 7, 66, 13, 16]  # short ones go token by token on the chunked path too
     c = make_case(lens, seed=1)
     if not l2norm:  # keep the unnormalised recurrence bounded: |k|^2 * beta < 2
         c["q"], c["k"] = c["q"] * 0.2, c["k"] * 0.2
     before = c["state"].clone()
-    o = run(gd.gated_delta_rule_ref, c, use_qk_l2norm=l2norm)
+    o = run(IMPLS[impl], c, use_qk_l2norm=l2norm)
     assert o.shape == c["v"].shape and o.dtype == torch.float32
     qsl, slots = c["qsl"].tolist(), c["idx"].tolist()
     for b, slot in enumerate(slots):
@@ -116,8 +126,9 @@ def run_in_steps(fn, c, lens, steps, **kw):
     return o
 
 
-@pytest.mark.parametrize("fn", [gd.gated_delta_rule_ref, gd.gated_delta_rule], ids=["ref", "dispatch"])
-def test_prefill_in_chunks_equals_one_call(fn):
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_prefill_in_chunks_equals_one_call(impl):
+    fn = IMPLS[impl]
     whole = make_case(LENS, seed=2)
     parts = make_case(LENS, seed=2)
     o_whole = run(fn, whole, max_query_len=max(LENS))
@@ -149,6 +160,15 @@ def test_empty_sequence_and_untouched_state():
     assert not torch.equal(c["state"][int(c["idx"][0])], before[int(c["idx"][0])])
 
 
+@pytest.mark.parametrize("length", [8, 64, 65, 200])
+def test_chunked_path_lengths(length):
+    """Whole chunks, one row past a chunk, and the shortest length the chunked path takes."""
+    c, c_ref = make_case([length, 3], seed=6), make_case([length, 3], seed=6)
+    o = run(gd.gated_delta_rule_chunked, c)
+    assert rel_err(o, run(gd.gated_delta_rule_ref, c_ref)) < 1e-5
+    assert rel_err(c["state"], c_ref["state"]) < 1e-5
+
+
 def test_checks_name_the_argument():
     c = make_case([3, 2], seed=5)
     q, k = (c[n].repeat_interleave(c["group"], dim=1) for n in ("q", "k"))
@@ -176,3 +196,18 @@ def test_checks_name_the_argument():
         call(6, torch.tensor([0, 7], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="max_query_len"):
         call(max_query_len=torch.tensor(3))
+
+
+def test_bench_tiny_runs(tmp_path):
+    from bench import gated_delta as bench
+
+    rows = bench.main(["--tiny", "--results-dir", str(tmp_path)])
+    assert {(r["op"], r["kind"]) for r in rows} == {
+        (op, kind) for op in ("gated_delta", "conv1d") for kind in ("decode", "prefill", "mixed")
+    }
+    for r in rows:  # the benchmark's own check of the dispatched path against the reference
+        assert r["kernel_s"] > 0 and r["GBps"] > 0 and r["rel_err"] < 1e-5, r
+    saved = (tmp_path / "gated_delta.jsonl").read_text().splitlines()
+    assert len(saved) == len(rows)
+    if DEVICE == "cpu":
+        assert all(r["triton_s"] == "not measured" and r.get("goal_met") is None for r in rows)

@@ -16,6 +16,9 @@ import weakref
 import pytest
 import torch
 
+import pprt_kernels.causal_conv1d as cc
+import pprt_kernels.gated_delta as gd
+import pprt_kernels.gated_delta_triton as gt
 import pprt_kernels.int4_matmul as im
 import pprt_kernels.paged_attention as pa
 
@@ -66,11 +69,57 @@ def _attention_ref(args, kw):
     return pa.paged_attention_ref(*args, kw["scale"], max_query_len=1, max_context_len=11)
 
 
+def _delta_args(gen: torch.Generator, lens=(1, 1)) -> tuple[list[torch.Tensor], dict]:
+    t, h, dk, dv = sum(lens), 2, 8, 8
+    q, k = torch.randn(t, h, dk, generator=gen), torch.randn(t, h, dk, generator=gen)
+    v = torch.randn(t, h, dv, generator=gen)
+    g, beta = -torch.rand(t, h, generator=gen), torch.rand(t, h, generator=gen)
+    state = torch.randn(4, h, dk, dv, generator=gen)
+    idx = torch.tensor([2, 0], dtype=torch.int32)
+    qsl = torch.tensor([0, lens[0], t], dtype=torch.int32)
+    return [x.to(DEVICE) for x in (q, k, v, g, beta, state, idx, qsl)], {"scale": dk**-0.5, "max_query_len": max(lens)}
+
+
+def _delta_prefill_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
+    return _delta_args(gen, lens=(3, 2))
+
+
+def _with_state_copy(fn, state_arg):
+    """Run a launcher on a copy of its state pool (the caller's stays as built) and return
+    its output and the final states, so a stale state shows as a wrong result."""
+
+    def call(args, kw):
+        args = list(args)
+        args[state_arg] = args[state_arg].clone()
+        out = fn(*args, **kw)
+        return torch.cat([out.flatten(), args[state_arg].flatten().to(out.dtype)])
+
+    return call
+
+
+def _conv_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
+    x = torch.randn(4, 12, generator=gen)
+    weight, bias = torch.randn(12, 4, generator=gen), torch.randn(12, generator=gen)
+    state = torch.randn(3, 12, 3, generator=gen)
+    idx, qsl = torch.tensor([1, 2], dtype=torch.int32), torch.tensor([0, 1, 4], dtype=torch.int32)
+    return [t.to(DEVICE) for t in (x, weight, bias, state, idx, qsl)], {}
+
+
 # name -> (build arguments, launcher, reference, index of the argument changed in place)
 LAUNCHERS = {
     "int4_matmul": (_int4_args, _int4_matmul, _int4_matmul_ref, 0),
     "int4_dequantize": (_int4_args, _int4_dequant, _int4_dequant_ref, 1),
     "paged_attention_decode": (_attention_args, _attention, _attention_ref, 0),
+    "gated_delta_decode": (
+        _delta_args, _with_state_copy(gt.gated_delta_rule_triton, 5), _with_state_copy(gd.gated_delta_rule_ref, 5), 5,
+    ),
+    "gated_delta_prefill": (
+        _delta_prefill_args, _with_state_copy(gt.gated_delta_rule_triton, 5),
+        _with_state_copy(gd.gated_delta_rule_ref, 5), 0,
+    ),
+    "causal_conv1d": (
+        _conv_args, _with_state_copy(cc.causal_conv1d_triton, 3), _with_state_copy(cc.causal_conv1d_ref, 3), 3,
+    ),
 }
 
 
