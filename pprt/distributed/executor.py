@@ -9,6 +9,7 @@ be in flight: one per stage), `num_blocks` (KV blocks every stage holds) and
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import torch
@@ -21,6 +22,7 @@ from .worker import Worker, WorkerSpec, cache_spec, peak_rss_bytes, state_spec, 
 
 CPU_KV_BUDGET = 64 * 2**20  # bytes: by default a CPU stage's KV pool is at most this (it is zero-filled, so resident)
 CPU_STATE_BUDGET = 64 * 2**20  # bytes: the same for a CPU stage's state pool
+log = logging.getLogger("pprt")
 
 
 class LocalExecutor:
@@ -70,6 +72,11 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
                         seed=seed) for stage, device in zip(result.stages, devices)]
     pools = PoolSizes(_kv_blocks(specs, result.num_blocks, kv_cache_memory), _state_slots(specs, result.num_slots))
+    if config.hybrid and pools.slots < max_num_seqs:
+        per_seq = max(st.state_bytes_per_seq for st in result.stages)
+        log.warning("max_num_seqs %d is bounded by recurrent-state memory: %d state slot(s) of %.1f MiB per "
+                    "sequence on the fullest stage, so at most %d sequences run at once", max_num_seqs,
+                    pools.slots, per_seq / 2**20, pools.slots)
     if torchrun:
         from .pipeline import TorchrunExecutor
         from .stage_main import torchrun_transport
