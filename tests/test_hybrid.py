@@ -118,8 +118,10 @@ def test_pipeline_matches_transformers(oracles, name):
         assert [tuple(s.layers) for s in llm.executor.specs] == [
             (sum(split[:i]), sum(split[:i + 1])) for i in range(len(split))]
         batch = llm.generate(PROMPTS, GREEDY)
+        alone = llm.generate(PROMPTS[2], GREEDY)  # 5 chunks of one prompt in the pipeline at once
         stats = llm.stats()
     oracle.check(batch)
+    oracle.check(alone, PROMPTS[2:3])
     kv = [s.kv_cache_bytes for s in stats.stages]
     state = [s.state_cache_bytes for s in stats.stages]
     for s in stats.stages:
@@ -167,3 +169,41 @@ def _kv_bytes_per_block(path) -> int:
 
     config = load_config(ModelSource(path))
     return cache_spec(WorkerSpec(str(path), config, (0, config.num_layers), "cpu", torch.float32)).bytes_per_block
+
+
+# ---- slow: every variant through a pipeline, preemption and tiny chunks across stages -------------
+
+SLOW_PIPELINES = {f"{name}-2stages": (name, [3, 5] if "qwen2_moe" not in name else [1, 2])
+                  for name in VARIANTS if name not in ("qwen3_5-multimodal",)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW_PIPELINES))
+def test_every_variant_through_two_stages(oracles, name):
+    variant, split = SLOW_PIPELINES[name]
+    oracle = oracles(variant)
+    with LLM(str(oracle.path), devices=["cpu", "cpu"], split=split, chunk_size=5) as llm:
+        oracle.check(llm.generate(PROMPTS, GREEDY))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [1, 2, 3])
+def test_tiny_chunks_across_three_stages(oracles, chunk_size):
+    oracle = oracles("qwen3_5_text")
+    with LLM(str(oracle.path), devices=["cpu"] * 3, split=[2, 3, 3], chunk_size=chunk_size) as llm:
+        oracle.check(llm.generate(PROMPTS[:1] + PROMPTS[3:], GREEDY), PROMPTS[:1] + PROMPTS[3:])
+
+
+@pytest.mark.slow
+def test_tiny_pool_in_a_pipeline(oracles):
+    """Sequences wait for blocks (in a pipeline they are mostly in flight, so rarely preempted)."""
+    oracle = oracles("qwen3_5-multimodal")
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[3], PROMPTS[1]]
+    kv_bytes = _kv_bytes_per_block(oracle.path) * 3  # 6 blocks: each stage holds 1 of the 2 full layers
+    with LLM(str(oracle.path), devices=["cpu", "cpu"], split=[4, 4], kv_cache_memory=kv_bytes,
+             max_num_seqs=3) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        stats = llm.stats()
+        assert llm.blocks.num_free == llm.blocks.num_blocks and llm.slots.num_free == llm.slots.num_slots
+    assert stats.kv_blocks_total == 6 and stats.state_slots_total == 3
+    oracle.check(outs, prompts)
