@@ -5,13 +5,14 @@
 #   3. gpu-tests    kernel correctness with Triton compiled for real (the kernel test files,
 #                   and every test marked `gpu`)
 #   4. int4-bench   python -m bench.int4_matmul             (Qwen2.5-72B / Qwen3-32B layer shapes)
-#   5. attn-bench   python -m bench.attention               (paged decode / prefill)
-#   5b. delta-bench python -m bench.gated_delta             (Gated DeltaNet: gated delta rule and conv1d,
+#   5. fp8-bench    python -m bench.fp8_matmul              (W8A16 vs cuBLAS bf16, Qwen3.5-27B / 122B-A10B shapes)
+#   6. attn-bench   python -m bench.attention               (paged decode / prefill)
+#   6b. delta-bench python -m bench.gated_delta             (Gated DeltaNet: gated delta rule and conv1d,
 #                   decode against the state bytes moved, prefill fla vs our recurrent kernel)
-#   6. generate     python -m bench.generate: Qwen2.5-7B geometry with random weights, bf16 and
+#   7. generate     python -m bench.generate: Qwen2.5-7B geometry with random weights, bf16 and
 #                   Int4, 1 stage and 2 stages on the one GPU through the host transport, against
 #                   transformers; it gets whatever time the parts before it left
-#   7. a summary table, printed last
+#   8. a summary table, printed last
 # Each part runs under `timeout`; a part that fails or runs out of time is reported and the
 # others go on. JSON rows are appended to bench/results/ (RESULTS_DIR); each part's log goes
 # to LOG_DIR (default: a temp dir, or $OUT when set). Exit status: the number of failed parts.
@@ -101,7 +102,7 @@ EOF
 
 gpu_tests() {
     local files=()
-    for f in tests/test_paged_attention.py tests/test_int4_matmul.py tests/test_quant.py \
+    for f in tests/test_paged_attention.py tests/test_int4_matmul.py tests/test_quant.py tests/test_fp8_matmul.py \
         tests/test_gated_delta_triton.py tests/test_causal_conv1d.py tests/test_kernel_launchers.py; do
         [[ -f $f ]] && files+=("$f")
     done
@@ -141,6 +142,9 @@ else
 fi
 if [[ -f bench/int4_matmul.py ]]; then
     part int4-bench 75 "$PY" -m bench.int4_matmul "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
+fi
+if [[ -f bench/fp8_matmul.py ]]; then
+    part fp8-bench 75 "$PY" -m bench.fp8_matmul "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
 fi
 part attn-bench 75 "$PY" -m bench.attention "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
 if [[ -f bench/gated_delta.py ]]; then
@@ -189,6 +193,16 @@ if int4:
     print(f"int4_matmul: {len(int4)} rows; M <= 16 fraction of copy bandwidth "
           f"{min(fr):.2f}..{max(fr):.2f}" if fr else f"int4_matmul: {len(int4)} rows", end="")
     print(f"; goals met {sum(met)}/{len(met)}" if met else "")
+fp8 = rows("fp8_matmul")
+if fp8:
+    fr = [num(r.get("frac_copy_bw")) for r in fp8 if r.get("M", 1 << 30) <= 16]
+    fr = [f for f in fr if f is not None]
+    sp = [num(r.get("speedup_vs_bf16")) for r in fp8 if r.get("M", 1 << 30) <= 16]
+    sp = [f for f in sp if f is not None]
+    met = [r.get("goal_met") for r in fp8 if isinstance(r.get("goal_met"), bool)]
+    print(f"fp8_matmul: {len(fp8)} rows" + (f"; M <= 16 fraction of copy bandwidth {min(fr):.2f}..{max(fr):.2f}, "
+          f"speedup vs bf16 {min(sp):.2f}..{max(sp):.2f}x" if fr and sp else "")
+          + (f"; goals met {sum(met)}/{len(met)}" if met else ""))
 attn = rows("attention")
 if attn:
     met = [r.get("goal_met") for r in attn if isinstance(r.get("goal_met"), bool)]

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
+from .quantization import QuantConfig  # noqa: F401  (re-exported: the formats' rules live there)
 
 log = logging.getLogger("pprt")
 
@@ -67,51 +68,6 @@ class RopeConfig:
                 raise ConfigError(f"rope_scaling.factor must be positive, got {self.factor}")
             if not self.original_max_position:
                 raise ConfigError("yarn rope_scaling needs original_max_position_embeddings")
-
-
-@dataclass(frozen=True, slots=True)
-class QuantConfig:
-    """`quantization_config` of a GPTQ or AWQ checkpoint (4-bit only)."""
-
-    method: str  # "gptq" or "awq"
-    bits: int = 4
-    group_size: int = 128
-    desc_act: bool = False  # gptq: g_idx is a permutation-derived group per row
-    sym: bool = True  # gptq
-    checkpoint_format: str = "gptq"  # gptq: "gptq" (v1, zeros stored minus one) or "gptq_v2"
-
-    def __post_init__(self) -> None:
-        if self.method not in ("gptq", "awq"):
-            raise ConfigError(f"quantization_config.quant_method {self.method!r} is not supported (gptq, awq)")
-        if self.bits != 4:
-            raise ConfigError(f"quantization_config.bits = {self.bits} is not supported (only 4)")
-        if self.group_size <= 0 or self.group_size % 8:
-            raise ConfigError(
-                f"quantization_config.group_size = {self.group_size} is not supported "
-                "(a positive multiple of 8; per-channel -1 is not implemented)"
-            )
-        if self.checkpoint_format not in ("gptq", "gptq_v2"):
-            raise ConfigError(f"quantization_config.checkpoint_format {self.checkpoint_format!r} is not supported")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> QuantConfig:
-        method = str(d.get("quant_method", "")).lower()
-        if method == "awq":
-            version = str(d.get("version", "gemm")).lower()
-            if version != "gemm":
-                raise ConfigError(f"quantization_config.version {version!r} is not supported for awq (only gemm)")
-            if d.get("zero_point", True) is False:
-                raise ConfigError("quantization_config.zero_point = false is not supported for awq")
-            return cls(method="awq", bits=int(d.get("bits", d.get("w_bit", 4))),
-                       group_size=int(d.get("group_size", d.get("q_group_size", 128))), sym=False)
-        return cls(
-            method=method,
-            bits=int(d.get("bits", 4)),
-            group_size=int(d.get("group_size", 128)),
-            desc_act=bool(d.get("desc_act", False)),
-            sym=bool(d.get("sym", True)),
-            checkpoint_format=str(d.get("checkpoint_format", "gptq")),
-        )
 
 
 @dataclass(frozen=True, slots=True)

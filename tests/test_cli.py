@@ -274,13 +274,14 @@ def test_demo_model_path_points_into_the_package():
     assert demo_model_path() == Path(pprt.__file__).resolve().parent / "demo"
 
 
-def test_quantize_at_load_reports_its_time(tmp_path, capsys):
+@pytest.mark.parametrize("quant", ["int4", "fp8"])
+def test_quantize_at_load_reports_its_time(quant, tmp_path, capsys):
     model = make_checkpoint(tmp_path, "qwen3", hidden_size=128, intermediate_size=256, head_dim=32)
-    assert cli.main(["--model", str(model), "--devices", "cpu", "--prompt", PROMPT, "--quant", "int4",
+    assert cli.main(["--model", str(model), "--devices", "cpu", "--prompt", PROMPT, "--quant", quant,
                      "--max-new-tokens", "3", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"load \d+\.\d\d s \(quantizing \d+\.\d\d s\)", err), err
-    assert cli.main(["--model", str(model), "--devices", "cpu", "--prompt", PROMPT, "--quant", "int4",
+    assert cli.main(["--model", str(model), "--devices", "cpu", "--prompt", PROMPT, "--quant", quant,
                      "--max-new-tokens", "3", "--temperature", "0", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)["statistics"]
     assert 0 < stats["quantize_s"] <= stats["load_s"]

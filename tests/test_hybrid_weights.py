@@ -146,12 +146,12 @@ def test_transposed_fused_experts_are_refused_by_name(tmp_path):
         LLM(str(path), devices=["cpu"])
 
 
-# ---- Int4 quantize-at-load ----------------------------------------------------------------------
+# ---- Int4 quantize-at-load (pprt.quantization: group 128, 64 or 32, else float) ---------------------
 
-# hidden and expert widths fit the group (128); DeltaNet's value width (4 x 16 = 64) and the
-# shared expert's (48) do not: out_proj and shared_expert.down_proj stay float
+# hidden and expert widths fit group 128; DeltaNet's value width (4 x 12 = 48) and the shared
+# expert's (48) fit no group of 128, 64, 32: out_proj and shared_expert.down_proj stay float
 INT4 = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=128, shared_expert_intermediate_size=48,
-            num_attention_heads=4, head_dim=32)
+            num_attention_heads=4, head_dim=32, linear_value_head_dim=12)
 PROMPTS = [[5, 17, 40, 33, 100, 7], list(range(30, 100, 3))]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
 
@@ -173,8 +173,9 @@ def test_quantize_at_load_matches_transformers_on_rtn_weights(tmp_path, family, 
         outs = llm.generate(PROMPTS, GREEDY)
         rtn = {f"{p}.weight": dequantize(m.weight) for p, m in kinds.items() if isinstance(m, Int4Linear)}
     for prefix, m in kinds.items():
-        fits = m.in_features % 128 == 0 and prefix != "lm_head" and not prefix.endswith(("mlp.gate", "expert_gate"))
+        fits = m.in_features % 32 == 0 and prefix != "lm_head" and not prefix.endswith(("mlp.gate", "expert_gate"))
         assert isinstance(m, Int4Linear) == fits, prefix
+        assert not isinstance(m, Int4Linear) or m.group_size == 128, prefix  # every fitting width is 128 here
     in_proj = "linear_attn.in_proj_qkvz" if family == "qwen3_next" else "linear_attn.in_proj_qkv"
     assert any(name.endswith(f"{in_proj}.weight") for name in rtn)
     assert "stay in the model dtype" in caplog.text and "linear_attn.out_proj" in caplog.text
@@ -217,3 +218,73 @@ def test_stage_parameters_equal_the_planned_bytes():
         st = result.stages[1]
         params = sum(p.numel() * 2 for p in Stage(config, st.layers).parameters())
         assert st.weight_bytes == params, name
+
+
+# ---- FP8: official block-wise files and quant="fp8" on the hybrid layouts -----------------------
+
+def test_official_fp8_multimodal_release_matches_transformers_on_dequantized_weights(tmp_path):
+    """Qwen3.5-MoE layout (model.language_model.*, experts per expert): FP8 weights with block
+    scales for every linear but the routers and shared-expert gates; conv1d, norms, A_log in bf16."""
+    from ckpt_files import read_tensors, write_sharded
+    from fp8_packers import fp8_block_quantize
+    from pprt.weights.fp8 import Fp8Linear
+
+    src = make_checkpoint(tmp_path / "float", "qwen3_5_moe", tokenizer=False, expert_layout="per_expert",
+                          max_shard_size="300KB", hidden_size=160, head_dim=40)
+    config = json.loads((src / "config.json").read_text())
+    fp8, deq = {}, {}
+    skip = (".mlp.gate.weight", "shared_expert_gate.weight", "embed_tokens.weight")
+    for name, t in read_tensors(src).items():
+        if t.dim() != 2 or name.endswith(skip) or name.startswith(("lm_head", "model.visual.", "mtp.")):
+            fp8[name], deq[name] = t.bfloat16(), t.bfloat16().float()
+            continue
+        stored, w = fp8_block_quantize(t)
+        fp8.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in stored.items()})
+        deq[name] = w
+    qcfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+            "modules_to_not_convert": ["lm_head", "model.visual", "mtp"]}
+    write_sharded(tmp_path / "fp8", fp8, dict(config, quantization_config=qcfg))
+    write_sharded(tmp_path / "deq", deq, config)
+    with LLM(str(tmp_path / "fp8"), devices=["cpu", "cpu"], split=[3, 5], dtype="float32") as llm:
+        outs = llm.generate(PROMPTS, GREEDY)
+    with LLM(str(tmp_path / "fp8"), devices=["cpu"], dtype="float32") as llm:
+        kinds = {p: type(m) for p, m in llm.executor.worker.stage.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))}
+    assert kinds["model.layers.0.linear_attn.in_proj_qkv"] is Fp8Linear
+    assert kinds["model.layers.3.mlp.experts.5.down_proj"] is Fp8Linear
+    assert kinds["model.layers.0.mlp.gate"] is nn.Linear and kinds["lm_head"] is nn.Linear
+    ref = reference_model(tmp_path / "deq")
+    for prompt, out in zip(PROMPTS, outs):
+        tokens, logprobs = reference_greedy(ref, prompt, 12)
+        assert out.token_ids == tokens
+        ours = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
+        assert torch.allclose(ours, torch.tensor(logprobs), atol=1e-3, rtol=0)
+
+
+def test_fused_fp8_experts_are_refused_by_name(tmp_path):
+    from ckpt_files import read_tensors, write_sharded
+
+    src = make_checkpoint(tmp_path / "float", "qwen3_5_moe", tokenizer=False)  # fused experts
+    tensors = read_tensors(src)
+    name = "model.language_model.layers.2.mlp.experts.down_proj"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    config = dict(json.loads((src / "config.json").read_text()),
+                  quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    write_sharded(tmp_path / "bad", tensors, config)
+    with pytest.raises(CheckpointError, match=rf"{name}.*float8.*fused layout"):
+        LLM(str(tmp_path / "bad"), devices=["cpu"])
+
+
+def test_quantize_fp8_at_load_on_a_hybrid(tmp_path):
+    from pprt.weights.fp8 import Fp8Linear
+
+    path = make_checkpoint(tmp_path / "m", "qwen3_next", tokenizer=False, expert_layout="fused")
+    with LLM(str(path), devices=["cpu"], dtype="float32", quant="fp8") as llm:
+        kinds = {p: m for p, m in llm.executor.worker.stage.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))}
+        outs = llm.generate(PROMPTS, GREEDY)
+        held = llm.executor.weight_bytes[0]
+        planned = plan(llm.config, [DeviceBudget("cpu", 1 << 34)], quant="fp8", dtype_bytes=4, max_context=64)
+    assert isinstance(kinds["model.layers.0.linear_attn.in_proj_qkvz"], Fp8Linear)
+    assert isinstance(kinds["model.layers.0.mlp.experts.3.up_proj"], Fp8Linear)
+    assert isinstance(kinds["model.layers.0.mlp.shared_expert_gate"], nn.Linear)
+    assert planned.stages[0].weight_bytes == held and planned.quant == "fp8"
+    assert all(len(o.token_ids) == 12 for o in outs)

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ckpt_files import is_quantized_linear, read_tensors, write_sharded
 from int4_packers import awq_quantize, gptq_quantize
 from models import make_checkpoint, reference_greedy, reference_logprobs, reference_model
 from pprt import LLM, SamplingParams
@@ -78,36 +77,6 @@ def greedy(n: int = N_TOKENS) -> SamplingParams:
 
 def chosen(out) -> list[float]:
     return [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
-
-
-def is_quantized_linear(name: str, tensor: torch.Tensor) -> bool:
-    """Linear weights except the embedding, the head and MoE routers (norms are 1-D)."""
-    return (name.endswith(".weight") and tensor.dim() == 2 and "embed_tokens" not in name
-            and not name.startswith("lm_head") and not name.endswith(".mlp.gate.weight"))
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def write_sharded(path: Path, tensors: dict[str, torch.Tensor], config: dict, shards: int = 3) -> None:
-    """safetensors shards (names dealt round robin) + index + config.json, as real checkpoints."""
-    path.mkdir(parents=True)
-    names = sorted(tensors)
-    weight_map = {}
-    for s in range(shards):
-        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n].contiguous() for n in names[s::shards]}
-        save_file(part, path / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                    "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def pad_dense_mlp(tensors: dict[str, torch.Tensor], config: dict, pad: int) -> None:
@@ -369,7 +338,32 @@ def test_unsupported_quant_mode_fails_at_construction(float_checkpoints):
         LLM(str(float_checkpoints["qwen2"]), devices=["cpu"], quant="int8")
 
 
-def test_quantize_at_load_refuses_in_features_off_the_group_naming_the_layer(tmp_path):
-    path = make_checkpoint(tmp_path, "qwen2", tokenizer=False)  # hidden 64: not a multiple of 128
-    with pytest.raises(CheckpointError, match=r"layer model\.layers\.0\.self_attn\.q_proj has in_features 64.*128"):
-        LLM(str(path), devices=["cpu"], quant="int4")
+def test_quantize_at_load_takes_the_largest_group_or_leaves_the_layer_float(tmp_path, caplog):
+    """hidden 64: no layer is a multiple of 128. q/k/v/o, gate/up (in 64) take group 64, down_proj
+    (in 200: no group of 32, 64, 128 divides it) stays float; one log line per shape names a layer;
+    the planner counts exactly what was loaded; and the model is transformers on those weights."""
+    path = make_checkpoint(tmp_path / "f", "qwen2", tokenizer=False, intermediate_size=200)
+    with caplog.at_level("INFO", logger="pprt"), \
+            LLM(str(path), devices=["cpu"], dtype="float32", quant="int4", kv_cache_memory=1 << 20) as llm:
+        kinds = layer_kinds(llm)
+        loaded_bytes = llm.executor.weight_bytes[0]
+        out = llm.generate(PROMPTS[0], greedy(8))[0]
+        rtn = {f"{p}.weight": dequantize(m.weight) for p, m in kinds.items() if isinstance(m, Int4Linear)}
+        config = llm.config
+    for prefix, m in kinds.items():
+        if prefix.endswith("down_proj") or prefix == "lm_head":
+            assert isinstance(m, nn.Linear), prefix
+        else:
+            assert isinstance(m, Int4Linear) and m.group_size == 64, prefix
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quant='int4'")]
+    assert len(lines) == 2, lines
+    assert any("in_features 64 use Int4 group 64" in x and "model.layers.0.self_attn.q_proj" in x for x in lines)
+    assert any("in_features 200 stay in the model dtype" in x and "model.layers.0.mlp.down_proj" in x for x in lines)
+    from pprt.plan import DeviceBudget, plan
+
+    planned = plan(config, [DeviceBudget("cpu", 1 << 30)], quant="int4", dtype_bytes=4, max_context=256)
+    assert planned.stages[0].weight_bytes == loaded_bytes and planned.quant == "int4"
+    write_sharded(tmp_path / "rtn", {**read_tensors(path), **rtn}, json.loads((path / "config.json").read_text()))
+    tokens, logprobs = reference_greedy(reference_model(tmp_path / "rtn"), PROMPTS[0], 8)
+    assert out.token_ids == tokens
+    assert torch.allclose(torch.tensor(chosen(out)), torch.tensor(logprobs), atol=LOGPROB_ATOL, rtol=0)

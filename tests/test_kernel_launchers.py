@@ -19,6 +19,7 @@ import torch
 import pprt_kernels.causal_conv1d as cc
 import pprt_kernels.gated_delta as gd
 import pprt_kernels.gated_delta_triton as gt
+import pprt_kernels.fp8_matmul as fm
 import pprt_kernels.int4_matmul as im
 import pprt_kernels.paged_attention as pa
 
@@ -48,6 +49,31 @@ def _int4_dequant(args, kw):
 
 def _int4_dequant_ref(args, kw):
     return im.int4_dequantize_ref(*args[1:], kw["group_size"])
+
+
+def _fp8_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
+    n, k, block = 40, 72, (32, 32)  # partial last blocks both ways
+    x = torch.randn(3, k, generator=gen, dtype=torch.float32)
+    codes = torch.randint(0, 126, (n, k), generator=gen).to(torch.uint8)  # finite e4m3, positive
+    weight = codes.view(torch.float8_e4m3fn)
+    scale = torch.rand(-(-n // 32), -(-k // 32), generator=gen) * 0.02 + 0.005
+    return [t.to(DEVICE) for t in (x, weight, scale)], {"block": block}
+
+
+def _fp8_matmul(args, kw):
+    return fm.fp8_matmul_triton(*args, kw["block"])
+
+
+def _fp8_matmul_ref(args, kw):
+    return fm.fp8_matmul_ref(*args, kw["block"])
+
+
+def _fp8_dequant(args, kw):
+    return fm.fp8_dequantize_triton(*args[1:], kw["block"], torch.float32)
+
+
+def _fp8_dequant_ref(args, kw):
+    return fm.fp8_dequantize_ref(*args[1:], kw["block"], torch.float32)
 
 
 def _attention_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
@@ -109,6 +135,8 @@ def _conv_args(gen: torch.Generator) -> tuple[list[torch.Tensor], dict]:
 LAUNCHERS = {
     "int4_matmul": (_int4_args, _int4_matmul, _int4_matmul_ref, 0),
     "int4_dequantize": (_int4_args, _int4_dequant, _int4_dequant_ref, 1),
+    "fp8_matmul": (_fp8_args, _fp8_matmul, _fp8_matmul_ref, 0),
+    "fp8_dequantize": (_fp8_args, _fp8_dequant, _fp8_dequant_ref, 1),
     "paged_attention_decode": (_attention_args, _attention, _attention_ref, 0),
     "gated_delta_decode": (
         _delta_args, _with_state_copy(gt.gated_delta_rule_triton, 5), _with_state_copy(gd.gated_delta_rule_ref, 5), 5,

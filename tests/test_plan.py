@@ -104,8 +104,11 @@ def checkpoint_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
 QUANTIZED = re.compile(r"(q|k|v|o|gate|up|down)_proj\.weight$")  # not mlp.gate (the router)
 
 
-def stage_bytes(cfg: dict, lo: int, hi: int, *, int4: bool, elem: int = 2, g: int = 128) -> int:
-    """Bytes of the tensors stage [lo, hi) holds: int4 + 16-bit scales + uint8 zeros when int4."""
+def stage_bytes(cfg: dict, lo: int, hi: int, *, int4: bool, elem: int = 2, g: int = 128, fp8: bool = False,
+                float_modules: str | None = None) -> int:
+    """Bytes of the tensors stage [lo, hi) holds: int4 + 16-bit scales + uint8 zeros when int4;
+    with fp8, one byte per weight + a float32 scale per 128 x 128 block (partial blocks count),
+    except the linears whose name matches the regex `float_modules`."""
     L, total = cfg["num_hidden_layers"], 0
     for name, shape in checkpoint_tensors(cfg).items():
         layer = re.match(r"model\.layers\.(\d+)\.", name)
@@ -115,7 +118,10 @@ def stage_bytes(cfg: dict, lo: int, hi: int, *, int4: bool, elem: int = 2, g: in
             continue
         if name in ("model.norm.weight", "lm_head.weight") and hi != L:
             continue
-        if int4 and QUANTIZED.search(name):
+        if fp8 and QUANTIZED.search(name) and not (float_modules and re.search(float_modules, name)):
+            rows, cols = shape
+            total += rows * cols + math.ceil(rows / 128) * math.ceil(cols / 128) * 4
+        elif int4 and QUANTIZED.search(name):
             rows, cols = shape
             assert cols % g == 0
             total += rows * cols // 2 + (cols // g) * rows * 2 + (cols // g) * rows
@@ -190,6 +196,46 @@ def test_gptq_checkpoint_is_counted_as_int4_with_its_group():
         assert st.weight_bytes == stage_bytes(cfg, *st.layers, int4=True, g=64)
 
 
+FP8_QCFG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+@pytest.mark.parametrize("key", ["32b", "30b", "235b", "05b"])
+def test_fp8_checkpoint_and_quant_fp8_counted_with_block_scales(key):
+    """An official FP8 config (Qwen3-*-FP8) is counted from config.json alone: one byte per weight
+    and a float32 scale per block, partial blocks too (Qwen2.5-0.5B: 896 = 7 x 128, 4864 = 38 x 128);
+    quant="fp8" on the float config gives the same bytes."""
+    cfg = {**CONFIGS[key], "quantization_config": FP8_QCFG}
+    config = ModelConfig.from_dict(cfg)
+    for quant in ("none", "int4"):  # quantize-at-load does nothing to a quantized checkpoint
+        result = plan(config, devices(400, 400), quant=quant, max_context=4096)
+        assert result.quant == "fp8"
+        for st in result.stages:
+            assert st.weight_bytes == stage_bytes(cfg, *st.layers, int4=False, fp8=True), (key, quant, st.layers)
+    at_load = plan(model(key), devices(400, 400), quant="fp8", max_context=4096, split=result.split)
+    assert [s.weight_bytes for s in at_load.stages] == [s.weight_bytes for s in result.stages]
+
+
+def test_fp8_modules_to_not_convert_counted_in_bf16():
+    cfg = {**QWEN3_30B_A3B, "quantization_config": {**FP8_QCFG, "modules_to_not_convert": ["lm_head", "self_attn"]}}
+    result = plan(ModelConfig.from_dict(cfg), devices(400), max_context=4096)
+    assert result.stages[0].weight_bytes == stage_bytes(cfg, 0, 48, int4=False, fp8=True, float_modules=r"self_attn")
+    assert result.stages[0].weight_bytes > stage_bytes(cfg, 0, 48, int4=False, fp8=True)
+
+
+def test_qwen3_235b_fp8_from_config_alone(tmp_path, capsys):
+    """Qwen3-235B-A22B-FP8: about 236 GB of weights; two 96 GB cards are short, a third makes it fit."""
+    (tmp_path / "config.json").write_text(json.dumps({**QWEN3_235B_A22B, "quantization_config": FP8_QCFG}))
+    assert main(["--model", str(tmp_path), "--gpus", "96,96", "--max-context", "32768"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT (weights fp8" in out and "1 more device of 96.0 GiB" in out
+    assert "--quant" not in out.split("would fit:")[1]  # the checkpoint is already quantized
+    assert main(["--model", str(tmp_path), "--gpus", "96,96,96", "--max-context", "32768"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: fits (weights fp8" in out
+    weights = sum(float(x) for x in re.findall(r"^\d\s+cuda:\d\s+\[\d+, \d+\)\s+([\d.]+) GiB", out, re.M))
+    assert 218 < weights < 222  # GiB: 235B parameters at 1 byte, scales, bf16 embedding and head
+
+
 @pytest.mark.parametrize("key", list(KV_TABLE))
 def test_kv_bytes_per_token_match_qwen_table(key):
     config, L = model(key), CONFIGS[key]["num_hidden_layers"]
@@ -209,11 +255,13 @@ def test_qwen25_72b_bf16_32k():
     assert big.fits and big.num_sequences >= 1 and big.longest_sequence == 32768
     small = plan(config, devices(48, 48), max_context=32768)
     assert not small.fits and small.num_sequences == 0
-    # says by how much, where, and only what helps: Int4 does, fp8 KV or a shorter context cannot
+    # says by how much, where, and only what helps: FP8 or Int4 weights do, fp8 KV or a shorter context cannot
     assert "cuda:0" in small.message and "short by" in small.message and "GiB" in small.message
     fixes = small.message.split("would fit:")[1]
-    assert "--quant int4" in fixes and "fp8" not in fixes and "--max-context" not in fixes
+    assert "--quant fp8" in fixes and "--quant int4" in fixes
+    assert "--kv-dtype fp8" not in fixes and "--max-context" not in fixes
     assert plan(config, devices(48, 48), max_context=32768, quant="int4").fits
+    assert plan(config, devices(48, 48), max_context=32768, quant="fp8").fits
 
 
 def test_qwen3_235b_int4_128k_on_two_96gb():
@@ -286,7 +334,7 @@ def test_shorter_context_suggestion_is_the_longest_that_fits():
     result = plan(config, devices(38, 38))
     assert not result.fits
     fixes = result.message.split("would fit:")[1]
-    assert "--quant int4" in fixes and "fp8" not in fixes  # fp8 halves KV: not enough here
+    assert "--quant int4" in fixes and "--kv-dtype fp8" not in fixes  # fp8 halves KV: not enough here
     tokens = int(re.search(r"--max-context (\d+)", fixes)[1])
     assert plan(config, devices(38, 38), max_context=tokens).fits
     assert not plan(config, devices(38, 38), max_context=tokens + 16).fits

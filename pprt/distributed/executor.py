@@ -110,7 +110,7 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
             raise ValueError(f"memory_budget has {len(budgets)} entries for {len(devices)} devices")
     on_cpu = all(torch.device(d).type == "cpu" for d in devices)
     return plan(config, [DeviceBudget(d, b) for d, b in zip(devices, budgets)],
-                quant="int4" if quant else "none", kv_dtype=kv_dtype_name(kv_dtype),
+                quant=quant or "none", kv_dtype=kv_dtype_name(kv_dtype),
                 dtype_bytes=dtype.itemsize, block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                 split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30,
                 max_num_seqs=max_num_seqs)

@@ -94,7 +94,7 @@ class StageReady:
     weight_bytes: int
     load_seconds: float
     load_rss_bytes: int  # host memory the load took at its peak
-    quant_seconds: float = 0.0  # of load_seconds, spent quantizing (quant="int4")
+    quant_seconds: float = 0.0  # of load_seconds, spent quantizing (quant="int4" or "fp8")
     num_slots: int = 0  # state slots its memory budget allows (of those asked; 0: no state)
 
 

@@ -56,9 +56,9 @@ class LLM:
     model: a directory or a hub id. devices: None means every visible GPU (or
     ["cpu"]); several devices make a pipeline, one stage each (under torchrun:
     one stage per rank). split: layers per stage (default: the planner's cut).
-    dtype: default float32 on CPU, bfloat16 on CUDA. quant: None, or "int4" to
-    quantize a float checkpoint while loading (GPTQ/AWQ checkpoints are Int4
-    by themselves). max_context: the longest prompt + generation (default: the
+    dtype: default float32 on CPU, bfloat16 on CUDA. quant: None, "int4" or
+    "fp8" to quantize a float checkpoint while loading (quantized checkpoints:
+    GPTQ, AWQ, FP8, compressed-tensors, run in their own format). max_context: the longest prompt + generation (default: the
     checkpoint's window, or the window its YaRN serves; beyond the native
     window YaRN is enabled). block_size: tokens per KV block. chunk_size:
     tokens per prefill chunk. kv_cache_memory: bytes of KV pool per stage
@@ -86,6 +86,8 @@ class LLM:
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
         if not devices:
             raise ValueError("devices must name at least one device")
+        if quant not in (None, "int4", "fp8"):
+            raise ValueError(f"quant={quant!r} is not supported (None, 'int4' or 'fp8')")
         for name, value in (("block_size", block_size), ("chunk_size", chunk_size), ("max_num_seqs", max_num_seqs)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

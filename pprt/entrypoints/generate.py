@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the demo model on a machine without GPU: cpu,cpu)")
     m.add_argument("--split", default=None, help="layers per stage, e.g. 30,50 (default: the planner's)")
     m.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
-    m.add_argument("--quant", default=None, choices=["int4"], help="quantize a float checkpoint while loading")
+    m.add_argument("--quant", default=None, choices=["int4", "fp8"],
+                   help="quantize a float checkpoint while loading (Int4 RTN, or FP8 block 128)")
     m.add_argument("--kv-dtype", default="auto", help="KV cache type: auto, bf16, fp16, fp32 or fp8")
     m.add_argument("--max-context", type=int, default=None, help="longest prompt + generation (default: the model's)")
     m.add_argument("--transport", default="auto", choices=["auto", "nccl", "gloo", "host"],

@@ -85,7 +85,7 @@ def format_table(result: Plan) -> str:
                      f"{result.max_num_seqs}{bound}")
     lines += [
         f"verdict: {'fits' if result.fits else 'DOES NOT FIT'} "
-        f"(weights {'int4' if result.quant == 'int4' else 'unquantized'}, KV {result.kv_dtype})",
+        f"(weights {'unquantized' if result.quant == 'none' else result.quant}, KV {result.kv_dtype})",
         result.message,
     ]
     return "\n".join(lines)

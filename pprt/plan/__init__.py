@@ -10,7 +10,9 @@ advice.py (the messages and tried fixes), result.py (the typed answers).
 Accounting, in bytes (db = model dtype bytes, T = chunk_size, H, n, m, h, I, V,
 E, k = experts per token, as in QWEN.md):
 - weights, KV per token and recurrent state per sequence, exact: pprt.plan.sizes
-  (every tensor of QWEN.md sections 2 and 7; Int4 where a linear's K fits the group).
+  (every tensor of QWEN.md sections 2 and 7, each linear in the format the loader
+  will hold it in: the checkpoint's quantization_config module by module, else
+  quantize-at-load; Int4 K*N/2 + ceil(K/g)*N*(db + 1), FP8 N*K + block scales).
   A tied head is the embedding: free on a single stage, V*H again on the last
   stage when that is not stage 0. KV counts a stage's full-attention layers only:
   a stage of DeltaNet layers alone has 0 KV bytes per block.
@@ -23,7 +25,8 @@ E, k = experts per token, as in QWEN.md):
     + max over its DeltaNet layers: T*db*(2*(2*conv + 2*Hv*dv + 2*Hv)) projections and conv out,
                                     + 4*T*Hv*(2*dk + 2*dv) fp32 q, k (repeated per value head), v, o
     + 2*C*m*h*db                            K and V of one max_context (C) sequence gathered for prefill
-    + Int4: N*K*db of its largest linear    dequantized for large-M matmuls
+    + Int4 / FP8: N*K*db of its largest     dequantized for large-M matmuls
+      quantized linear
     + last stage: 2*T*V*4                   fp32 logits and probabilities of T rows
   Attention scores are not counted (a flash-style kernel on GPU).
 - Every stage holds the same number of KV blocks (block ids are global), so the
@@ -57,7 +60,6 @@ from .sizes import (
     KV_ELEMENT_BYTES,
     QUANTS,
     context_limit,
-    effective_quant,
     embedding_bytes,
     head_bytes,
     int4_linear_bytes,
@@ -65,6 +67,7 @@ from .sizes import (
     kv_element_bytes,
     layer_weight_bytes,
     state_bytes_per_sequence,
+    weight_formats,
 )
 
 __all__ = ["DeviceBudget", "StagePlan", "Plan", "plan", "GiB", "MiB", "QUANTS", "KV_ELEMENT_BYTES",
@@ -116,10 +119,12 @@ def plan(
         raise ValueError(f"speeds {speeds} must be {S} positive numbers, one per device")
     if split is not None:
         _check_split(list(split), L, S)
-    eff_quant, group = effective_quant(config, quant, group_size)
+    if quant not in QUANTS:
+        raise ValueError(f"quant {quant!r} is not supported ({', '.join(QUANTS)})")
     kv_element_bytes(kv_dtype, dtype_bytes)  # validates
+    eff_quant = weight_formats(config, quant, group_size)
 
-    costs = _Costs(config, list(budgets), speeds, eff_quant, group, dtype_bytes, kv_dtype,
+    costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
                    block_size, max_context, chunk_size, overhead_bytes, max_num_seqs)
     cut, fits = _cut(costs, None if split is None else list(split))
     bounds = _bounds(cut)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..config import ModelConfig
 from .cut import _bounds, _Costs, _greedy
 from .result import DeviceBudget, Plan
-from .sizes import effective_quant, kv_element_bytes
+from .sizes import kv_element_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -36,8 +36,7 @@ def _describe(result: Plan) -> str:
 def _feasible(config: ModelConfig, budgets: list[DeviceBudget], args: dict, **changes) -> bool:
     """Whether some cut (or the given split) fits with `changes` applied to the plan arguments."""
     a = {**args, **changes}
-    quant, group = effective_quant(config, a["quant"], a["group_size"])
-    costs = _Costs(config, budgets, [1.0] * len(budgets), quant, group, a["dtype_bytes"],
+    costs = _Costs(config, budgets, [1.0] * len(budgets), a["quant"], a["group_size"], a["dtype_bytes"],
                    a["kv_dtype"], a["block_size"], a["max_context"],
                    a["chunk_size"], a["overhead_bytes"], a["max_num_seqs"])
     if a["split"] is not None:
@@ -47,13 +46,14 @@ def _feasible(config: ModelConfig, budgets: list[DeviceBudget], args: dict, **ch
 
 def _fixes(result: Plan, config: ModelConfig, budgets: list[DeviceBudget], args: dict) -> list[str]:
     """Changes that would each make the plan fit, tried for real; none that would not."""
-    options = []  # (label, changes), smallest first
-    if result.quant != "int4":
-        options.append(("--quant int4", {"quant": "int4"}))
+    options = []  # (label, changes), smallest first; combinations only when no single change fits
+    smaller = {"none": ("fp8", "int4"), "fp8": ("int4",), "int4": ()}[args["quant"]]
+    if config.quant is None:  # quantize-at-load changes nothing in a quantized checkpoint
+        options += [(f"--quant {q}", {"quant": q}) for q in smaller]
     if kv_element_bytes(args["kv_dtype"], args["dtype_bytes"]) > 1:
         options.append(("--kv-dtype fp8", {"kv_dtype": "fp8"}))
-    if len(options) == 2:
-        options.append(("--quant int4 with --kv-dtype fp8", {"quant": "int4", "kv_dtype": "fp8"}))
+        if config.quant is None and "int4" in smaller:
+            options.append(("--quant int4 with --kv-dtype fp8", {"quant": "int4", "kv_dtype": "fp8"}))
     fixes = []
     for label, changes in options:
         if not (len(changes) == 2 and fixes) and _feasible(config, budgets, args, **changes):

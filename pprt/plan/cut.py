@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from .result import DEFAULT_MAX_NUM_SEQS, DeviceBudget
 from .sizes import (
-    _linears,
+    _layer_linear_bytes,
     embedding_bytes,
     head_bytes,
     kv_bytes_per_token,
@@ -59,8 +59,7 @@ class _Costs:
                                 + 4 * T * lin.num_value_heads * (2 * lin.key_head_dim + 2 * lin.value_head_dim))
             else:
                 deltanet.append(0)
-            biggest = max(n_out * k_in for n_out, k_in, _ in _linears(c, i))
-            dequant.append(biggest * db if self.quant == "int4" else 0)
+            dequant.append(_layer_linear_bytes(c, i, self.quant, self.group_size, db)[1] * db)
         self._mlp_max, self._dequant_max = _range_max(mlp), _range_max(dequant)
         self._deltanet_max = _range_max(deltanet)
         self._kv_layer = kv_bytes_per_token(c, 1, self.kv_dtype, db)  # K and V of one token, one layer

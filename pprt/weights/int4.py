@@ -35,9 +35,9 @@ import torch
 import pprt_kernels.int4_matmul as int4_kernels  # by attribute: a test may reload it under TRITON_INTERPRET
 
 if TYPE_CHECKING:
-    from ..config import QuantConfig
+    from ..quantization import ModuleFormat, QuantConfig
 
-RTN_GROUP_SIZE = 128  # quantize-at-load's group (the planner counts Int4 layers with it)
+RTN_GROUP_SIZE = 128  # quantize-at-load's preferred group (pprt.quantization.rtn_group_size picks per layer)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -178,7 +178,7 @@ def from_gptq(
     qzeros: torch.Tensor,  # int32 [K/g, N/8]
     scales: torch.Tensor,  # [K/g, N]
     g_idx: torch.Tensor | None,  # int [K]; None means k // g
-    qconfig: QuantConfig,
+    qconfig: QuantConfig | ModuleFormat,  # group_size, checkpoint_format
     dtype: torch.dtype | None = None,  # scales' dtype (the activation dtype); None keeps the stored one
 ) -> Int4Weight:
     """GPTQ tensors as stored by AutoGPTQ / GPTQModel (v1 or v2 zeros) to Int4Weight."""
@@ -189,19 +189,29 @@ def from_gptq(
     zeros = unpack(qzeros, dim=1)  # [K/g, N]
     if qconfig.checkpoint_format == "gptq":  # v1 stores zero - 1
         zeros = (zeros + 1) & 0xF
-    perm = None
-    if g_idx is not None:
-        g_idx = g_idx.to(qweight.device).long()
-        if tuple(g_idx.shape) != (k,):
-            raise ValueError(f"gptq: g_idx has shape {tuple(g_idx.shape)}, expected [{k}]")
-        if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // g):
-            perm = torch.argsort(g_idx, stable=True)  # [K], rows grouped
-            counts = torch.bincount(g_idx.clamp(min=0), minlength=k // g)
-            if int(g_idx.min()) < 0 or counts.numel() != k // g or bool((counts != g).any()):
-                raise ValueError(f"gptq: g_idx does not put exactly group_size={g} rows in each of {k // g} groups")
-            q = unpack(qweight, dim=0)[perm]  # [K, N] in group order
-            qweight = pack(q, dim=0)
+    qweight, perm = regroup_rows(qweight, g_idx, g)
     return Int4Weight(qweight.contiguous(), scales.to(dtype or scales.dtype).contiguous(), zeros, g, perm)
+
+
+def regroup_rows(qweight: torch.Tensor, g_idx: torch.Tensor | None, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of qweight [K/8, N] sorted by group when g_idx [K] (activation order) is not k // g.
+
+    Returns (qweight, perm): row k of the result is row perm[k] of the layer; perm is None when
+    g_idx is absent or trivial. Raises ValueError unless every group holds exactly g rows.
+    """
+    k = qweight.shape[0] * 8
+    if g_idx is None:
+        return qweight, None
+    g_idx = g_idx.to(qweight.device).long()
+    if tuple(g_idx.shape) != (k,):
+        raise ValueError(f"g_idx has shape {tuple(g_idx.shape)}, expected [{k}]")
+    if torch.equal(g_idx, torch.arange(k, device=g_idx.device) // g):
+        return qweight, None
+    perm = torch.argsort(g_idx, stable=True)  # [K], rows grouped
+    counts = torch.bincount(g_idx.clamp(min=0), minlength=k // g)
+    if int(g_idx.min()) < 0 or counts.numel() != k // g or bool((counts != g).any()):
+        raise ValueError(f"g_idx does not put exactly group_size={g} rows in each of {k // g} groups")
+    return pack(unpack(qweight, dim=0)[perm], dim=0), perm  # [K/8, N] in group order
 
 
 def from_awq(
@@ -286,12 +296,14 @@ def load_quantized_linear(
     in_features: int,
     out_features: int,
     has_bias: bool,
-    qconfig: QuantConfig,
+    qconfig: QuantConfig | ModuleFormat,
     dtype: torch.dtype,
     device: torch.device,
 ) -> Int4Linear:
     """Read one GPTQ / AWQ linear layer `prefix` and convert it on `device`.
 
+    `qconfig`: the checkpoint's config, or this module's format (GPTQ `dynamic` rules may give
+    a module its own group_size, sym, desc_act).
     `read(name)` returns a stored tensor on `device` in its stored dtype, or raises naming it.
     Shapes follow in/out features as the config gives them (padded sizes included).
     GPTQ's g_idx is read only with desc_act (otherwise groups are k // g, as GPTQ kernels assume).

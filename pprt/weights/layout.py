@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
+import torch
+
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from .checkpoint import TensorPart
@@ -61,8 +63,12 @@ class CheckpointLayout:
                 return TensorPart(fused, (e,), (0, I) if proj == "gate_proj" else (I, 2 * I))
         return TensorPart(self.name(canonical))
 
-    def check_fused_shape(self, part: TensorPart, shape: tuple[int, ...]) -> None:
-        """Refuse a fused expert tensor that is not [E, 2I, H] / [E, H, I] (e.g. Qwen3-VL-MoE's transpose)."""
+    def check_fused(self, part: TensorPart, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Refuse a fused expert tensor that is not [E, 2I, H] / [E, H, I] (e.g. Qwen3-VL-MoE's
+        transpose), or that is stored in float8 (its scales would be fused too: not supported)."""
+        if part.index and dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise CheckpointError(f"fused expert tensor {part.name!r} is {dtype}: FP8 experts in the fused "
+                                  "layout are not supported (per-expert FP8 tensors are)")
         c = self.config
         E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
         expected = {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)}.get(part.name.rpartition(".")[2])
