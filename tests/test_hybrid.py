@@ -163,6 +163,52 @@ def test_preemption_and_slot_reuse_keep_outputs_and_return_everything(oracles):
         oracle.check(llm.generate(PROMPTS, GREEDY))
 
 
+TRITON_RUN = """
+import json, sys
+import pprt_kernels.causal_conv1d as cc
+import pprt_kernels.gated_delta_triton as gdt
+from pprt import LLM, SamplingParams
+
+calls = {"conv": 0, "delta": 0}
+conv, delta = cc.causal_conv1d_triton, gdt.gated_delta_rule_triton
+
+def counted(name, fn):
+    def run(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    return run
+
+cc.causal_conv1d_triton, gdt.gated_delta_rule_triton = counted("conv", conv), counted("delta", delta)
+path, prompts, n = json.loads(sys.argv[1])
+with LLM(path, devices=["cpu"]) as llm:
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0))
+print(json.dumps({"calls": calls, "outs": [[o.token_ids, [lp[t] for lp, t in zip(o.logprobs, o.token_ids)]]
+                                            for o in outs]}))
+"""
+
+
+def test_generation_through_the_triton_kernels_under_the_interpreter(oracles):
+    """PPRT_KERNELS=triton TRITON_INTERPRET=1: every DeltaNet layer's conv and delta rule run the
+    Triton kernels (rows below the chunked kernel's threshold) and the tokens equal transformers'."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    oracle = oracles("qwen3_5_text")
+    prompts, n = [PROMPTS[0], PROMPTS[1], PROMPTS[3]], 4
+    env = dict(os.environ, PPRT_KERNELS="triton", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", TRITON_RUN, json.dumps([str(oracle.path), prompts, n])],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["calls"] == {"conv": 6 * n, "delta": 6 * n}  # 6 DeltaNet layers, one call per step
+    for prompt, (tokens, logprobs) in zip(prompts, got["outs"]):
+        want, want_lp = oracle.expected[tuple(prompt)]
+        assert tokens == want[:n]
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_lp[:n]), atol=ATOL, rtol=0)
+
+
 def _kv_bytes_per_block(path) -> int:
     from pprt.distributed.worker import WorkerSpec, cache_spec
     from pprt.weights.checkpoint import ModelSource, load_config
