@@ -118,3 +118,18 @@ def test_cli_prints_state_column_and_slots(tmp_path, capsys):
     assert main(args + ["--max-num-seqs", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["num_slots"] == 2 and all(s["state_bytes_per_seq"] > 0 for s in data["stages"])
+
+
+def test_qwen35_122b_fp8_release_on_two_96gb_cards():
+    """The official block-wise FP8 layout (routers, shared-expert gates and the tiny b/a projections
+    left in bf16): ~115 GiB of weights cut in two, the full 262k context fits."""
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+           "modules_to_not_convert": ["lm_head", "mlp.gate", "shared_expert_gate", "linear_attn.in_proj_b",
+                                      "linear_attn.in_proj_a", "model.visual", "mtp"]}
+    c = config(dict(QWEN35_122B_A10B, quantization_config=fp8))
+    budgets = [DeviceBudget(f"cuda:{i}", 96 * GB) for i in range(2)]
+    result = plan(c, budgets)
+    assert result.fits and result.quant == "fp8" and result.split == [24, 24]
+    assert 110 * GiB < sum(s.weight_bytes for s in result.stages) < 120 * GiB
+    assert result.num_slots == 256 and result.num_sequences >= 2
+    assert not plan(c, budgets[:1]).fits
