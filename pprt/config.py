@@ -1,9 +1,10 @@
 """ModelConfig: one validated, frozen description of a Qwen checkpoint.
 
-Built from the dicts of config.json (and generation_config.json) in either
-rotary spelling: the old top-level `rope_theta` + `rope_scaling` that real
-Qwen checkpoints use, or the new `rope_parameters` that transformers v5
-writes. Knows nothing about files or devices: `weights/checkpoint.py` reads the JSON.
+Built from the dicts of config.json (and generation_config.json). The rotary
+settings are read by `pprt.rope` in every spelling transformers accepts; every
+other field is accounted for by `pprt.field_audit` (read, refused, or warned
+about with the default context capped). Knows nothing about files or devices:
+`weights/checkpoint.py` reads the JSON.
 
 Families: qwen2, qwen3, qwen3_moe, qwen2_moe, and the hybrid Gated DeltaNet
 families qwen3_next and qwen3_5 / qwen3_5_moe (shared/QWEN.md section 7; their
@@ -16,9 +17,13 @@ the MTP head (`mtp_num_hidden_layers`, `num_nextn_predict_layers`) are read
 and ignored.
 
 Anything the runtime does not implement (another model_type, sliding window,
-an unknown rope type, a quantization other than 4-bit GPTQ/AWQ, ungated
-attention in a hybrid family) fails here with a message naming the field and
-its value.
+a rope setting other than default or YaRN, a quantization other than 4-bit
+GPTQ/AWQ, ungated attention in a hybrid family) fails here with a message
+naming the field and its value.
+
+`default_context` and `extend_context` decide the context served and the
+rotary that serves it: the checkpoint's own window, or YaRN over the window
+the checkpoint was trained for (`ModelConfig.trained_window`).
 """
 
 from __future__ import annotations
@@ -42,39 +47,17 @@ from .families import (
     attn_output_gate,
     layer_types,
     linear_attention,
-    partial_rotary_factor,
     qkv_bias,
 )
+from .field_audit import audit_fields
 from .quantization import QuantConfig  # noqa: F401  (re-exported: the formats' rules live there)
+from .rope import (SUPPORTED_ROPE_TYPES, RopeConfig, native_window, parse_rope,  # noqa: F401
+                   partial_rotary_factor, rope_from_user)
 
 log = logging.getLogger("pprt")
+# Qwen3.5's rope settings carry mrope sections: for text all three position rows are equal
+MROPE_KEYS = frozenset({"mrope_section", "mrope_interleaved"})
 
-SUPPORTED_ROPE_TYPES = ("default", "yarn")
-
-
-@dataclass(frozen=True, slots=True)
-class RopeConfig:
-    theta: float
-    type: str = "default"  # "default" or "yarn"
-    factor: float = 1.0  # yarn: context extension factor
-    original_max_position: int | None = None  # yarn: pre-training window L0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float | None = None  # yarn: None -> 0.1 ln(factor) + 1
-    truncate: bool = True  # yarn: floor/ceil the correction range
-
-    def __post_init__(self) -> None:
-        if self.type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(
-                f"rope type {self.type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-        if self.theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.theta}")
-        if self.type == "yarn":
-            if self.factor <= 0:
-                raise ConfigError(f"rope_scaling.factor must be positive, got {self.factor}")
-            if not self.original_max_position:
-                raise ConfigError("yarn rope_scaling needs original_max_position_embeddings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +95,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: torch.dtype = torch.float32  # the dtype the checkpoint was saved in
     quant: QuantConfig | None = None
+    # tokens the positions were trained for without scaling, the window YaRN extends when pprt
+    # enables it (pprt.rope.native_window); None means max_position_embeddings
+    native_context: int | None = None
+    # longest context computed exactly as the checkpoint expects (a warned-about field such as
+    # dual_chunk_attention_config limits it); None: no limit
+    exact_context: int | None = None
+    exact_context_reason: str = ""
     # generation_config.json defaults (temperature, top_p, ...), as read
     generation_defaults: dict = field(default_factory=dict, compare=False)
 
@@ -180,6 +170,20 @@ class ModelConfig:
     def with_rope(self, rope: RopeConfig) -> ModelConfig:
         return dataclasses.replace(self, rope=rope)
 
+    @property
+    def trained_window(self) -> int:
+        """The window YaRN extends when pprt enables it (native_context, else max_position_embeddings)."""
+        return self.native_context or self.max_position_embeddings
+
+    def with_rope_scaling(self, spec: dict | None) -> ModelConfig:
+        """This config with a user's rope scaling (config.json's spellings) instead of the file's;
+        None keeps the file's. See pprt.rope.rope_from_user. Raises ConfigError."""
+        if spec is None:
+            return self
+        rope = rope_from_user(spec, self.rope.theta, self.max_position_embeddings)
+        log.info("rope: using the given rope_scaling %s instead of the checkpoint's", spec)
+        return self.with_rope(rope)
+
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:
         """Parse config.json (and optionally generation_config.json) contents."""
@@ -196,8 +200,6 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        if cfg.get("use_sliding_window"):
-            raise ConfigError("use_sliding_window = true is not supported (sliding-window attention is not implemented)")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
 
@@ -209,6 +211,7 @@ class ModelConfig:
         hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or hidden // heads
+        audit = audit_fields(cfg, model_type=model_type, wrapper=top if top is not cfg else None)
         hybrid = model_type in HYBRID_MODEL_TYPES
         is_moe = model_type in MOE_MODEL_TYPES
         all_sparse = model_type == "qwen3_5_moe"  # every layer routed, top-k always renormalised
@@ -225,7 +228,7 @@ class ModelConfig:
             num_kv_heads=int(kv_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=_parse_rope(cfg),
+            rope=parse_rope(cfg, partial=hybrid, ignore_keys=MROPE_KEYS if hybrid else frozenset()),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(tie),
             qkv_bias=qkv_bias(model_type, cfg),
@@ -250,39 +253,15 @@ class ModelConfig:
             torch_dtype=_parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or top.get("torch_dtype")
                                      or top.get("dtype") or "float32"),
             quant=QuantConfig.from_dict(quant) if quant else None,
+            native_context=native_window(cfg),
+            exact_context=audit.exact_context,
+            exact_context_reason=audit.exact_context_reason,
             generation_defaults={
                 k: gen[k]
                 for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
                 if gen.get(k) is not None
             },
         )
-
-
-def _parse_rope(cfg: dict) -> RopeConfig:
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:  # new spelling
-        scaling, theta = params, params["rope_theta"]
-    else:  # old spelling
-        scaling, theta = cfg.get("rope_scaling") or {}, cfg.get("rope_theta", 10000.0)
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind == "default":
-        return RopeConfig(theta=float(theta))
-    if kind != "yarn":
-        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: default, yarn)")
-    if scaling.get("factor") is None:
-        raise ConfigError("yarn rope_scaling has no 'factor'")
-    return RopeConfig(
-        theta=float(theta),
-        type="yarn",
-        factor=float(scaling["factor"]),
-        original_max_position=int(
-            scaling.get("original_max_position_embeddings") or cfg.get("max_position_embeddings") or 0
-        ),
-        beta_fast=float(scaling.get("beta_fast") or 32.0),
-        beta_slow=float(scaling.get("beta_slow") or 1.0),
-        attention_factor=scaling.get("attention_factor"),
-        truncate=bool(scaling.get("truncate", True)),
-    )
 
 
 def _eos_ids(cfg: dict, gen: dict, top: dict) -> tuple[int, ...]:
@@ -317,34 +296,42 @@ parse_dtype = _parse_dtype
 
 
 def default_context(config: ModelConfig) -> int:
-    """The checkpoint's window: max_position_embeddings, or what its YaRN scaling serves."""
-    rope = config.rope
-    if rope.type == "yarn":
-        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
-    return config.max_position_embeddings
+    """The context served when none is asked for: max_position_embeddings, or the window the
+    checkpoint's YaRN serves (factor x original) when larger, capped at the exact context
+    (ModelConfig.exact_context) when a field pprt does not implement limits it."""
+    window = max(config.max_position_embeddings, config.rope.window or 0)
+    return min(window, config.exact_context) if config.exact_context else window
 
 
 def extend_context(config: ModelConfig, max_context: int) -> ModelConfig:
-    """Enable YaRN as Qwen documents it when `max_context` exceeds the native window of a
-    checkpoint without rope scaling (factor = max_context / native, original = native).
+    """The config that serves `max_context` tokens.
 
-    A config that already has YaRN is used as it is (it serves factor x original tokens).
+    Past max_position_embeddings of a checkpoint without rope scaling, YaRN is enabled as Qwen
+    documents it: original = the trained window (ModelConfig.trained_window: 32768 for a
+    Qwen3 config saying 40960), factor = max_context / original (131072 -> factor 4). A rope
+    scaling from the file or the user is used as it is (a warning past the window it serves).
+    Past exact_context the checkpoint expects math pprt does not implement: a warning.
     """
-    native = config.max_position_embeddings
+    if config.exact_context and max_context > config.exact_context:
+        log.warning("max_context %d exceeds the %d tokens pprt computes exactly for this checkpoint: past them it "
+                    "runs plain attention where the checkpoint's %s expects otherwise (as transformers does)",
+                    max_context, config.exact_context, config.exact_context_reason)
     rope = config.rope
     if rope.type == "yarn":
-        window = max(native, int(rope.factor * rope.original_max_position))
-        log.info("rope: the checkpoint's YaRN (factor %g, original %d) serves up to %d tokens",
+        window = max(config.max_position_embeddings, rope.window)
+        log.info("rope: YaRN (factor %g, original %d) serves up to %d tokens",
                  rope.factor, rope.original_max_position, window)
         if max_context > window:
-            log.warning("max_context %d exceeds the %d tokens the checkpoint's YaRN was set up for "
+            log.warning("max_context %d exceeds the %d tokens this YaRN was set up for "
                         "(factor %g x original %d): quality past it is unknown",
                         max_context, window, rope.factor, rope.original_max_position)
         return config
-    if max_context <= native:
+    if max_context <= config.max_position_embeddings or config.exact_context:
         return config
+    native = config.trained_window
     factor = max_context / native
-    log.warning("max_context %d exceeds the native window %d: enabling YaRN (factor %.4g, original %d); "
-                "static YaRN also applies to short prompts", max_context, native, factor, native)
+    log.warning("max_context %d exceeds max_position_embeddings %d: enabling YaRN (factor %.4g, original %d) "
+                "over the trained window; static YaRN also applies to short prompts",
+                max_context, config.max_position_embeddings, factor, native)
     rope = RopeConfig(theta=rope.theta, type="yarn", factor=factor, original_max_position=native)
     return dataclasses.replace(config.with_rope(rope), max_position_embeddings=max_context)

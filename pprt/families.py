@@ -3,7 +3,7 @@
 The per-family half of reading config.json (pprt.config builds the one
 ModelConfig from it): which model types exist and which are hybrid or MoE, how a
 Qwen3.5 wrapper names its text model, the layer pattern (`layer_types`, else
-`full_attention_interval`), partial rotary in both spellings, gated attention,
+`full_attention_interval`), gated attention,
 q/k/v bias per family, and the Gated DeltaNet geometry (`linear_*`), with
 transformers' class defaults where a field is absent (models/qwen3_next,
 qwen3_5, qwen3_5_moe, qwen2_moe configuration files). Each refusal names the
@@ -85,16 +85,6 @@ def attn_output_gate(model_type: str, cfg: dict) -> bool:
         raise ConfigError(f"attn_output_gate = {cfg['attn_output_gate']!r} is not supported for {model_type} "
                           "(its full attention is always gated)")
     return True
-
-
-def partial_rotary_factor(cfg: dict, default: float) -> float:
-    """New spelling inside rope_parameters, old one at the top level; the family default otherwise."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
-        return float(params["partial_rotary_factor"])
-    if cfg.get("partial_rotary_factor") is not None:
-        return float(cfg["partial_rotary_factor"])
-    return default
 
 
 def layer_types(model_type: str, cfg: dict) -> tuple[str, ...]:

@@ -12,6 +12,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+# A temperature below this samples greedily (vLLM's _SAMPLING_EPS): dividing logits by it
+# would only pick the argmax anyway, or overflow to inf/NaN on the way.
+GREEDY_TEMPERATURE = 1e-5
 # The standard defaults, used when neither the request nor the model sets a field.
 STANDARD_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 _SAMPLING_FIELDS = tuple(STANDARD_DEFAULTS)
@@ -28,7 +31,7 @@ def _is_num(x: object) -> bool:
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16  # new tokens to generate, at least 1
-    temperature: float | None = None  # 0 = greedy
+    temperature: float | None = None  # 0 (or anything below GREEDY_TEMPERATURE, 1e-5) = greedy
     top_p: float | None = None  # nucleus mass in (0, 1]; 1 = off
     top_k: int | None = None  # 0 (or -1) = off
     min_p: float | None = None  # drop tokens with p < min_p * p_max; 0 = off
@@ -42,8 +45,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if self.temperature is not None and not (_is_num(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        t = self.temperature
+        if t is not None and not (_is_num(t) and t >= 0 and math.isfinite(t)):
+            raise ValueError(f"temperature must be >= 0 and finite, got {t!r}")
         if self.top_p is not None and not (_is_num(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None:
@@ -67,7 +71,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """True when the temperature is below GREEDY_TEMPERATURE (1e-5): such a request takes
+        the argmax instead of dividing the logits by a vanishing temperature."""
+        return self.temperature is not None and self.temperature < GREEDY_TEMPERATURE
 
     @property
     def resolved(self) -> bool:

@@ -1,84 +1,58 @@
-"""Tokenizer: tokenizer.json, chat templates, incremental detokenization.
+"""Tokenizer: tokenizer.json, the checkpoint's chat templates, incremental detokenization.
 
 `Tokenizer` wraps a Hugging Face `tokenizer.json` (loaded with the `tokenizers`
 library) plus what `tokenizer_config.json` / `chat_template.jinja` say:
 - `encode` adds nothing (Qwen has no BOS); special tokens written in the text
   (`<|im_start|>`) are recognised as their ids, as transformers does.
-- `apply_chat_template` renders the model's own Jinja template in a sandboxed
-  environment set up like transformers' (trim_blocks, lstrip_blocks,
-  `raise_exception`, `tojson`, `strftime_now`, `namespace`, loop controls).
-  A `chat_template.jinja` file wins over a `chat_template` in the config, as
-  in transformers. No template means a plain completion model: ValueError.
+- `apply_chat_template` renders the model's own template as transformers does
+  (`pprt.chat_template`). A `chat_template.jinja` file wins over the
+  `chat_template` of the config, as in transformers; the config's may be a
+  list of named templates ("default", "tool_use", ...). No template means a
+  plain completion model: ValueError.
 
-`IncrementalDetokenizer` turns a stream of ids into text pieces. It keeps two
-offsets into the ids seen so far (vLLM's scheme): text is emitted as the
-difference between decoding ids[prefix:] and ids[prefix:read], and held back
-while the decoded tail ends in U+FFFD (a byte-level token that stops inside a
-UTF-8 character). Each push decodes a few tokens, never the whole sequence,
-and the pieces plus `flush()` concatenate to `decode(all_ids)`.
+`IncrementalDetokenizer` turns a stream of ids into text pieces whose
+concatenation (with `flush()`) equals `decode(all_ids)`, and never emits a
+character that a later token could still change. For a byte-level tokenizer
+(every Qwen tokenizer: a `ByteLevel` decoder) each token's bytes go through
+one incremental UTF-8 decoder: O(1) per token whatever came before, and a
+run of bytes that can never decode streams out as U+FFFD at once. Any other
+decoder uses vLLM's two-offset window (text is the difference between
+decoding ids[prefix:] and ids[prefix:read], held back while it ends in
+U+FFFD): a few tokens per push, more only while a held-back run lasts.
 
 Knows nothing about devices, models or sampling.
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders as _decoders
+
+from .chat_template import ChatTemplates
 
 _REPLACEMENT = "\ufffd"
+# transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES); any other `*_token` key of
+# tokenizer_config.json is a model-specific one and reaches the template as well.
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
-    # transformers' override: no HTML escaping, unlike jinja's built-in tojson.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
-                      separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore attributes (no reach into internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat template namespace attribute {name!r} starts with '_'")
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["namespace"] = _Namespace
-    return env.from_string(source)
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    """The ByteLevel alphabet: each of the 256 byte values is written as one printable character
+    (GPT-2's `bytes_to_unicode`: printable Latin-1 bytes stand for themselves, the others are
+    shifted to U+0100 and up, in order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in kept}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
 
 
 def _token_content(value: Any) -> str | None:
@@ -90,39 +64,68 @@ def _token_content(value: Any) -> str | None:
     raise ValueError(f"special token must be a string or {{'content': ...}}, got {value!r}")
 
 
-def _pick_template(value: Any, source: str) -> str | None:
-    # `chat_template` is a string, or a list of {"name", "template"} with a "default" entry.
-    if value is None or isinstance(value, str):
-        return value
+def _named_templates(value: Any, source: str) -> dict[str, str]:
+    # `chat_template` is a string, or a list of {"name", "template"} entries.
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
     if isinstance(value, list):
-        named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, dict)}
-        if "default" in named:
-            return named["default"]
-        raise ValueError(f"{source}: chat_template list has no 'default' entry (has {sorted(named)})")
+        named = {}
+        for entry in value:
+            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                    and isinstance(entry.get("template"), str)):
+                raise ValueError(f"{source}: chat_template list entries must be {{'name': str, 'template': str}}, "
+                                 f"got {entry!r}")
+            named[entry["name"]] = entry["template"]
+        return named
     raise ValueError(f"{source}: chat_template must be a string or a list, got {type(value).__name__}")
 
 
+def _special_tokens(config: dict) -> dict[str, str]:
+    """The tokens transformers passes to a chat template: the named ones and every other
+    `*_token` key of tokenizer_config.json that holds a token, those that are set."""
+    tokens = {}
+    for key, value in config.items():
+        if key in _NAMED_TOKENS:
+            content = _token_content(value)
+        elif key.endswith("_token") and (isinstance(value, str) or isinstance(value, dict)
+                                         and isinstance(value.get("content"), str)):
+            content = _token_content(value)
+        else:
+            continue
+        if content is not None:
+            tokens[key] = content
+    return tokens
+
+
 class Tokenizer:
-    """A byte-level BPE tokenizer with the checkpoint's special tokens and chat template."""
+    """A byte-level BPE tokenizer with the checkpoint's special tokens and chat templates."""
 
     def __init__(self, tokenizer: _HFTokenizer, eos_token: str | None = None,
-                 bos_token: str | None = None, chat_template: str | None = None,
-                 source: str = "tokenizer") -> None:
+                 bos_token: str | None = None, chat_template: str | dict[str, str] | None = None,
+                 source: str = "tokenizer", special_tokens: dict[str, str] | None = None) -> None:
+        """chat_template: one template, or several by name; special_tokens: what the template
+        sees besides eos_token and bos_token (pad_token, ...)."""
         self._tok = tokenizer
         self._source = source  # names the files in error messages
         self.eos_token = eos_token
         self.bos_token = bos_token
-        self.chat_template = chat_template
-        self._compiled: jinja2.Template | None = None
         self.eos_token_id = self._id_of(eos_token, "eos_token")
         self.bos_token_id = self._id_of(bos_token, "bos_token")
         added = tokenizer.get_added_tokens_decoder()  # {id: AddedToken}
         self.special_token_ids = frozenset(i for i, t in added.items() if t.special)
+        self.byte_level = isinstance(tokenizer.decoder, _decoders.ByteLevel)
+        self._bytes: dict[int, bytes] = {}  # token id -> its bytes (byte-level only), filled as seen
+        templates = {"default": chat_template} if isinstance(chat_template, str) else dict(chat_template or {})
+        tokens = {**(special_tokens or {}), "eos_token": eos_token, "bos_token": bos_token}
+        self._templates = ChatTemplates(
+            templates, {k: v for k, v in tokens.items() if v is not None}, source) if templates else None
 
     @classmethod
     def from_files(cls, tokenizer_json: Path, tokenizer_config: Path | None = None,
                    chat_template_file: Path | None = None) -> Tokenizer:
-        """Load tokenizer.json; eos/bos and the template from the optional files."""
+        """Load tokenizer.json; special tokens and templates from the optional files."""
         tokenizer_json = Path(tokenizer_json)
         if not tokenizer_json.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {tokenizer_json}")
@@ -130,12 +133,12 @@ class Tokenizer:
         config: dict[str, Any] = {}
         if tokenizer_config is not None:
             config = json.loads(Path(tokenizer_config).read_text(encoding="utf-8"))
-        template = _pick_template(config.get("chat_template"), str(tokenizer_config))
-        if chat_template_file is not None:
-            template = Path(chat_template_file).read_text(encoding="utf-8")
+        templates = _named_templates(config.get("chat_template"), str(tokenizer_config))
+        if chat_template_file is not None:  # the file replaces the config's templates, as in transformers
+            templates = {"default": Path(chat_template_file).read_text(encoding="utf-8")}
         return cls(tok, eos_token=_token_content(config.get("eos_token")),
-                   bos_token=_token_content(config.get("bos_token")), chat_template=template,
-                   source=str(tokenizer_json.parent))
+                   bos_token=_token_content(config.get("bos_token")), chat_template=templates,
+                   source=str(tokenizer_json.parent), special_tokens=_special_tokens(config))
 
     @classmethod
     def from_dir(cls, path: Path) -> Tokenizer:
@@ -173,39 +176,60 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
+        """The bytes a byte-level decoder makes of one token, as the `tokenizers` ByteLevel decoder
+        does: a token whose characters are all in the byte alphabet stands for those bytes,
+        any other (an added token holding a space or a newline) for its own UTF-8; an unknown id, or a
+        special token when skipping them, for nothing. decode(ids) is the lossy UTF-8 decoding
+        of the tokens' bytes joined. Byte-level tokenizers only (ValueError otherwise)."""
+        if not self.byte_level:
+            raise ValueError(f"{self._source}: token_bytes needs a ByteLevel decoder")
+        if skip_special_tokens and token_id in self.special_token_ids:
+            return b""
+        cached = self._bytes.get(token_id)
+        if cached is None:
+            text = self._tok.id_to_token(token_id) or ""
+            table = _byte_of_char()
+            cached = bytes(table[c] for c in text) if all(c in table for c in text) else text.encode("utf-8")
+            self._bytes[token_id] = cached
+        return cached
+
     @property
     def has_chat_template(self) -> bool:
-        return self.chat_template is not None
+        return self._templates is not None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template rendered when no tools are given (None without one)."""
+        return None if self._templates is None else self._templates.templates[self._templates.pick()]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
-        """Render `messages` ([{"role", "content", ...}]) with the model's template.
+        """Render `messages` ([{"role", "content", ...}]) with the model's template, as
+        transformers' apply_chat_template(..., tokenize=False) does.
 
-        kwargs reach the template as variables (enable_thinking, tools, ...).
+        kwargs reach the template as variables (tools, documents, enable_thinking, ...).
         """
-        if self.chat_template is None:
+        if self._templates is None:
             raise ValueError(
                 f"{self._source}: the model has no chat template (no 'chat_template' in "
                 "tokenizer_config.json and no chat_template.jinja); it is a plain completion "
                 "model: give it a prompt string, not messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise TypeError(f"messages must be a list of dicts, got {messages!r}")
-        if self._compiled is None:
-            self._compiled = _compile_template(self.chat_template)
-        return self._compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        return self._templates.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 class IncrementalDetokenizer:
-    """Text pieces from ids pushed one at a time; never emits a split character."""
+    """Text pieces from ids pushed one at a time; never emits a character a later id could change."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self._prefix = 0  # ids[prefix:read] decode to text already emitted (context)
-        self._read = 0  # ids[read:] are not emitted yet
+        # byte-level: one incremental UTF-8 decoder over the tokens' bytes (lossy, as decode())
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if tokenizer.byte_level else None
+        # any other decoder: ids[prefix:read] decode to text already emitted (context); ids[read:] not yet
+        self._prefix = 0
+        self._read = 0
 
     def _decode(self, start: int, stop: int | None = None) -> str:
         return self._tokenizer.decode(self.ids[start:stop], self.skip_special_tokens)
@@ -213,6 +237,8 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes ("" while a character is incomplete)."""
         self.ids.append(token_id)
+        if self._utf8 is not None:
+            return self._utf8.decode(self._tokenizer.token_bytes(token_id, self.skip_special_tokens))
         # Decoding from `prefix` (not `read`) keeps context for decoders that
         # change a token's text by position (e.g. a stripped leading space).
         prefix_text = self._decode(self._prefix, self._read)
@@ -224,6 +250,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is held back at the end (undecodable bytes come out as U+FFFD)."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
         prefix_text = self._decode(self._prefix, self._read)
         new_text = self._decode(self._prefix)
         self._prefix = self._read = len(self.ids)

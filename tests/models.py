@@ -228,9 +228,14 @@ def reference_model(path: Path):
 
 @torch.inference_mode()
 def reference_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    """Greedy continuation of `prompt` by the transformers model, and each chosen token's logprob."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                         pad_token_id=0, eos_token_id=None)
+    """Greedy continuation of `prompt` by the transformers model, and each chosen token's logprob.
+
+    The all-ones attention mask is explicit: without one, generate() infers it from
+    pad_token_id and masks every prompt token equal to it (id 0 is "!" in Qwen's vocabulary).
+    """
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         min_new_tokens=n, pad_token_id=0, eos_token_id=None)
     tokens = out[0, len(prompt):].tolist()
     return tokens, reference_logprobs(model, prompt, tokens)
 
@@ -239,5 +244,5 @@ def reference_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[
 def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> list[float]:
     """Logprob of each of `tokens` given prompt + the tokens before it (one forward pass)."""
     ids = torch.tensor([prompt + tokens])
-    logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)  # [L, V]
+    logp = torch.log_softmax(model(ids, attention_mask=torch.ones_like(ids)).logits[0].float(), dim=-1)  # [L, V]
     return [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens)]

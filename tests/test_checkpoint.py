@@ -207,8 +207,10 @@ def test_single_file_corrupt_header_named(single, tmp_path):
 
 @pytest.mark.parametrize("edit, field", [
     ({"model_type": "llama"}, "model_type 'llama'"),
-    ({"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
-    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling type 'longrope'"),
+    # layer_types (transformers writes it) would keep every layer on full attention
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1, "layer_types": None},
+     "use_sliding_window"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope type 'longrope'"),
 ], ids=["model_type", "sliding-window", "rope-type"])
 def test_unsupported_config(broken, edit, field):
     cfg = json.loads((broken / "config.json").read_text())

@@ -51,7 +51,7 @@ def test_kv_heads_null_means_heads_and_eos_ids_merge():
 
 @pytest.mark.parametrize("override, words", [
     (dict(model_type="llama"), "model_type 'llama'"),
-    (dict(use_sliding_window=True), "use_sliding_window"),
+    (dict(use_sliding_window=True, sliding_window=64, max_window_layers=1), "use_sliding_window"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(num_key_value_heads=3), "num_key_value_heads"),
@@ -158,6 +158,79 @@ def test_hybrid_errors_name_the_field(change, words):
 
 
 def test_linear_attention_layers_only_in_hybrid_families():
-    with pytest.raises(ConfigError, match="does not have"):
-        ModelConfig.from_dict(cfg(model_type="qwen3", layer_types=["linear_attention", "full_attention"]))
+    with pytest.raises(ConfigError, match="linear_attention.*not supported"):
+        ModelConfig.from_dict(cfg(model_type="qwen3", head_dim=16, layer_types=["linear_attention", "full_attention"]))
     assert not ModelConfig.from_dict(cfg(layer_types=["full_attention"] * 2)).hybrid
+
+
+# ---- the field audit of the new families, against transformers ----------------------------------
+
+HYBRID_CLASSES = {"qwen2_moe": "Qwen2MoeConfig", "qwen3_next": "Qwen3NextConfig", "qwen3_5": "Qwen3_5TextConfig",
+                  "qwen3_5_moe": "Qwen3_5MoeTextConfig"}
+
+
+def _config_reads(source: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\bconfig\.([a-z][a-z_]*)", source)) | set(
+        re.findall(r"getattr\((?:self\.)?config, \"([a-z_]+)\"", source))
+
+
+@pytest.mark.parametrize("model_type", HYBRID_CLASSES)
+def test_new_families_fields_and_model_reads_are_accounted_for(model_type):
+    """Every field of transformers' config class, every config attribute its text model reads, and
+    every size it would guess (pprt refuses instead) match pprt.field_audit's lists."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    import transformers
+
+    from pprt.field_audit import _GUESSED, HARMLESS, INERT, READ, WARNED, WRAPPER
+
+    cls = getattr(transformers, HYBRID_CLASSES[model_type])
+    fields = {f.name for f in dataclasses.fields(cls)} | set(cls().to_dict())
+    assert fields - (READ[model_type] | HARMLESS[model_type] | WARNED | INERT) == set()
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    text_only = [c for n, c in vars(module).items() if inspect.isclass(c) and c.__module__ == module.__name__
+                 and not any(w in n for w in ("Vision", "Visual", "ConditionalGeneration", "Patch"))]
+    reads = set().union(*(_config_reads(inspect.getsource(c)) for c in text_only))
+    training_only = {"initializer_range", "attention_dropout", "output_router_logits", "router_aux_loss_coef",
+                     "pad_token_id", "get_text_config", "text_config", "vision_config"}
+    assert reads - READ[model_type] - training_only - WRAPPER == set()  # the wrapper's: the multimodal model
+    defaults = cls()
+    for name, guess in _GUESSED[model_type].items():
+        assert getattr(defaults, name) == guess, name
+
+
+@pytest.mark.parametrize("wrapper", ["Qwen3_5Config", "Qwen3_5MoeConfig"])
+def test_qwen35_wrapper_fields_are_accounted_for(wrapper):
+    import dataclasses
+
+    import transformers
+
+    from pprt.field_audit import INERT, WRAPPER
+
+    cls = getattr(transformers, wrapper)
+    assert ({f.name for f in dataclasses.fields(cls)} | set(cls().to_dict())) - WRAPPER - INERT == set()
+
+
+@pytest.mark.parametrize("name", list(HYBRID_CONFIGS) + ["qwen1.5-moe"])
+def test_real_new_family_configs_load_without_a_warning(name, caplog):
+    import logging
+
+    raw = HYBRID_CONFIGS.get(name, QWEN15_MOE_A27B)
+    with caplog.at_level(logging.WARNING, logger="pprt"):
+        ModelConfig.from_dict(dict(raw))
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="pprt"):
+        top = dict(raw, fancy=1) if "text_config" in raw else raw
+        text = dict(raw["text_config"], fancier=2) if "text_config" in raw else None
+        ModelConfig.from_dict(dict(top, text_config=text) if text else dict(raw, fancier=2))
+    assert "fancier" in caplog.text and ("(top level) fancy" in caplog.text or "text_config" not in raw)
+
+
+def test_a_missing_linear_size_is_refused_rather_than_guessed():
+    text = {k: v for k, v in QWEN35_27B["text_config"].items() if k != "linear_num_value_heads"}
+    with pytest.raises(ConfigError, match=r"no 'linear_num_value_heads' \(transformers would assume 32"):
+        ModelConfig.from_dict({**QWEN35_27B, "text_config": text})

@@ -41,7 +41,8 @@ def test_fp8_pool_layout_bytes_and_planner_agree():
     assert KVCache(bf16, 7, "cpu").layer(0).k_scale is None
 
     config = ModelConfig.from_dict(dict(model_type="qwen3", vocab_size=320, hidden_size=64, num_hidden_layers=5,
-                                        num_attention_heads=6, num_key_value_heads=3, head_dim=40))
+                                        num_attention_heads=6, num_key_value_heads=3, head_dim=40,
+                                        intermediate_size=96))
     for kv, dtype in (("fp8", FP8), ("auto", torch.bfloat16)):
         spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, 16, dtype)
         assert kv_bytes_per_token(config, config.num_layers, kv, 2) * 16 == spec.bytes_per_block, kv

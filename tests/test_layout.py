@@ -24,6 +24,8 @@ FORBIDDEN = {
     "models": ("weights", "engine", "distributed", "entrypoints", "plan"),
     "weights": ("engine", "distributed", "entrypoints", "plan"),
     "plan": ("engine", "distributed", "entrypoints", "weights", "models"),
+    "tokenizer": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config"),
+    "chat_template": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "tokenizer"),
     "distributed": ("engine", "entrypoints"),
     "engine": ("entrypoints",),
 }

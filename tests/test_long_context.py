@@ -70,9 +70,11 @@ def test_8k_prompt_through_chunked_prefill_matches_transformers(tmp_path):
     assert torch.allclose(chosen_logprobs(out), want, atol=LOGPROB_ATOL, rtol=0)
 
 
-def test_max_context_past_native_window_enables_yarn_as_transformers_computes_it(tmp_path, caplog):
-    """No rope scaling, native window 64, max_context 256: YaRN factor 4 over original 64, exactly the
-    rope (and outputs) of a transformers model whose config.json carries that yarn block."""
+@pytest.mark.parametrize("how", ["max_context", "rope_scaling"])
+def test_yarn_from_max_context_or_the_user_is_what_transformers_computes(tmp_path, caplog, how):
+    """No rope scaling, window 64: max_context 256 enables YaRN factor 4 over original 64, and so does
+    LLM(rope_scaling=...) with those numbers: exactly the rope (and outputs) of a transformers model
+    whose config.json carries that yarn block."""
     plain = make_checkpoint(tmp_path / "plain", "qwen2", max_position_embeddings=64, tokenizer=False)
     yarn = tmp_path / "yarn"
     shutil.copytree(plain, yarn)
@@ -83,11 +85,15 @@ def test_max_context_past_native_window_enables_yarn_as_transformers_computes_it
     ref = reference_model(yarn)
 
     prompt = tokens(150, 4)
+    kwargs = {"max_context": 256} if how == "max_context" else {
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
     with caplog.at_level(logging.WARNING, logger="pprt"):
-        with LLM(str(plain), devices=["cpu"], max_context=256) as llm:
+        with LLM(str(plain), devices=["cpu"], **kwargs) as llm:
             out = llm.generate(prompt, greedy(8))[0]
-            config = llm.config
-    assert any("enabling YaRN (factor 4, original 64)" in r.getMessage() for r in caplog.records)
+            config, max_context = llm.config, llm.max_context
+    if how == "max_context":
+        assert any("enabling YaRN (factor 4, original 64)" in r.getMessage() for r in caplog.records)
+    assert max_context == 256
     assert (config.rope.type, config.rope.factor, config.rope.original_max_position) == ("yarn", 4.0, 64)
     inv_freq, scale = rope_inv_freq(config.rope, config.head_dim)
     assert torch.allclose(inv_freq, ref.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)

@@ -408,6 +408,11 @@ def test_cli_in_process(tmp_path, capsys):
     assert main(args[:-2] + ["--max-context", "0"]) == 2 and "max_context" in capsys.readouterr().err
     assert main(args + ["--split", "90,x"]) == 2 and "--split" in capsys.readouterr().err
     assert main(args + ["--split", "90,3"]) == 2 and "sums to 93" in capsys.readouterr().err
+    recipe = '{"rope_type": "default"}'  # the user's rope scaling replaces the checkpoint's YaRN
+    assert main(args[:-2] + ["--rope-scaling", recipe, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["context_limit"] == 40960
+    assert main(args + ["--rope-scaling", '{"rope_type": "yarn", "factor": 2}']) == 2
+    assert "original_max_position_embeddings" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{not json")
     assert main(args) == 2 and "not valid JSON" in capsys.readouterr().err
 

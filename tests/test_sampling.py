@@ -28,6 +28,7 @@ def make_sampler(vocab: int, seqs: dict[int, SamplingParams], prompts: dict | No
         ({"max_tokens": 2.5}, "max_tokens"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.01}, "top_p"),
         ({"top_k": -2}, "top_k"),
@@ -190,6 +191,102 @@ def test_same_seed_same_tokens_whatever_the_batch():
     assert got == ref
     other = make_sampler(V, {1: SamplingParams(seed=4321)})
     assert [other.sample([1], row[None]).token_ids[0] for _ in range(steps)] != ref
+
+
+# ---- Sampler: one tie rule, any finite logits -------------------------------------------------
+
+
+def _tied_row(V: int = 40) -> torch.Tensor:
+    """Logits whose 5th..8th best tokens tie: top_k=6 cuts through the tie."""
+    row = torch.linspace(-3.0, -1.0, V)
+    row[[7, 21, 3, 30]] = torch.tensor([3.0, 2.5, 2.0, 1.5])  # ranks 0-3
+    row[[11, 5, 38, 17]] = 1.0  # ranks 4-7, tied
+    return row
+
+
+@pytest.mark.parametrize("max_k", [None, 6, 9, 40], ids=["full-sort", "topk-6", "topk-9", "topk-V"])
+def test_top_k_keeps_every_token_tied_with_the_kth_on_every_path(max_k):
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    row = _tied_row()
+    kept = _top_k_top_p(row[None], torch.tensor([6.0]), torch.tensor([1.0]), max_k)[0].isfinite()
+    assert set(kept.nonzero()[:, 0].tolist()) == {7, 21, 3, 30, 11, 5, 38, 17}
+    assert torch.equal(kept, TopKLogitsWarper(6)(None, row[None])[0].isfinite())
+
+
+@pytest.mark.parametrize("max_k", [None, 3, 8])
+def test_top_p_keeps_or_drops_tied_tokens_together(max_k):
+    """Eight tokens of equal probability: top_p 0.3 needs three of them by mass; all eight tie, so all
+    stay (no sort order decides which of equal tokens survive)."""
+    row = torch.full((20,), -30.0)
+    row[[2, 4, 6, 8, 10, 12, 14, 16]] = 0.0
+    top_k = torch.tensor([float(max_k or 0)])
+    kept = _top_k_top_p(row[None], top_k, torch.tensor([0.3]), max_k)[0].isfinite()
+    assert kept.nonzero()[:, 0].tolist() == [2, 4, 6, 8, 10, 12, 14, 16]
+    row[2] = 0.5  # now one token is strictly ahead: mass 0.19 < 0.3, so the tied rest still all stay
+    kept = _top_k_top_p(row[None], top_k, torch.tensor([0.3]), max_k)[0].isfinite()
+    assert kept.nonzero()[:, 0].tolist() == [2, 4, 6, 8, 10, 12, 14, 16]
+    row[2] = 3.0  # mass 0.74 >= 0.3 ahead of the tie: the whole tie goes
+    assert _top_k_top_p(row[None], top_k, torch.tensor([0.3]), max_k)[0].isfinite().nonzero()[:, 0].tolist() == [2]
+
+
+def test_seeded_top_k_request_is_the_same_whatever_its_neighbours():
+    """The same seeded top_k=6 request over tied logits, alone (partial topk), beside a top_k=0 row (full
+    sort), beside a larger top_k and beside top_p/min_p rows: the same tokens, and the tied tokens are drawn."""
+    V, steps = 40, 40
+    row = _tied_row(V) * 0.4  # flat enough that all eight survivors get drawn
+    request = SamplingParams(seed=77, top_k=6)
+    neighbours = [{}, {5: SamplingParams(top_k=0)}, {5: SamplingParams(top_k=30), 6: SamplingParams(top_k=2)},
+                  {5: SamplingParams(top_p=0.5), 6: SamplingParams(min_p=0.2, top_k=0)},
+                  {5: SamplingParams(temperature=0), 6: SamplingParams(seed=3, top_k=9, top_p=0.9)}]
+    runs = []
+    for others in neighbours:
+        s = make_sampler(V, {**others, 1: request}, seed=len(runs))
+        order = [1, *others]
+        tokens = []
+        for step in range(steps):
+            logits = torch.randn(len(order), V, generator=torch.Generator().manual_seed(step))
+            logits[0] = row
+            tokens.append(s.sample(order, logits).token_ids[0])
+        runs.append(tokens)
+    assert all(r == runs[0] for r in runs[1:])
+    assert {11, 5, 38, 17} <= set(runs[0]) <= {7, 21, 3, 30, 11, 5, 38, 17}
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-20, 1e-6])
+def test_vanishing_temperature_is_greedy(temperature):
+    """temperature=1e-38 over logits near 30 used to overflow to NaN and return token 0."""
+    params = SamplingParams(temperature=temperature, top_k=20, top_p=0.9, seed=1)
+    assert params.greedy and params.resolve().greedy
+    torch.manual_seed(9)
+    logits = 30 + torch.randn(4, 50)
+    s = make_sampler(50, {i: params for i in range(4)})
+    assert s.sample(list(range(4)), logits).token_ids == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=2e-5).greedy  # the threshold is 1e-5
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=2e-5), SamplingParams(temperature=0.5, top_k=3),
+    SamplingParams(temperature=7.0, top_p=0.5), SamplingParams(min_p=0.5, repetition_penalty=0.5),
+    SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=4)], ids=lambda p: repr(p)[15:60])
+def test_any_finite_logits_are_safe(params):
+    """Huge logits (a penalty below 1 doubles them past float32's max), a vanishing gap, and rows with
+    all but one token at -inf: always a valid token, the only possible one when one is left."""
+    V, big = 30, 3e38
+    rows = torch.full((5, V), -big)
+    rows[0, 17] = big  # +-3e38
+    rows[1] = torch.linspace(-1.0, 1.0, V) * big
+    rows[2, :] = -math.inf
+    rows[2, 4] = -big  # all but one masked, the survivor hugely negative
+    rows[3, :] = -math.inf
+    rows[3, 29] = 31.0
+    rows[4] = 30.0
+    rows[4, 11] = 30.0 + 1e-5  # a gap of 1e-5 over 2e-5 of temperature
+    s = make_sampler(V, {i: params for i in range(5)}, prompts={i: [17, 29] for i in range(5)})
+    for _ in range(5):
+        out = s.sample(list(range(5)), rows).token_ids
+        assert out[:4] == [17, 29, 4, 29], out
+        assert 0 <= out[4] < V
 
 
 # ---- Sampler: repetition penalty -------------------------------------------------------------

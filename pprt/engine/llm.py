@@ -24,7 +24,8 @@ from ..errors import CheckpointError, StageFailed
 from ..models.kv import parse_kv_dtype
 from ..params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
-from ..weights.checkpoint import ModelSource, load_config
+from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
+from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager, SlotManager
 from .scheduler import Scheduler, Sequence
 from .stats import StageStats, Stats
@@ -58,9 +59,14 @@ class LLM:
     one stage per rank). split: layers per stage (default: the planner's cut).
     dtype: default float32 on CPU, bfloat16 on CUDA. quant: None, "int4" or
     "fp8" to quantize a float checkpoint while loading (quantized checkpoints:
-    GPTQ, AWQ, FP8, compressed-tensors, run in their own format). max_context: the longest prompt + generation (default: the
-    checkpoint's window, or the window its YaRN serves; beyond the native
-    window YaRN is enabled). block_size: tokens per KV block. chunk_size:
+    GPTQ, AWQ, FP8, compressed-tensors, run in their own format). max_context:
+    the longest prompt + generation (default: the checkpoint's window, or the
+    window its YaRN serves; past max_position_embeddings YaRN is enabled over
+    the window the checkpoint was trained for, e.g. factor 4 over 32768 for
+    131072 on Qwen3). rope_scaling: rope scaling instead of the checkpoint's,
+    in config.json's spelling, e.g. {"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 32768}; {"rope_type": "default"}
+    turns the checkpoint's off. block_size: tokens per KV block. chunk_size:
     tokens per prefill chunk. kv_cache_memory: bytes of KV pool per stage
     (default: what the plan leaves; at most 64 MiB on CPU). kv_dtype: "auto"
     (the model dtype), "bf16", "fp16", "fp32" or "fp8". memory_budget: bytes
@@ -73,7 +79,8 @@ class LLM:
                  dtype: str | torch.dtype | None = None, quant: str | None = None,
                  max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
-                 memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None):
+                 memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
+                 rope_scaling: dict | None = None):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -92,7 +99,8 @@ class LLM:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.source = ModelSource(model)
-        self.config = load_config(self.source)
+        self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
+        self.config = self.config.with_rope_scaling(rope_scaling)
         on_cuda = torch.device(devices[0]).type == "cuda"
         self.dtype = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
         self.max_context = max_context or default_context(self.config)

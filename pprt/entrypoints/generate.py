@@ -26,6 +26,7 @@ from typing import NoReturn, TextIO
 from .. import LLM, Completion, SamplingParams, Stats
 from ..distributed.stage_main import serve_torchrun, torchrun_rank
 from ..errors import ConfigError
+from ..rope import DEFAULT_MAX_POSITION, DEFAULT_THETA, rope_from_user
 from .demo_model import demo_model_path
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize a float checkpoint while loading (Int4 RTN, or FP8 block 128)")
     m.add_argument("--kv-dtype", default="auto", help="KV cache type: auto, bf16, fp16, fp32 or fp8")
     m.add_argument("--max-context", type=int, default=None, help="longest prompt + generation (default: the model's)")
+    m.add_argument("--rope-scaling", default=None, metavar="JSON",
+                   help="rope scaling instead of the checkpoint's, in config.json's spelling, e.g. "
+                        "'{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":32768}' "
+                        "(default: the checkpoint's; past its window pprt enables YaRN itself)")
     m.add_argument("--transport", default="auto", choices=["auto", "nccl", "gloo", "host"],
                    help="how stages pass activations: auto (NCCL between GPUs), or host (through pinned host "
                         "memory, for machines where GPU peer-to-peer hangs)")
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no statistics on stderr")
     s = p.add_argument_group("sampling (default: the model's generation_config.json)")
     s.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    s.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    s.add_argument("--temperature", type=float, default=None, help="0 (or below 1e-5) = greedy")
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--min-p", type=float, default=None)
@@ -93,11 +98,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for device in args.device_list or ():
             _check_device(device)
         args.sampling = sampling_params(args)
+        args.rope_scaling_spec = parse_rope_scaling(args.rope_scaling)
     except (UsageError, ValueError) as e:
         parser.error(_flag_names(str(e)))
     if args.split_list and args.device_list and len(args.split_list) != len(args.device_list):
         parser.error(f"--split has {len(args.split_list)} stages but --devices names {len(args.device_list)}")
     return args
+
+
+def parse_rope_scaling(text: str | None) -> dict | None:
+    """--rope-scaling's JSON object, checked as far as it can be without the model."""
+    if text is None:
+        return None
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--rope-scaling {text!r} is not JSON ({e})") from None
+    try:  # the model's own theta and window replace these placeholders at load
+        rope_from_user(spec, theta=DEFAULT_THETA, max_position=DEFAULT_MAX_POSITION, where="--rope-scaling")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    return spec
 
 
 def _split_list(value: str | None, kind: type, flag: str) -> list | None:
@@ -167,7 +188,8 @@ def open_model(args: argparse.Namespace) -> LLM:
         if devices is None and not torchrun_rank() and not _has_cuda():
             devices = ["cpu", "cpu"]  # the demo runs as a two-stage pipeline
     return LLM(model, devices=devices, split=args.split_list, dtype=args.dtype, quant=args.quant,
-               max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed)
+               max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed,
+               rope_scaling=args.rope_scaling_spec)
 
 
 def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO | None) -> tuple[Completion, dict]:

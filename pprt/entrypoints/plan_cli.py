@@ -3,7 +3,7 @@
 A thin CLI over `pprt.plan.plan()`: `--model` (a directory, or a hub id of
 which only config.json is fetched), `--gpus 96,96` (GiB per device) or
 `--gpus auto` (free memory of the visible GPUs), `--quant`, `--kv-dtype`,
-`--max-context`, `--json`. Exit code 0 when it fits, 1 when it does not, 2 on
+`--max-context`, `--rope-scaling JSON`, `--json`. Exit code 0 when it fits, 1 when it does not, 2 on
 bad arguments or an unreadable model.
 """
 
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant", choices=QUANTS, default="none")
     p.add_argument("--kv-dtype", choices=("auto", "bf16", "fp8"), default="auto")
     p.add_argument("--max-context", type=int, default=None, help="tokens of one sequence (default: the model's limit)")
+    p.add_argument("--rope-scaling", default=None, metavar="JSON",
+                   help="rope scaling instead of the checkpoint's (config.json's spelling), as python -m pprt.generate")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="weights dtype")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=2048)
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         budgets = parse_gpus(args.gpus)
         config = read_model_config(args.model)
+        if args.rope_scaling is not None:
+            config = config.with_rope_scaling(json.loads(args.rope_scaling))
         result = plan(config, budgets, quant=args.quant, kv_dtype=args.kv_dtype,
                       dtype_bytes={"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype],
                       block_size=args.block_size, max_context=args.max_context, chunk_size=args.chunk_size,

@@ -7,10 +7,15 @@ Per step and per row, in the order transformers and vLLM use:
 
     repetition penalty (HF rule) -> temperature -> top_k -> top_p -> min_p -> draw
 
-Greedy rows (temperature 0) take the argmax of the penalized logits. Draws
-use the exponential race, argmax(p / q) with q ~ Exp(1), which is exactly a
-categorical draw from p; a seeded row draws its q from its own generator, so
-its tokens do not depend on which other rows share the batch.
+Greedy rows (`SamplingParams.greedy`: temperature 0, or below
+GREEDY_TEMPERATURE) take the argmax of the penalized logits. Draws use the
+exponential race, argmax(p / q) with q ~ Exp(1), which is exactly a
+categorical draw from p; a seeded row draws its q from its own generator and
+every filter decides from its own row alone (one top_k tie rule, one top_p
+rule, whatever path the batch takes), so its tokens do not depend on which
+other rows share the batch. Any finite logits are safe: each row is shifted
+so its best token is at 0 before the temperature divides it, so nothing
+overflows (logits of 1e38, all but one token at -inf).
 
 Logprobs are those of the model's distribution: log_softmax of the RAW
 logits (before penalty, temperature and filters), as vLLM reports them.
@@ -120,10 +125,12 @@ class Sampler:
         argmax = x.argmax(dim=-1) if any(greedy) else None  # [B], for the greedy rows
         # per-row knobs in one host->device copy: [B, 4] = temperature, top_p, top_k, min_p
         knobs = torch.tensor(
-            [[p.temperature or 1.0, p.top_p, p.top_k, p.min_p] for p in ps], dtype=torch.float32
+            [[1.0 if p.greedy else p.temperature, p.top_p, p.top_k, p.min_p] for p in ps], dtype=torch.float32
         ).to(self.device)
         temp, top_p, top_k, min_p = knobs.unbind(dim=1)  # [B] each
-        x = x / temp[:, None]
+        # best token at 0, the rest <= 0: exp never overflows, whatever the logits and temperature
+        x = x.clamp(max=torch.finfo(x.dtype).max)  # a penalty < 1 may have doubled a huge logit to inf
+        x = (x - x.amax(dim=-1, keepdim=True)) / temp[:, None]
         if any(p.top_k > 0 or p.top_p < 1 for p in ps):
             # every row top_k-limited (Qwen's defaults are): a partial topk, not a full sort
             max_k = max(p.top_k for p in ps) if all(p.top_k > 0 for p in ps) else None
@@ -186,20 +193,35 @@ class Sampler:
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_k: int | None) -> torch.Tensor:
-    """Mask to -inf what top_k (0 = off; ties at the k-th value kept, as HF) and then
-    top_p (smallest prefix of the renormalized mass >= top_p; 1 = off) remove.
-    x: [B, V]; top_k, top_p: [B]. With max_k (every row has 0 < top_k <= max_k) only
-    the max_k best columns are ranked; ties beyond them are dropped."""
-    if max_k is not None:
-        xs, order = x.topk(min(max_k, x.shape[1]), dim=-1)  # [B, K], descending
-    else:
-        xs, order = x.sort(dim=-1, descending=True)  # [B, V]
-    K = xs.shape[1]
+    """Mask to -inf what top_k and then top_p remove; x: [B, V]; top_k, top_p: [B].
+
+    top_k (0 = off) keeps every token whose logit is >= the k-th largest: tokens tied
+    with the k-th all stay (transformers' TopKLogitsWarper and vLLM keep them too). The
+    rule is the same on every path: `max_k` (every row has 0 < top_k <= max_k) only lets
+    the k-th value come from a partial topk instead of a full sort.
+    top_p (1 = off) then keeps a token when the renormalized mass of the tokens strictly
+    more likely than it is < top_p (transformers' TopPLogitsWarper on untied logits);
+    tokens tied in value are kept or dropped together, so the order a sort gives equal
+    values never matters.
+    """
+    B, V = x.shape
+    K = V if max_k is None else min(max_k, V)
+    best, order = x.topk(K, dim=-1) if K < V else x.sort(dim=-1, descending=True)  # [B, K], descending
     k = torch.where(top_k > 0, top_k, float(K)).clamp(max=K).long()  # [B]
-    kth = xs.gather(1, (k - 1)[:, None])  # [B, 1]
-    xs = xs.masked_fill(xs < kth, -math.inf)
+    kth = best.gather(1, (k - 1)[:, None])  # [B, 1]
+    if not bool((top_p < 1).any()):
+        return x.masked_fill(x < kth, -math.inf)  # ties with the k-th stay
+    n = int((x >= kth).sum(dim=-1).max())  # survivors of the fullest row
+    if n > K:  # ties with the k-th reach past the max_k best: rank the survivors again
+        best, order = x.topk(n, dim=-1)
+    xs = best.masked_fill(best < kth, -math.inf)  # [B, K or n], descending; every survivor is in it
     probs = xs.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # [B, K] mass of strictly better tokens
+    ahead = probs.cumsum(dim=-1) - probs  # mass ranked before each token
+    # a run of equal values takes the mass before its first member: the strictly better tokens
+    starts = torch.ones_like(xs, dtype=torch.bool)
+    starts[:, 1:] = xs[:, 1:] != xs[:, :-1]
+    first = torch.where(starts, torch.arange(xs.shape[1], device=x.device), 0).cummax(dim=-1).values
+    ahead = ahead.gather(1, first)
     p = torch.where(top_p < 1, top_p, math.inf)[:, None]  # top_p == 1: never cut (cumsum rounding)
-    xs = xs.masked_fill(mass_before >= p, -math.inf)
+    xs = xs.masked_fill(ahead >= p, -math.inf)
     return torch.full_like(x, -math.inf).scatter_(1, order, xs)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ModelConfig
-from .advice import GiB, MiB, _describe, _explain
+from .advice import GiB, MiB, _beyond_limit, _describe, _explain
 from .cut import _bounds, _check_split, _Costs, _cut
 from .result import DEFAULT_MAX_NUM_SEQS, DeviceBudget, Plan, StagePlan
 from .sizes import (
@@ -137,6 +137,5 @@ def plan(
                 overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
-        message += (f"\nnote: max_context {max_context:,} is beyond the model's context limit {limit:,} "
-                    "(max_position_embeddings, or rope_scaling yarn factor x original length)")
+        message += "\n" + _beyond_limit(config, max_context, limit)
     return dataclasses.replace(result, message=message)

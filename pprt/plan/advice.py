@@ -16,6 +16,17 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
+def _beyond_limit(config: ModelConfig, max_context: int, limit: int) -> str:
+    """What serving `max_context` past the model's context means (as `pprt.config.extend_context` does it)."""
+    if config.rope.type == "yarn" or config.exact_context:
+        return (f"note: max_context {max_context:,} is beyond the {limit:,} tokens this model serves as configured "
+                f"({config.exact_context_reason or 'its YaRN factor x original length'}): quality past them "
+                "is unknown")
+    return (f"note: max_context {max_context:,} is beyond max_position_embeddings {limit:,}: pprt enables YaRN "
+            f"(factor {max_context / config.trained_window:.4g} over the trained window "
+            f"{config.trained_window:,})")
+
+
 def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 

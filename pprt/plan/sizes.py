@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 
-from ..config import ModelConfig
+from ..config import ModelConfig, default_context
 from ..quantization import AT_LOAD, FLOAT, RTN_GROUP_SIZES, Kind, ModuleFormat, at_load_format
 
 KV_ELEMENT_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4,
@@ -165,8 +165,6 @@ def state_bytes_per_sequence(config: ModelConfig, layers: tuple[int, int], dtype
 
 
 def context_limit(config: ModelConfig) -> int:
-    """The longest context the model's positions are meant for."""
-    rope = config.rope
-    if rope.type == "yarn" and rope.original_max_position:
-        return max(config.max_position_embeddings, int(rope.factor * rope.original_max_position))
-    return config.max_position_embeddings
+    """The context the model serves by default (`pprt.config.default_context`): its window, or
+    its YaRN's, capped where a field pprt does not implement would change the math."""
+    return default_context(config)

@@ -303,6 +303,24 @@ class CheckpointReader:
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype  # ints stay ints
         return t.to(device=device, dtype=target)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (its first dimension), on the CPU in the stored dtype."""
+        path, info = self.info(name)
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"{path}: rows [{start}, {stop}) are not within tensor {name!r} of shape "
+                             f"{list(info.shape)}")
+        row_bytes = (info.end - info.begin) // info.shape[0]
+        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        try:
+            with path.open("rb") as f:
+                f.seek(info.begin + start * row_bytes)
+                got = f.readinto(memoryview(buf.numpy())) if buf.numel() else 0
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+        if got != buf.numel():
+            raise CheckpointError(f"{path}: truncated file while reading tensor {name!r}")
+        return buf.view(info.dtype).reshape(stop - start, *info.shape[1:])
+
     def nbytes(self, name: str | TensorPart) -> int:
         _, _, _, begin, end = self.locate(name)
         return end - begin

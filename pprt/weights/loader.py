@@ -14,17 +14,54 @@ the meta device, so a failed load leaves no half-loaded stage behind.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..models.stage import Stage
 from .checkpoint import CheckpointReader
 from .formats import file_tensors, load_quantized, plan_linears, quantize_at_load
 from .layout import CheckpointLayout
+
+log = logging.getLogger("pprt")
+
+HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def resolve_tied_head(config: ModelConfig, reader: CheckpointReader, rows_per_read: int = 4096) -> ModelConfig:
+    """The config to build stages from when config.json ties the head to the embedding
+    (`tie_word_embeddings`) but the checkpoint also stores an `lm_head.weight`.
+
+    An equal head (some exports save both) changes nothing. A different one is the head
+    the model runs with, untied, as transformers 5 does (it warns "both are present in the
+    checkpoints with different values, so we will NOT tie them"); vLLM would ignore the
+    file's head and use the embedding. We follow transformers: the stored head is what the
+    checkpoint's author saved last, and transformers is the reference pprt is tested against.
+    Logs a warning naming both tensors when it unties. Reads the two tensors `rows_per_read`
+    rows at a time and stops at the first difference.
+    """
+    embedding = CheckpointLayout(config, reader.weight_map).name(EMBEDDING)  # a Qwen3.5 release's prefix
+    if not config.tie_word_embeddings or HEAD not in reader or embedding not in reader:
+        return config
+    (_, head), (_, emb) = reader.info(HEAD), reader.info(embedding)
+    same = head.shape == emb.shape and head.dtype == emb.dtype and len(head.shape) == 2
+    for start in range(0, head.shape[0] if same else 0, rows_per_read):
+        stop = min(start + rows_per_read, head.shape[0])
+        if not torch.equal(reader.read_rows(HEAD, start, stop), reader.read_rows(embedding, start, stop)):
+            same = False
+            break
+    if same:
+        return config
+    log.warning("model %r: config.json ties the head to the embedding (tie_word_embeddings) but the checkpoint "
+                "stores its own %s, different from %s: running with the stored %s, untied, as transformers "
+                "does (vLLM would use the embedding)", reader.source.name, HEAD, embedding, HEAD)
+    return dataclasses.replace(config, tie_word_embeddings=False)
 
 
 def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
