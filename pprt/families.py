@@ -109,15 +109,23 @@ def layer_types(model_type: str, cfg: dict) -> tuple[str, ...]:
 
 
 def linear_attention(model_type: str, cfg: dict) -> LinearAttentionConfig:
-    """The linear_* fields (transformers' class defaults where absent); refuses a non-fp32 state."""
+    """The linear_* fields (pprt.field_audit has refused a missing one: no size is guessed);
+    refuses a non-fp32 recurrent state."""
     ssm_dtype = cfg.get("mamba_ssm_dtype")
     if ssm_dtype is not None and str(ssm_dtype).removeprefix("torch.") not in ("float32", "float"):
         raise ConfigError(f"mamba_ssm_dtype {ssm_dtype!r} is not supported (the recurrent state is float32)")
+
+    def size(key: str) -> int:
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        return value
+
     return LinearAttentionConfig(
-        num_key_heads=int(cfg.get("linear_num_key_heads") or 16),
-        num_value_heads=int(cfg.get("linear_num_value_heads") or 32),
-        key_head_dim=int(cfg.get("linear_key_head_dim") or 128),
-        value_head_dim=int(cfg.get("linear_value_head_dim") or 128),
-        conv_kernel=int(cfg.get("linear_conv_kernel_dim") or 4),
+        num_key_heads=size("linear_num_key_heads"),
+        num_value_heads=size("linear_num_value_heads"),
+        key_head_dim=size("linear_key_head_dim"),
+        value_head_dim=size("linear_value_head_dim"),
+        conv_kernel=size("linear_conv_kernel_dim"),
         fused_projections=model_type == "qwen3_next",
     )
