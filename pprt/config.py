@@ -6,20 +6,22 @@ other field is accounted for by `pprt.field_audit` (read, refused, or warned
 about with the default context capped). Knows nothing about files or devices:
 `weights/checkpoint.py` reads the JSON.
 
+Every field config.py reads is read through `pprt.fields.Fields`, with its
+type and range: booleans must be JSON booleans (the string "false" is refused,
+not taken as true), sizes positive integers, eps finite and positive; a
+generation_config.json default the sampler would refuse is refused here.
+Anything wrong or unimplemented (another model_type, sliding window, a rope
+setting other than default or YaRN, a quantization pprt does not run) fails
+with a ConfigError naming the file, the field and its value.
+
 Families: qwen2, qwen3, qwen3_moe, qwen2_moe, and the hybrid Gated DeltaNet
 families qwen3_next and qwen3_5 / qwen3_5_moe (shared/QWEN.md section 7; their
-per-family rules are in pprt.families). A
-Qwen3.5 release is multimodal: its top-level config (`qwen3_5`, `qwen3_5_moe`)
-holds the text model in `text_config`, and `tie_word_embeddings` at the top
-level as transformers reads it; text-only exports (`qwen3_5_text`,
-`qwen3_5_moe_text`) are flat. Only the text model is run: the vision tower and
-the MTP head (`mtp_num_hidden_layers`, `num_nextn_predict_layers`) are read
-and ignored.
-
-Anything the runtime does not implement (another model_type, sliding window,
-a rope setting other than default or YaRN, a quantization other than 4-bit
-GPTQ/AWQ, ungated attention in a hybrid family) fails here with a message
-naming the field and its value.
+per-family rules are in pprt.families). A Qwen3.5 release is multimodal: its
+top-level config (`qwen3_5`, `qwen3_5_moe`) holds the text model in
+`text_config`, and `tie_word_embeddings` at the top level as transformers
+reads it; text-only exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat.
+Only the text model is run: the vision tower and the MTP head
+(`mtp_num_hidden_layers`, `num_nextn_predict_layers`) are read and ignored.
 
 `default_context` and `extend_context` decide the context served and the
 rotary that serves it: the checkpoint's own window, or YaRN over the window
@@ -41,6 +43,7 @@ from .families import (
     LATER,
     LINEAR_ATTENTION,
     MOE_MODEL_TYPES,
+    SHARED_EXPERT_MODEL_TYPES,
     SUPPORTED_MODEL_TYPES,
     TEXT_MODEL_TYPES,
     LinearAttentionConfig,
@@ -50,14 +53,20 @@ from .families import (
     qkv_bias,
 )
 from .field_audit import audit_fields
+from .fields import Fields
 from .quantization import QuantConfig  # noqa: F401  (re-exported: the formats' rules live there)
-from .rope import (SUPPORTED_ROPE_TYPES, RopeConfig, native_window, parse_rope,  # noqa: F401
-                   partial_rotary_factor, rope_from_user)
+from .rope import (  # noqa: F401
+    SUPPORTED_ROPE_TYPES,
+    RopeConfig,
+    native_window,
+    parse_rope,
+    partial_rotary_factor,
+    rope_from_user,
+)
 
 log = logging.getLogger("pprt")
 # Qwen3.5's rope settings carry mrope sections: for text all three position rows are equal
 MROPE_KEYS = frozenset({"mrope_section", "mrope_interleaved"})
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +135,9 @@ class ModelConfig:
                 )
             if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
                 raise ConfigError("moe_intermediate_size and decoder_sparse_step must be positive")
+        if self.intermediate_size <= 0 and not all(self.is_sparse(i) for i in range(self.num_layers)):
+            raise ConfigError(f"intermediate_size must be positive (a layer has a dense MLP), got "
+                              f"{self.intermediate_size}")
         if self.layer_types:
             if len(self.layer_types) != self.num_layers:
                 raise ConfigError(f"layer_types has {len(self.layer_types)} entries for num_hidden_layers = "
@@ -160,7 +172,7 @@ class ModelConfig:
         return hi - lo - linear, linear
 
     def is_sparse(self, layer: int) -> bool:
-        """True when `layer` has a mixture-of-experts MLP (qwen3_moe rule)."""
+        """True when `layer` has a mixture-of-experts MLP (qwen3_moe rule; every MoE family)."""
         return (
             self.num_experts > 0
             and layer not in self.mlp_only_layers
@@ -185,95 +197,108 @@ class ModelConfig:
         return self.with_rope(rope)
 
     @classmethod
-    def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:
-        """Parse config.json (and optionally generation_config.json) contents."""
-        top = cfg
-        model_type = cfg.get("model_type")
+    def from_dict(cls, cfg: dict, generation_config: dict | None = None, *, path: str = "config.json",
+                  generation_path: str = "generation_config.json") -> ModelConfig:
+        """Parse config.json (and optionally generation_config.json) contents.
+
+        path, generation_path: the files, named in errors. Raises ConfigError naming the file and the
+        field when a field is missing, of the wrong type, out of range or unsupported.
+        """
+        top, gen = Fields(cfg, path), Fields(generation_config, generation_path)
+        model_type = top.string("model_type")
         if model_type in LATER:
-            raise ConfigError(f"model_type {model_type!r} is not supported: {LATER[model_type]}")
-        if model_type in ("qwen3_5", "qwen3_5_moe"):  # multimodal release: the text model is text_config
-            if not isinstance(cfg.get("text_config"), dict):
-                raise ConfigError(f"model_type {model_type!r} has no text_config: pprt runs the text model only")
-            cfg = {**cfg["text_config"], "quantization_config": top.get("quantization_config")}
-        model_type = TEXT_MODEL_TYPES.get(cfg.get("model_type", model_type), cfg.get("model_type", model_type))
+            raise top.error("model_type", f"{model_type!r} is not supported: {LATER[model_type]}")
+        f = top
+        if model_type in ("qwen3_5", "qwen3_5_moe"):  # a multimodal release: the text model is text_config
+            f = top.section("text_config")
+            if f is None:
+                raise top.error("text_config", f"is missing: model_type {model_type!r} runs its text model only")
+            model_type = TEXT_MODEL_TYPES.get(f.string("model_type", f"{model_type}_text"), "")
+            if not model_type:
+                raise f.error("model_type", "must be the text model of the release (qwen3_5_text, qwen3_5_moe_text)")
+        model_type = TEXT_MODEL_TYPES.get(model_type, model_type)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-
-        def need(key: str):
-            if cfg.get(key) is None:
-                raise ConfigError(f"config.json has no {key!r}")
-            return cfg[key]
-
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        kv_heads = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or hidden // heads
-        audit = audit_fields(cfg, model_type=model_type, wrapper=top if top is not cfg else None)
-        hybrid = model_type in HYBRID_MODEL_TYPES
-        is_moe = model_type in MOE_MODEL_TYPES
+            raise f.error("model_type", f"{model_type!r} is not supported (supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        wrapper = top.data if f is not top else None
+        if f.string("hidden_act", "silu") != "silu":
+            raise f.error("hidden_act", f"{f.data['hidden_act']!r} is not supported (only silu)")
+        num_layers = f.integer("num_hidden_layers", at_least=1)
+        hidden, heads = f.integer("hidden_size", at_least=1), f.integer("num_attention_heads", at_least=1)
+        f.flag("use_sliding_window", False)  # typed here; pprt.field_audit decides what they mean
+        f.integer("sliding_window", None, at_least=0)
+        f.integer("max_window_layers", None, at_least=0)
+        hybrid, is_moe = model_type in HYBRID_MODEL_TYPES, model_type in MOE_MODEL_TYPES
         all_sparse = model_type == "qwen3_5_moe"  # every layer routed, top-k always renormalised
-        gen = generation_config or {}
-        quant = cfg.get("quantization_config")
-        tie = top.get("tie_word_embeddings", False) if top is not cfg else cfg.get("tie_word_embeddings", False)
-        return cls(
-            model_type=model_type,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(cfg.get("intermediate_size") or 0),
-            num_layers=int(need("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=int(kv_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=parse_rope(cfg, partial=hybrid, ignore_keys=MROPE_KEYS if hybrid else frozenset()),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(tie),
-            qkv_bias=qkv_bias(model_type, cfg),
-            qk_norm=model_type not in ("qwen2", "qwen2_moe"),
-            o_bias=hybrid and bool(cfg.get("attention_bias", False)),
-            zero_centered_norm=hybrid,
-            attn_output_gate=attn_output_gate(model_type, cfg),
-            partial_rotary_factor=partial_rotary_factor(cfg, 0.25 if hybrid else 1.0),
-            layer_types=layer_types(model_type, cfg),
-            linear=linear_attention(model_type, cfg) if hybrid else None,
-            mtp_num_layers=int(cfg.get("mtp_num_hidden_layers") or cfg.get("num_nextn_predict_layers") or 0),
-            # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
-            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if is_moe else 0,
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0) if is_moe else 0,
-            moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if is_moe else 0,
-            norm_topk_prob=all_sparse or bool(cfg.get("norm_topk_prob", model_type == "qwen3_next")),
-            decoder_sparse_step=1 if all_sparse else int(cfg.get("decoder_sparse_step", 1) or 1),
-            mlp_only_layers=() if all_sparse else tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
-            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
-            if model_type in ("qwen2_moe", "qwen3_next", "qwen3_5_moe") else 0,
-            eos_token_ids=_eos_ids(cfg, gen, top),
-            torch_dtype=_parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or top.get("torch_dtype")
-                                     or top.get("dtype") or "float32"),
-            quant=QuantConfig.from_dict(quant) if quant else None,
-            native_context=native_window(cfg),
-            exact_context=audit.exact_context,
-            exact_context_reason=audit.exact_context_reason,
-            generation_defaults={
-                k: gen[k]
-                for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
-                if gen.get(k) is not None
-            },
-        )
+        # transformers v5 writes `num_local_experts`; real checkpoints `num_experts`
+        experts_key = "num_local_experts" if f.has("num_local_experts") and not f.has("num_experts") else "num_experts"
+        quant = top.section("quantization_config")
+        with top.naming_file():  # the errors of pprt.rope, pprt.field_audit and ModelConfig's own checks too
+            audit = audit_fields(f.data, model_type=model_type, wrapper=wrapper)
+            return cls(
+                model_type=model_type,
+                vocab_size=f.integer("vocab_size", at_least=1),
+                hidden_size=hidden,
+                intermediate_size=0 if all_sparse else f.integer("intermediate_size", 0, at_least=1),
+                num_layers=num_layers,
+                num_heads=heads,
+                num_kv_heads=f.integer("num_key_value_heads", heads, at_least=1),  # null means heads
+                head_dim=f.integer("head_dim", hidden // heads, at_least=1),
+                rms_norm_eps=f.number("rms_norm_eps", 1e-6, above=0),
+                rope=parse_rope(f.data, partial=hybrid, ignore_keys=MROPE_KEYS if hybrid else frozenset()),
+                max_position_embeddings=f.integer("max_position_embeddings", 32768, at_least=1),
+                # a release's head is tied as its top level says (transformers reads that one)
+                tie_word_embeddings=top.flag("tie_word_embeddings", False),
+                qkv_bias=qkv_bias(model_type, f),
+                qk_norm=model_type not in ("qwen2", "qwen2_moe"),
+                o_bias=hybrid and f.flag("attention_bias", False),
+                zero_centered_norm=hybrid,
+                attn_output_gate=attn_output_gate(model_type, f),
+                partial_rotary_factor=partial_rotary_factor(f.data, 0.25 if hybrid else 1.0),
+                layer_types=layer_types(model_type, f, num_layers),
+                linear=linear_attention(model_type, f) if hybrid else None,
+                mtp_num_layers=f.integer("mtp_num_hidden_layers", None, at_least=0)
+                or f.integer("num_nextn_predict_layers", 0, at_least=0),
+                num_experts=f.integer(experts_key, at_least=1) if is_moe else 0,
+                num_experts_per_tok=f.integer("num_experts_per_tok", at_least=1) if is_moe else 0,
+                moe_intermediate_size=f.integer("moe_intermediate_size", at_least=1) if is_moe else 0,
+                norm_topk_prob=all_sparse or f.flag("norm_topk_prob", model_type == "qwen3_next"),
+                decoder_sparse_step=1 if all_sparse else f.integer("decoder_sparse_step", 1, at_least=1),
+                mlp_only_layers=() if all_sparse else f.integers("mlp_only_layers", at_least=0,
+                                                                   at_most=num_layers - 1),
+                shared_expert_intermediate_size=f.integer("shared_expert_intermediate_size", at_least=1)
+                if model_type in SHARED_EXPERT_MODEL_TYPES else 0,
+                eos_token_ids=_eos_ids(f, gen, top),
+                torch_dtype=_parse_dtype(f.string("torch_dtype", None) or f.string("dtype", None)
+                                         or top.string("torch_dtype", None) or top.string("dtype", "float32")),
+                quant=QuantConfig.from_fields(quant) if quant is not None else None,
+                native_context=native_window(f.data),
+                exact_context=audit.exact_context,
+                exact_context_reason=audit.exact_context_reason,
+                generation_defaults=_generation_defaults(gen),
+            )
 
 
-def _eos_ids(cfg: dict, gen: dict, top: dict) -> tuple[int, ...]:
-    """generation_config.json's eos ids first, then config.json's (a wrapper's text_config, then its top)."""
-    ids: list[int] = []
-    for source in (gen.get("eos_token_id"), cfg.get("eos_token_id"), top.get("eos_token_id")):
-        if source is None:
-            continue
-        for i in source if isinstance(source, (list, tuple)) else [source]:
-            if int(i) not in ids:
-                ids.append(int(i))
-    return tuple(ids)
+def _eos_ids(cfg: Fields, gen: Fields, top: Fields) -> tuple[int, ...]:
+    """generation_config.json's eos ids first, then config.json's (each an id or a list of ids; a
+    Qwen3.5 release: its text_config's, then its top level's)."""
+    ids = gen.integers("eos_token_id", at_least=0, single=True) + cfg.integers("eos_token_id", at_least=0, single=True)
+    if top is not cfg:
+        ids += top.integers("eos_token_id", at_least=0, single=True)
+    return tuple(dict.fromkeys(ids))
+
+
+def _generation_defaults(gen: Fields) -> dict:
+    """The sampling defaults of generation_config.json, in the ranges SamplingParams accepts."""
+    defaults = {
+        "temperature": gen.number("temperature", None, at_least=0),
+        "top_p": gen.number("top_p", None, above=0, at_most=1),
+        "top_k": gen.integer("top_k", None, at_least=-1),
+        "min_p": gen.number("min_p", None, at_least=0, at_most=1),
+        "repetition_penalty": gen.number("repetition_penalty", None, above=0),
+        "do_sample": gen.flag("do_sample", None),
+    }
+    return {k: v for k, v in defaults.items() if v is not None}
 
 
 _DTYPES = {

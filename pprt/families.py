@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .fields import Fields
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe")
 HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # Gated DeltaNet + gated full attention
 MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "qwen3_next", "qwen3_5_moe")
+SHARED_EXPERT_MODEL_TYPES = ("qwen2_moe", "qwen3_next", "qwen3_5_moe")  # a sigmoid-gated shared expert
 # A multimodal wrapper's text model, and the model_type of text-only exports
 TEXT_MODEL_TYPES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
 LATER = {"qwen4_exp": "hyper-connections, hashed n-gram embeddings and sparse attention are a later issue",
@@ -70,62 +72,53 @@ class LinearAttentionConfig:
 
 
 
-def qkv_bias(model_type: str, cfg: dict) -> bool:
+def qkv_bias(model_type: str, f: Fields) -> bool:
+    """q/k/v bias: qwen2 always; qwen2_moe its own `qkv_bias` (true when absent: Qwen1.5-MoE files
+    lack it); the others `attention_bias`."""
     if model_type == "qwen2":
         return True
-    if model_type == "qwen2_moe":  # a field of its own, true when absent (Qwen1.5-MoE files lack it)
-        return bool(cfg.get("qkv_bias", True))
-    return bool(cfg.get("attention_bias", False))
+    if model_type == "qwen2_moe":
+        return f.flag("qkv_bias", True)
+    return f.flag("attention_bias", False)
 
 
-def attn_output_gate(model_type: str, cfg: dict) -> bool:
+def attn_output_gate(model_type: str, f: Fields) -> bool:
+    """The hybrids' full attention is gated; transformers builds the gated q_proj whatever
+    `attn_output_gate` says, so false is refused."""
     if model_type not in HYBRID_MODEL_TYPES:
         return False
-    if cfg.get("attn_output_gate", True) is not True:  # transformers builds the gated q_proj regardless
-        raise ConfigError(f"attn_output_gate = {cfg['attn_output_gate']!r} is not supported for {model_type} "
-                          "(its full attention is always gated)")
+    if not f.flag("attn_output_gate", True):
+        raise f.error("attn_output_gate", f"= false is not supported for {model_type} (its full attention is "
+                      "always gated)")
     return True
 
 
-def layer_types(model_type: str, cfg: dict) -> tuple[str, ...]:
-    """`layer_types` when present, else (hybrid families) every full_attention_interval-th layer is full."""
-    n = int(cfg["num_hidden_layers"])
-    types = cfg.get("layer_types")
-    if types is not None:
-        types = tuple(str(t) for t in types)
-        if model_type not in HYBRID_MODEL_TYPES and LINEAR_ATTENTION in types:
-            raise ConfigError(f"layer_types has linear_attention layers, which model_type {model_type!r} "
-                              "does not have")
-        if "sliding_attention" in types:
-            raise ConfigError("layer_types has sliding_attention layers: sliding-window attention is not "
-                              "implemented")
-        return types if model_type in HYBRID_MODEL_TYPES else ()
+def layer_types(model_type: str, f: Fields, num_layers: int) -> tuple[str, ...]:
+    """Hybrid families: `layer_types` when present, else layer i is full attention iff
+    (i + 1) % full_attention_interval == 0 (default 4, transformers' BC default). () for the
+    others (pprt.field_audit has checked their layer_types for sliding layers)."""
     if model_type not in HYBRID_MODEL_TYPES:
         return ()
-    interval = int(cfg.get("full_attention_interval") or 4)
-    if interval <= 0:
-        raise ConfigError(f"full_attention_interval must be positive, got {interval}")
-    return tuple(FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(n))
+    types = f.strings("layer_types", None)
+    if types is not None:
+        if "sliding_attention" in types:
+            raise f.error("layer_types", "has sliding_attention layers: sliding-window attention is not implemented")
+        return types
+    interval = f.integer("full_attention_interval", 4, at_least=1)
+    return tuple(FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(num_layers))
 
 
-def linear_attention(model_type: str, cfg: dict) -> LinearAttentionConfig:
+def linear_attention(model_type: str, f: Fields) -> LinearAttentionConfig:
     """The linear_* fields (pprt.field_audit has refused a missing one: no size is guessed);
     refuses a non-fp32 recurrent state."""
-    ssm_dtype = cfg.get("mamba_ssm_dtype")
-    if ssm_dtype is not None and str(ssm_dtype).removeprefix("torch.") not in ("float32", "float"):
-        raise ConfigError(f"mamba_ssm_dtype {ssm_dtype!r} is not supported (the recurrent state is float32)")
-
-    def size(key: str) -> int:
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        return value
-
+    ssm_dtype = f.string("mamba_ssm_dtype", None)
+    if ssm_dtype is not None and ssm_dtype.removeprefix("torch.") not in ("float32", "float"):
+        raise f.error("mamba_ssm_dtype", f"{ssm_dtype!r} is not supported (the recurrent state is float32)")
     return LinearAttentionConfig(
-        num_key_heads=size("linear_num_key_heads"),
-        num_value_heads=size("linear_num_value_heads"),
-        key_head_dim=size("linear_key_head_dim"),
-        value_head_dim=size("linear_value_head_dim"),
-        conv_kernel=size("linear_conv_kernel_dim"),
+        num_key_heads=f.integer("linear_num_key_heads", at_least=1),
+        num_value_heads=f.integer("linear_num_value_heads", at_least=1),
+        key_head_dim=f.integer("linear_key_head_dim", at_least=1),
+        value_head_dim=f.integer("linear_value_head_dim", at_least=1),
+        conv_kernel=f.integer("linear_conv_kernel_dim", at_least=2),
         fused_projections=model_type == "qwen3_next",
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 # A temperature below this samples greedily (vLLM's _SAMPLING_EPS): dividing logits by it
 # would only pick the argmax anyway, or overflow to inf/NaN on the way.
 GREEDY_TEMPERATURE = 1e-5
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what every stage's torch.Generator takes
 # The standard defaults, used when neither the request nor the model sets a field.
 STANDARD_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 _SAMPLING_FIELDS = tuple(STANDARD_DEFAULTS)
@@ -25,7 +26,13 @@ def _is_int(x: object) -> bool:
 
 
 def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """Raise ValueError unless `seed` is None or an int in [0, 2**63)."""
+    if seed is not None and not (_is_int(seed) and 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {seed!r}")
 
 
 @dataclass(slots=True)
@@ -57,17 +64,19 @@ class SamplingParams:
         if self.min_p is not None and not (_is_num(self.min_p) and 0 <= self.min_p <= 1):
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         rp = self.repetition_penalty
-        if rp is not None and not (_is_num(rp) and rp > 0 and math.isfinite(rp)):
-            raise ValueError(f"repetition_penalty must be > 0, got {rp!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if rp is not None and not (_is_num(rp) and rp > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        check_seed(self.seed)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.logprobs is not None and not (_is_int(self.logprobs) and self.logprobs >= 0):
             raise ValueError(f"logprobs must be an int >= 0, got {self.logprobs!r}")
-        stops = (self.stop,) if isinstance(self.stop, str) else (self.stop or ())
-        if not all(isinstance(s, str) and s for s in stops):
+        stops = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stops is not None and not (isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops)):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids or ()):
-            raise ValueError(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+        ids = self.stop_token_ids
+        if ids is not None and not (isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids)):
+            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {ids!r}")
 
     @property
     def greedy(self) -> bool:

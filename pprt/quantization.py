@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .errors import ConfigError
+from .fields import Fields
 
 log = logging.getLogger("pprt")
 
@@ -233,33 +234,39 @@ class QuantConfig:
         return fmt
 
     @classmethod
-    def from_dict(cls, d: dict) -> QuantConfig:
-        """Parse `quantization_config` of config.json; raises ConfigError naming the field."""
-        method = str(d.get("quant_method", "")).lower()
-        not_convert = tuple(str(m) for m in d.get("modules_to_not_convert") or ())
-        if method == "awq":
-            version = str(d.get("version", "gemm")).lower()
-            if version != "gemm":
-                raise ConfigError(f"quantization_config.version {version!r} is not supported for awq (only gemm)")
-            if d.get("zero_point", True) is False:
-                raise ConfigError("quantization_config.zero_point = false is not supported for awq")
-            return cls(method="awq", bits=int(d.get("bits", d.get("w_bit", 4))),
-                       group_size=int(d.get("group_size", d.get("q_group_size", 128))), sym=False,
-                       modules_to_not_convert=not_convert)
-        if method == "fp8":
-            return _parse_fp8(d, not_convert)
-        if method == "compressed-tensors":
-            return _parse_compressed_tensors(d)
-        return cls(
-            method=method,
-            bits=int(d.get("bits", 4)),
-            group_size=int(d.get("group_size", 128)),
-            desc_act=bool(d.get("desc_act", False)),
-            sym=bool(d.get("sym", True)),
-            checkpoint_format=str(d.get("checkpoint_format", "gptq")),
-            modules_to_not_convert=not_convert,
-            dynamic=_parse_dynamic(d.get("dynamic")),
-        )
+    def from_dict(cls, d: dict, where: str = "config.json") -> QuantConfig:
+        """Parse `quantization_config` of config.json (file `where`); raises ConfigError naming the field."""
+        return cls.from_fields(Fields(d, where, "quantization_config."))
+
+    @classmethod
+    def from_fields(cls, q: Fields) -> QuantConfig:
+        """Parse `quantization_config` read through `q`: every field typed, errors naming file and field."""
+        method = q.string("quant_method").lower()
+        not_convert = q.strings("modules_to_not_convert")
+        with q.naming_file():
+            if method == "awq":
+                version = q.string("version", "gemm").lower()
+                if version != "gemm":
+                    raise q.error("version", f"{version!r} is not supported for awq (only gemm)")
+                if not q.flag("zero_point", True):
+                    raise q.error("zero_point", "= false is not supported for awq")
+                return cls(method="awq", bits=q.integer("bits", q.integer("w_bit", 4)),
+                           group_size=q.integer("group_size", q.integer("q_group_size", 128)), sym=False,
+                           modules_to_not_convert=not_convert)
+            if method == "fp8":
+                return _parse_fp8(q, not_convert)
+            if method == "compressed-tensors":
+                return _parse_compressed_tensors(q)
+            return cls(
+                method=method,
+                bits=q.integer("bits", 4),
+                group_size=q.integer("group_size", 128),
+                desc_act=q.flag("desc_act", False),
+                sym=q.flag("sym", True),
+                checkpoint_format=q.string("checkpoint_format", "gptq"),
+                modules_to_not_convert=not_convert,
+                dynamic=_parse_dynamic(q),
+            )
 
 
 def _check_group(g: int, where: str) -> None:
@@ -271,48 +278,45 @@ def _check_group(g: int, where: str) -> None:
 _DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")
 
 
-def _parse_dynamic(dynamic) -> tuple[DynamicRule, ...]:
+def _parse_dynamic(q: Fields) -> tuple[DynamicRule, ...]:
     """GPTQModel's `dynamic`: {"-:regex": {}, "+:regex": {"group_size": 64}, "regex": {...}}."""
-    if not dynamic:
+    dynamic = q.section("dynamic")
+    if dynamic is None:
         return ()
-    if not isinstance(dynamic, dict):
-        raise ConfigError(f"quantization_config.dynamic must be an object of regex -> overrides, got {dynamic!r}")
     rules = []
-    for key, overrides in dynamic.items():
+    for key in dynamic.data:
         exclude = key.startswith("-:")
         pattern = key[2:] if key.startswith(("-:", "+:")) else key
         _compile(pattern, f"dynamic rule {key!r}")
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"quantization_config.dynamic[{key!r}] must be an object, got {overrides!r}")
-        kept = tuple((k, overrides[k]) for k in _DYNAMIC_KEYS if k in overrides)
+        overrides = dynamic.section(key) or Fields({}, q.where)
+        kept = tuple((k, overrides.flag(k) if k in ("sym", "desc_act") else overrides.integer(k))
+                     for k in _DYNAMIC_KEYS if overrides.has(k))
         rules.append(DynamicRule(pattern, exclude, kept))
     return tuple(rules)
 
 
 def _override(fmt: ModuleFormat, overrides: dict, name: str, pattern: str) -> ModuleFormat:
-    bits = int(overrides.get("bits", 4))
+    bits = overrides.get("bits", 4)
     if bits != 4:
         raise ConfigError(f"quantization_config.dynamic rule {pattern!r} quantizes {name} with bits = {bits}: "
                           "only 4 is supported")
-    group = int(overrides.get("group_size", fmt.group_size))
+    group = overrides.get("group_size", fmt.group_size)
     _check_group(group, f"quantization_config.dynamic rule {pattern!r} group_size")
-    return ModuleFormat(Kind.INT4, fmt.method, group, bool(overrides.get("sym", fmt.sym)),
-                        bool(overrides.get("desc_act", fmt.desc_act)), fmt.checkpoint_format)
+    return ModuleFormat(Kind.INT4, fmt.method, group, overrides.get("sym", fmt.sym),
+                        overrides.get("desc_act", fmt.desc_act), fmt.checkpoint_format)
 
 
-def _parse_fp8(d: dict, not_convert: tuple[str, ...]) -> QuantConfig:
-    fmt = str(d.get("fmt", "e4m3")).lower()
+def _parse_fp8(q: Fields, not_convert: tuple[str, ...]) -> QuantConfig:
+    fmt = q.string("fmt", "e4m3").lower()
     if fmt != "e4m3":
-        raise ConfigError(f"quantization_config.fmt {fmt!r} is not supported for fp8 (only e4m3)")
-    scheme = str(d.get("activation_scheme", "dynamic")).lower()
+        raise q.error("fmt", f"{fmt!r} is not supported for fp8 (only e4m3)")
+    scheme = q.string("activation_scheme", "dynamic").lower()
     if scheme != "dynamic":
         log.info("fp8 checkpoint: activation_scheme %r is ignored (pprt runs W8A16: activations stay in the "
                  "model dtype)", scheme)
-    block = d.get("weight_block_size")
-    if block is not None:
-        if not isinstance(block, (list, tuple)) or len(block) != 2:
-            raise ConfigError(f"quantization_config.weight_block_size must be [rows, cols], got {block!r}")
-        block = (int(block[0]), int(block[1]))
+    block = q.integers("weight_block_size", None, at_least=1)
+    if block is not None and len(block) != 2:
+        raise q.error("weight_block_size", f"must be [rows, cols], got {list(block)}")
     return QuantConfig(method="fp8", weight_block_size=block, modules_to_not_convert=not_convert)
 
 
@@ -322,49 +326,45 @@ _CT_INT_FORMATS = ("pack-quantized",)
 _CT_FLOAT_FORMATS = ("float-quantized", "naive-quantized")
 
 
-def _parse_compressed_tensors(d: dict) -> QuantConfig:
+def _parse_compressed_tensors(q: Fields) -> QuantConfig:
     """`config_groups` {name: {targets, weights, input_activations, format}}, `ignore`, `format`.
 
     Weights supported: int 4 bits, group or channel, symmetric or not (`pack-quantized`), and
     float 8 bits (e4m3), channel, tensor or block, symmetric (`float-quantized`). Activation
     schemes are ignored with a log line: pprt runs weight-only.
     """
-    groups_in = d.get("config_groups") or {}
-    if not isinstance(groups_in, dict) or not groups_in:
-        raise ConfigError("quantization_config.config_groups of a compressed-tensors checkpoint must be a "
-                          "non-empty object")
-    global_format = d.get("format")
+    groups_in = q.section("config_groups")
+    if groups_in is None or not groups_in.data:
+        raise q.error("config_groups", "of a compressed-tensors checkpoint must be a non-empty object")
+    global_format = q.string("format", None)
     groups = []
-    for name, group in groups_in.items():
+    for name in groups_in.data:
+        group = groups_in.section(name)
         where = f"quantization_config.config_groups.{name}"
-        if not isinstance(group, dict):
-            raise ConfigError(f"{where} must be an object")
-        targets = group.get("targets") or []
-        if isinstance(targets, str) or not all(isinstance(t, str) for t in targets) or not targets:
-            raise ConfigError(f"{where}.targets must be a non-empty list of names, got {targets!r}")
+        targets = group.strings("targets") if group is not None else ()
+        if group is None or not targets:
+            raise groups_in.error(name, "must be an object with a non-empty list of targets")
         for t in targets:
             if t.startswith("re:"):
                 _compile(t[3:], f"config_groups.{name}.targets")
         for act in ("input_activations", "output_activations"):
-            if group.get(act):
+            if group.data.get(act):
                 log.info("compressed-tensors group %r: %s %s are ignored (pprt runs weight-only: W4A16 / W8A16)",
-                         name, act, _describe_args(group[act]))
-        weights = group.get("weights")
-        if not isinstance(weights, dict):
-            raise ConfigError(f"{where}.weights is missing: weight-only quantization is what pprt runs")
-        fmt = group.get("format") or global_format
+                         name, act, _describe_args(group.data[act]))
+        weights = group.section("weights")
+        if weights is None:
+            raise group.error("weights", "is missing: weight-only quantization is what pprt runs")
+        fmt = group.string("format", None) or global_format
         if fmt == "mixed-precision" or fmt is None:
-            fmt = "pack-quantized" if weights.get("type", "int") == "int" else "float-quantized"
-        groups.append(SchemeGroup(str(name), tuple(targets), _ct_weights(weights, str(fmt), where)))
-    ignore = d.get("ignore") or []
-    if isinstance(ignore, str) or not all(isinstance(t, str) for t in ignore):
-        raise ConfigError(f"quantization_config.ignore must be a list of names, got {ignore!r}")
+            fmt = "pack-quantized" if weights.string("type", "int") == "int" else "float-quantized"
+        groups.append(SchemeGroup(name, targets, _ct_weights(weights, fmt, where)))
+    ignore = q.strings("ignore")
     for t in ignore:
         if t.startswith("re:"):
             _compile(t[3:], "ignore")
-    if d.get("kv_cache_scheme"):
+    if q.data.get("kv_cache_scheme"):
         log.info("compressed-tensors: kv_cache_scheme is ignored (pprt's KV dtype is chosen with kv_dtype)")
-    return QuantConfig(method="compressed-tensors", groups=tuple(groups), ignore=tuple(ignore))
+    return QuantConfig(method="compressed-tensors", groups=tuple(groups), ignore=ignore)
 
 
 def _describe_args(args) -> str:
@@ -373,22 +373,24 @@ def _describe_args(args) -> str:
     return f"({args.get('type', '?')}{args.get('num_bits', '?')}, {args.get('strategy', '?')})"
 
 
-def _ct_weights(w: dict, fmt: str, where: str) -> ModuleFormat:
-    kind, bits = str(w.get("type", "int")), int(w.get("num_bits", 0))
-    strategy, sym = str(w.get("strategy", "tensor")), bool(w.get("symmetric", True))
+def _ct_weights(w: Fields, fmt: str, where: str) -> ModuleFormat:
+    kind, bits = w.string("type", "int"), w.integer("num_bits", 0)
+    strategy, sym = w.string("strategy", "tensor"), w.flag("symmetric", True)
     described = f"{where}.weights ({kind}{bits}, {strategy}{'' if sym else ', asymmetric'}, format {fmt!r})"
-    if w.get("dynamic") not in (None, False):
+    if w.data.get("dynamic") not in (None, False):  # true or "local": scales computed at run time
         raise ConfigError(f"{described}: dynamic weight scales are not supported")
     if kind == "int" and bits == 4 and fmt in _CT_INT_FORMATS:
         if strategy == "channel":
             group = 0
         elif strategy == "group":
-            group = int(w.get("group_size") or 0)
+            group = w.integer("group_size", 0)
             _check_group(group, f"{where}.weights.group_size")
         else:
             raise ConfigError(f"{described}: int4 strategy {strategy!r} is not supported (group, channel)")
-        actorder = w.get("actorder")
-        return ModuleFormat(Kind.INT4, "compressed-tensors", group, sym, desc_act=actorder == "group")
+        actorder = w.data.get("actorder")  # compressed-tensors: true means "group"
+        if actorder is not None and not isinstance(actorder, (bool, str)):
+            raise w.error("actorder", f"must be a string or a boolean, got {actorder!r}")
+        return ModuleFormat(Kind.INT4, "compressed-tensors", group, sym, desc_act=actorder in (True, "group"))
     if kind == "float" and bits == 8 and fmt in _CT_FLOAT_FORMATS:
         if not sym:
             raise ConfigError(f"{described}: asymmetric fp8 is not supported")
@@ -397,7 +399,7 @@ def _ct_weights(w: dict, fmt: str, where: str) -> ModuleFormat:
         elif strategy == "tensor":
             block = (0, 0)
         elif strategy == "block":
-            block = _block_structure(w.get("block_structure"), where)
+            block = _block_structure(w.data.get("block_structure"), where)
         else:
             raise ConfigError(f"{described}: fp8 strategy {strategy!r} is not supported (channel, tensor, block)")
         return ModuleFormat(Kind.FP8, "compressed-tensors", block=block)
@@ -407,8 +409,9 @@ def _ct_weights(w: dict, fmt: str, where: str) -> ModuleFormat:
 
 def _block_structure(value, where: str) -> tuple[int, int]:
     """[rows, cols], or the older "RxC" string."""
-    if isinstance(value, str) and re.fullmatch(r"\d+x\d+", value):
-        value = value.split("x")
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or min(int(v) for v in value) <= 0:
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+x[0-9]+", value):
+        value = [int(v) for v in value.split("x")]
+    if not isinstance(value, list) or len(value) != 2 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
         raise ConfigError(f"{where}.weights.block_structure must be [rows, cols], got {value!r}")
-    return int(value[0]), int(value[1])
+    return value[0], value[1]

@@ -94,7 +94,8 @@ def _number(where: str, key: str, value: Any, *, positive: bool = True) -> float
 
 
 def _count(where: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 1:
         raise ConfigError(f"{_at(where)}{key} must be a positive integer, got {value!r}")
     return int(value)
 

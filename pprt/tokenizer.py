@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders as _decoders
 
 from .chat_template import ChatTemplates
+from .fields import read_json
 
 _REPLACEMENT = "\ufffd"
 # transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES); any other `*_token` key of
@@ -132,7 +132,7 @@ class Tokenizer:
         tok = _HFTokenizer.from_file(str(tokenizer_json))
         config: dict[str, Any] = {}
         if tokenizer_config is not None:
-            config = json.loads(Path(tokenizer_config).read_text(encoding="utf-8"))
+            config = read_json(Path(tokenizer_config))  # strict JSON; CheckpointError naming the file
         templates = _named_templates(config.get("chat_template"), str(tokenizer_config))
         if chat_template_file is not None:  # the file replaces the config's templates, as in transformers
             templates = {"default": Path(chat_template_file).read_text(encoding="utf-8")}

@@ -121,7 +121,7 @@ def test_bad_arguments(llm, model):
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([[1, 2, 100000]])
-    with pytest.raises(ValueError, match="prompts must be"):
+    with pytest.raises(ValueError, match="token ids must be ints, element 1 is 'a'"):
         llm.generate([1, "a"])
     free = llm.blocks.num_free
     with pytest.raises(ValueError, match="max_context"):  # the second prompt is refused...
@@ -171,3 +171,110 @@ def test_interrupt_while_waiting_and_a_failing_step_leave_the_llm_usable(llm, mo
         llm.generate(["abc", "hello"], GREEDY)
     assert [c.token_ids for c in llm.generate(["abc", "hello"], GREEDY)] == [c.token_ids for c in expected]
     assert llm.blocks.num_free == total and not llm.scheduler.running and not llm._seqs
+
+
+# ---- arguments are checked before anything is queued ---------------------------------------------
+
+
+@pytest.mark.parametrize("prompts, words", [
+    (b"hello", "got bytes"),
+    ({"prompt": "hi"}, "got dict"),
+    (True, "got bool"),
+    (7, "got int"),
+    ([[1, "2", 3]], "prompt 0: token ids must be ints, element 1 is '2' (str)"),
+    ([1, "2"], "element 1 is '2'"),
+    ([[1, 2.0]], "element 1 is 2.0 (float)"),
+    ([[1, True]], "element 1 is True (bool)"),
+    ([True, False], "prompt 0 is bool"),
+    (["a", b"b"], "prompt 1 is bytes"),
+    (["a", {"x": 1}], "prompt 1 is dict"),
+    ([[1, 2], []], "prompt 1 is empty"),
+    ([], "no prompts given"),
+    ([[1, 2, 320]], "prompt token id 320 is outside the vocabulary [0, 320)"),
+    ([[-1]], "prompt token id -1 is outside the vocabulary [0, 320)"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
+def test_bad_prompts_are_refused_and_nothing_is_queued(llm, prompts, words):
+    free = llm.blocks.num_free
+    with pytest.raises(ValueError) as err:
+        llm.generate(prompts, GREEDY)
+    assert words in str(err.value), str(err.value)
+    with pytest.raises(ValueError):
+        llm.stream(prompts, GREEDY)  # refused at the call, not at the first next()
+    assert not llm.scheduler.has_work and llm.blocks.num_free == free
+
+
+def test_digit_strings_are_text_and_numpy_ids_are_ids(llm):
+    import numpy as np
+
+    assert llm.generate(["12", "3"], GREEDY)[0].prompt_token_ids == llm.tokenizer.encode("12")
+    assert llm.generate(np.array([5, 6, 7]).tolist(), GREEDY)[0].prompt_token_ids == [5, 6, 7]
+    assert llm.generate([[np.int64(5), np.int32(6)]], GREEDY)[0].prompt_token_ids == [5, 6]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(seed=2**64), r"seed must be an int in \[0, 2\*\*63\)"),
+    (dict(seed=2**63), "seed"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=1.0), "seed"),
+    (dict(ignore_eos="yes"), "ignore_eos must be True or False"),
+    (dict(ignore_eos=1), "ignore_eos"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(stop={"a": 1}), "stop must be"),
+    (dict(stop=["ok", 5]), "stop must be"),
+    (dict(stop_token_ids=5), "stop_token_ids must be a list"),
+    (dict(stop_token_ids="12"), "stop_token_ids must be a list"),
+    (dict(max_tokens=True), "max_tokens"),
+])
+def test_bad_sampling_params_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        SamplingParams(**kwargs)
+
+
+def test_checks_run_again_at_the_call_and_ids_against_the_vocabulary(llm):
+    p = SamplingParams(max_tokens=3)
+    p.seed = 2**64  # changed after construction
+    with pytest.raises(ValueError, match="seed"):
+        llm.generate([5, 6], p)
+    with pytest.raises(ValueError, match="stop_token_ids: token id 999 is outside the vocabulary"):
+        llm.generate([5, 6], SamplingParams(stop_token_ids=[999]))
+    with pytest.raises(ValueError, match="sampling must be a SamplingParams"):
+        llm.generate([5, 6], {"temperature": 0})
+    assert not llm.scheduler.has_work
+
+
+def test_stream_takes_one_prompt_and_chat_needs_messages(llm):
+    with pytest.raises(ValueError, match="stream\\(\\) takes one prompt, got 2: use generate\\(\\) for a batch"):
+        llm.stream(["a", "b"], GREEDY)
+    for bad in ([], "hi", [{"content": "hi"}], ["hi"], None):
+        with pytest.raises(ValueError, match="chat\\(\\) needs a non-empty list of messages"):
+            llm.chat(bad, GREEDY)
+    assert not llm.scheduler.has_work
+
+
+def test_every_call_after_close_says_closed(model):
+    llm = LLM(str(model), devices=["cpu"])
+    pending = llm.stream("abc", GREEDY)
+    started = llm.stream("abc", GREEDY)
+    next(started)
+    llm.close()
+    calls = {"generate": lambda: llm.generate("hi"), "stream": lambda: llm.stream("hi"),
+             "chat": lambda: llm.chat([{"role": "user", "content": "hi"}]), "stats": llm.stats,
+             "pending stream": lambda: next(pending), "started stream": lambda: list(started)}
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="this LLM is closed"):
+            call()
+    llm.close()  # twice is fine
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(seed=2**64), "seed"), (dict(max_context=0), "max_context"), (dict(max_context=True), "max_context"),
+    (dict(block_size=16.0), "block_size"),
+])
+def test_bad_llm_arguments_fail_before_loading(model, kwargs, words, monkeypatch):
+    import pprt.engine.llm as llm_module
+
+    monkeypatch.setattr(llm_module, "load_config", lambda *a: pytest.fail("loaded before checking arguments"))
+    with pytest.raises(ValueError, match=words):
+        LLM(str(model), devices=["cpu"], **kwargs)

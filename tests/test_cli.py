@@ -219,7 +219,7 @@ def test_stop_string_cuts_the_output(chat_model, llm, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be an int >= 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0 and finite"),
     (["--devices", "gpu:0"], "--devices: 'gpu:0' is not a device"),
     (["--devices", "cpu,", "--prompt", "x"], "--devices 'cpu,' has an empty item"),
     (["--devices", "cpu", "--split", "1,2"], "--split has 2 stages but --devices names 1"),

@@ -66,6 +66,188 @@ def test_errors_name_the_field(override, words):
         ModelConfig.from_dict(cfg(**override))
 
 
+# ---- every field typed and range-checked, naming the file and the field --------------------------
+
+PATH, GEN_PATH = "/models/m/config.json", "/models/m/generation_config.json"
+
+
+@pytest.mark.parametrize("override, field, shown", [
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings", "'false'"),
+    (dict(model_type="qwen3", head_dim=16, attention_bias="true"), "attention_bias", "'true'"),
+    (dict(use_sliding_window="false"), "use_sliding_window", "'false'"),
+    (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+          norm_topk_prob=1), "norm_topk_prob", "1"),
+    (dict(hidden_size="64"), "hidden_size", "'64'"),
+    (dict(hidden_size=64.0), "hidden_size", "64.0"),
+    (dict(num_hidden_layers=0), "num_hidden_layers", "0"),
+    (dict(vocab_size=True), "vocab_size", "True"),
+    (dict(head_dim=-8), "head_dim", "-8"),
+    (dict(intermediate_size=0), "intermediate_size", "0"),
+    (dict(rms_norm_eps=0), "rms_norm_eps", "0"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps", "nan"),
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps", "'1e-6'"),
+    (dict(rope_theta=float("inf")), "rope_theta", "inf"),
+    (dict(rope_theta=-1.0), "rope_theta", "-1.0"),
+    (dict(rope_theta="1e6"), "rope_theta", "'1e6'"),
+    (dict(rope_scaling={"type": "yarn", "factor": 0, "original_max_position_embeddings": 64}),
+     "rope_scaling: factor", "0"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), "rope_parameters: rope_theta", "0"),
+    (dict(max_position_embeddings=2.5), "max_position_embeddings", "2.5"),
+    (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+          num_hidden_layers=2, mlp_only_layers=[2]), "mlp_only_layers", "[2]"),
+    (dict(eos_token_id="2"), "eos_token_id", "'2'"),
+    (dict(eos_token_id=[2, -1]), "eos_token_id", "[2, -1]"),
+    (dict(torch_dtype=16), "torch_dtype", "16"),
+    (dict(quantization_config={"quant_method": "gptq", "bits": "4"}), "quantization_config.bits", "'4'"),
+    (dict(quantization_config={"quant_method": "gptq", "desc_act": "false"}), "quantization_config.desc_act",
+     "'false'"),
+    (dict(quantization_config="gptq"), "quantization_config", "'gptq'"),
+    (dict(quantization_config={"quant_method": "gptq", "sym": "false"}), "quantization_config.sym", "'false'"),
+    (dict(quantization_config={"quant_method": "gptq", "dynamic": {"+:.*mlp.*": {"sym": "false"}}}),
+     "quantization_config.dynamic.+:.*mlp.*.sym", "'false'"),
+    (dict(quantization_config={"quant_method": "awq", "zero_point": "false"}), "quantization_config.zero_point",
+     "'false'"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": ["128", 128]}),
+     "quantization_config.weight_block_size", "['128', 128]"),
+    (dict(quantization_config={"quant_method": "fp8", "modules_to_not_convert": "lm_head"}),
+     "quantization_config.modules_to_not_convert", "'lm_head'"),
+    (dict(quantization_config={"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
+                                           "symmetric": "false"}}}}),
+     "quantization_config.config_groups.g.weights.symmetric", "'false'"),
+    (dict(quantization_config={"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": "4", "type": "int"}}}}),
+     "quantization_config.config_groups.g.weights.num_bits", "'4'"),
+])
+def test_config_fields_are_typed_and_ranged(override, field, shown):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict(cfg(**override), path=PATH)
+    msg = str(err.value)
+    assert msg.startswith(f"{PATH}: {field} "), msg
+    assert f"got {shown}" in msg, msg
+
+
+@pytest.mark.parametrize("gen, field", [
+    ({"temperature": "0.7"}, "temperature"), ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": 2.5}, "top_k"), ({"top_k": -2}, "top_k"),
+    ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"do_sample": "false"}, "do_sample"), ({"eos_token_id": [2, "3"]}, "eos_token_id"),
+])
+def test_generation_config_defaults_are_checked_naming_the_file(gen, field):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict(cfg(), gen, path=PATH, generation_path=GEN_PATH)
+    assert str(err.value).startswith(f"{GEN_PATH}: {field} "), str(err.value)
+
+
+def test_cross_field_errors_name_the_file():
+    with pytest.raises(ConfigError, match=f"^{PATH}: num_attention_heads \\(4\\) is not a multiple"):
+        ModelConfig.from_dict(cfg(num_key_value_heads=3), path=PATH)
+
+
+def test_null_means_default_and_json_booleans_are_kept():
+    c = ModelConfig.from_dict(cfg(head_dim=None, rms_norm_eps=None, tie_word_embeddings=True, num_key_value_heads=None))
+    assert (c.head_dim, c.rms_norm_eps, c.tie_word_embeddings, c.num_kv_heads) == (16, 1e-6, True, 4)
+
+
+# ---- fuzz over the fields pprt reads ---------------------------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+NAN, INF = float("nan"), float("inf")
+BAD_INT = ["64", 64.5, 0, -3, True, False, [64], {"a": 1}, NAN, INF, 2.0]
+BAD_FLOAT = ["1e-6", 0, -1.0, True, NAN, INF, -INF, [1.0]]
+BAD_BOOL = ["false", "true", 0, 1, "no", [True]]
+# field -> (valid values, invalid values); a qwen3_moe config, so that every field is read.
+CONFIG_FIELDS = {
+    "hidden_size": ([64, 128], BAD_INT),
+    "num_attention_heads": ([4, 8], BAD_INT),
+    "num_key_value_heads": ([1, 2, 4], BAD_INT),
+    "head_dim": ([16, 32], BAD_INT),
+    "vocab_size": ([320, 1000], BAD_INT),
+    "intermediate_size": ([96], BAD_INT),
+    "num_hidden_layers": ([2, 4], BAD_INT),
+    "max_position_embeddings": ([4096, 40960], BAD_INT),
+    "num_experts": ([8], BAD_INT),
+    "num_experts_per_tok": ([1, 2], BAD_INT),
+    "moe_intermediate_size": ([32], BAD_INT),
+    "decoder_sparse_step": ([1, 2], BAD_INT),
+    "rms_norm_eps": ([1e-6, 1e-5], BAD_FLOAT),
+    "rope_theta": ([1e4, 1e6, 5000000], BAD_FLOAT),
+    "tie_word_embeddings": ([True, False], BAD_BOOL),
+    "attention_bias": ([True, False], BAD_BOOL),
+    "norm_topk_prob": ([True, False], BAD_BOOL),
+    "use_sliding_window": ([False], BAD_BOOL + [True]),
+    "mlp_only_layers": ([[], [0], [0, 1]], ["0", [0.0], [True], [99], [-1], 0]),
+    "eos_token_id": ([2, [2, 3]], ["2", [2, "3"], -1, True, 2.0, [[2]]]),
+    "torch_dtype": (["bfloat16", "float32", "float16"], [16, "float64", True, ["bfloat16"]]),
+    "hidden_act": (["silu"], ["gelu", 5, "SiLU"]),
+    "sliding_window": ([4096, 32768], ["4096", 4.5, -1, True]),
+    "rope_scaling": ([{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+                      {"rope_type": "default"}],
+                     ["yarn", {"type": "yarn", "factor": "4"}, {"type": "dynamic", "factor": 2.0},
+                      {"type": "yarn", "factor": 4.0, "truncate": "false"}, {"type": "yarn", "factor": NAN}]),
+}
+PRESENT = {"intermediate_size"}  # absent is legal only when no layer is dense: not drawn
+GEN_FIELDS = {
+    "temperature": ([0, 0.7, 1], ["0.7", -1, NAN, INF, True]),
+    "top_p": ([0.8, 1], [0, 1.5, "0.8", NAN]),
+    "top_k": ([20, 0, -1], [2.5, "20", -2, True]),
+    "min_p": ([0, 0.05], [1.5, -0.1, "0"]),
+    "repetition_penalty": ([1.05, 1], [0, -1, "1.1", INF]),
+    "do_sample": ([True, False], ["false", 1]),
+    "eos_token_id": ([2, [2, 0]], ["2", [2, None], -5]),
+}
+
+
+def _draw_fields(data, fields: dict, label: str) -> tuple[dict, set[str]]:
+    values, bad = {}, set()
+    for name, (good, wrong) in fields.items():
+        kinds = ["valid", "valid", "valid", "valid", "invalid"] + (["absent"] if name not in PRESENT else [])
+        kind = data.draw(st.sampled_from(kinds), label=name)
+        if kind == "valid":
+            values[name] = data.draw(st.sampled_from(good), label=name)
+        elif kind == "invalid":
+            values[name] = data.draw(st.sampled_from(wrong), label=name)
+            bad.add(name)
+    return values, bad
+
+
+@settings(max_examples=int(os.environ.get("PPRT_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_config_fuzz_every_read_field_is_checked(data):
+    values, bad = _draw_fields(data, CONFIG_FIELDS, "config")
+    gen, bad_gen = _draw_fields(data, GEN_FIELDS, "generation")
+    required = {"hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers", "num_experts",
+                "num_experts_per_tok", "moe_intermediate_size", "num_key_value_heads"}
+    bad |= {f for f in required if f not in values}  # a required field absent is an error too
+    raw = dict(values, model_type="qwen3_moe")
+    try:
+        config = ModelConfig.from_dict(raw, gen, path=PATH, generation_path=GEN_PATH)
+    except ConfigError as e:
+        msg = str(e)
+        named = [f for f in bad if re.match(rf"{re.escape(PATH)}: ({f}[ :.]|config.json has no '{f}')", msg)] + \
+            [f for f in bad_gen if msg.startswith(f"{GEN_PATH}: {f} ")]
+        assert named, f"error names no wrong field of {sorted(bad)} / {sorted(bad_gen)}: {msg}"
+        return
+    assert not bad and not bad_gen, f"accepted wrong fields {sorted(bad)} / {sorted(bad_gen)}"
+    heads = raw["num_attention_heads"]
+    expected = dict(hidden_size=raw["hidden_size"], num_heads=heads, vocab_size=raw["vocab_size"],
+                    num_layers=raw["num_hidden_layers"], num_kv_heads=raw.get("num_key_value_heads", heads),
+                    head_dim=raw.get("head_dim", raw["hidden_size"] // heads),
+                    tie_word_embeddings=raw.get("tie_word_embeddings", False),
+                    qkv_bias=raw.get("attention_bias", False), norm_topk_prob=raw.get("norm_topk_prob", False),
+                    rms_norm_eps=raw.get("rms_norm_eps", 1e-6), mlp_only_layers=tuple(raw.get("mlp_only_layers", ())))
+    assert {k: getattr(config, k) for k in expected} == expected
+    assert config.rope.theta == raw.get("rope_theta", 10000.0)
+    assert config.rope.type == raw.get("rope_scaling", {}).get("type", "default")
+    assert set(config.generation_defaults) == set(gen) - {"eos_token_id"}
+
+
 # ---- hybrid families and qwen2_moe -------------------------------------------------------------
 
 from hybrid_configs import (HYBRID_CONFIGS, QWEN3_NEXT_80B_A3B, QWEN15_MOE_A27B, QWEN35_27B,  # noqa: E402
@@ -140,8 +322,10 @@ def test_qwen2_moe_rules():
 @pytest.mark.parametrize("change, words", [
     (dict(model_type="qwen4_exp"), "qwen4_exp.*hyper-connections"),
     (dict(model_type="qwen3_5_vision"), "qwen3_5_vision.*vision tower"),
-    (dict(text_config=None), "no text_config"),
-    (dict(text_config={"attn_output_gate": False}), "attn_output_gate = False"),
+    (dict(text_config=None), "text_config is missing"),
+    (dict(text_config={"attn_output_gate": False}), "text_config.attn_output_gate = false"),
+    (dict(text_config={"attn_output_gate": "true"}), "text_config.attn_output_gate must be true or false"),
+    (dict(text_config={"linear_num_key_heads": 16.0}), "text_config.linear_num_key_heads must be an integer"),
     (dict(text_config={"mamba_ssm_dtype": "bfloat16"}), "mamba_ssm_dtype 'bfloat16'"),
     (dict(text_config={"layer_types": ["linear_attention"] * 3}), "layer_types has 3 entries"),
     (dict(text_config={"layer_types": ["sliding_attention"] * 64}), "sliding_attention"),

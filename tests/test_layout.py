@@ -21,6 +21,7 @@ FORBIDDEN = {
     "families": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "tokenizer", "config"),
     "params": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "tokenizer"),
     "errors": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "params", "tokenizer"),
+    "fields": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "params", "tokenizer"),
     "models": ("weights", "engine", "distributed", "entrypoints", "plan"),
     "weights": ("engine", "distributed", "entrypoints", "plan"),
     "plan": ("engine", "distributed", "entrypoints", "weights", "models"),

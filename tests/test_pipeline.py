@@ -60,6 +60,14 @@ def test_requests_join_running_ones_and_a_killed_stage_is_an_error(qwen3):
         first = [next(stream), next(stream)]
         assert [s.stage for s in llm.executor.stats()] == [0, 1]  # replies interleave with step results
         joined = llm.generate(PROMPTS[1], GREEDY)[0]  # runs while the stream's request is active
+        # A seed no stage's generator takes is refused in the driver: the pipeline and the
+        # stream's request live on (it used to kill the last stage, and every request with it).
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            llm.generate(PROMPTS[1], SamplingParams(max_tokens=3, seed=2**64))
+        changed = SamplingParams(max_tokens=3)
+        changed.seed = 2**64  # set after construction: checked again when the request is made
+        with pytest.raises(ValueError, match="seed"):
+            llm.generate(PROMPTS[1], changed)
         rest = list(stream)
         assert joined.token_ids == expected[1].token_ids
         assert "".join(first + rest) == llm.tokenizer.decode(expected[0].token_ids)

@@ -22,11 +22,12 @@ from ..distributed.executor import make_executor
 from ..distributed.stage_main import local_device, torchrun_rank
 from ..errors import CheckpointError, StageFailed
 from ..models.kv import parse_kv_dtype
-from ..params import SamplingParams
+from ..params import SamplingParams, check_seed
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager, SlotManager
+from .prompts import as_prompt_list, check_vocab
 from .scheduler import Scheduler, Sequence
 from .stats import StageStats, Stats
 
@@ -95,9 +96,11 @@ class LLM:
             raise ValueError("devices must name at least one device")
         if quant not in (None, "int4", "fp8"):
             raise ValueError(f"quant={quant!r} is not supported (None, 'int4' or 'fp8')")
-        for name, value in (("block_size", block_size), ("chunk_size", chunk_size), ("max_num_seqs", max_num_seqs)):
-            if not isinstance(value, int) or value <= 0:
+        for name, value in (("block_size", block_size), ("chunk_size", chunk_size), ("max_num_seqs", max_num_seqs),
+                            ("max_context", 1 if max_context is None else max_context)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_seed(seed)
         self.source = ModelSource(model)
         self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
         self.config = self.config.with_rope_scaling(rope_scaling)
@@ -124,11 +127,18 @@ class LLM:
 
     # ---- public API --------------------------------------------------------
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
-        """Complete one prompt or a batch (str, list of str, token ids, or lists of token ids)."""
+        """Complete one prompt or a batch (str, list of str, token ids, or lists of token ids).
+
+        Raises ValueError for a prompt of another form, a token id outside the vocabulary or a
+        bad sampling field (nothing of the call is queued), RequestTooLarge for a request no
+        KV pool could hold, RuntimeError once the LLM is closed.
+        """
+        self._check_open()
+        batch = [self._prepare(p, sampling) for p in as_prompt_list(prompts)]  # all checked before any runs
         reqs: list[_Request] = []
         try:
-            for prompt in _as_prompt_list(prompts):
-                reqs.append(self._add(prompt, sampling))  # a refused prompt cancels the whole call
+            for ids, params in batch:
+                reqs.append(self._add(ids, params))  # a refused prompt cancels the whole call
             while any(r.seq.finish_reason is None for r in reqs):
                 self._step()
         except BaseException:
@@ -141,9 +151,16 @@ class LLM:
         """Yield the completion's text piece by piece as tokens are produced.
 
         The generator's return value (StopIteration.value, or `yield from`) is the Completion.
+        The prompt and sampling are checked at the call; the request is queued at the first `next()`.
         """
-        (prompt,) = _as_prompt_list(prompt)
-        req = self._add(prompt, sampling)
+        self._check_open()
+        prompts = as_prompt_list(prompt)
+        if len(prompts) != 1:
+            raise ValueError(f"stream() takes one prompt, got {len(prompts)}: use generate() for a batch")
+        return self._stream(*self._prepare(prompts[0], sampling))
+
+    def _stream(self, ids: list[int], params: SamplingParams) -> Generator[str, None, Completion]:
+        req = self._add(ids, params)
         try:
             while True:
                 while req.pieces:
@@ -155,7 +172,13 @@ class LLM:
             self._cancel(req)
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None, **template_kwargs) -> Completion:
-        """Render the model's chat template over `messages` and complete it."""
+        """Render the model's chat template over `messages` (a non-empty list of dicts with a
+        'role') and complete it."""
+        self._check_open()
+        if not isinstance(messages, (list, tuple)) or not messages or \
+                not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise ValueError(f"chat() needs a non-empty list of messages, each a dict with a 'role' "
+                             f"(and 'content'); got {str(messages)[:80]}")
         if self.tokenizer is None:
             raise ValueError(f"model {self.source.name!r} has no tokenizer.json: chat needs one")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
@@ -163,8 +186,7 @@ class LLM:
 
     def stats(self) -> Stats:
         """A snapshot of the counters (see `pprt.engine.stats.Stats`); works while steps are in flight."""
-        if self.executor is None:
-            raise RuntimeError("this LLM is closed")
+        self._check_open()
         ex, sched = self.executor, self.scheduler
         stages = tuple(
             StageStats(i, spec.device, tuple(spec.layers), weight, kv, c.busy_seconds, c.wait_seconds, c.steps,
@@ -197,19 +219,27 @@ class LLM:
         self.close()
 
     # ---- internals ---------------------------------------------------------------
-    def _add(self, prompt, sampling: SamplingParams | None) -> _Request:
-        if self.executor is None:
+    def _check_open(self) -> None:
+        if getattr(self, "executor", None) is None:
             raise RuntimeError("this LLM is closed")
-        params = (sampling or SamplingParams()).resolve(self.config.generation_defaults)
+
+    def _prepare(self, prompt: str | list[int], sampling: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+        """Token ids and resolved sampling of one prompt (from as_prompt_list), every id checked."""
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        params = (sampling or SamplingParams()).resolve(self.config.generation_defaults)  # re-validates
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model {self.source.name!r} has no tokenizer.json: give token ids")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+            ids = prompt
+        check_vocab(ids, self.config.vocab_size, "prompt")
+        check_vocab(params.stop_token_ids, self.config.vocab_size, "stop_token_ids:")
+        return ids, params
+
+    def _add(self, ids: list[int], params: SamplingParams) -> _Request:
+        self._check_open()
         seq = self.scheduler.add(ids, params)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         req = _Request(seq, detok)
@@ -219,6 +249,7 @@ class LLM:
 
     def _step(self) -> None:
         """Fill the pipeline, then apply the oldest step's tokens."""
+        self._check_open()  # e.g. a stream still iterated after close()
         active = len(self.scheduler.running) + len(self.scheduler.waiting)
         group = max(1, math.ceil(active / self.executor.depth))
         # A pipeline keeps one micro-batch more than it has stages in flight: the extra one
@@ -301,19 +332,6 @@ def _find_stop(text: str, stops: tuple[str, ...], since: int) -> int | None:
     """Index where the earliest stop string starts in `text` (searching from near `since`)."""
     found = [i for s in stops if (i := text.find(s, max(0, since - len(s)))) >= 0]
     return min(found) if found else None
-
-
-def _as_prompt_list(prompts) -> list:
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given")
-    if all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt of token ids
-    if all(isinstance(p, str) for p in prompts) or all(isinstance(p, (list, tuple)) for p in prompts):
-        return prompts
-    raise ValueError("prompts must be a str, a list of str, a list of token ids, or a list of lists of token ids")
 
 
 def _load_tokenizer(source: ModelSource) -> Tokenizer | None:

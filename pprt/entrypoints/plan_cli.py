@@ -16,6 +16,7 @@ import sys
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..fields import read_json
 from ..plan import QUANTS, DeviceBudget, GiB, Plan, plan
 from ..plan.advice import _gib
 from ..weights.checkpoint import ModelSource
@@ -24,10 +25,7 @@ from ..weights.checkpoint import ModelSource
 def read_model_config(model: str) -> ModelConfig:
     """config.json of a local directory or of a hub id (that file only: no weights, no tokenizer)."""
     path = ModelSource(model).require("config.json")
-    try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return ModelConfig.from_dict(read_json(path), path=str(path))
 
 
 def visible_budgets() -> list[DeviceBudget]:

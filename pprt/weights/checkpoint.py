@@ -1,83 +1,40 @@
 """Locating a Qwen checkpoint and reading exactly the tensors a stage needs.
 
-A model is a local directory or a Hugging Face hub id. For a hub id, config,
-tokenizer files and the shard index are fetched first (huggingface_hub, which
-honours HF_HUB_CACHE / HF_HUB_OFFLINE), then only the shards that hold the
-tensors a stage asks for.
+A model is a local directory or a Hugging Face hub id (source.py finds its
+files). config.json and generation_config.json become a ModelConfig; the
+shard index (or the single model.safetensors) says which file holds which
+tensor; every header is validated (header.py) before any data is trusted.
 
 Tensors are read straight from the safetensors files with plain file reads:
 one tensor at a time is read into a host buffer, converted to the target
 dtype and moved to the target device, so the whole state dict never exists
-in host memory (peak extra host memory is about one tensor). A `TensorPart`
-names a contiguous part of a stored tensor (an expert of a fused
-[E, 2I, H] tensor, or its gate rows): only that part's bytes are read. Every
-header is validated before any data is trusted; every error names the file and
-tensor. Knows nothing about model math.
+in host memory (peak extra host memory is about one tensor; no mmap, whose
+pages would count as this process's memory). A `TensorPart` names a contiguous
+part of a stored tensor (an expert of a fused [E, 2I, H] tensor, or its gate
+rows): only that part's bytes are read. Every error names the file and tensor.
+Knows nothing about model math.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import struct
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
+from ..fields import read_json
+from .header import MAX_HEADER_BYTES, ST_DTYPES, TensorInfo, read_header  # noqa: F401 (re-exported)
+from .source import OPTIONAL_FILES, ModelSource  # noqa: F401 (re-exported)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses larger headers
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-class ModelSource:
-    """A model directory, or a hub repository fetched file by file on demand."""
-
-    def __init__(self, model: str | os.PathLike, revision: str | None = None):
-        self.name = str(model)
-        self.revision = revision
-        path = Path(model).expanduser()
-        if path.is_dir():
-            self.local: Path | None = path
-        elif _looks_like_hub_id(self.name):
-            self.local = None
-        else:
-            raise CheckpointError(f"model {self.name!r}: no such directory, and not a hub id (org/name)")
-
-    def get(self, filename: str) -> Path | None:
-        """Local path of `filename`, fetching it from the hub if needed; None if the model has no such file."""
-        if self.local is not None:
-            p = self.local / filename
-            return p if p.is_file() else None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-        try:
-            return Path(hf_hub_download(self.name, filename, revision=self.revision))
-        except EntryNotFoundError:
-            return None
-        except RepositoryNotFoundError as e:
-            raise CheckpointError(f"model {self.name!r}: hub repository not found") from e
-        except LocalEntryNotFoundError as e:
-            if filename in TOKENIZER_FILES or filename in (INDEX_FILE, SINGLE_FILE):
-                return None  # optional file absent from an offline cache
-            raise CheckpointError(f"model {self.name!r}: {filename} is not in the local cache and the hub is unreachable") from e
-
-    def require(self, filename: str) -> Path:
-        p = self.get(filename)
-        if p is None:
-            raise CheckpointError(f"model {self.name!r}: {filename} not found")
-        return p
+# A decoder layer's tensors: text models, and the language model of a multimodal one
+# (not mtp.* heads, not vision blocks).
+_DECODER_LAYER = re.compile(r"model\.(?:language_model\.)?layers\.([0-9]+)\.")
 
 
 def _is_plain_filename(name: str) -> bool:
@@ -86,38 +43,34 @@ def _is_plain_filename(name: str) -> bool:
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
 def load_config(source: ModelSource) -> ModelConfig:
-    """ModelConfig from config.json and (when present) generation_config.json."""
+    """ModelConfig from config.json and (when present) generation_config.json.
+
+    Raises CheckpointError naming the file when one is not strict JSON, and ConfigError naming
+    the file and the field when a field is wrong (generation_config.json's defaults included).
+    """
     path = source.require("config.json")
-    cfg = _read_json(path)
     gen_path = source.get("generation_config.json")
+    return ModelConfig.from_dict(read_json(path), read_json(gen_path) if gen_path else None,
+                                 path=str(path), generation_path=str(gen_path or "generation_config.json"))
+
+
+def read_tensor(path: Path, name: str, info: TensorInfo) -> torch.Tensor:
+    """Tensor `name` of file `path` (its header entry `info`) on the CPU, in its stored dtype.
+
+    A plain read, not mmap: file pages never count as this process's memory.
+    """
+    buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
     try:
-        return ModelConfig.from_dict(cfg, _read_json(gen_path) if gen_path else None)
-    except ConfigError as e:  # name the file as well as the field
-        raise ConfigError(f"{path}: {e}") from e
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offset in the file
-    end: int
+        with path.open("rb") as f:
+            f.seek(info.begin)
+            got = f.readinto(memoryview(buf.numpy())) if buf.numel() else 0
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+    if got != buf.numel():
+        raise CheckpointError(f"{path}: truncated file while reading tensor {name!r} "
+                              f"({got} of {buf.numel()} bytes)")
+    return buf.view(info.dtype).reshape(info.shape)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +91,9 @@ class TensorPart:
         parts = [str(i) for i in self.index] + ([f"{self.rows[0]}:{self.rows[1]}"] if self.rows else [])
         return f"{self.name}[{', '.join(parts)}]"
 
-    def locate(self, info: TensorInfo) -> tuple[tuple[int, ...], int, int]:
-        """(shape, begin, end) of the part in the file; ValueError when it is out of the tensor."""
+    def locate(self, info: TensorInfo) -> TensorInfo:
+        """The part's own entry (dtype, shape, byte range in the file); ValueError when it is out of
+        the tensor."""
         shape, k = info.shape, len(self.index)
         if k + (self.rows is not None) > len(shape) or any(not 0 <= i < d for i, d in zip(self.index, shape)):
             raise ValueError(f"{self} is out of range for shape {list(shape)}")
@@ -158,75 +112,19 @@ class TensorPart:
         for d in rest:
             numel *= d
         size = info.dtype.itemsize
-        return rest, info.begin + offset * size, info.begin + (offset + numel) * size
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header (8-byte LE length, JSON, raw data).
-
-    Checks, for every tensor, that its dtype is known, that its byte range
-    matches dtype x shape and that it lies inside the file, so a truncated or
-    corrupt file fails here, before any tensor data is read.
-    """
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: corrupt safetensors header (header length {n} for a "
-                                      f"{size}-byte file)")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from e
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_start = 8 + n
-    infos = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            code = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            lo, hi = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r} "
-                                  f"({str(entry)[:200]})") from e
-        dtype = _ST_DTYPES.get(code) if isinstance(code, str) else None
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code!r} "
-                                  f"(supported: {', '.join(_ST_DTYPES)})")
-        if any(d < 0 for d in shape):
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has shape "
-                                  f"{list(shape)}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if lo < 0 or hi - lo != numel * dtype.itemsize:
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has data_offsets "
-                                  f"[{lo}, {hi}] ({hi - lo} bytes), but {code} {list(shape)} needs "
-                                  f"{numel * dtype.itemsize} bytes")
-        if data_start + hi > size:
-            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + hi} "
-                                  f"but the file has {size} bytes")
-        infos[name] = TensorInfo(dtype, shape, data_start + lo, data_start + hi)
-    return infos
+        return TensorInfo(info.dtype, rest, info.begin + offset * size, info.begin + (offset + numel) * size)
 
 
 class CheckpointReader:
-    """Reads named tensors of a (possibly sharded) safetensors checkpoint."""
+    """Reads named tensors (or parts of them) of a (possibly sharded) safetensors checkpoint."""
 
     def __init__(self, source: ModelSource):
         self.source = source
         self._headers: dict[str, tuple[Path, dict[str, TensorInfo]]] = {}  # shard -> (path, header)
         index_path = source.get(INDEX_FILE)
+        self.listing = index_path  # the file that lists the tensors (named in errors about the whole list)
         if index_path is not None:
-            weight_map = _read_json(index_path).get("weight_map")
+            weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: no weight_map (tensor -> shard file)")
             for name, shard in weight_map.items():
@@ -240,12 +138,22 @@ class CheckpointReader:
                 raise CheckpointError(f"{single}: holds no tensors")
             self._headers[SINGLE_FILE] = (single, header)
             self.weight_map = dict.fromkeys(header, SINGLE_FILE)
+            self.listing = single
         else:
             raise CheckpointError(f"model {source.name!r}: no weights (neither {INDEX_FILE} "
                                   f"nor {SINGLE_FILE})")
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
+
+    def layer_beyond(self, num_layers: int) -> str | None:
+        """A tensor of a decoder layer numbered num_layers or higher (model.layers.N or
+        model.language_model.layers.N; not mtp.* or vision blocks), or None."""
+        for name in self.weight_map:
+            m = _DECODER_LAYER.match(name)
+            if m and (len(m.group(1)) > 9 or int(m.group(1)) >= num_layers):
+                return name
+        return None
 
     def shards_for(self, names: list[str]) -> list[str]:
         """The shard files holding `names`, in first-use order."""
@@ -270,36 +178,25 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but absent from the shard")
         return path, header[name]
 
-    def locate(self, part: str | TensorPart) -> tuple[Path, torch.dtype, tuple[int, ...], int, int]:
-        """(file, dtype, shape, begin, end) of a tensor or of a part of one."""
+    def locate(self, part: str | TensorPart) -> tuple[Path, TensorInfo]:
+        """The file and the entry (dtype, shape, byte range) of a tensor or of a part of one."""
         part = TensorPart(part) if isinstance(part, str) else part
         path, info = self.info(part.name)
         try:
-            shape, begin, end = part.locate(info)
+            return path, part.locate(info)
         except ValueError as e:
             raise CheckpointError(f"{path}: tensor {part.name!r} has shape {list(info.shape)}: {e}") from None
-        return path, info.dtype, shape, begin, end
 
     def read(self, name: str | TensorPart, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
              shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Tensor (or tensor part) `name` on `device` (cast to `dtype` if given), checked against
         `shape` if given. Reads exactly its bytes."""
-        path, stored, got_shape, begin, end = self.locate(name)
-        if shape is not None and tuple(shape) != got_shape:
+        path, info = self.locate(name)
+        if shape is not None and tuple(shape) != info.shape:
             raise CheckpointError(
-                f"{path}: tensor {str(name)!r} has shape {list(got_shape)}, the config expects {list(shape)}"
+                f"{path}: tensor {str(name)!r} has shape {list(info.shape)}, the config expects {list(shape)}"
             )
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        try:  # a plain read, not mmap: file pages never count as this process's memory
-            with path.open("rb") as f:
-                f.seek(begin)
-                got = f.readinto(memoryview(buf.numpy())) if buf.numel() else 0
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read tensor {str(name)!r} ({e})") from e
-        if got != buf.numel():
-            raise CheckpointError(f"{path}: truncated file while reading tensor {str(name)!r} "
-                                  f"({got} of {buf.numel()} bytes)")
-        t = buf.view(stored).reshape(got_shape)
+        t = read_tensor(path, str(name), info)
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype  # ints stay ints
         return t.to(device=device, dtype=target)
 
@@ -322,5 +219,5 @@ class CheckpointReader:
         return buf.view(info.dtype).reshape(stop - start, *info.shape[1:])
 
     def nbytes(self, name: str | TensorPart) -> int:
-        _, _, _, begin, end = self.locate(name)
-        return end - begin
+        _, info = self.locate(name)
+        return info.end - info.begin

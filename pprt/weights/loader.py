@@ -6,10 +6,14 @@ where each lives: a multimodal release's prefix, fused experts read part by
 part): float weights, layers the file stores quantized (GPTQ / AWQ / compressed-tensors
 Int4, official or compressed-tensors FP8: formats.py decides each layer's format
 from the file and the config) and quantize-at-load (`quant="int4"` or `"fp8"`,
-one layer at a time as its weight arrives). Every tensor's shape is checked against
-the config before any data is read, so a wrong checkpoint fails before device
-memory is spent; an error while reading puts everything already loaded back on
-the meta device, so a failed load leaves no half-loaded stage behind.
+one layer at a time as its weight arrives). Before any data is read, every
+tensor's shape is checked against the config and its dtype against its role
+(a float parameter is F16/BF16/F32/F64, never an integer; a packed `qweight`
+is I32, its `scales` float, an FP8 `weight` float8_e4m3fn, ...), and a
+checkpoint with more decoder layers than the config is refused, so a wrong
+checkpoint fails before device memory is spent; an error while reading puts
+everything already loaded back on the meta device, so a failed load leaves no
+half-loaded stage behind.
 """
 
 from __future__ import annotations
@@ -27,7 +31,17 @@ from ..errors import CheckpointError
 from ..models.stage import Stage
 from .checkpoint import CheckpointReader
 from .formats import file_tensors, load_quantized, plan_linears, quantize_at_load
+from .header import ST_DTYPES
 from .layout import CheckpointLayout
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SCALES = FLOATS[:3]
+_INDEX = (torch.int32, torch.int64)
+# The dtypes the importers take for the tensors of a layer stored quantized, by role (the suffix of
+# the tensor's name; shared/QWEN.md sections 4 and 8). Roles not listed are checked by the importer.
+QUANTIZED_ROLES = {"qweight": (torch.int32,), "qzeros": (torch.int32,), "scales": _SCALES, "g_idx": _INDEX,
+                   "weight": (torch.float8_e4m3fn,), "weight_scale_inv": _SCALES, "weight_scale": _SCALES,
+                   "weight_packed": (torch.int32,), "weight_g_idx": _INDEX, "bias": _SCALES}
 
 log = logging.getLogger("pprt")
 
@@ -67,6 +81,11 @@ def resolve_tied_head(config: ModelConfig, reader: CheckpointReader, rows_per_re
 def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
                quant: str | None = None, progress: bool | None = None) -> float:
     """Fill `stage` in place on `device`; returns the seconds spent quantizing at load."""
+    beyond = reader.layer_beyond(stage.config.num_layers)
+    if beyond is not None:
+        raise CheckpointError(f"{reader.listing}: tensor {beyond!r} belongs to a decoder layer past the "
+                              f"{stage.config.num_layers} of config.json's num_hidden_layers (the extra layers "
+                              "would be dropped)")
     layout = CheckpointLayout(stage.config, reader.weight_map)
     linears = plan_linears(stage, reader, quant, layout)  # each layer's format; contradictions fail here
     in_file = {p: lin for p, lin in linears.items() if lin.from_file}
@@ -78,16 +97,24 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
         if prefix in in_file:
             continue
         plain[name] = (layout.source(stage.checkpoint_name(name)), tuple(param.shape))
-    for part, shape in plain.values():  # validate every header and shape first
-        path, _, got, _, _ = reader.locate(part)
-        info = reader.info(part.name)[1]
-        layout.check_fused(part, info.shape, info.dtype)
-        if got != shape:
-            raise CheckpointError(f"{path}: tensor {str(part)!r} has shape {list(got)}, "
+    for part, shape in plain.values():  # validate every header, shape and dtype first
+        whole = reader.info(part.name)[1]
+        layout.check_fused(part, whole.shape, whole.dtype)
+        path, info = reader.locate(part)
+        if info.shape != shape:
+            raise CheckpointError(f"{path}: tensor {str(part)!r} has shape {list(info.shape)}, "
                                   f"the config expects {list(shape)}")
+        _check_dtype(path, str(part), info.dtype, FLOATS, "a float parameter")
+    quantized = {p: file_tensors(reader, lin) for p, lin in in_file.items()}
+    for prefix, names in quantized.items():
+        for name in names:
+            role = name[len(in_file[prefix].ckpt) + 1:]
+            if role in QUANTIZED_ROLES:
+                path, info = reader.info(name)
+                _check_dtype(path, name, info.dtype, QUANTIZED_ROLES[role],
+                             f"the {role} of a {in_file[prefix].stored.method} layer")
 
     total = sum(reader.nbytes(c) for c, _ in plain.values())
-    quantized = {p: file_tensors(reader, lin) for p, lin in in_file.items()}
     total += sum(reader.nbytes(t) for names in quantized.values() for t in names)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"layers {stage.lo}-{stage.hi - 1}",
                disable=None if progress is None else not progress, leave=False)
@@ -118,6 +145,13 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
         bar.close()
     stage.rotary.to(device)
     return quant_seconds
+
+
+def _check_dtype(path, name: str, dtype: torch.dtype, allowed: tuple[torch.dtype, ...], role: str) -> None:
+    if dtype not in allowed:
+        names = {v: k for k, v in ST_DTYPES.items()}
+        raise CheckpointError(f"{path}: tensor {name!r} is stored as {names[dtype]}, but as {role} it must be "
+                              f"{' or '.join(names[d] for d in allowed)}")
 
 
 def _release(stage: Stage) -> None:
