@@ -14,7 +14,7 @@ in `text_config` with `layer_types`, `rope_parameters` (mrope fields and
 `partial_rotary_factor` inside), `attn_output_gate`, `mamba_ssm_dtype`,
 `mtp_num_hidden_layers`; weights under `model.language_model.*`, `model.visual.*`,
 plus `mtp.*` tensors (written here: transformers has no MTP module) that pprt must
-never read. Text-only exports (`qwen3_5_text`) are flat.
+never read. Text-only exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat.
 
 Experts: `expert_layout="fused"` rewrites per-expert tensors into the fused layout
 (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) real
@@ -41,7 +41,7 @@ HYBRID = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=8, num_att
 SPARSE = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2)
 VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
               temporal_patch_size=1, num_position_embeddings=16)
-HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe")
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 MULTIMODAL = ("qwen3_5", "qwen3_5_moe")
 
 FAMILIES = {
@@ -66,6 +66,7 @@ FAMILIES = {
     "qwen3_5_text": dict(HYBRID),
     # qwen3_5_moe: hybrid, every layer MoE, top-k always renormalised
     "qwen3_5_moe": {k: v for k, v in dict(HYBRID, **SPARSE).items() if k != "intermediate_size"},
+    "qwen3_5_moe_text": {k: v for k, v in dict(HYBRID, **SPARSE).items() if k != "intermediate_size"},
 }
 
 
@@ -81,6 +82,7 @@ def _model_classes(family: str):
         "qwen3_5": (tf.Qwen3_5Config, tf.Qwen3_5ForConditionalGeneration),
         "qwen3_5_text": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForCausalLM),
         "qwen3_5_moe": (tf.Qwen3_5MoeConfig, tf.Qwen3_5MoeForConditionalGeneration),
+        "qwen3_5_moe_text": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM),
     }[family]
 
 
@@ -90,7 +92,7 @@ def make_checkpoint(path: Path, family: str, *, yarn: dict | None = None, seed: 
     """Write a random `family` checkpoint to `path` and return it.
 
     yarn: e.g. {"factor": 4.0, "original_max_position_embeddings": 64}. expert_layout: None (as
-    real files of the family: fused for qwen3_5_moe, per expert otherwise), "fused" or "per_expert".
+    real files of the family: fused for qwen3_5_moe(_text), per expert otherwise), "fused" or "per_expert".
     """
     config_cls, model_cls = _model_classes(family)
     kwargs = dict(FAMILIES[family], vocab_size=VOCAB, rope_theta=10000.0, max_position_embeddings=4096,
@@ -119,7 +121,7 @@ def make_checkpoint(path: Path, family: str, *, yarn: dict | None = None, seed: 
         _add_mtp_tensors(path, kwargs["hidden_size"], seed)
     else:
         _to_old_spelling(path / "config.json", theta, yarn, family)
-    if (expert_layout or ("fused" if family == "qwen3_5_moe" else "per_expert")) == "fused":
+    if (expert_layout or ("fused" if family.startswith("qwen3_5_moe") else "per_expert")) == "fused":
         fuse_experts(path)
     if tokenizer:
         build_tokenizer(path, vocab_size=VOCAB)

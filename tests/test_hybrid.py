@@ -3,7 +3,7 @@
 Tiny random checkpoints written by transformers (tests/models.py: Qwen3NextForCausalLM,
 Qwen3_5ForConditionalGeneration with a tiny vision tower and mtp.* tensors,
 Qwen3_5ForCausalLM, Qwen3_5MoeForConditionalGeneration with fused experts,
-Qwen2MoeForCausalLM), float32, sharded. Hybrid models have 8 layers: 3 linear + 1 full,
+Qwen3_5MoeForCausalLM, Qwen2MoeForCausalLM), float32, sharded. Hybrid models have 8 layers: 3 linear + 1 full,
 twice. For each: greedy decoding of 16 tokens equals transformers' (one by one there)
 and the chosen tokens' logprobs agree within 1e-4, for one prompt alone and for a batch
 of prompts of different lengths in one continuous batch; on 1 stage, and on 2 and 3
@@ -35,6 +35,7 @@ VARIANTS = {
     "qwen3_5_text": dict(family="qwen3_5_text"),
     "qwen3_5_moe-multimodal-fused": dict(family="qwen3_5_moe"),
     "qwen3_5_moe-per-expert": dict(family="qwen3_5_moe", expert_layout="per_expert"),
+    "qwen3_5_moe_text": dict(family="qwen3_5_moe_text"),
     "qwen2_moe": dict(family="qwen2_moe"),
     "qwen2_moe-fused-experts-tied": dict(family="qwen2_moe", expert_layout="fused", tie_word_embeddings=True),
 }
@@ -161,6 +162,38 @@ def test_preemption_and_slot_reuse_keep_outputs_and_return_everything(oracles):
     with LLM(str(oracle.path), devices=["cpu"], max_num_seqs=1) as llm:  # one slot, reused 4 times
         assert llm.slots.num_slots == 1
         oracle.check(llm.generate(PROMPTS, GREEDY))
+
+
+def test_cancel_gives_the_state_slot_back_through_the_engine_loop(oracles):
+    """A request cancelled while its steps are in flight in a 2-stage pipeline returns its blocks and
+    its only state slot once they come back; the next requests get that slot (zeroed at position 0)
+    and match transformers. One slot: a slot not given back would leave them waiting forever."""
+    import queue
+
+    oracle = oracles("qwen3_5_text")
+    with LLM(str(oracle.path), devices=["cpu", "cpu"], split=[3, 5], max_num_seqs=1) as llm:
+        assert llm.slots.num_slots == 1
+        outputs: queue.Queue = queue.Queue()
+        rid = llm.submit(PROMPTS[2], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True), outputs.put)
+        first = outputs.get(timeout=120)
+        assert first.error is None and first.completion is None and llm.slots.num_free == 0
+        llm.cancel(rid)
+        while (out := outputs.get(timeout=120)).completion is None:
+            assert out.error is None
+        assert out.completion.finish_reason == "cancelled" and len(out.completion.token_ids) < 500
+        later: queue.Queue = queue.Queue()
+        for prompt in PROMPTS[:2]:
+            llm.submit(prompt, GREEDY, later.put)
+        done = {}
+        while len(done) < 2:
+            out = later.get(timeout=120)  # a lost slot: queue.Empty here, not a hang
+            assert out.error is None
+            if out.completion is not None:
+                done[out.request_id] = out.completion
+        stats = llm.stats()
+        assert llm.slots.num_free == 1 and not llm.slots.owner and llm.blocks.num_free == llm.blocks.num_blocks
+        assert stats.state_slots_used == 0 and stats.kv_blocks_used == 0 and not llm.scheduler.has_work
+    oracle.check([done[k] for k in sorted(done)], PROMPTS[:2])
 
 
 TRITON_RUN = """
