@@ -23,6 +23,9 @@ reads it; text-only exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat.
 Only the text model is run: the vision tower and the MTP head
 (`mtp_num_hidden_layers`, `num_nextn_predict_layers`) are read and ignored.
 
+`quantization_config` is parsed by `pprt.quantization` (GPTQ, AWQ, block-wise
+FP8, compressed-tensors, per-module rules); config.py only keeps the result.
+
 `default_context` and `extend_context` decide the context served and the
 rotary that serves it: the checkpoint's own window, or YaRN over the window
 the checkpoint was trained for (`ModelConfig.trained_window`).
