@@ -20,7 +20,7 @@ import pprt.distributed.executor as executor_module
 from models import make_checkpoint, reference_greedy, reference_model
 from pprt import LLM, SamplingParams
 from pprt.distributed.graphs import graph_sizes
-from pprt.distributed.step import SeqChunk, StepPlan
+from pprt.distributed.step import PoolSizes, SeqChunk, StepPlan
 from pprt.distributed.worker import Worker, WorkerSpec
 from pprt.weights.checkpoint import ModelSource, load_config
 
@@ -87,7 +87,7 @@ def test_padded_rows_write_only_the_scratch_block(qwen3):
     config = load_config(ModelSource(str(path)))
     worker = Worker(WorkerSpec(str(path), config, (0, 2), "cpu", torch.float32, block_size=4, max_context=64,
                                max_num_seqs=8, cuda_graphs="padded"))
-    worker.allocate_cache(16)
+    worker.allocate_cache(PoolSizes(16, 0))
     assert worker.cache.pad_block == 16 and worker.cache.k.shape[1] == 17
     worker.execute(StepPlan(0, [SeqChunk(0, [5, 6, 7], 0, 0, [3], True), SeqChunk(1, [8, 9], 0, 0, [9], True)]))
     k, v = worker.cache.k.clone(), worker.cache.v.clone()

@@ -18,7 +18,7 @@ import torch
 
 from bench.counting import count_ops
 from models import make_checkpoint
-from pprt.distributed.step import SeqChunk, StepPlan
+from pprt.distributed.step import PoolSizes, SeqChunk, StepPlan
 from pprt.distributed.worker import Worker, WorkerSpec
 from pprt.weights.checkpoint import ModelSource, load_config
 
@@ -44,7 +44,7 @@ def first_stage(model, mode: str) -> Worker:
     config = load_config(ModelSource(str(model)))
     worker = Worker(WorkerSpec(str(model), config, (0, 2), "cpu", torch.float32, max_context=256, max_num_seqs=4,
                                cuda_graphs=mode))
-    worker.allocate_cache(32)
+    worker.allocate_cache(PoolSizes(32, 0))
     return worker
 
 
@@ -59,9 +59,9 @@ def test_a_non_last_stage_step_waits_for_nothing(model, mode, waits, monkeypatch
         out = worker.execute(prefill)
     assert out.shape == (sum(map(len, prompts)), worker.spec.config.hidden_size)
     assert counts.syncs == 0, counts.sync_ops
-    # decode: one sequence steps into a new block, one goes on in its block, one is new
-    decode = StepPlan(1, [SeqChunk(0, [11], 5, 2, [], True), SeqChunk(2, [12], 17, 2, [6], True),
-                          SeqChunk(9, [1, 2][:1], 0, 0, [7], True)])
+    # decode: two sequences go on in their blocks, one gains a block
+    decode = StepPlan(1, [SeqChunk(0, [11], 5, 2, [], True), SeqChunk(1, [12], 2, 2, [], True),
+                          SeqChunk(2, [13], 17, 2, [6], True)])
     with count_ops() as counts:
         out = worker.execute(decode)
     assert out.shape == (3, worker.spec.config.hidden_size)

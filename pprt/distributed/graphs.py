@@ -7,7 +7,8 @@ stage's forward pass once per batch size of `graph_sizes(max_batch)` (1, 2, 4,
 (`StepInputs.static`: token ids or hidden states, positions, slots, block
 tables, query offsets, context lengths), after the stage is loaded and its KV
 pool allocated. A pure-decode step of B sequences is padded to the next size
-(padded rows compute on a scratch KV block, their outputs are dropped) and
+(padded rows compute on a scratch KV block and state slot, their outputs are
+dropped) and
 the graph is replayed; prefill and mixed steps run eagerly. The attention
 kernels of a graph are sized for the longest context (`columns` blocks), so
 any decode step within it replays the same graph.
@@ -26,7 +27,7 @@ import time
 
 import torch
 
-from ..models.kv import KVCache
+from ..models.kv import KVCache, StateCache
 from ..models.stage import Stage
 from .step import StepPlan
 from .step_inputs import StepInputs
@@ -51,17 +52,18 @@ def graph_sizes(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Padded decode steps of one stage, replayed from CUDA graphs (see the module docstring).
 
-    stage, cache: the loaded stage and its KV pool (with a scratch block: `inputs.pad_block`).
+    stage, cache, state: the loaded stage, its KV pool (with a scratch block: `inputs.pad_block`)
+    and its state pool (None without DeltaNet layers; with a scratch slot: `inputs.pad_slot`).
     max_batch: the most sequences of a decode step (max_num_seqs). columns: block-table
     columns of the longest context. capture: record CUDA graphs (CUDA only), else run the
     padded path eagerly.
     """
 
-    def __init__(self, stage: Stage, cache: KVCache, inputs: StepInputs, max_batch: int, columns: int,
-                 dtype: torch.dtype, capture: bool):
+    def __init__(self, stage: Stage, cache: KVCache, state: StateCache | None, inputs: StepInputs, max_batch: int,
+                 columns: int, dtype: torch.dtype, capture: bool):
         if capture and inputs.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {inputs.device}")
-        self.stage, self.cache, self.inputs = stage, cache, inputs
+        self.stage, self.cache, self.state, self.inputs = stage, cache, state, inputs
         self.sizes = graph_sizes(max_batch)
         self.static = inputs.static(max_batch, columns)
         self.hidden = None  # [max_batch, H]: the previous stage's hidden states
@@ -101,7 +103,7 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         x = self.static.fields["ids"][:size] if self.hidden is None else self.hidden[:size]
-        return self.stage(x, self.static.batch(size), self.cache, None)
+        return self.stage(x, self.static.batch(size), self.cache, self.state, None)
 
     def _capture(self) -> None:
         """Record one graph per size, largest first, sharing one memory pool."""

@@ -16,8 +16,9 @@ the sequences' contexts.
 
 `padded` lays a pure-decode step out for CUDA graphs (graphs.py): fixed fields
 sized for the largest captured batch in a static device buffer, the rows past
-the real batch pointing at a scratch KV block that no sequence owns (their
-keys and values land there; their outputs are dropped). Row 0 of the device
+the real batch pointing at a scratch KV block and a scratch state slot that no
+sequence owns (their keys, values and states land there; their outputs are
+dropped). Row 0 of the device
 table is that padding row. Knows nothing of the model or the scheduler.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.attention import AttentionBatch
+from ..models.batch import StepBatch
 from ..models.staging import Layout, Uploader
 from .step import StepPlan
 
@@ -36,20 +37,22 @@ _I64, _I32 = torch.int64, torch.int32
 _PAD_ROW = 0  # the device table's row of padding entries (no sequence owns it)
 
 
-def _layout(T: int, B: int, R: int, U: int) -> Layout:
-    """A step's fields: T tokens of B sequences, R sampled rows, U new table entries."""
+def _layout(T: int, B: int, R: int, U: int, S: int = 0, F: int = 0) -> Layout:
+    """A step's fields: T tokens of B sequences, R sampled rows, U new table entries, S state slots
+    (B, or 0 without a state pool), F state slots to zero."""
     return Layout([("ids", _I64, T), ("positions", _I64, T), ("slots", _I64, T), ("rows", _I64, B),
-                   ("logits", _I64, R), ("upd_rows", _I64, U), ("upd_cols", _I64, U), ("qsl", _I32, B + 1),
-                   ("ctx", _I32, B), ("upd_blocks", _I32, U)])
+                   ("logits", _I64, R), ("upd_rows", _I64, U), ("upd_cols", _I64, U), ("fresh", _I64, F),
+                   ("qsl", _I32, B + 1), ("ctx", _I32, B), ("upd_blocks", _I32, U), ("state", _I32, S)])
 
 
 @dataclass(slots=True)
 class StepTensors:
     """What the stage reads in one step (on its device)."""
 
-    batch: AttentionBatch
+    batch: StepBatch
     token_ids: torch.Tensor  # [T] int64 (used by the first stage)
     logits_indices: torch.Tensor  # [R] int64 rows whose logits are sampled
+    fresh_slots: torch.Tensor  # [F] int64 state slots of chunks starting at position 0 (to zero first)
 
 
 @dataclass(slots=True)
@@ -63,13 +66,14 @@ class StaticInputs:
     max_batch: int
     block_size: int
 
-    def batch(self, size: int) -> AttentionBatch:
-        """The AttentionBatch of a padded step of `size` rows (every key column may be read)."""
+    def batch(self, size: int) -> StepBatch:
+        """The StepBatch of a padded step of `size` rows (every key column may be read)."""
         f = self.fields
-        return AttentionBatch(positions=f["positions"][:size], slot_mapping=f["slots"][:size],
-                              block_tables=self.tables[:size], query_start_loc=f["qsl"][:size + 1],
-                              context_lens=f["ctx"][:size], max_query_len=1,
-                              max_context_len=self.tables.shape[1] * self.block_size)
+        return StepBatch(positions=f["positions"][:size], slot_mapping=f["slots"][:size],
+                         block_tables=self.tables[:size], query_start_loc=f["qsl"][:size + 1],
+                         context_lens=f["ctx"][:size], max_query_len=1,
+                         max_context_len=self.tables.shape[1] * self.block_size,
+                         state_indices=f["state"][:size] if f["state"].numel() else None)
 
 
 @dataclass(slots=True)
@@ -83,11 +87,14 @@ class StepInputs:
 
     device: the stage's device. block_size: tokens per KV block. columns: block-table
     columns to start with (grown when a sequence needs more). pad_block: the scratch KV
-    block padded rows write to (None: no padded steps).
+    block padded rows write to (None: no padded steps). state: the stage has a state pool
+    (its batches carry each sequence's slot); pad_slot: its scratch slot for padded rows.
     """
 
-    def __init__(self, device: torch.device | str, block_size: int, columns: int, pad_block: int | None = None):
+    def __init__(self, device: torch.device | str, block_size: int, columns: int, pad_block: int | None = None,
+                 state: bool = False, pad_slot: int | None = None):
         self.device, self.block_size, self.pad_block = torch.device(device), block_size, pad_block
+        self.state, self.pad_slot = state, pad_slot
         self._seqs: dict[int, _Seq] = {}
         self._free_rows: list[int] = []
         self.table = torch.zeros(0, max(columns, 1), dtype=torch.int32, device=self.device)  # [rows, columns]
@@ -167,7 +174,8 @@ class StepInputs:
         chunks = plan.chunks
         T, B, U = plan.num_tokens, len(chunks), len(upd_rows)
         sample = [i for i, c in enumerate(chunks) if c.sample]
-        layout = _layout(T, B, len(sample), U)
+        fresh = [c.state_slot for c in chunks if c.start == 0] if self.state else []
+        layout = _layout(T, B, len(sample), U, B if self.state else 0, len(fresh))
         host = self.uploader.host(layout.nbytes)
         a = layout.arrays(host)
         qsl, o = [0], 0
@@ -183,24 +191,29 @@ class StepInputs:
         a["rows"][:] = [s.row for s in seqs]
         a["logits"][:] = [qsl[i + 1] - 1 for i in sample]
         a["upd_rows"][:], a["upd_cols"][:], a["upd_blocks"][:] = upd_rows, upd_cols, upd_blocks
+        if self.state:
+            a["state"][:] = [c.state_slot for c in chunks]
+            a["fresh"][:] = fresh
         f = layout.tensors(self.uploader.upload(host, layout.nbytes))
         self._apply_updates(f, U)
         max_ctx = max(c.end for c in chunks)
         columns = -(-max_ctx // self.block_size)
         tables = self.table[:, :columns].index_select(0, f["rows"])  # [B, columns]
-        batch = AttentionBatch(positions=f["positions"], slot_mapping=f["slots"], block_tables=tables,
-                               query_start_loc=f["qsl"], context_lens=f["ctx"],
-                               max_query_len=max(len(c.token_ids) for c in chunks), max_context_len=max_ctx)
-        return StepTensors(batch, f["ids"], f["logits"])
+        batch = StepBatch(positions=f["positions"], slot_mapping=f["slots"], block_tables=tables,
+                         query_start_loc=f["qsl"], context_lens=f["ctx"],
+                         max_query_len=max(len(c.token_ids) for c in chunks), max_context_len=max_ctx,
+                         state_indices=f["state"] if self.state else None)
+        return StepTensors(batch, f["ids"], f["logits"], f["fresh"])
 
     # ---- padded decode steps (CUDA graphs) ------------------------------------------------------
     def static(self, max_batch: int, columns: int) -> StaticInputs:
         """Fixed device tensors for padded decode steps of up to `max_batch` rows whose tables have
         `columns` columns (the longest context in blocks)."""
-        if self.pad_block is None:
-            raise ValueError("padded steps need a scratch KV block (pad_block)")
+        if self.pad_block is None or (self.state and self.pad_slot is None):
+            raise ValueError("padded steps need a scratch KV block (pad_block) and, with a state pool, a scratch "
+                             "state slot (pad_slot)")
         self._grow(rows=0, columns=columns)
-        layout = _layout(max_batch, max_batch, 0, max_batch)
+        layout = _layout(max_batch, max_batch, 0, max_batch, max_batch if self.state else 0)
         buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=self.device)
         static = StaticInputs(layout, buf, layout.tensors(buf),
                               torch.zeros(max_batch, columns, dtype=torch.int32, device=self.device), max_batch,
@@ -209,9 +222,10 @@ class StepInputs:
         return static
 
     def fits(self, plan: StepPlan, static: StaticInputs) -> bool:
-        """True when `plan` is a pure-decode step a padded layout of `static` can hold."""
+        """True when `plan` is a pure-decode step a padded layout of `static` can hold (a chunk at
+        position 0 is a prompt's, whose state is zeroed first: not a decode step)."""
         return (len(plan.chunks) <= static.max_batch
-                and all(len(c.token_ids) == 1 and c.sample for c in plan.chunks)
+                and all(len(c.token_ids) == 1 and c.sample and c.start > 0 for c in plan.chunks)
                 and sum(len(c.new_blocks) for c in plan.chunks) <= static.max_batch
                 and max(c.end for c in plan.chunks) <= static.tables.shape[1] * self.block_size)
 
@@ -230,6 +244,8 @@ class StepInputs:
                           for c, s in zip(plan.chunks, seqs)]
         a["rows"][:B] = [s.row for s in seqs]
         a["ctx"][:B] = [c.end for c in plan.chunks]
+        if self.state:
+            a["state"][:B] = [c.state_slot for c in plan.chunks]
         a["upd_rows"][:U], a["upd_cols"][:U], a["upd_blocks"][:U] = upd_rows, upd_cols, upd_blocks
         self.uploader.upload(host, static.layout.nbytes, static.buf)
         self._apply_updates(static.fields, U)
@@ -243,6 +259,8 @@ class StepInputs:
         a["slots"][lo:hi] = self.pad_block * self.block_size
         a["rows"][lo:hi] = _PAD_ROW
         a["ctx"][lo:hi] = 1
+        if self.state:
+            a["state"][lo:hi] = self.pad_slot
         a["qsl"][:] = np.arange(a["qsl"].shape[0])  # one token per row
 
     def _pad_rows(self, static: StaticInputs, lo: int, hi: int) -> None:

@@ -1,13 +1,16 @@
-"""One stage: build it, load its weights, allocate its cache, execute step plans.
+"""One stage: build it, load its weights, allocate its pools, execute step plans.
 
 A `Worker` is what runs on each device. In a one-device run it lives in the
 caller's process; in a pipeline each lives in its own process (see comm.py
 and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
-on one micro-batch. A step's tensors come from `StepInputs` (one copy to the
-device); pure-decode steps replay CUDA graphs (graphs.py) unless the spec
-says `cuda_graphs="off"`. Only the last stage waits for the device (for the
-sampled ids): a non-last stage hands its output to the transport, which is
-ordered after it on the device. Knows nothing of tokenization or scheduling.
+on one micro-batch. Its pools: KV blocks for its full-attention layers and, for
+hybrid models, state slots for its DeltaNet layers (slots of chunks that start
+at position 0 are zeroed before the step runs). A step's tensors come from
+`StepInputs` (one copy to the device); pure-decode steps replay CUDA graphs
+(graphs.py) unless the spec says `cuda_graphs="off"`. Only the last stage
+waits for the device (for the sampled ids): a non-last stage hands its output
+to the transport, which is ordered after it on the device. Knows nothing of
+tokenization or scheduling.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..models.kv import CacheSpec, KVCache
+from ..models.kv import CacheSpec, KVCache, StateCache, StateSpec
 from ..models.sampler import Sampler
 from ..models.stage import Stage
 from ..weights.checkpoint import CheckpointReader, ModelSource
 from ..weights.loader import load_stage
 from .graphs import DecodeGraphs
-from .step import StepPlan, StepResult
+from .step import PoolSizes, StepPlan, StepResult
 from .step_inputs import StepInputs
 
 CUDA_GRAPHS = ("auto", "off", "padded")
@@ -64,7 +67,7 @@ class StageBoot:
     spec: WorkerSpec
     transport: str  # "nccl", "gloo" or "host"
     init_method: str  # the process group's rendezvous, e.g. tcp://127.0.0.1:PORT
-    kv_blocks: int  # KV blocks wanted (the stage reports how many its memory allows)
+    pools: PoolSizes  # KV blocks and state slots wanted (the stage reports how many its memory allows)
     threads: int | None  # torch threads of the stage (None: torch's default)
     group_timeout_s: float  # a blocking transfer between stages fails after this long
 
@@ -88,7 +91,7 @@ def _proc_status_kib(field: str) -> int:
 
 
 log = logging.getLogger("pprt")
-GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV pool
+GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV and state pools
 
 
 class Worker:
@@ -105,13 +108,14 @@ class Worker:
         if spec.quant:
             log.info("layers %d-%d: loaded in %.2f s, of which %.2f s quantizing to %s", self.stage.lo,
                      self.stage.hi - 1, self.load_seconds, self.quant_seconds, spec.quant)
-        self.cache_spec = CacheSpec(self.stage.num_layers, spec.config.num_kv_heads, spec.config.head_dim,
-                                    spec.block_size, spec.kv_dtype or spec.dtype)
+        self.cache_spec = cache_spec(spec)
+        self.state_spec = state_spec(spec)
         self.cache: KVCache | None = None
+        self.state: StateCache | None = None
         self.sampler = Sampler(spec.config.vocab_size, self.device, spec.seed) if self.stage.is_last else None
         # time spent in steps: on a CUDA stage other than the last, the time to issue them
         self.busy_seconds = 0.0
-        self.inputs: StepInputs | None = None  # with the cache
+        self.inputs: StepInputs | None = None  # with the pools
         self.graphs: DecodeGraphs | None = None
 
     def peak_device_bytes(self) -> int | None:
@@ -121,16 +125,31 @@ class Worker:
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.stage.state_dict().values())
 
-    def allocate_cache(self, num_blocks: int) -> None:
-        """The KV pool, the step inputs and (CUDA) the decode graphs, captured now."""
+    def allocate_cache(self, pools: PoolSizes) -> None:
+        """The KV pool, (hybrid models with DeltaNet layers on this stage) the state pool, the step
+        inputs and (CUDA) the decode graphs, captured now. Padded decode steps get a scratch KV
+        block and a scratch state slot."""
         mode = self.graph_mode()
-        self.cache = KVCache(self.cache_spec, num_blocks, self.device, pad_block=mode != "off")
+        padded = mode != "off"
+        self.cache = KVCache(self.cache_spec, pools.blocks, self.device, pad_block=padded)
+        if self.state_spec is not None and self.state_spec.num_layers and pools.slots:
+            self.state = StateCache(self.state_spec, pools.slots, self.device, pad_slot=padded)
         max_context = self.spec.max_context or self.spec.config.max_position_embeddings
         columns = -(-max_context // self.spec.block_size)
-        self.inputs = StepInputs(self.device, self.spec.block_size, columns, self.cache.pad_block)
-        if mode != "off":
-            self.graphs = DecodeGraphs(self.stage, self.cache, self.inputs, self.spec.max_num_seqs, columns,
-                                       self.spec.dtype, capture=mode == "capture")
+        self.inputs = StepInputs(self.device, self.spec.block_size, columns, self.cache.pad_block,
+                                 state=self.state is not None,
+                                 pad_slot=self.state.pad_slot if self.state is not None else None)
+        if not padded:
+            return
+        try:
+            self.graphs = DecodeGraphs(self.stage, self.cache, self.state, self.inputs, self.spec.max_num_seqs,
+                                       columns, self.spec.dtype, capture=mode == "capture")
+        except Exception as e:  # a kernel that cannot be captured: this stage runs eagerly
+            if mode != "capture":
+                raise
+            log.warning("layers %d-%d: CUDA graph capture failed, running eagerly: %s: %s", self.stage.lo,
+                        self.stage.hi - 1, type(e).__name__, e)
+            self.graphs = None
 
     def graph_mode(self) -> str:
         """"capture" (CUDA graphs), "padded" (their path, eager) or "off"."""
@@ -145,6 +164,11 @@ class Worker:
                 return "off"
             return "capture"
         return mode
+
+    @property
+    def pool_bytes(self) -> tuple[int, int]:
+        """(KV pool, state pool) bytes as allocated."""
+        return self.cache.nbytes, self.state.nbytes if self.state is not None else 0
 
     def execute(self, plan: StepPlan, x: torch.Tensor | None = None) -> torch.Tensor | StepResult:
         """Run one micro-batch: returns hidden states [T, H], or on the last stage the sampled tokens.
@@ -166,7 +190,9 @@ class Worker:
             out = self.graphs.run(plan, x, size)  # every row samples
         else:
             step = self.inputs.build(plan)
-            out = self.stage(step.token_ids if self.stage.is_first else x, step.batch, self.cache,
+            if self.state is not None:  # sequences (re)starting at position 0 start from zero state
+                self.state.reset(step.fresh_slots)
+            out = self.stage(step.token_ids if self.stage.is_first else x, step.batch, self.cache, self.state,
                              step.logits_indices if self.stage.is_last else None)
         if not self.stage.is_last:
             self.busy_seconds += time.perf_counter() - t0
@@ -179,13 +205,39 @@ class Worker:
                           sampled.logprobs if sampled else None, elapsed)
 
 
-def worker_blocks(worker: Worker, wanted: int) -> int:
-    """The KV blocks `worker` can hold: `wanted`, or fewer if its GPU has less free memory now."""
-    blocks = wanted
+def cache_spec(spec: WorkerSpec) -> CacheSpec:
+    """The KV pool geometry of a stage: its full-attention layers only."""
+    attention, _ = spec.config.layers_of(*spec.layers)
+    return CacheSpec(attention, spec.config.num_kv_heads, spec.config.head_dim, spec.block_size,
+                     spec.kv_dtype or spec.dtype)
+
+
+def state_spec(spec: WorkerSpec) -> StateSpec | None:
+    """The state pool geometry of a stage: its DeltaNet layers (None for models without them)."""
+    lin = spec.config.linear
+    if lin is None:
+        return None
+    _, linear = spec.config.layers_of(*spec.layers)
+    return StateSpec(linear, lin.conv_dim, lin.conv_kernel - 1, lin.num_value_heads, lin.key_head_dim,
+                     lin.value_head_dim, spec.dtype)
+
+
+def worker_pools(worker: Worker, wanted: PoolSizes) -> PoolSizes:
+    """The pools `worker` can hold: `wanted`, or fewer if its GPU has less free memory now (state
+    slots first, as the plan sized them; KV blocks from the rest)."""
+    blocks, slots = wanted.blocks, wanted.slots
+    state_bytes = worker.state_spec.bytes_per_slot if worker.state_spec is not None else 0
     if worker.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(worker.device)
-        blocks = min(blocks, worker.cache_spec.blocks_for(int(free * GPU_MEMORY_FRACTION)))
+        free = int(torch.cuda.mem_get_info(worker.device)[0] * GPU_MEMORY_FRACTION)
+        if state_bytes:
+            slots = min(slots, worker.state_spec.slots_for(free))
+            free -= slots * state_bytes
+        room = worker.cache_spec.blocks_for(free)
+        blocks = blocks if room is None else min(blocks, room)
     if blocks <= 0:
         raise MemoryError(f"{worker.device}: no memory left for a single KV block "
                           f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
-    return blocks
+    if state_bytes and wanted.slots and slots <= 0:
+        raise MemoryError(f"{worker.device}: no memory left for the state of a single sequence "
+                          f"({state_bytes} bytes) after the weights")
+    return PoolSizes(blocks, slots)
