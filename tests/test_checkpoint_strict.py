@@ -32,6 +32,7 @@ from pprt.models.stage import Stage
 from pprt.weights.checkpoint import INDEX_FILE, CheckpointReader, ModelSource, load_config
 from pprt.weights.int4 import Int4Linear
 from pprt.weights.loader import load_stage
+from pprt.weights.merge import linear_modules
 
 CPU = torch.device("cpu")
 PROBE = "model.layers.1.mlp.down_proj.weight"
@@ -169,7 +170,7 @@ def test_a_module_a_quantized_file_leaves_in_float_loads_as_float(gptq):
     source = ModelSource(gptq)
     stage = Stage(load_config(source))
     load_stage(stage, CheckpointReader(source), CPU, torch.float32, progress=False)
-    kinds = {p: m for p, m in stage.named_modules() if isinstance(m, (nn.Linear, Int4Linear))}
+    kinds = linear_modules(stage)  # merged and stacked ones under their own names
     floats = sorted(p for p, m in kinds.items() if isinstance(m, nn.Linear))
     assert floats == ["lm_head", "model.layers.0.self_attn.q_proj"]
     assert sum(isinstance(m, Int4Linear) for m in kinds.values()) == len(kinds) - 2

@@ -29,6 +29,7 @@ from pprt.weights.fp8 import Fp8Linear  # noqa: E402
 from pprt.weights.fp8 import dequantize as fp8_dequantize  # noqa: E402
 from pprt.weights.int4 import Int4Linear  # noqa: E402
 from pprt.weights.int4 import dequantize as int4_dequantize  # noqa: E402
+from pprt.weights.merge import linear_modules
 
 LOGPROB_ATOL = 1e-3  # same weights on both sides; measured ~1e-5
 PACK, FLOAT = "pack-quantized", "float-quantized"
@@ -123,9 +124,8 @@ def test_compressed_tensors_checkpoint_matches_transformers(case, tmp_path, capl
     with caplog.at_level(logging.INFO, logger="pprt"), \
             LLM(str(tmp_path / "ct"), devices=["cpu"], dtype="float32", kv_cache_memory=1 << 20) as llm:
         stage = llm.executor.worker.stage
-        for prefix, m in stage.named_modules():
-            if isinstance(m, (nn.Linear, Int4Linear, Fp8Linear)):
-                assert type(m) is kinds.get(prefix, nn.Linear), prefix
+        for prefix, m in linear_modules(stage).items():  # merged and stacked ones too
+            assert type(m) is kinds.get(prefix, nn.Linear), prefix
         loaded = llm.executor.weight_bytes[0]
         planned = plan(llm.config, [DeviceBudget("cpu", 1 << 30)], dtype_bytes=4, max_context=256)
         outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0))

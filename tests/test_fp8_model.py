@@ -30,6 +30,7 @@ from models import make_checkpoint, reference_greedy, reference_logprobs, refere
 from pprt import LLM, SamplingParams
 from pprt.plan import DeviceBudget, plan
 from pprt.weights.fp8 import Fp8Linear, dequantize
+from pprt.weights.merge import linear_modules
 
 # fp32 activations and the same dequantized weights on both sides: only summation order
 # differs (measured max |dlogprob| ~1e-5). The bound is 1e-3.
@@ -63,7 +64,7 @@ def chosen(out) -> list[float]:
 
 def linears(llm: LLM) -> dict[str, nn.Module]:
     stage = llm.executor.worker.stage
-    return {p: m for p, m in stage.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))}
+    return linear_modules(stage)  # merged and stacked ones under their own names
 
 
 def write_fp8_and_dequantized(src, fp8_dir, deq_dir, not_converted: tuple[str, ...] = ()) -> int:

@@ -31,6 +31,7 @@ from pprt.plan import DeviceBudget, plan
 from pprt.weights.checkpoint import CheckpointReader, ModelSource, load_config
 from pprt.weights.int4 import Int4Linear, dequantize
 from pprt.weights.loader import load_stage
+from pprt.weights.merge import linear_modules
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,7 +159,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=
 
 def linears(llm: LLM) -> dict[str, nn.Module]:
     stage = llm.executor.worker.stage
-    return {p: m for p, m in stage.named_modules() if isinstance(m, (nn.Linear, Int4Linear))}
+    return linear_modules(stage)  # merged and stacked ones under their own names
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_text"])
@@ -248,7 +249,7 @@ def test_official_fp8_multimodal_release_matches_transformers_on_dequantized_wei
     with LLM(str(tmp_path / "fp8"), devices=["cpu", "cpu"], split=[3, 5], dtype="float32") as llm:
         outs = llm.generate(PROMPTS, GREEDY)
     with LLM(str(tmp_path / "fp8"), devices=["cpu"], dtype="float32") as llm:
-        kinds = {p: type(m) for p, m in llm.executor.worker.stage.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))}
+        kinds = {p: type(m) for p, m in linear_modules(llm.executor.worker.stage).items()}
     assert kinds["model.layers.0.linear_attn.in_proj_qkv"] is Fp8Linear
     assert kinds["model.layers.3.mlp.experts.5.down_proj"] is Fp8Linear
     assert kinds["model.layers.0.mlp.gate"] is nn.Linear and kinds["lm_head"] is nn.Linear
@@ -279,7 +280,7 @@ def test_quantize_fp8_at_load_on_a_hybrid(tmp_path):
 
     path = make_checkpoint(tmp_path / "m", "qwen3_next", tokenizer=False, expert_layout="fused")
     with LLM(str(path), devices=["cpu"], dtype="float32", quant="fp8") as llm:
-        kinds = {p: m for p, m in llm.executor.worker.stage.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))}
+        kinds = linear_modules(llm.executor.worker.stage)
         outs = llm.generate(PROMPTS, GREEDY)
         held = llm.executor.weight_bytes[0]
         planned = plan(llm.config, [DeviceBudget("cpu", 1 << 34)], quant="fp8", dtype_bytes=4, max_context=64)

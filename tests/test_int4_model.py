@@ -35,6 +35,7 @@ from models import make_checkpoint, reference_greedy, reference_logprobs, refere
 from pprt import LLM, SamplingParams
 from pprt.weights.checkpoint import CheckpointError
 from pprt.weights.int4 import Int4Linear, dequantize
+from pprt.weights.merge import linear_modules
 
 # fp32 activations on both sides and the same dequantized weights: only summation order
 # differs. Measured max |dlogprob| <= 4e-6 over these cases.
@@ -124,7 +125,7 @@ def write_int4_and_dequantized(src: Path, int4_dir: Path, deq_dir: Path, qcfg: d
 
 def layer_kinds(llm: LLM) -> dict[str, nn.Module]:
     stage = llm.executor.worker.stage
-    return {p: m for p, m in stage.named_modules() if isinstance(m, (nn.Linear, Int4Linear))}
+    return linear_modules(stage)  # merged and stacked ones under their own names
 
 
 def assert_int4_except_head_and_routers(llm: LLM, group_size: int) -> int:

@@ -155,14 +155,7 @@ class Worker:
         """"capture" (CUDA graphs), "padded" (their path, eager) or "off"."""
         mode = self.spec.cuda_graphs
         if mode == "auto":
-            if self.device.type != "cuda":
-                return "off"
-            waits = [type(m).__name__ for m in self.stage.modules() if getattr(m, "waits_for_host", False)]
-            if waits:
-                log.info("layers %d-%d: no CUDA graphs (%s waits for the host)", self.stage.lo, self.stage.hi - 1,
-                         waits[0])
-                return "off"
-            return "capture"
+            return "capture" if self.device.type == "cuda" else "off"
         return mode
 
     @property

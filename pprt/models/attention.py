@@ -42,20 +42,29 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, m * h, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(H, m * h, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(n * h, H, bias=cfg.o_bias)
+        self.register_module("qkv_proj", None)  # q, k and v joined by the loader (pprt.weights.merge)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, cfg.rms_norm_eps, cfg.zero_centered_norm)
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, cfg.zero_centered_norm)
         self.scale = h**-0.5
 
+    def merged_sizes(self, name: str) -> list[int]:
+        """Output sizes of the parts of the merged layer `name` (qkv_proj: q, k, v)."""
+        return [self.n * self.h * (2 if self.gated else 1), self.m * self.h, self.m * self.h]
+
     def forward(self, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor, sin: torch.Tensor,
                 kv: LayerKV) -> torch.Tensor:
         T = x.shape[0]
-        if self.gated:
-            q, gate = self.q_proj(x).view(T, self.n, 2 * self.h).chunk(2, dim=-1)  # [T, n, h] each
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.merged_sizes("qkv_proj"), dim=-1)  # one matmul
         else:
-            q, gate = self.q_proj(x).view(T, self.n, self.h), None  # [T, n, h]
-        k = self.k_proj(x).view(T, self.m, self.h)  # [T, m, h]
-        v = self.v_proj(x).view(T, self.m, self.h)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.gated:
+            q, gate = q.view(T, self.n, 2 * self.h).chunk(2, dim=-1)  # [T, n, h] each
+        else:
+            q, gate = q.view(T, self.n, self.h), None  # [T, n, h]
+        k = k.view(T, self.m, self.h)  # [T, m, h]
+        v = v.view(T, self.m, self.h)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -104,13 +104,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class MLP(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)); gate and up as one matmul once the loader joined them (gate_up_proj)."""
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
+        self.intermediate = intermediate
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.register_module("gate_up_proj", None)  # pprt.weights.merge
+
+    def merged_sizes(self, name: str) -> list[int]:
+        """Output sizes of the parts of the merged layer `name` (gate_up_proj: gate, up)."""
+        return [self.intermediate, self.intermediate]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)

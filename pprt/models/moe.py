@@ -8,14 +8,25 @@ computes them (models/qwen3_moe, qwen2_moe, qwen3_next, qwen3_5_moe):
 - routed output: sum over the chosen experts of weight * expert_mlp(x);
 - shared expert (qwen2_moe, qwen3_next, qwen3_5_moe): an MLP every token runs,
   scaled by sigmoid(shared_expert_gate(x)) ([1, H]) and added to the routed output.
-Experts are one MLP module each, whatever the checkpoint's layout (per-expert
-tensors or fused [E, 2I, H] / [E, H, I]: pprt.weights.layout maps either onto them).
+The routed experts run as one fused pass (pprt_kernels.fused_moe: routing on
+the device, token-expert pairs sorted by expert, two grouped GEMMs; torch's
+grouped GEMM where it serves, the Triton kernels elsewhere on a GPU, the
+reference on CPU): a fixed number of launches and no host sync whatever the
+routing. The shared expert runs beside it. Experts are built as one MLP module
+each, named as checkpoints name them, whatever the checkpoint's layout
+(per-expert tensors or fused [E, 2I, H] / [E, H, I]: pprt.weights.layout maps
+either onto them); the loader moves each into `stacked` (gate_up [E, 2I, H],
+down [E, H, I]: pprt.weights.experts) as soon as it is placed, so a loaded
+layer's `experts` is empty.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pprt_kernels.fused_moe import fused_moe
+from pprt_kernels.moe_weights import ExpertWeights
 
 from ..config import ModelConfig
 from .layers import MLP
@@ -24,29 +35,25 @@ from .layers import MLP
 class MoE(nn.Module):
     """Top-k routed experts plus, when the config has one, the gated shared expert. x: [T, H]."""
 
-    waits_for_host = True  # the loop reads which experts were chosen: no CUDA graph can hold it
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.num_experts, self.top_k, self.norm_topk = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.stacked = nn.Module()  # filled by the loader (pprt.weights.experts.stack_expert)
+        self.stacked.gate_up = self.stacked.down = None
+        self._weights: tuple[ExpertWeights, ExpertWeights] | None = None  # the stacks as the kernels take them
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.gate(x).float(), dim=-1)  # [T, E]
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
-        if self.norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        # Visit only the experts some token chose; each runs on its tokens at once.
-        for e in chosen.unique().tolist():
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            y = self.experts[e](x[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y)
+        if self._weights is None:
+            if self.stacked.gate_up is None or len(self.experts):
+                raise RuntimeError("the MoE layer's experts are not loaded (stacked) yet")
+            self._weights = (self.stacked.gate_up.expert_weights(), self.stacked.down.expert_weights())
+        gate_up, down = self._weights
+        out = fused_moe(x, self.gate(x), gate_up, down, self.top_k, self.norm_topk)  # [T, H]
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # [T, H]
         return out

@@ -30,6 +30,8 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..models.stage import Stage
 from .checkpoint import CheckpointReader
+from .experts import expert_linear, stack_expert
+from .merge import merge_if_complete
 from .formats import file_tensors, load_quantized, plan_linears, quantize_at_load
 from .header import ST_DTYPES
 from .layout import CheckpointLayout
@@ -127,13 +129,18 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
             tensor = reader.read(ckpt_name, device, dtype, shape)
             bar.update(reader.nbytes(ckpt_name))
             module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
-            at_load = linears[prefix].at_load if prefix in linears else None
-            if at_load is not None and all(p.device.type != "meta" for p in module.parameters()):
-                t0 = time.perf_counter()
-                _replace(stage, prefix, quantize_at_load(module, at_load))
-                quant_seconds += time.perf_counter() - t0
+            if all(p.device.type != "meta" for p in module.parameters()):  # the layer is complete
+                at_load = linears[prefix].at_load if prefix in linears else None
+                if at_load is not None:
+                    t0 = time.perf_counter()
+                    module = quantize_at_load(module, at_load)
+                    _replace(stage, prefix, module)
+                    quant_seconds += time.perf_counter() - t0
+                _placed(stage, prefix, module)
         for prefix, names in quantized.items():
-            _replace(stage, prefix, load_quantized(reader, in_file[prefix], dtype, device))
+            module = load_quantized(reader, in_file[prefix], dtype, device)
+            _replace(stage, prefix, module)
+            _placed(stage, prefix, module)
             bar.update(sum(reader.nbytes(t) for t in names))
         leftover = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
         if leftover:
@@ -165,6 +172,17 @@ def _release(stage: Stage) -> None:
                     meta = torch.empty_like(t, device="meta")
                     is_param = isinstance(t, nn.Parameter)
                     table[key] = nn.Parameter(meta, requires_grad=False) if is_param else meta
+
+
+def _placed(stage: Stage, prefix: str, module: nn.Module) -> None:
+    """A linear is in place: a routed expert's moves into its MoE layer's stacks (experts.py); the
+    last of q/k/v or of gate/up joins its group into one layer (merge.py)."""
+    found = expert_linear(prefix)
+    if found is not None:
+        moe, expert, proj = found
+        stack_expert(stage.get_submodule(moe), expert, proj, module, prefix)
+    elif prefix.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        merge_if_complete(stage.get_submodule(prefix.rpartition(".")[0]))
 
 
 def _replace(stage: Stage, prefix: str, module: nn.Module) -> None:
