@@ -95,7 +95,17 @@ TINY_QWEN35 = dict(QWEN35_27B, vocab_size=509, hidden_size=128, intermediate_siz
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, linear_num_key_heads=2,
                    linear_num_value_heads=6, linear_key_head_dim=32, linear_value_head_dim=32,
                    max_position_embeddings=1024, eos_token_id=1, torch_dtype="float32")
-PRESETS = {"qwen2.5-7b": QWEN25_7B, "tiny": TINY, "qwen3.5-27b": QWEN35_27B, "tiny-qwen3.5": TINY_QWEN35}
+# Qwen3-32B and Qwen3-30B-A3B (QWEN.md section 5): dense with q/k norm, and 128 experts top 8
+QWEN3_32B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=5120,
+                 intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8,
+                 head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                 hidden_act="silu", tie_word_embeddings=False, eos_token_id=151645, torch_dtype="bfloat16")
+QWEN3_30B_A3B = dict(QWEN3_32B, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                     intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                     moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                     decoder_sparse_step=1, mlp_only_layers=[])
+PRESETS = {"qwen2.5-7b": QWEN25_7B, "tiny": TINY, "qwen3.5-27b": QWEN35_27B, "tiny-qwen3.5": TINY_QWEN35,
+           "qwen3-32b": QWEN3_32B, "qwen3-30b-a3b": QWEN3_30B_A3B}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -122,6 +132,7 @@ class Setup:
     weights: str  # "bf16", "fp32", ... or "int4"
     devices: tuple[str, ...]  # one per stage
     transport: str = "auto"
+    graphs: bool = True  # pprt: CUDA graphs of decode steps (False: enforce_eager)
 
     def __post_init__(self):
         if self.engine not in ("pprt", "transformers"):
@@ -130,7 +141,7 @@ class Setup:
     @property
     def label(self) -> dict:
         return dict(engine=self.engine, weights=self.weights, stages=len(self.devices),
-                    devices=",".join(self.devices))
+                    devices=",".join(self.devices), graphs=("on" if self.graphs else "off") if self.engine == "pprt" else None)
 
 
 # ---- a random-weight checkpoint -----------------------------------------------------------
@@ -252,7 +263,8 @@ class PprtRunner:
                  chunk_size: int):
         self.llm = LLM(str(model), devices=list(setup.devices), dtype=dtype,
                        quant="int4" if setup.weights == "int4" else None, max_context=max_context,
-                       kv_cache_memory=kv_bytes, transport=setup.transport, chunk_size=chunk_size, seed=0)
+                       kv_cache_memory=kv_bytes, transport=setup.transport, chunk_size=chunk_size, seed=0,
+                       enforce_eager=not setup.graphs)
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
         out = self.llm.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
@@ -460,6 +472,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transport", default="auto", help="pprt transport between stages (auto, host, nccl, gloo)")
     p.add_argument("--weights", type=words, default=None, help="dtype name and/or int4 (default: <dtype>,int4)")
     p.add_argument("--engines", type=words, default=("pprt", "transformers"))
+    p.add_argument("--graphs", type=words, default=("on",),
+                   help="pprt with CUDA graphs (on) and/or eager (off), e.g. on,off (default on)")
     p.add_argument("--dtype", default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--prompts", type=ints, default=(512, 4096, 32768), help="prefill prompt lengths")
     p.add_argument("--batches", type=ints, default=(1, 8, 32), help="decode batch sizes")
@@ -474,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=None, help="where generate.jsonl goes")
     p.add_argument("--tiny", action="store_true", help="tiny config, short prompts, 1 and 2 CPU stages (tests)")
     args = p.parse_args(argv)
+    if not args.graphs or set(args.graphs) - {"on", "off"}:
+        p.error(f"--graphs takes on and/or off, got {','.join(args.graphs)}")
     if args.tiny:  # the tiny qwen2 unless a tiny preset is named
         args.config = args.config if args.config.startswith("tiny") else "tiny"
         args.devices = args.devices or ("cpu",)
@@ -530,8 +546,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for devs in dict.fromkeys(tuple(dict.fromkeys(d)) for d in stage_devs):
                 setups.append(Setup("transformers", weights, devs))
         if "pprt" in args.engines:
-            setups += [Setup("pprt", weights, devs, args.transport if len(devs) > 1 else "auto")
-                       for devs in stage_devs]
+            setups += [Setup("pprt", weights, devs, args.transport if len(devs) > 1 else "auto", graphs == "on")
+                       for devs in stage_devs for graphs in args.graphs]
 
     rows, hf, longest = [], {}, 0.0  # longest: seconds of the slowest setup so far
     try:
@@ -561,7 +577,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if r["kind"] == "load":
             r["peak_gb"] = peak_gb(r["peak_mem_gb"])
     print_table(rows, ["engine", "weights", "stages", "kind", "size", "load_s", "ttft_s", "tok_s", "hf_tok_s",
-                       "vs_hf", "roofline_tok_s", "frac_roofline", "peak_gb"])
+                       "vs_hf", "roofline_tok_s", "frac_roofline", "peak_gb", "graphs"])
     print(f"appended {len(rows)} rows to {path} in {time.perf_counter() - start:.1f} s")
     return rows
 

@@ -144,6 +144,32 @@ def test_gpu_suite_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_suite.sh")], check=True)
 
 
+def test_gpu_suite_fits_five_minutes_and_covers_this_rounds_kernels():
+    """A 15-minute lease must hold the machine's start, the suite and a rerun: under 300 s by default,
+    every part time-boxed, and the fused MoE, W8A16 and DeltaNet kernels among them."""
+    import re
+
+    text = (ROOT / "bench" / "gpu_suite.sh").read_text()
+    budget = int(re.search(r"SUITE_BUDGET_S:-\$\(\((\d+) \* SCALE\)\)", text)[1])
+    assert budget < 300
+    parts = re.findall(r"^\s*part (\S+) (\d+) ", text, re.M)
+    assert {"moe-bench", "fp8-bench", "delta-bench", "gpu-tests", "generate"} <= {name for name, _ in parts}
+    for module in ("bench.fused_moe", "bench.fp8_matmul", "bench.gated_delta"):
+        assert f"-m {module}" in text
+    assert "--graphs on,off" in text  # decode with and without CUDA graphs
+
+
+def test_host_step_bench_tiny(tmp_path):
+    """bench.host_step --tiny: step inputs, schedule and sampler rows; the sampler reads the device once."""
+    from bench import host_step
+
+    rows = host_step.main(["--tiny", "--results-dir", str(tmp_path)])
+    assert {r["part"] for r in rows} == {"tables", "schedule", "sampler"}
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["syncs"] == 1 for r in rows if r["part"] == "sampler")
+    assert len(harness.read_results(tmp_path / "host_step.jsonl")) == len(rows)
+
+
 def test_fused_moe_bench_counts_launches_and_syncs(tmp_path):
     """bench.fused_moe --tiny: every path counted; the Triton path launches the same few kernels at any
     token count and never syncs; the reference reads its counts on the host; GPU columns not measured on CPU."""
