@@ -118,3 +118,21 @@ def test_graph_replay_equals_eager_on_the_gpu(qwen3):
         replayed = [c.token_ids for c in run_together(llm, prompts, params)]
         assert graphs.steps > 0
     assert replayed == eager
+
+
+def test_the_planner_reserves_the_graphs_memory():
+    """With CUDA graphs a stage reserves one decode step of max_num_seqs rows in the graphs' pool, the
+    block tables of those rows and a scratch block; the reserve grows with max_num_seqs."""
+    from pprt.config import ModelConfig
+    from pprt.plan import DeviceBudget, plan
+
+    from bench.generate import QWEN3_30B_A3B
+
+    config = ModelConfig.from_dict(dict(QWEN3_30B_A3B, num_hidden_layers=4))
+    budget = [DeviceBudget("cuda:0", 80 * 2**30)]
+    eager = plan(config, budget, max_context=4096).stages[0].reserve_bytes
+    reserves = [plan(config, budget, max_context=4096, cuda_graphs=True, max_num_seqs=b).stages[0].reserve_bytes
+                for b in (1, 64, 256)]
+    assert eager < reserves[0] < reserves[1] < reserves[2]
+    # at 256 rows at least the fp32 logits of 256 rows over the vocabulary
+    assert reserves[2] - eager >= 256 * config.vocab_size * 4

@@ -28,6 +28,10 @@ E, k = experts per token, as in QWEN.md):
     + Int4 / FP8: N*K*db of its largest     dequantized for large-M matmuls
       quantized linear
     + last stage: 2*T*V*4                   fp32 logits and probabilities of T rows
+    + CUDA graphs (`cuda_graphs`): the buffers above for a decode step of B = max_num_seqs rows
+      (B*db*(4H + 2(n*g + m)h), the MLP and DeltaNet terms at B rows, B*V*4 logits on the last
+      stage) in the graphs' own pool, B block-table rows of ceil(C / block) int32, one scratch
+      KV block and one scratch state slot
   Attention scores are not counted (a flash-style kernel on GPU).
 - Every stage holds the same number of KV blocks (block ids are global), so the
   pool is the smallest stage capacity. A plan fits when every stage holds
@@ -93,12 +97,14 @@ def plan(
     speeds: list[float] | None = None,
     suggest: bool = True,
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    cuda_graphs: bool = False,
 ) -> Plan:
     """Cut `config` over `budgets` (one stage per device, in order) and say whether it fits.
 
     `split` (layers per stage) is validated and checked instead of chosen. `speeds` are relative
     memory bandwidths (equal by default). `max_context` defaults to the model's context limit.
     `max_num_seqs`: sequences the engine may run at once (hybrid models: state slots to hold).
+    `cuda_graphs`: the stages capture decode steps up to max_num_seqs rows (their memory is reserved).
     Raises ValueError for bad arguments; a plan that does not fit is returned with fits=False.
     """
     if not budgets:
@@ -125,7 +131,7 @@ def plan(
     eff_quant = weight_formats(config, quant, group_size)
 
     costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
-                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs)
+                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, cuda_graphs)
     cut, fits = _cut(costs, None if split is None else list(split))
     bounds = _bounds(cut)
     num_blocks, num_slots = costs.pools(bounds)
@@ -134,7 +140,7 @@ def plan(
                   num_slots, max_num_seqs)
     args = dict(quant=quant, kv_dtype=kv_dtype, dtype_bytes=dtype_bytes, block_size=block_size,
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
-                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs)
+                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += "\n" + _beyond_limit(config, max_context, limit)

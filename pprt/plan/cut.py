@@ -39,6 +39,7 @@ class _Costs:
     chunk_size: int
     overhead: int
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         c, db, T, L = self.config, self.dtype_bytes, self.chunk_size, self.config.num_layers
@@ -68,6 +69,23 @@ class _Costs:
         g = 2 if c.attn_output_gate else 1
         self._fixed = self.overhead + T * db * 4 * H
         self._attention_buffers = T * db * 2 * (n * g + m) * h + 2 * self.max_context * m * h * db
+        # CUDA graphs: a private pool holding one decode step of max_num_seqs rows (the per-token
+        # buffers above at B rows; smaller graphs share it), the block tables of B rows, and a
+        # scratch KV block and state slot for padded rows
+        B = self.max_num_seqs if self.cuda_graphs else 0
+        self._graph_fixed = B * db * 4 * H + B * 4 * self.seq_blocks
+        self._graph_attention = B * db * 2 * (n * g + m) * h
+        self._graph_scale = B / T
+
+    def _graphs(self, lo: int, hi: int) -> int:
+        if not self.cuda_graphs:
+            return 0
+        c = self.config
+        rows = self._graph_fixed + (self._graph_attention if self._attention[hi] > self._attention[lo] else 0)
+        rows += int(self._graph_scale * (self._mlp_max[lo][hi] + self._deltanet_max[lo][hi]))
+        rows += self.max_num_seqs * c.vocab_size * 4 if hi == c.num_layers else 0  # fp32 logits of B rows
+        pad_block = self.block_size * self.kv_per_token(lo, hi)
+        return rows + pad_block + self.state_per_seq(lo, hi)
 
     def weights(self, s: int, lo: int, hi: int) -> int:
         c, db = self.config, self.dtype_bytes
@@ -86,7 +104,7 @@ class _Costs:
         logits = 2 * self.chunk_size * self.config.vocab_size * 4 if hi == self.config.num_layers else 0
         attention = self._attention_buffers if self._attention[hi] > self._attention[lo] else 0
         return (self._fixed + attention + self._mlp_max[lo][hi] + self._deltanet_max[lo][hi]
-                + self._dequant_max[lo][hi] + logits)
+                + self._dequant_max[lo][hi] + logits + self._graphs(lo, hi))
 
     def need(self, s: int, lo: int, hi: int) -> int:
         """Weights + reserve + the KV blocks of one max_context sequence + one sequence's state."""
