@@ -100,7 +100,9 @@ class ActivationChannel:
         if self.transport == "host" and x.device.type != "cpu":
             buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
             buf.copy_(x, non_blocking=True)
-            torch.cuda.current_stream(x.device).synchronize()
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(x.device))
+            copied.synchronize()  # gloo reads host memory: wait for this copy (not for later work)
             return buf
         return x.contiguous()
 
