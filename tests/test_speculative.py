@@ -6,7 +6,8 @@ conv state must be rolled back to the last accepted token (the stats show that d
 were both accepted and rejected, so both paths ran). A rejecting sequence does not change
 its batch neighbours' tokens (greedy and seeded sampling). Rejection sampling keeps the
 target distribution (a statistical test on the acceptance function itself). Stop tokens
-inside an accepted run end the output there. 3 stages and preemption are slow variants.
+inside an accepted run end the output there; preemption between verify steps keeps the
+tokens. 3 stages and the other families' preemption are slow variants.
 """
 
 from __future__ import annotations
@@ -113,9 +114,11 @@ def test_greedy_with_drafts_three_stages(oracles, monkeypatch, family, split):
     check_greedy(family, oracles, monkeypatch, devices=["cpu"] * 3, split=split, chunk_size=7)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_5_text", "qwen3_next"])
+@pytest.mark.parametrize("family", [pytest.param("qwen3", marks=pytest.mark.slow), "qwen3_5_text",
+                                    pytest.param("qwen3_next", marks=pytest.mark.slow)])
 def test_greedy_with_drafts_under_preemption(oracles, monkeypatch, family):
+    """A pool of 14 blocks of 4 tokens for 4 sequences of up to 37 tokens: sequences are
+    preempted between verify steps (a hybrid one also loses its snapshot slot) and recomputed."""
     path, _ = oracles(family)
     with LLM(str(path), devices=["cpu"], block_size=4) as llm:
         per_block = llm.executor.worker.cache.spec.bytes_per_block
@@ -205,3 +208,36 @@ def test_speculative_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="'mtp' is not supported"):
         SpeculativeConfig.parse({"method": "mtp"})
     assert SpeculativeConfig.parse(NGRAM) == SpeculativeConfig("ngram", 3)
+
+
+REPEATED = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):\n"
+
+
+def test_cli_reports_acceptance_and_keeps_the_greedy_tokens(capsys):
+    """The bundled demo model (trained) on a prompt that repeats itself: drafts are accepted."""
+    import json
+
+    from pprt.entrypoints import generate as cli
+    from pprt.entrypoints.demo_model import demo_model_path
+
+    model = str(demo_model_path())
+    with LLM(model, devices=["cpu"]) as llm:
+        expected = llm.generate(REPEATED, SamplingParams(max_tokens=32, temperature=0))[0]
+    argv = ["--model", model, "--devices", "cpu", "--prompt", REPEATED, "--temperature", "0",
+            "--max-new-tokens", "32", "--speculative-ngram", "4"]
+    assert cli.main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == expected.token_ids
+    spec = out["statistics"]["speculative"]
+    assert 0 < spec["accepted_tokens"] <= spec["draft_tokens"]
+    assert spec["acceptance_rate"] == round(spec["accepted_tokens"] / spec["draft_tokens"], 4)
+    assert cli.main(argv) == 0
+    assert "drafts accepted" in capsys.readouterr().err
+
+
+def test_cli_speculative_flag_is_checked_before_loading(capsys):
+    from pprt.entrypoints import generate as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", "/nonexistent/never/loaded", "--speculative-ngram", "0"])
+    assert e.value.code == 2 and "--speculative-ngram must be in 1..16" in capsys.readouterr().err
