@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..params import SamplingParams
+
 METHODS = ("ngram",)
 
 
@@ -73,3 +75,9 @@ def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int = 1) -> list
             i = int(hits[-1])
             return tokens[i + n: i + n + k]
     return []
+
+
+def can_draft(params: SamplingParams) -> bool:
+    """Drafts go to requests whose sampling needs no per-position state on the last stage:
+    no repetition penalty (its presence row would need every accepted token), no logprobs."""
+    return params.logprobs is None and params.repetition_penalty == 1.0

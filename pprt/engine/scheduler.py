@@ -34,7 +34,9 @@ accepted tokens again, at most k + 1 more tokens; chosen over keeping every
 position's state because it needs no change to the DeltaNet kernels, which
 update their state in place, and costs memory of one slot, not k + 1).
 A hybrid sequence speculates only while a spare slot is free for it (free
-slots beyond the waiting requests' needs).
+slots beyond the waiting requests' needs), and only on chunks of at most
+k + 1 known tokens (decode steps and recomputations), so that a rejection
+never recomputes a long prefill chunk.
 Knows nothing of devices or tensors.
 """
 
@@ -49,7 +51,7 @@ from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
 from .blocks import BlockManager, SlotManager
-from .drafts import SpeculativeConfig, propose_ngram
+from .drafts import SpeculativeConfig, can_draft, propose_ngram
 
 
 class SeqStatus(enum.Enum):
@@ -226,6 +228,8 @@ class Scheduler:
         slot = self.slots.acquire(seq.seq_id) if self.slots is not None else -1
         drafts = self._drafts(seq, end, budget - n)
         snapshot = -1
+        if drafts and slot >= 0 and n > len(drafts) + 1:
+            drafts = []  # a rejection would recompute the whole chunk: hybrids draft after short chunks only
         if drafts and slot >= 0:
             snapshot = self.slots.acquire_snapshot(seq.seq_id, spare=len(self.waiting))
             if snapshot is None:
@@ -246,7 +250,7 @@ class Scheduler:
     def _drafts(self, seq: Sequence, end: int, budget: int) -> list[int]:
         """Drafts for a chunk that ends at `end` (none unless it ends the known tokens)."""
         spec = self.speculative
-        if spec is None or end != seq.num_tokens or not _can_draft(seq.params):
+        if spec is None or end != seq.num_tokens or not can_draft(seq.params):
             return []
         # every emitted token (drafts + 1) must fit max_tokens and max_len
         room = min(seq.params.max_tokens - len(seq.output_ids), seq.max_len - seq.num_tokens) - 1
@@ -339,9 +343,3 @@ class Scheduler:
         for chunk in plan.chunks:
             self._release_if_idle(seqs[chunk.seq_id])
         return updated
-
-
-def _can_draft(params: SamplingParams) -> bool:
-    """Drafts go to requests whose sampling needs no per-position state on the last stage:
-    no repetition penalty (its presence row would need every accepted token), no logprobs."""
-    return params.logprobs is None and params.repetition_penalty == 1.0
