@@ -228,7 +228,7 @@ class Scheduler:
         slot = self.slots.acquire(seq.seq_id) if self.slots is not None else -1
         drafts = self._drafts(seq, end, budget - n)
         snapshot = -1
-        if drafts and slot >= 0 and n > len(drafts) + 1:
+        if drafts and slot >= 0 and n > self.speculative.num_speculative_tokens + 1:
             drafts = []  # a rejection would recompute the whole chunk: hybrids draft after short chunks only
         if drafts and slot >= 0:
             snapshot = self.slots.acquire_snapshot(seq.seq_id, spare=len(self.waiting))
