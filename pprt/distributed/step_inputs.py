@@ -37,12 +37,15 @@ _I64, _I32 = torch.int64, torch.int32
 _PAD_ROW = 0  # the device table's row of padding entries (no sequence owns it)
 
 
-def _layout(T: int, B: int, R: int, U: int, S: int = 0, F: int = 0) -> Layout:
+def _layout(T: int, B: int, R: int, U: int, S: int = 0, F: int = 0, C: int = 0, K: int = 0) -> Layout:
     """A step's fields: T tokens of B sequences, R sampled rows, U new table entries, S state slots
-    (B, or 0 without a state pool), F state slots to zero."""
+    (B, or 0 without a state pool), F state slots to zero, C states to restore from their snapshot
+    and K states to snapshot (speculative decoding)."""
     return Layout([("ids", _I64, T), ("positions", _I64, T), ("slots", _I64, T), ("rows", _I64, B),
                    ("logits", _I64, R), ("upd_rows", _I64, U), ("upd_cols", _I64, U), ("fresh", _I64, F),
-                   ("qsl", _I32, B + 1), ("ctx", _I32, B), ("upd_blocks", _I32, U), ("state", _I32, S)])
+                   ("restore_src", _I64, C), ("restore_dst", _I64, C), ("keep_src", _I64, K),
+                   ("keep_dst", _I64, K), ("qsl", _I32, B + 1), ("ctx", _I32, B), ("upd_blocks", _I32, U),
+                   ("state", _I32, S)])
 
 
 @dataclass(slots=True)
@@ -51,8 +54,10 @@ class StepTensors:
 
     batch: StepBatch
     token_ids: torch.Tensor  # [T] int64 (used by the first stage)
-    logits_indices: torch.Tensor  # [R] int64 rows whose logits are sampled
+    logits_indices: torch.Tensor  # [R] int64 rows whose logits are sampled (drafts' predecessors too)
     fresh_slots: torch.Tensor  # [F] int64 state slots of chunks starting at position 0 (to zero first)
+    restore: tuple[torch.Tensor, torch.Tensor]  # [C] int64 (snapshot, state) slots: roll back first
+    keep: tuple[torch.Tensor, torch.Tensor]  # [K] int64 (state, snapshot) slots: then snapshot
 
 
 @dataclass(slots=True)
@@ -175,7 +180,10 @@ class StepInputs:
         T, B, U = plan.num_tokens, len(chunks), len(upd_rows)
         sample = [i for i, c in enumerate(chunks) if c.sample]
         fresh = [c.state_slot for c in chunks if c.start == 0] if self.state else []
-        layout = _layout(T, B, len(sample), U, B if self.state else 0, len(fresh))
+        restore = [(c.snapshot_slot, c.state_slot) for c in chunks if c.restore_state] if self.state else []
+        keep = [(c.state_slot, c.snapshot_slot) for c in chunks if c.num_drafts] if self.state else []
+        R = sum(chunks[i].num_drafts + 1 for i in sample)
+        layout = _layout(T, B, R, U, B if self.state else 0, len(fresh), len(restore), len(keep))
         host = self.uploader.host(layout.nbytes)
         a = layout.arrays(host)
         qsl, o = [0], 0
@@ -189,11 +197,14 @@ class StepInputs:
         a["qsl"][:] = qsl
         a["ctx"][:] = [c.end for c in chunks]
         a["rows"][:] = [s.row for s in seqs]
-        a["logits"][:] = [qsl[i + 1] - 1 for i in sample]
+        # the last token's row, and the row of each draft's predecessor
+        a["logits"][:] = [r for i in sample for r in range(qsl[i + 1] - 1 - chunks[i].num_drafts, qsl[i + 1])]
         a["upd_rows"][:], a["upd_cols"][:], a["upd_blocks"][:] = upd_rows, upd_cols, upd_blocks
         if self.state:
             a["state"][:] = [c.state_slot for c in chunks]
             a["fresh"][:] = fresh
+            a["restore_src"][:], a["restore_dst"][:] = [p[0] for p in restore], [p[1] for p in restore]
+            a["keep_src"][:], a["keep_dst"][:] = [p[0] for p in keep], [p[1] for p in keep]
         f = layout.tensors(self.uploader.upload(host, layout.nbytes))
         self._apply_updates(f, U)
         max_ctx = max(c.end for c in chunks)
@@ -203,7 +214,8 @@ class StepInputs:
                          query_start_loc=f["qsl"], context_lens=f["ctx"],
                          max_query_len=max(len(c.token_ids) for c in chunks), max_context_len=max_ctx,
                          state_indices=f["state"] if self.state else None)
-        return StepTensors(batch, f["ids"], f["logits"], f["fresh"])
+        return StepTensors(batch, f["ids"], f["logits"], f["fresh"], (f["restore_src"], f["restore_dst"]),
+                           (f["keep_src"], f["keep_dst"]))
 
     # ---- padded decode steps (CUDA graphs) ------------------------------------------------------
     def static(self, max_batch: int, columns: int) -> StaticInputs:
@@ -223,9 +235,11 @@ class StepInputs:
 
     def fits(self, plan: StepPlan, static: StaticInputs) -> bool:
         """True when `plan` is a pure-decode step a padded layout of `static` can hold (a chunk at
-        position 0 is a prompt's, whose state is zeroed first: not a decode step)."""
+        position 0 is a prompt's, whose state is zeroed first; one whose state is rolled back is
+        not either)."""
         return (len(plan.chunks) <= static.max_batch
-                and all(len(c.token_ids) == 1 and c.sample and c.start > 0 for c in plan.chunks)
+                and all(len(c.token_ids) == 1 and c.sample and c.start > 0 and not c.restore_state
+                        for c in plan.chunks)
                 and sum(len(c.new_blocks) for c in plan.chunks) <= static.max_batch
                 and max(c.end for c in plan.chunks) <= static.tables.shape[1] * self.block_size)
 

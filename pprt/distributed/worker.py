@@ -5,12 +5,14 @@ caller's process; in a pipeline each lives in its own process (see comm.py
 and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
 on one micro-batch. Its pools: KV blocks for its full-attention layers and, for
 hybrid models, state slots for its DeltaNet layers (slots of chunks that start
-at position 0 are zeroed before the step runs). A step's tensors come from
-`StepInputs` (one copy to the device); pure-decode steps replay CUDA graphs
-(graphs.py) unless the spec says `cuda_graphs="off"`. Only the last stage
-waits for the device (for the sampled ids): a non-last stage hands its output
-to the transport, which is ordered after it on the device. Knows nothing of
-tokenization or scheduling.
+at position 0 are zeroed before the step runs; under speculative decoding a
+chunk's state is first restored from, then copied to, its snapshot slot). The
+last stage samples, or accepts drafts (pprt.models.speculative). A step's
+tensors come from `StepInputs` (one copy to the device); pure-decode steps
+replay CUDA graphs (graphs.py) unless the spec says `cuda_graphs="off"`. Only
+the last stage waits for the device (for the sampled ids): a non-last stage
+hands its output to the transport, which is ordered after it on the device.
+Knows nothing of tokenization or scheduling.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from ..config import ModelConfig
 from ..models.kv import CacheSpec, KVCache, StateCache, StateSpec
 from ..models.sampler import Sampler
+from ..models.speculative import verify
 from ..models.stage import Stage
 from ..weights.checkpoint import CheckpointReader, ModelSource
 from ..weights.loader import load_stage
@@ -185,17 +188,48 @@ class Worker:
             step = self.inputs.build(plan)
             if self.state is not None:  # sequences (re)starting at position 0 start from zero state
                 self.state.reset(step.fresh_slots)
+                # speculation: roll back to the snapshot, then snapshot the state the drafts start from
+                self.state.copy(*step.restore)
+                self.state.copy(*step.keep)
             out = self.stage(step.token_ids if self.stage.is_first else x, step.batch, self.cache, self.state,
                              step.logits_indices if self.stage.is_last else None)
         if not self.stage.is_last:
             self.busy_seconds += time.perf_counter() - t0
             return out
-        seq_ids = [c.seq_id for c in plan.chunks if c.sample]
-        sampled = self.sampler.sample(seq_ids, out) if seq_ids else None
-        elapsed = time.perf_counter() - t0
-        self.busy_seconds += elapsed
-        return StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
-                          sampled.logprobs if sampled else None, elapsed)
+        if any(c.num_drafts for c in plan.chunks):
+            result = self._verify(plan, out)
+        else:
+            seq_ids = [c.seq_id for c in plan.chunks if c.sample]
+            sampled = self.sampler.sample(seq_ids, out) if seq_ids else None
+            result = StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
+                                sampled.logprobs if sampled else None)
+        result.compute_seconds = time.perf_counter() - t0
+        self.busy_seconds += result.compute_seconds
+        return result
+
+    def _verify(self, plan: StepPlan, logits: torch.Tensor) -> StepResult:
+        """A step with drafts: plain sampling for chunks without, acceptance for those with
+        (pprt.models.speculative); logits [R, V] hold each sampling chunk's last num_drafts + 1 rows."""
+        sampling = [c for c in plan.chunks if c.sample]
+        rows = torch.tensor([0] + [c.num_drafts + 1 for c in sampling]).cumsum(0).tolist()
+        plain = [i for i, c in enumerate(sampling) if not c.num_drafts]
+        spec = [i for i, c in enumerate(sampling) if c.num_drafts]
+        tokens, accepted, logprobs = [0] * len(sampling), [[] for _ in sampling], None
+        if plain:
+            sampled = self.sampler.sample([sampling[i].seq_id for i in plain],
+                                          logits[torch.tensor([rows[i] for i in plain], device=logits.device)])
+            for j, i in enumerate(plain):
+                tokens[i] = sampled.token_ids[j]
+            if sampled.logprobs is not None:
+                logprobs = [None] * len(sampling)
+                for j, i in enumerate(plain):
+                    logprobs[i] = sampled.logprobs[j]
+        spec_rows = torch.cat([torch.arange(rows[i], rows[i + 1]) for i in spec]).to(logits.device)
+        verified = verify(self.sampler, [sampling[i].seq_id for i in spec],
+                          [sampling[i].token_ids[-sampling[i].num_drafts:] for i in spec], logits[spec_rows])
+        for j, i in enumerate(spec):
+            tokens[i], accepted[i] = verified.token_ids[j], verified.accepted[j]
+        return StepResult(plan.step, [c.seq_id for c in sampling], tokens, logprobs, accepted=accepted)
 
 
 def cache_spec(spec: WorkerSpec) -> CacheSpec:

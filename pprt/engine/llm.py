@@ -29,6 +29,7 @@ from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager, SlotManager
+from .drafts import SpeculativeConfig
 from .loop import EngineLoop
 from .prompts import as_prompt_list, check_vocab
 from .requests import Completion, OutputSink, RequestOutput
@@ -65,6 +66,9 @@ class LLM:
     enforce_eager: no CUDA graphs (by default each CUDA stage captures its
     decode step at padded batch sizes up to max_num_seqs after loading, and
     replays them for pure-decode steps).
+    speculative: speculative decoding, e.g. {"method": "ngram",
+    "num_speculative_tokens": 3} (see pprt.engine.drafts.SpeculativeConfig);
+    None: off. Requests with logprobs or a repetition penalty are not drafted.
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -76,7 +80,7 @@ class LLM:
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
                  rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, speculative: SpeculativeConfig | dict | None = None):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -100,6 +104,7 @@ class LLM:
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
         check_seed(seed)
+        speculative = SpeculativeConfig.parse(speculative)
         self.source = ModelSource(model)
         self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
         self.config = self.config.with_rope_scaling(rope_scaling)
@@ -118,7 +123,7 @@ class LLM:
         slots = SlotManager(executor.num_slots) if executor.num_slots else None
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids, slots=slots)
+                              eos_token_ids=self.config.eos_token_ids, slots=slots, speculative=speculative)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)

@@ -52,6 +52,9 @@ class SampleOutput:
 class _SeqState:
     params: SamplingParams
     slot: int | None  # row of the presence pool; None when repetition_penalty == 1
+    # seeded requests: a generator of their own for speculative acceptance (pprt.models.speculative);
+    # their sampled draws come from the counter-based stream
+    generator: torch.Generator | None = None
     draws: int = 0  # tokens drawn so far: a seeded row's position in its stream
 
 
@@ -86,7 +89,11 @@ class Sampler:
             slot = self._take_slot()
             ids = self._uploader.send(Layout([("ids", torch.int64, len(prompt_ids))]), {"ids": prompt_ids})["ids"]
             self._presence[slot, ids] = True
-        self._seqs[seq_id] = _SeqState(params, slot)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed)
+        self._seqs[seq_id] = _SeqState(params, slot, gen)
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seqs
@@ -134,9 +141,8 @@ class Sampler:
         layout = Layout([("knobs", torch.float32, 4 * B), ("pen", torch.float32, R), ("greedy", torch.int64, B),
                          ("pen_rows", torch.int64, R), ("pen_slots", torch.int64, R), ("seeded", torch.int64, S),
                          ("starts", torch.int64, S), ("lp_rows", torch.int64, len(rows.logprobs))])
-        knobs = [v for p in ps for v in (1.0 if p.greedy else p.temperature, p.top_p, p.top_k, p.min_p)]
         return self._uploader.send(layout, {
-            "knobs": knobs, "pen": [ps[i].repetition_penalty for i in rows.penalized],
+            "knobs": _knobs(ps), "pen": [ps[i].repetition_penalty for i in rows.penalized],
             "greedy": [p.greedy for p in ps], "pen_rows": rows.penalized,
             "pen_slots": [states[i].slot for i in rows.penalized], "seeded": rows.seeded,
             "starts": [stream_start(ps[i].seed, states[i].draws) for i in rows.seeded], "lp_rows": rows.logprobs})
@@ -154,22 +160,11 @@ class Sampler:
                 argmax.index_copy_(0, f["pen_rows"], sub.argmax(dim=-1))
             if all(greedy):
                 return argmax
-        temp, top_p, top_k, min_p = f["knobs"].view(B, 4).unbind(dim=1)  # [B] each
-        # best token at 0, the rest <= 0: exp never overflows, whatever the logits and temperature
         fmax = torch.finfo(raw.dtype).max
         x = raw.clamp(max=fmax)  # [B, V]; a penalty < 1 may have doubled a huge logit to inf
         if sub is not None:
             x.index_copy_(0, f["pen_rows"], sub.clamp_(max=fmax))
-        x = x.sub_(x.amax(dim=-1, keepdim=True)).div_(temp[:, None])
-        any_top_p = any(p.top_p < 1 for p in ps)
-        if any_top_p or any(p.top_k > 0 for p in ps):
-            # every row top_k-limited (Qwen's defaults are): a partial topk, not a full sort
-            max_k = max(p.top_k for p in ps) if all(p.top_k > 0 for p in ps) else None
-            x = _top_k_top_p(x, top_k, top_p, max_k, any_top_p)
-        if any(p.min_p > 0 for p in ps):
-            probs = x.softmax(dim=-1)
-            x = x.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), -math.inf)
-        probs = x.softmax(dim=-1)  # [B, V]
+        probs = _probs(x, ps, f["knobs"].view(B, 4))  # [B, V]
         q = torch.empty_like(probs).exponential_(generator=self._gen)  # [B, V]
         if rows.seeded:  # every seeded row's own stream, in one launch
             seeded_noise(f["starts"], f["seeded"], q)
@@ -177,6 +172,15 @@ class Sampler:
         if argmax is None:
             return drawn
         return torch.where(f["greedy"] != 0, argmax, drawn)
+
+    def distribution(self, x: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
+        """The distribution rows are drawn from: temperature, top_k, top_p, min_p over the
+        (penalized) fp32 logits x [B, V] (left as they are); returns probabilities [B, V]
+        (greedy rows: temperature 1)."""
+        ps = [s.params for s in states]
+        layout = Layout([("knobs", torch.float32, 4 * len(ps))])
+        knobs = self._uploader.send(layout, {"knobs": _knobs(ps)})["knobs"].view(len(ps), 4)
+        return _probs(x.clamp(max=torch.finfo(x.dtype).max), ps, knobs)
 
     def _penalize(self, raw: torch.Tensor, rows: _Rows, f: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """HF repetition penalty of the penalized rows [R, V] (seen tokens' logits divided by the
@@ -215,6 +219,28 @@ class Sampler:
         """Append each penalized row's new token to its presence row."""
         if rows.penalized:
             self._presence[f["pen_slots"], tokens.index_select(0, f["pen_rows"])] = True
+
+
+def _knobs(ps: list[SamplingParams]) -> list[float]:
+    """Per row: temperature (1 for greedy rows), top_p, top_k, min_p."""
+    return [v for p in ps for v in (1.0 if p.greedy else p.temperature, p.top_p, p.top_k, p.min_p)]
+
+
+def _probs(x: torch.Tensor, ps: list[SamplingParams], knobs: torch.Tensor) -> torch.Tensor:
+    """Temperature, top_k, top_p and min_p over logits x [B, V] (overwritten; no +inf); knobs [B, 4]
+    as `_knobs` lays them out. Returns probabilities [B, V]."""
+    temp, top_p, top_k, min_p = knobs.unbind(dim=1)  # [B] each
+    # best token at 0, the rest <= 0: exp never overflows, whatever the logits and temperature
+    x = x.sub_(x.amax(dim=-1, keepdim=True)).div_(temp[:, None])
+    any_top_p = any(p.top_p < 1 for p in ps)
+    if any_top_p or any(p.top_k > 0 for p in ps):
+        # every row top_k-limited (Qwen's defaults are): a partial topk, not a full sort
+        max_k = max(p.top_k for p in ps) if all(p.top_k > 0 for p in ps) else None
+        x = _top_k_top_p(x, top_k, top_p, max_k, any_top_p)
+    if any(p.min_p > 0 for p in ps):
+        probs = x.softmax(dim=-1)
+        x = x.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), -math.inf)
+    return x.softmax(dim=-1)  # [B, V]
 
 
 class _Rows:
