@@ -136,3 +136,23 @@ def test_the_planner_reserves_the_graphs_memory():
     assert eager < reserves[0] < reserves[1] < reserves[2]
     # at 256 rows at least the fp32 logits of 256 rows over the vocabulary
     assert reserves[2] - eager >= 256 * config.vocab_size * 4
+
+
+@pytest.mark.parametrize("speculative", [None, {"method": "ngram", "num_speculative_tokens": 2}],
+                         ids=["plain", "ngram-drafts"])
+def test_padded_decode_of_a_hybrid_equals_transformers(tmp_path, monkeypatch, speculative):
+    """Padded rows of a hybrid's decode step update a scratch state slot, never a sequence's; with
+    speculative decoding, steps with drafts or a state rollback run eagerly between padded ones."""
+    path = make_checkpoint(tmp_path / "hybrid", "qwen3_5_text", tokenizer=False)
+    ref = reference_model(path)
+    prompts = [[5, 17, 40, 5, 17, 40, 5], [9, 9, 9], [300, 3, 250, 3, 250]]  # repeats: n-gram drafts
+    params = [SamplingParams(max_tokens=8 + 2 * i, temperature=0, ignore_eos=True) for i in range(3)]
+    padded_specs(monkeypatch)
+    with LLM(str(path), devices=["cpu"], max_num_seqs=4, max_context=64, speculative=speculative) as llm:
+        outs = run_together(llm, prompts, params)
+        worker = llm.executor.worker
+        assert worker.graphs.steps > 0 and worker.state.pad_slot == worker.state.num_slots
+        if speculative:
+            assert llm.scheduler.num_verified > 0  # steps with drafts ran too
+    for prompt, p, out in zip(prompts, params, outs):
+        assert out.token_ids == reference_greedy(ref, prompt, p.max_tokens)[0]
