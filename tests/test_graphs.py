@@ -148,7 +148,7 @@ def test_padded_decode_of_a_hybrid_equals_transformers(tmp_path, monkeypatch, sp
     prompts = [[5, 17, 40, 5, 17, 40, 5], [9, 9, 9], [300, 3, 250, 3, 250]]  # repeats: n-gram drafts
     params = [SamplingParams(max_tokens=8 + 2 * i, temperature=0, ignore_eos=True) for i in range(3)]
     padded_specs(monkeypatch)
-    with LLM(str(path), devices=["cpu"], max_num_seqs=4, max_context=64, speculative=speculative) as llm:
+    with LLM(str(path), devices=["cpu"], max_num_seqs=8, max_context=64, speculative=speculative) as llm:
         outs = run_together(llm, prompts, params)
         worker = llm.executor.worker
         assert worker.graphs.steps > 0 and worker.state.pad_slot == worker.state.num_slots
