@@ -25,6 +25,7 @@ from pprt.errors import CheckpointError, ConfigError
 from pprt.plan import DeviceBudget, plan
 from pprt.quantization import Kind, QuantConfig
 from pprt.weights.int4 import Int4Linear
+from pprt.weights.merge import linear_modules
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 GPTQ = dict(quant_method="gptq", bits=4, group_size=128, sym=True, desc_act=False)
@@ -65,8 +66,9 @@ def write_quantized(src, out, qcfg: dict, group_of, kind: str = "gptq") -> dict[
 def load_and_compare(path, deq_path, kinds: dict[str, str], planned_exact: bool = True) -> None:
     with LLM(str(path), devices=["cpu"], dtype="float32", kv_cache_memory=1 << 20) as llm:
         stage = llm.executor.worker.stage
+        linears = linear_modules(stage)  # q/k/v and gate/up joined: under their own names
         for prefix, want in kinds.items():
-            m = stage.get_submodule(prefix)
+            m = linears[prefix]
             got = "float" if isinstance(m, nn.Linear) else f"int4-g{m.group_size}"
             assert isinstance(m, (nn.Linear, Int4Linear)) and got == want, (prefix, got, want)
         loaded = llm.executor.weight_bytes[0]

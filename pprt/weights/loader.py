@@ -31,7 +31,7 @@ from ..errors import CheckpointError
 from ..models.stage import Stage
 from .checkpoint import CheckpointReader
 from .experts import expert_linear, stack_expert
-from .merge import merge_if_complete
+from .merge import FloatMerges, merge_if_complete
 from .formats import file_tensors, load_quantized, plan_linears, quantize_at_load
 from .header import ST_DTYPES
 from .layout import CheckpointLayout
@@ -122,12 +122,15 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
                disable=None if progress is None else not progress, leave=False)
     quant_seconds = 0.0
     modules = dict(stage.named_modules())
+    merges = FloatMerges(stage, linears)  # float q/k/v and gate/up: read into their merged layer
     try:
         for name, (ckpt_name, shape) in plain.items():
             prefix, _, pname = name.rpartition(".")
             module = modules[prefix]
             tensor = reader.read(ckpt_name, device, dtype, shape)
             bar.update(reader.nbytes(ckpt_name))
+            if merges.place(prefix, pname, tensor):
+                continue
             module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
             if all(p.device.type != "meta" for p in module.parameters()):  # the layer is complete
                 at_load = linears[prefix].at_load if prefix in linears else None
@@ -181,8 +184,24 @@ def _placed(stage: Stage, prefix: str, module: nn.Module) -> None:
     if found is not None:
         moe, expert, proj = found
         stack_expert(stage.get_submodule(moe), expert, proj, module, prefix)
+        _drop(module)  # its tensors now live in the stack
     elif prefix.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-        merge_if_complete(stage.get_submodule(prefix.rpartition(".")[0]))
+        parent = stage.get_submodule(prefix.rpartition(".")[0])
+        parts = {name: getattr(parent, name) for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+                 if isinstance(getattr(parent, name, None), nn.Module)}
+        if merge_if_complete(parent):
+            for name, part in parts.items():
+                if getattr(parent, name) is None:  # joined: its tensors now live in the merged layer
+                    _drop(part)
+
+
+def _drop(module: nn.Module) -> None:
+    """Free a module's tensors (its modules-by-name entry in load_stage would keep them alive)."""
+    for table in (module._parameters, module._buffers):
+        for key, t in table.items():
+            if t is not None:
+                meta = torch.empty_like(t, device="meta")
+                table[key] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
 
 
 def _replace(stage: Stage, prefix: str, module: nn.Module) -> None:

@@ -12,9 +12,12 @@ into one layer of the same format, the parts' outputs side by side:
 - FP8: weight [N_i, K] and the block scales [N_i/bn, K/bk] along N, when every
   part's N_i is a whole number of scale blocks.
 
-Parts whose formats differ (a per-module quantization rule), Int4 parts with
-different orders or FP8 parts that end inside a scale block stay apart: the
-modules run them one by one. The model's modules (Attention, MLP) hold the
+Float parts that the file stores as float and nothing quantizes at load are
+not joined afterwards but read straight into their slice of the merged layer
+(`FloatMerges`, allocated when the first part arrives): loading holds no second
+copy of them. Parts whose formats differ (a per-module quantization rule), Int4
+parts with different orders or FP8 parts that end inside a scale block stay
+apart: the modules run them one by one. The model's modules (Attention, MLP) hold the
 merged layer as `qkv_proj` / `gate_up_proj` and split its output by the parts'
 sizes; the parts' names stay the checkpoint's for the loader, the formats and
 the planner. `linear_modules` shows every placed linear under its checkpoint
@@ -24,10 +27,12 @@ Knows nothing of checkpoint files.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .experts import expert_modules
+from .experts import expert_linear, expert_modules
 from .fp8 import Fp8Linear, Fp8Weight
 from .int4 import Int4Linear, Int4Weight
 
@@ -39,6 +44,72 @@ def _placed(module: nn.Module | None) -> bool:
     if not isinstance(module, _LINEARS):
         return False
     return all(t.device.type != "meta" for t in (*module.parameters(), *module.buffers()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """Where one float part goes in its group's merged layer."""
+
+    parent: str  # module prefix of the Attention / MLP
+    merged: str  # qkv_proj or gate_up_proj
+    parts: tuple[str, ...]
+    start: int  # first output row of this part
+    size: int
+    total: int
+
+
+class FloatMerges:
+    """Groups whose parts all load as plain float, filled in place as their tensors are read.
+
+    linears: the loader's plan of every linear (pprt.weights.formats.LinearLoad by prefix).
+    """
+
+    def __init__(self, stage: nn.Module, linears: dict):
+        self.stage = stage
+        self.slots: dict[str, _Slot] = {}
+        self._pending: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        for prefix, module in stage.named_modules():
+            for parts, merged in GROUPS.items():
+                if not hasattr(module, "merged_sizes") or not hasattr(module, merged):
+                    continue
+                if expert_linear(f"{prefix}.{parts[0]}") is not None:
+                    continue  # a routed expert's: stacked instead (experts.py)
+                loads = [linears.get(f"{prefix}.{p}") for p in parts]
+                if any(lin is None or lin.from_file or lin.at_load is not None for lin in loads):
+                    continue
+                if len({(lin.in_features, lin.has_bias) for lin in loads}) != 1:
+                    continue
+                sizes, start = module.merged_sizes(merged), 0
+                for p, size in zip(parts, sizes):
+                    self.slots[f"{prefix}.{p}"] = _Slot(prefix, merged, parts, start, size, sum(sizes))
+                    start += size
+
+    def place(self, prefix: str, pname: str, tensor: torch.Tensor) -> bool:
+        """Copy a read `weight` / `bias` of layer `prefix` into its merged layer; False when `prefix`
+        is not a part of such a group (the caller places it as usual)."""
+        slot = self.slots.get(prefix)
+        if slot is None:
+            return False
+        parent = self.stage.get_submodule(slot.parent)
+        merged = getattr(parent, slot.merged)
+        key = (slot.parent, slot.merged)
+        if merged is None:
+            part = getattr(parent, slot.parts[0])
+            bias = part.bias is not None
+            merged = nn.Linear(part.in_features, slot.total, bias=bias, device="meta")
+            like = dict(dtype=tensor.dtype, device=tensor.device)
+            merged.weight = nn.Parameter(torch.empty(slot.total, part.in_features, **like), requires_grad=False)
+            if bias:
+                merged.bias = nn.Parameter(torch.empty(slot.total, **like), requires_grad=False)
+            setattr(parent, slot.merged, merged)
+            self._pending[key] = {(p, n) for p in slot.parts for n in (("weight", "bias") if bias else ("weight",))}
+        with torch.no_grad():
+            getattr(merged, pname)[slot.start:slot.start + slot.size].copy_(tensor)
+        self._pending[key].discard((prefix.rpartition(".")[2], pname))
+        if not self._pending[key]:  # every part is in: the parts' modules go
+            for p in slot.parts:
+                setattr(parent, p, None)
+        return True
 
 
 def merge_if_complete(parent: nn.Module) -> bool:
@@ -121,6 +192,21 @@ def split(merged: nn.Module, sizes: list[int]) -> list[nn.Module]:
                 part.bias = nn.Parameter(bias, requires_grad=False)
         out.append(part)
         start += n
+    return out
+
+
+def named_weights(root: nn.Module) -> dict[str, torch.Tensor]:
+    """Every float parameter under `root` by its checkpoint name (`...self_attn.q_proj.weight`), merged
+    and stacked float linears as views; quantized layers are left out. For tests and inspection."""
+    linears = linear_modules(root)
+    inside = {name for name, m in root.named_modules() if isinstance(m, _LINEARS)}
+    inside |= {name for name, m in root.named_modules() if name.endswith(".stacked")}
+    out = {n: p for n, p in root.named_parameters() if not any(n.startswith(m + ".") for m in inside)}
+    for name, m in linears.items():
+        if isinstance(m, nn.Linear):
+            out[f"{name}.weight"] = m.weight
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias
     return out
 
 
