@@ -23,7 +23,9 @@ class SeqChunk:
     start: int  # position of token_ids[0]
     # The block table travels as a change: every stage keeps each sequence's table, cuts it
     # to `blocks_from` entries and appends `new_blocks` (a long context's table is not
-    # re-sent every step). The result covers positions [0, start + len(token_ids)).
+    # re-sent every step). The result covers positions [0, start + len(token_ids)). A sequence's
+    # first chunk starts past 0 when its table begins with blocks from the driver's prefix cache:
+    # every stage then reads those blocks' KV, computed earlier for another sequence.
     blocks_from: int
     new_blocks: list[int]
     sample: bool  # the last token's logits give the sequence its next token

@@ -1,11 +1,24 @@
-"""The driver's block manager: block tables, a free list and reference counts.
+"""The driver's block manager: block tables, reference counts, a free list and the prefix cache's map.
 
 Block ids are global: this manager hands them out and every stage holds the
 same number of blocks (`pprt.models.kv`). A sequence's token t lives in block
 `table[t // block_size]` at offset `t % block_size`. Ids only: no tensors.
+
+Prefix caching (the keys and the reuse decision are `pprt.engine.prefix`'s):
+a full block may be registered under the hash of its contents. A registered
+block that no sequence references any more is not freed but kept, evictable,
+in least-recently-released order; an allocation takes a block that holds
+nothing first and evicts the least recently released cached block only when
+none is left. So cached blocks count as free (`num_free`), and a new sequence
+may start its table with cached blocks (`reserve(..., cached=)`), which
+takes them out of the evictable set. Sequences release their tables last
+block first, so a chain's tail is evicted before its head.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
 
 
 class OutOfBlocks(Exception):
@@ -13,39 +26,74 @@ class OutOfBlocks(Exception):
 
 
 class BlockManager:
-    """Block tables, a free list and reference counts for the global block ids."""
+    """Block tables, reference counts, a free list and the hash -> block map of cached blocks."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # hold nothing; pop() hands out low ids first
+        # unreferenced blocks holding a cached block's KV, least recently released first
+        self.evictable: OrderedDict[int, None] = OrderedDict()
         self.ref_count = [0] * num_blocks
         self.tables: dict[int, list[int]] = {}
+        self.cached: dict[bytes, int] = {}  # block hash -> block holding it
+        self.hash_of: dict[int, bytes] = {}  # block -> its registered hash
+        self.num_evictions = 0  # cached blocks dropped to make room (total)
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Blocks an allocation may take: empty ones and unreferenced cached ones."""
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache (referenced or evictable)."""
+        return len(self.cached)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def extra_blocks(self, seq_id: int, num_tokens: int) -> int:
-        """Blocks to add so that `seq_id` can hold `num_tokens` tokens."""
-        return max(0, self.blocks_needed(num_tokens) - len(self.tables.get(seq_id, ())))
+    def extra_blocks(self, seq_id: int, num_tokens: int, cached: Sequence[int] = ()) -> int:
+        """Blocks the free pool must give so that `seq_id` holds `num_tokens` tokens, its table
+        started with `cached` (cached blocks nobody references leave the free pool too)."""
+        have = len(self.tables.get(seq_id, ())) + len(cached)
+        taken = sum(1 for b in cached if self.ref_count[b] == 0)
+        return max(0, self.blocks_needed(num_tokens) - have) + taken
 
-    def can_hold(self, seq_id: int, num_tokens: int) -> bool:
-        return self.extra_blocks(seq_id, num_tokens) <= self.num_free
+    def can_hold(self, seq_id: int, num_tokens: int, cached: Sequence[int] = ()) -> bool:
+        return self.extra_blocks(seq_id, num_tokens, cached) <= self.num_free
 
-    def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the table."""
-        need = self.extra_blocks(seq_id, num_tokens)
+    def reserve(self, seq_id: int, num_tokens: int, cached: Sequence[int] = ()) -> list[int]:
+        """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the table.
+
+        cached: blocks from `match` that start the table of a sequence that holds none (their
+        KV is reused, shared with other holders). Raises OutOfBlocks (nothing taken) or ValueError.
+        """
+        need = self.extra_blocks(seq_id, num_tokens, cached)
         if need > self.num_free:
             raise OutOfBlocks(f"sequence {seq_id} needs {need} more blocks, {self.num_free} free")
+        if cached:
+            if seq_id in self.tables:
+                raise ValueError(f"sequence {seq_id} already has blocks: cached blocks only start a table")
+            for block in cached:
+                if block not in self.hash_of:
+                    raise ValueError(f"block {block} holds no cached prefix")
+                self.evictable.pop(block, None)
+                self.ref_count[block] += 1
+            self.tables[seq_id] = list(cached)
         table = self.tables.setdefault(seq_id, [])
-        for _ in range(need):
-            block = self.free.pop()
+        for _ in range(self.blocks_needed(num_tokens) - len(table)):
+            block = self._allocate()
             self.ref_count[block] = 1
             table.append(block)
         return table
+
+    def _allocate(self) -> int:
+        if self.free:
+            return self.free.pop()
+        block, _ = self.evictable.popitem(last=False)  # the least recently released cached block
+        del self.cached[self.hash_of.pop(block)]
+        self.num_evictions += 1
+        return block
 
     def fork(self, parent: int, child: int) -> list[int]:
         """Give `child` the blocks of `parent`, shared (reference counted)."""
@@ -58,8 +106,46 @@ class BlockManager:
         return table
 
     def release(self, seq_id: int) -> None:
-        """Drop `seq_id`'s table; blocks no other sequence uses return to the free list."""
+        """Drop `seq_id`'s table, last block first: a block no other sequence uses becomes free, or
+        evictable when it holds a cached block."""
         for block in reversed(self.tables.pop(seq_id, [])):
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
-                self.free.append(block)
+                if block in self.hash_of:
+                    self.evictable[block] = None
+                else:
+                    self.free.append(block)
+
+    # ---- the prefix cache's map ------------------------------------------------------------------
+    def match(self, hashes: Sequence[bytes]) -> list[int]:
+        """The blocks holding the longest cached prefix of `hashes` (a chain: block i's hash covers
+        blocks 0..i). Takes nothing: pass them to `reserve`."""
+        found = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def register(self, block: int, block_hash: bytes) -> bool:
+        """Record that `block` (referenced, full, its KV computed or on its way in an earlier or the
+        same step) holds the block named `block_hash`. False when another block holds it already
+        (then this one stays private) or `block` is registered under another hash."""
+        if self.ref_count[block] <= 0:
+            raise ValueError(f"block {block} is not in use: only a sequence's block can be registered")
+        if block_hash in self.cached or block in self.hash_of:
+            return False
+        self.cached[block_hash] = block
+        self.hash_of[block] = block_hash
+        return True
+
+    def forget(self, block: int) -> None:
+        """Drop `block`'s registration (its KV will not be computed after all); no-op when it has none."""
+        block_hash = self.hash_of.pop(block, None)
+        if block_hash is None:
+            return
+        del self.cached[block_hash]
+        if block in self.evictable:  # unreferenced: now it holds nothing
+            del self.evictable[block]
+            self.free.append(block)

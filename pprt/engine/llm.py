@@ -30,6 +30,7 @@ from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager
 from .loop import EngineLoop
+from .prefix import cache_salt, prefix_cache_for
 from .prompts import as_prompt_list, check_vocab
 from .requests import Completion, OutputSink, RequestOutput
 from .scheduler import Scheduler
@@ -62,6 +63,9 @@ class LLM:
     memory). transport: "auto", "nccl", "gloo" or "host". seed: for requests
     without their own seed. stage_timeout: seconds a stage process may leave
     a heartbeat unanswered before it counts as hung (StageFailed naming it).
+    enable_prefix_caching: reuse the KV of full blocks across requests that
+    share a prefix (pprt.engine.prefix; on by default, off for hybrid models,
+    which keep recurrent state).
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -72,7 +76,8 @@ class LLM:
                  max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
-                 rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S):
+                 rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
+                 enable_prefix_caching: bool = True):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -93,6 +98,8 @@ class LLM:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(stage_timeout, bool) or not isinstance(stage_timeout, (int, float)) or not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be a positive number of seconds, got {stage_timeout!r}")
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
         check_seed(seed)
         self.source = ModelSource(model)
         self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
@@ -102,15 +109,19 @@ class LLM:
         self.max_context = max_context or default_context(self.config)
         self.config = extend_context(self.config, self.max_context)
         self.tokenizer = _load_tokenizer(self.source)
+        kv_type = parse_kv_dtype(kv_dtype, self.dtype)
+        # the chains' root names what decides a block's KV besides its tokens
+        prefix = prefix_cache_for(self.config.model_type, enabled=enable_prefix_caching, block_size=block_size,
+                                  salt=cache_salt(self.config.rope, self.dtype, kv_type, quant, self.config.quant))
         executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
-                                 quant=quant, kv_dtype=parse_kv_dtype(kv_dtype, self.dtype),
+                                 quant=quant, kv_dtype=kv_type,
                                  block_size=block_size, max_context=self.max_context,
                                  kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                                  transport=transport, seed=seed, stage_timeout=float(stage_timeout),
                                  chunk_size=chunk_size, torchrun=torchrun is not None)
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids)
+                              eos_token_ids=self.config.eos_token_ids, prefix=prefix)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)

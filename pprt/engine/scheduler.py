@@ -16,6 +16,14 @@ order, so the cached prefix is always there when needed).
 When blocks run out, the most recently admitted running sequence that is not
 in flight is preempted: its blocks are freed and it is recomputed later from
 its tokens. A request that could never fit the pool is refused at `add`.
+
+With a `PrefixCache`, a sequence that holds no blocks (new, or preempted)
+starts its table with the cached blocks `PrefixCache.reusable` chooses and
+its first chunk at the first token they do not hold (the chunk carries the
+whole table, so every stage reads the same cached blocks); every block a
+scheduled chunk fills is registered. A plan undone by `abort` unregisters
+the blocks it filled, and a sequence that took cached blocks in it gives
+them back and looks again.
 Knows nothing of devices or tensors.
 """
 
@@ -30,6 +38,7 @@ from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
 from .blocks import BlockManager
+from .prefix import PrefixCache
 
 
 class SeqStatus(enum.Enum):
@@ -53,6 +62,8 @@ class Sequence:
     registered: bool = False  # the stages know it (sampler state, block table)
     blocks_sent: int = 0  # entries of its block table the stages have
     released: bool = False  # finished and its blocks and sampler state given back
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its first full blocks
+    blocks_registered: int = 0  # blocks of its table in the prefix cache (registered by it, or reused)
 
     @property
     def tokens(self) -> list[int]:
@@ -76,10 +87,12 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_context: int, chunk_size: int = 2048,
-                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = ()):
+                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), prefix: PrefixCache | None = None):
         if chunk_size <= 0 or max_num_seqs <= 0:
             raise ValueError("chunk_size and max_num_seqs must be positive")
-        self.blocks, self.max_context = blocks, max_context
+        if prefix is not None and prefix.block_size != blocks.block_size:
+            raise ValueError(f"the prefix cache's block_size {prefix.block_size} is not the pool's {blocks.block_size}")
+        self.blocks, self.prefix, self.max_context = blocks, prefix, max_context
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -93,6 +106,8 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.num_computed_tokens = 0
         self.num_generated_tokens = 0
+        self.num_lookup_tokens = 0  # tokens of sequences admitted while prefix caching is on
+        self.num_cached_tokens = 0  # of those, taken from the prefix cache instead of computed
 
     # ---- requests -------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -183,15 +198,23 @@ class Scheduler:
         return plan
 
     def _chunk(self, seq: Sequence, budget: int, preempt: bool) -> SeqChunk | None:
-        n = min(budget, seq.num_tokens - seq.num_scheduled)
-        end = seq.num_scheduled + n
-        while not self.blocks.can_hold(seq.seq_id, end):
+        lookup = self.prefix is not None and seq.seq_id not in self.blocks.tables
+        cached = self.prefix.reusable(seq, self.blocks) if lookup else []
+        start = len(cached) * self.blocks.block_size if cached else seq.num_scheduled
+        end = start + min(budget, seq.num_tokens - start)
+        while not self.blocks.can_hold(seq.seq_id, end, cached):
             victim = self._victim(exclude=seq) if preempt else None
             if victim is None:
                 return None
             self._preempt(victim)
-        table = self.blocks.reserve(seq.seq_id, end)
-        chunk = SeqChunk(seq.seq_id, seq.token_slice(seq.num_scheduled, end), seq.num_scheduled,
+        table = self.blocks.reserve(seq.seq_id, end, cached)
+        if lookup:
+            self.num_lookup_tokens += seq.num_tokens
+            self.num_cached_tokens += start
+            seq.num_scheduled, seq.blocks_registered = start, len(cached)
+        if self.prefix is not None:
+            self.prefix.register(seq, table, end, self.blocks)
+        chunk = SeqChunk(seq.seq_id, seq.token_slice(start, end), start,
                          blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens)
         seq.num_scheduled, seq.blocks_sent = end, len(table)
         seq.in_flight += 1
@@ -206,17 +229,27 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.seq_id)
         self.running.remove(seq)
-        seq.status, seq.num_scheduled, seq.blocks_sent = SeqStatus.WAITING, 0, 0
+        seq.status, seq.num_scheduled, seq.blocks_sent, seq.blocks_registered = SeqStatus.WAITING, 0, 0, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def abort(self, plan: StepPlan, seqs: dict[int, Sequence]) -> None:
         """Undo a plan that never reached the stages: its tokens are pending again."""
+        bs = self.blocks.block_size
+        for chunk in plan.chunks:  # blocks this plan filled hold no KV: out of the cache
+            table = self.blocks.tables.get(chunk.seq_id, [])
+            for block in table[chunk.start // bs: chunk.end // bs]:
+                self.blocks.forget(block)
         for chunk in reversed(plan.chunks):
             seq = seqs[chunk.seq_id]
             seq.in_flight -= 1
-            seq.num_scheduled = min(seq.num_scheduled, chunk.start)
-            seq.blocks_sent = min(seq.blocks_sent, chunk.blocks_from)
+            if chunk.blocks_from == 0 and chunk.start > 0:  # it took cached blocks in this plan
+                self.blocks.release(seq.seq_id)  # (perhaps blocks forgotten above): look again
+                seq.num_scheduled = seq.blocks_sent = seq.blocks_registered = 0
+            else:
+                seq.num_scheduled = min(seq.num_scheduled, chunk.start)
+                seq.blocks_sent = min(seq.blocks_sent, chunk.blocks_from)
+                seq.blocks_registered = min(seq.blocks_registered, chunk.start // bs)
             self._release_if_idle(seq)
         for new in plan.added:
             seqs[new.seq_id].registered = False  # the sampler never heard of it

@@ -46,9 +46,19 @@ class Stats:
     kv_block_size: int  # tokens per block
     state_slots_total: int  # recurrent-state slots per stage (hybrid models; 0 otherwise)
     state_slots_used: int
+    prefix_caching: bool  # full KV blocks are reused across requests (off: disabled, or a hybrid model)
+    prefix_lookup_tokens: int  # total tokens of the sequences admitted with caching on (preempted ones again)
+    prefix_cached_tokens: int  # of those, total taken from the prefix cache instead of computed
+    prefix_cache_blocks: int  # KV blocks holding a cached prefix block now (in use or evictable)
+    prefix_cache_evictions: int  # total cached blocks dropped to make room
     load_seconds: float  # building the stages (the slowest one)
     quantize_seconds: float  # of load_seconds, quantizing at load (the slowest stage)
     stages: tuple[StageStats, ...]
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of admitted tokens taken from the prefix cache (0.0 before any lookup)."""
+        return self.prefix_cached_tokens / self.prefix_lookup_tokens if self.prefix_lookup_tokens else 0.0
 
 
 def snapshot(executor, scheduler: Scheduler) -> Stats:
@@ -66,4 +76,7 @@ def snapshot(executor, scheduler: Scheduler) -> Stats:
         preemptions=scheduler.num_preemptions, kv_blocks_total=blocks.num_blocks,
         kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_block_size=blocks.block_size,
         state_slots_total=0, state_slots_used=0,
+        prefix_caching=scheduler.prefix is not None, prefix_lookup_tokens=scheduler.num_lookup_tokens,
+        prefix_cached_tokens=scheduler.num_cached_tokens, prefix_cache_blocks=blocks.num_cached,
+        prefix_cache_evictions=blocks.num_evictions,
         load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages)
