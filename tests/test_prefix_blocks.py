@@ -170,12 +170,17 @@ def test_no_prefix_cache_no_reuse():
 
 
 def test_models_with_recurrent_state_turn_caching_off(caplog):
-    assert prefix_cache_for("qwen3", enabled=False, block_size=BS, salt=SALT) is None
-    assert isinstance(prefix_cache_for("qwen3_moe", enabled=True, block_size=BS, salt=SALT), PrefixCache)
+    from hybrid_configs import QWEN3_NEXT_80B_A3B, QWEN35_27B, QWEN15_MOE_A27B
+
+    from pprt.config import ModelConfig
+
+    hybrid, plain = ModelConfig.from_dict(QWEN35_27B), ModelConfig.from_dict(QWEN15_MOE_A27B)
+    assert prefix_cache_for(plain, enabled=False, block_size=BS, salt=SALT) is None
+    assert isinstance(prefix_cache_for(plain, enabled=True, block_size=BS, salt=SALT), PrefixCache)
     with caplog.at_level(logging.INFO, logger="pprt"):
-        for model_type in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):
-            assert prefix_cache_for(model_type, enabled=True, block_size=BS, salt=SALT) is None
-    assert sum("prefix caching is off for" in r.getMessage() for r in caplog.records) == 3
+        for cfg in (hybrid, ModelConfig.from_dict(QWEN3_NEXT_80B_A3B)):
+            assert prefix_cache_for(cfg, enabled=True, block_size=BS, salt=SALT) is None
+    assert sum("prefix caching is off for" in r.getMessage() for r in caplog.records) == 2
 
 
 # ---- random request streams ----------------------------------------------------------------------

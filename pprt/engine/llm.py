@@ -28,7 +28,7 @@ from ..params import SamplingParams, check_seed
 from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
-from .blocks import BlockManager
+from .blocks import BlockManager, SlotManager
 from .loop import EngineLoop
 from .prefix import cache_salt, prefix_cache_for
 from .prompts import as_prompt_list, check_vocab
@@ -111,17 +111,19 @@ class LLM:
         self.tokenizer = _load_tokenizer(self.source)
         kv_type = parse_kv_dtype(kv_dtype, self.dtype)
         # the chains' root names what decides a block's KV besides its tokens
-        prefix = prefix_cache_for(self.config.model_type, enabled=enable_prefix_caching, block_size=block_size,
+        prefix = prefix_cache_for(self.config, enabled=enable_prefix_caching, block_size=block_size,
                                   salt=cache_salt(self.config.rope, self.dtype, kv_type, quant, self.config.quant))
         executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
                                  quant=quant, kv_dtype=kv_type,
                                  block_size=block_size, max_context=self.max_context,
                                  kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                                  transport=transport, seed=seed, stage_timeout=float(stage_timeout),
-                                 chunk_size=chunk_size, torchrun=torchrun is not None)
+                                 chunk_size=chunk_size, torchrun=torchrun is not None,
+                                 max_num_seqs=max_num_seqs)
+        slots = SlotManager(executor.num_slots) if executor.num_slots else None
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids, prefix=prefix)
+                              eos_token_ids=self.config.eos_token_ids, slots=slots, prefix=prefix)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)
@@ -138,6 +140,11 @@ class LLM:
     @property
     def blocks(self) -> BlockManager:
         return self._engine.blocks
+
+    @property
+    def slots(self) -> SlotManager | None:
+        """The state slots of a hybrid model (None for models without recurrent state)."""
+        return self._engine.scheduler.slots
 
     # ---- public API --------------------------------------------------------
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:

@@ -33,10 +33,10 @@ import sys
 from array import array
 from typing import Protocol
 
+from ..config import ModelConfig
 from .blocks import BlockManager
 
 log = logging.getLogger("pprt")
-STATEFUL_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # per-sequence DeltaNet state beside the KV
 _DIGEST_BYTES = 16
 
 
@@ -102,13 +102,13 @@ class PrefixCache:
         seq.blocks_registered = full
 
 
-def prefix_cache_for(model_type: str, *, enabled: bool, block_size: int, salt: bytes) -> PrefixCache | None:
-    """The prefix cache an LLM of `model_type` uses: None when disabled, or when the model keeps
-    recurrent state (said in a log line)."""
+def prefix_cache_for(config: ModelConfig, *, enabled: bool, block_size: int, salt: bytes) -> PrefixCache | None:
+    """The prefix cache an LLM of `config` uses: None when disabled, or when the model keeps
+    recurrent state (a hybrid family; said in a log line)."""
     if not enabled:
         return None
-    if model_type in STATEFUL_MODEL_TYPES:
-        log.info("prefix caching is off for %s: its DeltaNet layers' state cannot be resumed from cached KV "
-                 "blocks (state snapshots are not implemented yet)", model_type)
+    if config.hybrid:
+        log.info("prefix caching is off for this %s model: its DeltaNet layers' state cannot be resumed from "
+                 "cached KV blocks (state snapshots are not implemented yet)", config.model_type)
         return None
     return PrefixCache(block_size, salt)

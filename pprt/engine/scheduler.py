@@ -24,6 +24,12 @@ whole table, so every stage reads the same cached blocks); every block a
 scheduled chunk fills is registered. A plan undone by `abort` unregisters
 the blocks it filled, and a sequence that took cached blocks in it gives
 them back and looks again.
+
+Hybrid models (a `SlotManager` is given): a sequence also holds one state slot
+from admission until it finishes or is preempted; admission waits for a free
+slot. Its recurrent state cannot be rewound, so a chunk undone by `abort`
+after it may have run sends the sequence back to position 0 (recomputed, the
+state zeroed), and preemption recomputes from position 0 as for blocks.
 Knows nothing of devices or tensors.
 """
 
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
-from .blocks import BlockManager
+from .blocks import BlockManager, SlotManager
 from .prefix import PrefixCache
 
 
@@ -87,12 +93,17 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_context: int, chunk_size: int = 2048,
-                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), prefix: PrefixCache | None = None):
+                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), slots: SlotManager | None = None,
+                 prefix: PrefixCache | None = None):
         if chunk_size <= 0 or max_num_seqs <= 0:
             raise ValueError("chunk_size and max_num_seqs must be positive")
+        if slots is not None and slots.num_slots <= 0:
+            raise ValueError("a model with recurrent state needs at least one state slot")
         if prefix is not None and prefix.block_size != blocks.block_size:
             raise ValueError(f"the prefix cache's block_size {prefix.block_size} is not the pool's {blocks.block_size}")
-        self.blocks, self.prefix, self.max_context = blocks, prefix, max_context
+        if prefix is not None and slots is not None:
+            raise ValueError("prefix caching cannot serve a model with recurrent state (no state snapshots)")
+        self.blocks, self.slots, self.prefix, self.max_context = blocks, slots, prefix, max_context
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -154,6 +165,8 @@ class Scheduler:
         if seq.status is SeqStatus.FINISHED and seq.in_flight == 0 and not seq.released:
             seq.released = True
             self.blocks.release(seq.seq_id)
+            if self.slots is not None:
+                self.slots.release(seq.seq_id)
             if seq in self.running:
                 self.running.remove(seq)
             if seq.registered:
@@ -180,6 +193,8 @@ class Scheduler:
                     budget -= len(chunk.token_ids)
         while self.waiting and budget > 0 and len(chunks) < limit and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.slots is not None and self.slots.num_free == 0:
+                break  # a hybrid sequence runs only with a state slot
             chunk = self._chunk(seq, budget, preempt=False)
             if chunk is None:
                 break  # first come, first served: later requests wait too
@@ -214,8 +229,10 @@ class Scheduler:
             seq.num_scheduled, seq.blocks_registered = start, len(cached)
         if self.prefix is not None:
             self.prefix.register(seq, table, end, self.blocks)
+        slot = self.slots.acquire(seq.seq_id) if self.slots is not None else -1
         chunk = SeqChunk(seq.seq_id, seq.token_slice(start, end), start,
-                         blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens)
+                         blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens,
+                         state_slot=slot)
         seq.num_scheduled, seq.blocks_sent = end, len(table)
         seq.in_flight += 1
         return chunk
@@ -228,6 +245,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.seq_id)
+        if self.slots is not None:
+            self.slots.release(seq.seq_id)
         self.running.remove(seq)
         seq.status, seq.num_scheduled, seq.blocks_sent, seq.blocks_registered = SeqStatus.WAITING, 0, 0, 0
         self.waiting.appendleft(seq)
@@ -247,7 +266,9 @@ class Scheduler:
                 self.blocks.release(seq.seq_id)  # (perhaps blocks forgotten above): look again
                 seq.num_scheduled = seq.blocks_sent = seq.blocks_registered = 0
             else:
-                seq.num_scheduled = min(seq.num_scheduled, chunk.start)
+                # a state the step may have advanced cannot be rewound: recompute from position 0
+                restart = self.slots is not None and chunk.start > 0
+                seq.num_scheduled = 0 if restart else min(seq.num_scheduled, chunk.start)
                 seq.blocks_sent = min(seq.blocks_sent, chunk.blocks_from)
                 seq.blocks_registered = min(seq.blocks_registered, chunk.start // bs)
             self._release_if_idle(seq)
