@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from pprt import SamplingParams
 from pprt.distributed.step import StepResult
-from pprt.engine.blocks import BlockManager
+from pprt.engine.blocks import BlockManager, SlotManager, SnapshotCache
 from pprt.engine.prefix import PrefixCache, block_hash, cache_salt, prefix_cache_for
 from pprt.engine.scheduler import Scheduler
 
@@ -28,6 +28,13 @@ SALT = cache_salt("test")
 def _scheduler(num_blocks=32, chunk_size=64, prefix=True, **kw) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, BS), max_context=1000, chunk_size=chunk_size,
                      prefix=PrefixCache(BS, SALT) if prefix else None, **kw)
+
+
+def _hybrid_scheduler(num_blocks=32, chunk_size=64, slots=4, snapshots=8, every=2 * BS, **kw) -> Scheduler:
+    """A scheduler as a hybrid model's: running state slots [0, slots), snapshot slots after them."""
+    return Scheduler(BlockManager(num_blocks, BS), max_context=1000, chunk_size=chunk_size,
+                     slots=SlotManager(slots), prefix=PrefixCache(BS, SALT, SnapshotCache(slots, snapshots), every),
+                     **kw)
 
 
 def _params(n=3):
@@ -169,18 +176,45 @@ def test_no_prefix_cache_no_reuse():
     assert s.blocks.num_cached == 0 and s.num_cached_tokens == 0 and s.num_computed_tokens == 2 * (19 + 2)
 
 
-def test_models_with_recurrent_state_turn_caching_off(caplog):
+def test_hybrid_models_cache_prefixes_only_with_snapshot_slots(caplog):
     from hybrid_configs import QWEN3_NEXT_80B_A3B, QWEN35_27B, QWEN15_MOE_A27B
 
     from pprt.config import ModelConfig
 
     hybrid, plain = ModelConfig.from_dict(QWEN35_27B), ModelConfig.from_dict(QWEN15_MOE_A27B)
     assert prefix_cache_for(plain, enabled=False, block_size=BS, salt=SALT) is None
-    assert isinstance(prefix_cache_for(plain, enabled=True, block_size=BS, salt=SALT), PrefixCache)
+    assert prefix_cache_for(plain, enabled=True, block_size=BS, salt=SALT).snapshots is None
+    with_snapshots = prefix_cache_for(hybrid, enabled=True, block_size=BS, salt=SALT, snapshots=SnapshotCache(4, 8))
+    assert with_snapshots.snapshots.num_snapshots == 8
     with caplog.at_level(logging.INFO, logger="pprt"):
         for cfg in (hybrid, ModelConfig.from_dict(QWEN3_NEXT_80B_A3B)):
             assert prefix_cache_for(cfg, enabled=True, block_size=BS, salt=SALT) is None
-    assert sum("prefix caching is off for" in r.getMessage() for r in caplog.records) == 2
+            assert prefix_cache_for(cfg, enabled=True, block_size=BS, salt=SALT, snapshots=SnapshotCache(4, 0)) is None
+    assert sum("prefix caching is off for" in r.getMessage() for r in caplog.records) == 4
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        PrefixCache(BS, SALT, SnapshotCache(1, 1), snapshot_every=6)
+
+
+def test_snapshot_points_cut_prefill_and_the_next_turn_resumes_from_the_tail():
+    s = _hybrid_scheduler(chunk_size=64, every=2 * BS)
+    first = s.add(list(range(100, 119)), _params(n=6))  # 19 tokens: last full block ends at 16
+    seqs = {first.seq_id: first}
+    plans = _drain(s, seqs)
+    prefill = [(c.start, c.end, c.save_to >= 0) for p in plans for c in p.chunks][:3]
+    assert prefill == [(0, 8, True), (8, 16, True), (16, 19, False)]  # cut at 8 and 16, saved there
+    snaps = s.prefix.snapshots
+    assert snaps.num_cached == 3  # 8, 16, and the tail: 19 + 6 - 1 = 24 tokens fed, state after 24 saved
+    again = s.add(first.tokens + [1, 2], _params())
+    seqs[again.seq_id] = again
+    (c,) = _run(s, seqs).chunks
+    assert c.start == 24 and c.restore_from == snaps.find(again.block_hashes[5])
+    _drain(s, seqs)
+    other = s.add(list(range(100, 112)) + [7, 7, 7], _params())  # shares 12 tokens: resumes at 8
+    seqs[other.seq_id] = other
+    (c,) = _run(s, seqs).chunks
+    assert (c.start, c.restore_from >= 0) == (8, True)
+    _drain(s, seqs)
+    assert s.slots.num_free == 4 and s.blocks.num_free == 32
 
 
 # ---- random request streams ----------------------------------------------------------------------
@@ -200,12 +234,18 @@ def _check_pool(s: Scheduler) -> None:
     assert all(b in bm.hash_of for b in bm.evictable)
 
 
+@pytest.mark.parametrize("hybrid", [False, True], ids=["attention", "hybrid"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), num_blocks=st.integers(6, 24), chunk_size=st.integers(1, 24))
-def test_random_streams_with_shared_prefixes(data, num_blocks, chunk_size):
-    s = _scheduler(num_blocks=num_blocks, chunk_size=chunk_size)
+def test_random_streams_with_shared_prefixes(hybrid, data, num_blocks, chunk_size):
+    if hybrid:
+        s = _hybrid_scheduler(num_blocks=num_blocks, chunk_size=chunk_size, slots=data.draw(st.integers(1, 3)),
+                              snapshots=data.draw(st.integers(1, 6)), every=BS * data.draw(st.integers(1, 3)))
+    else:
+        s = _scheduler(num_blocks=num_blocks, chunk_size=chunk_size)
     stems = [[100 + 10 * k + j for j in range(data.draw(st.integers(0, 14)))] for k in range(3)]
     content: dict[int, dict[int, int]] = {}  # block -> offset -> the token whose KV it holds
+    content[-1] = {}  # state slot -> the tokens its state has consumed (a tuple under key 0)
     seqs, live = {}, []
     for _ in range(data.draw(st.integers(1, 40))):
         action = data.draw(st.sampled_from(["add", "add", "step", "step", "step", "cancel"]))
@@ -228,19 +268,38 @@ def test_random_streams_with_shared_prefixes(data, num_blocks, chunk_size):
         _step_checked(s, seqs, content, token=3)
         _check_pool(s)
     assert s.blocks.num_free == num_blocks and not any(s.blocks.ref_count) and not s.blocks.tables
+    if hybrid:  # every running slot back; every snapshot slot free or cached, none held
+        assert s.slots.num_free == s.slots.num_slots and not s.slots.owner
+        snaps = s.prefix.snapshots
+        assert sorted(snaps.free + list(snaps.cached.values())) == list(range(snaps.first, snaps.first + snaps.num_snapshots))
+        assert all(q.tail_snapshot == -1 for q in seqs.values())
 
 
 def _step_checked(s: Scheduler, seqs: dict, content: dict, token: int) -> None:
+    """One step, checked as the stages would run it: the KV every chunk reads holds its tokens and
+    (hybrid models) its state slot has consumed exactly the tokens before it (zeroed at position 0,
+    restored from a snapshot before the step, saved after it)."""
     plan = s.schedule()
     assert plan is not None
-    bs = s.blocks.block_size
+    bs, state = s.blocks.block_size, content[-1]
+    for c in plan.chunks:  # restores first, for every chunk of the step
+        if c.start == 0 and c.state_slot >= 0:
+            state[c.state_slot] = ()
+        if c.restore_from >= 0:
+            state[c.state_slot] = state[c.restore_from]
     for c in plan.chunks:  # every token before the chunk is where the table says, as the chunk reads it
         seq, table = seqs[c.seq_id], s.blocks.tables[c.seq_id]
-        for p in range(c.end):
-            if p < c.start:
-                assert content.get(table[p // bs], {}).get(p % bs) == seq.tokens[p], (c, p)
+        for p in range(c.start):
+            assert content.get(table[p // bs], {}).get(p % bs) == seq.tokens[p], (c, p)
         for p, t in zip(range(c.start, c.end), c.token_ids):
             assert t == seq.tokens[p]
             content.setdefault(table[p // bs], {})[p % bs] = t
+        if c.state_slot >= 0:
+            assert state.get(c.state_slot) == tuple(seq.tokens[:c.start]), c
+            state[c.state_slot] = tuple(seq.tokens[:c.end])
+    for c in plan.chunks:  # then the saves
+        if c.save_to >= 0:
+            assert c.end % bs == 0
+            state[c.save_to] = state[c.state_slot]
     sampled = [c.seq_id for c in plan.chunks if c.sample]
     s.complete(plan, StepResult(plan.step, sampled, [token] * len(sampled)), seqs)

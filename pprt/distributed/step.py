@@ -32,12 +32,23 @@ class SeqChunk:
     # hybrid models: the sequence's slot in every stage's state pool (-1: the model keeps no state).
     # A chunk with start == 0 finds its slot zeroed.
     state_slot: int = -1
+    # hybrid models with prefix caching (slots of the same pool, ids past the running ones):
+    # restore_from: before the step, the state slot is set to this snapshot (the state after
+    # `start` tokens); save_to: after the step, the state (after `end` tokens) is copied there.
+    # Every stage restores before and saves after running a step, so a snapshot overwritten by
+    # a step is still read as it was by that step's restores.
+    restore_from: int = -1
+    save_to: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError(f"sequence {self.seq_id}: a chunk needs at least one token")
         if self.blocks_from < 0:
             raise ValueError(f"sequence {self.seq_id}: blocks_from must be >= 0, got {self.blocks_from}")
+        if (self.restore_from >= 0 or self.save_to >= 0) and self.state_slot < 0:
+            raise ValueError(f"sequence {self.seq_id}: a state snapshot needs a state slot")
+        if self.restore_from >= 0 and self.start == 0:
+            raise ValueError(f"sequence {self.seq_id}: a chunk at position 0 starts from zero state, not a snapshot")
 
     @property
     def end(self) -> int:
@@ -83,10 +94,12 @@ class PoolSizes:
 
     blocks: int
     slots: int = 0  # 0: the model keeps no per-sequence state
+    snapshots: int = 0  # more state slots, for the prefix cache's snapshots (ids slots .. slots + snapshots - 1)
 
     def __post_init__(self) -> None:
-        if self.blocks <= 0 or self.slots < 0:
-            raise ValueError(f"PoolSizes needs blocks > 0 and slots >= 0, got {self.blocks}, {self.slots}")
+        if self.blocks <= 0 or self.slots < 0 or self.snapshots < 0 or (self.snapshots and not self.slots):
+            raise ValueError(f"PoolSizes needs blocks > 0, slots >= 0 and snapshots >= 0 (only beside slots), got "
+                             f"{self.blocks}, {self.slots}, {self.snapshots}")
 
 
 @dataclass(slots=True)
@@ -100,6 +113,7 @@ class StageReady:
     load_rss_bytes: int  # host memory the load took at its peak
     quant_seconds: float = 0.0  # of load_seconds, spent quantizing (quant="int4" or "fp8")
     num_slots: int = 0  # state slots its memory budget allows (of those asked; 0: no state)
+    num_snapshots: int = 0  # snapshot slots its memory allows beside them (of those asked)
 
 
 @dataclass(slots=True)
@@ -132,8 +146,10 @@ class Heartbeat:
 
 def take_load_report(executor, readies: list[StageReady]) -> None:
     """Set what every executor tells about its loaded stages; each pool is the smallest stage's."""
-    executor.pools = PoolSizes(min(r.num_blocks for r in readies), min(r.num_slots for r in readies))
+    executor.pools = PoolSizes(min(r.num_blocks for r in readies), min(r.num_slots for r in readies),
+                               min(r.num_snapshots for r in readies))
     executor.num_blocks, executor.num_slots = executor.pools.blocks, executor.pools.slots
+    executor.num_snapshots = executor.pools.snapshots
     executor.weight_bytes = [r.weight_bytes for r in readies]
     executor.load_seconds = max(r.load_seconds for r in readies)
     executor.load_rss_bytes = [r.load_rss_bytes for r in readies]

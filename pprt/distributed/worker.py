@@ -5,8 +5,9 @@ caller's process; in a pipeline each lives in its own process (see comm.py
 and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
 on one micro-batch. Its pools: KV blocks for its full-attention layers and, for
 hybrid models, state slots for its DeltaNet layers (slots of chunks that start
-at position 0 are zeroed before the step runs). Knows nothing of tokenization
-or scheduling.
+at position 0 are zeroed before the step runs; with prefix caching, snapshots
+are restored into slots before it runs and saved from them after it ran).
+Knows nothing of tokenization or scheduling.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Worker:
         """The KV pool and (hybrid models with DeltaNet layers on this stage) the state pool."""
         self.cache = KVCache(self.cache_spec, pools.blocks, self.device)
         if self.state_spec is not None and self.state_spec.num_layers and pools.slots:
-            self.state = StateCache(self.state_spec, pools.slots, self.device)
+            self.state = StateCache(self.state_spec, pools.slots + pools.snapshots, self.device)
 
     @property
     def pool_bytes(self) -> tuple[int, int]:
@@ -139,9 +140,12 @@ class Worker:
             fresh = [c.state_slot for c in plan.chunks if c.start == 0]
             if fresh:
                 self.state.reset(torch.tensor(fresh, dtype=torch.long, device=self.device))
+            self._copy_state([(c.restore_from, c.state_slot) for c in plan.chunks if c.restore_from >= 0])
         if self.stage.is_first:
             x = torch.tensor([t for c in plan.chunks for t in c.token_ids], dtype=torch.long, device=self.device)
         out = self.stage(x, batch, self.cache, self.state, logits_indices)
+        if self.state is not None:  # snapshots of the state after this step's tokens
+            self._copy_state([(c.state_slot, c.save_to) for c in plan.chunks if c.save_to >= 0])
         if not self.stage.is_last:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
@@ -153,6 +157,11 @@ class Worker:
         self.busy_seconds += elapsed
         return StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
                           sampled.logprobs if sampled else None, elapsed)
+
+    def _copy_state(self, pairs: list[tuple[int, int]]) -> None:
+        if pairs:
+            src, dst = torch.tensor(pairs, dtype=torch.long, device=self.device).unbind(1)
+            self.state.copy(src, dst)
 
     def _batch(self, plan: StepPlan) -> tuple[StepBatch, torch.Tensor]:
         """Tensors of a plan: positions, KV slots, block tables, query offsets, context lengths, state slots."""
@@ -208,8 +217,9 @@ def state_spec(spec: WorkerSpec) -> StateSpec | None:
 
 def worker_pools(worker: Worker, wanted: PoolSizes) -> PoolSizes:
     """The pools `worker` can hold: `wanted`, or fewer if its GPU has less free memory now (state
-    slots first, as the plan sized them; KV blocks from the rest)."""
-    blocks, slots = wanted.blocks, wanted.slots
+    slots first, as the plan sized them; KV blocks from the rest; snapshot slots, which only make
+    the prefix cache reach further, from what the wanted KV blocks leave)."""
+    blocks, slots, snapshots = wanted.blocks, wanted.slots, wanted.snapshots
     state_bytes = worker.state_spec.bytes_per_slot if worker.state_spec is not None else 0
     if worker.device.type == "cuda":
         free = int(torch.cuda.mem_get_info(worker.device)[0] * GPU_MEMORY_FRACTION)
@@ -218,10 +228,12 @@ def worker_pools(worker: Worker, wanted: PoolSizes) -> PoolSizes:
             free -= slots * state_bytes
         room = worker.cache_spec.blocks_for(free)
         blocks = blocks if room is None else min(blocks, room)
+        if state_bytes:
+            snapshots = min(snapshots, worker.state_spec.slots_for(free - blocks * worker.cache_spec.bytes_per_block))
     if blocks <= 0:
         raise MemoryError(f"{worker.device}: no memory left for a single KV block "
                           f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
     if state_bytes and wanted.slots and slots <= 0:
         raise MemoryError(f"{worker.device}: no memory left for the state of a single sequence "
                           f"({state_bytes} bytes) after the weights")
-    return PoolSizes(blocks, slots)
+    return PoolSizes(blocks, slots, snapshots if slots > 0 else 0)

@@ -185,3 +185,64 @@ class SlotManager:
         slot = self.owner.pop(seq_id, None)
         if slot is not None:
             self.free.append(slot)
+
+
+class SnapshotCache:
+    """State snapshots of the prefix cache (hybrid models): slot ids [first, first + num_snapshots) of
+    the stages' state pools, each holding the state after a full block, named by that block's hash.
+
+    A slot is taken (`take`) for a step that will save into it, and becomes a cached snapshot once
+    that step completed on every stage (`commit`), or goes back (`drop`). Cached snapshots are
+    found by hash (`find`, which marks them used) and evicted least recently used first when a
+    slot is taken and none is free. No reference counts: a restore reads its snapshot before its
+    step runs, and every stage runs steps in order, so a slot taken later for a save never
+    overwrites a snapshot before an earlier restore has read it.
+    """
+
+    def __init__(self, first: int, num_snapshots: int):
+        if first < 0 or num_snapshots < 0:
+            raise ValueError(f"SnapshotCache needs first >= 0 and num_snapshots >= 0, got {first}, {num_snapshots}")
+        self.first, self.num_snapshots = first, num_snapshots
+        self.free: list[int] = list(range(first + num_snapshots - 1, first - 1, -1))
+        self.cached: OrderedDict[bytes, int] = OrderedDict()  # block hash -> slot, least recently used first
+        self.hash_of: dict[int, bytes] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.cached)
+
+    def find(self, block_hash: bytes) -> int | None:
+        """The slot holding the state after the block `block_hash` names (marked used), or None."""
+        slot = self.cached.get(block_hash)
+        if slot is not None:
+            self.cached.move_to_end(block_hash)
+        return slot
+
+    def has(self, block_hash: bytes) -> bool:
+        return block_hash in self.cached
+
+    def take(self) -> int | None:
+        """A slot to save into: a free one, else the least recently used snapshot's; None when every
+        slot waits for a save."""
+        if self.free:
+            return self.free.pop()
+        if not self.cached:
+            return None
+        _, slot = self.cached.popitem(last=False)
+        del self.hash_of[slot]
+        self.num_evictions += 1
+        return slot
+
+    def commit(self, slot: int, block_hash: bytes) -> None:
+        """The save into `slot` (from `take`) completed: it holds the state after `block_hash`'s block
+        (given back when another slot already does)."""
+        if block_hash in self.cached:
+            self.free.append(slot)
+            return
+        self.cached[block_hash] = slot
+        self.hash_of[slot] = block_hash
+
+    def drop(self, slot: int) -> None:
+        """Give back a slot from `take` whose save will not complete."""
+        self.free.append(slot)

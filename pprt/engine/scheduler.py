@@ -23,7 +23,9 @@ its first chunk at the first token they do not hold (the chunk carries the
 whole table, so every stage reads the same cached blocks); every block a
 scheduled chunk fills is registered. A plan undone by `abort` unregisters
 the blocks it filled, and a sequence that took cached blocks in it gives
-them back and looks again.
+them back and looks again. Hybrid models take a state snapshot with the
+blocks (restored into the sequence's slot before its first chunk runs) and
+save snapshots where `PrefixCache` says, committed when the step completes.
 
 Hybrid models (a `SlotManager` is given): a sequence also holds one state slot
 from admission until it finishes or is preempted; admission waits for a free
@@ -44,7 +46,7 @@ from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
 from .blocks import BlockManager, SlotManager
-from .prefix import PrefixCache
+from .prefix import PrefixCache, Reuse
 
 
 class SeqStatus(enum.Enum):
@@ -70,6 +72,8 @@ class Sequence:
     released: bool = False  # finished and its blocks and sampler state given back
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its first full blocks
     blocks_registered: int = 0  # blocks of its table in the prefix cache (registered by it, or reused)
+    tail_snapshot: int = -1  # hybrid models with prefix caching: its state snapshot slot past the prompt
+    tail_blocks: int = 0  # full blocks whose state the tail slot holds (0: nothing valid yet)
 
     @property
     def tokens(self) -> list[int]:
@@ -101,8 +105,9 @@ class Scheduler:
             raise ValueError("a model with recurrent state needs at least one state slot")
         if prefix is not None and prefix.block_size != blocks.block_size:
             raise ValueError(f"the prefix cache's block_size {prefix.block_size} is not the pool's {blocks.block_size}")
-        if prefix is not None and slots is not None:
-            raise ValueError("prefix caching cannot serve a model with recurrent state (no state snapshots)")
+        if prefix is not None and (slots is not None) != (prefix.snapshots is not None):
+            raise ValueError("a prefix cache serves a model with recurrent state with state snapshots, and "
+                             "one without, without")
         self.blocks, self.slots, self.prefix, self.max_context = blocks, slots, prefix, max_context
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
         self.eos_token_ids = set(eos_token_ids)
@@ -165,6 +170,8 @@ class Scheduler:
         if seq.status is SeqStatus.FINISHED and seq.in_flight == 0 and not seq.released:
             seq.released = True
             self.blocks.release(seq.seq_id)
+            if self.prefix is not None:
+                self.prefix.release_tail(seq)
             if self.slots is not None:
                 self.slots.release(seq.seq_id)
             if seq in self.running:
@@ -214,9 +221,12 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int, preempt: bool) -> SeqChunk | None:
         lookup = self.prefix is not None and seq.seq_id not in self.blocks.tables
-        cached = self.prefix.reusable(seq, self.blocks) if lookup else []
+        reuse = self.prefix.reusable(seq, self.blocks) if lookup else Reuse()
+        cached = reuse.blocks
         start = len(cached) * self.blocks.block_size if cached else seq.num_scheduled
         end = start + min(budget, seq.num_tokens - start)
+        if self.prefix is not None:
+            end = self.prefix.cut(seq, start, end)  # hybrid models: at a snapshot point
         while not self.blocks.can_hold(seq.seq_id, end, cached):
             victim = self._victim(exclude=seq) if preempt else None
             if victim is None:
@@ -230,9 +240,10 @@ class Scheduler:
         if self.prefix is not None:
             self.prefix.register(seq, table, end, self.blocks)
         slot = self.slots.acquire(seq.seq_id) if self.slots is not None else -1
+        save_to = self.prefix.save_target(seq, end) if self.prefix is not None and slot >= 0 else -1
         chunk = SeqChunk(seq.seq_id, seq.token_slice(start, end), start,
                          blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens,
-                         state_slot=slot)
+                         state_slot=slot, restore_from=reuse.snapshot, save_to=save_to)
         seq.num_scheduled, seq.blocks_sent = end, len(table)
         seq.in_flight += 1
         return chunk
@@ -245,6 +256,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.seq_id)
+        if self.prefix is not None:
+            self.prefix.release_tail(seq)  # it may resume from there
         if self.slots is not None:
             self.slots.release(seq.seq_id)
         self.running.remove(seq)
@@ -262,6 +275,8 @@ class Scheduler:
         for chunk in reversed(plan.chunks):
             seq = seqs[chunk.seq_id]
             seq.in_flight -= 1
+            if chunk.save_to >= 0:
+                self.prefix.unsaved(seq, chunk.save_to)
             if chunk.blocks_from == 0 and chunk.start > 0:  # it took cached blocks in this plan
                 self.blocks.release(seq.seq_id)  # (perhaps blocks forgotten above): look again
                 seq.num_scheduled = seq.blocks_sent = seq.blocks_registered = 0
@@ -289,6 +304,8 @@ class Scheduler:
             raise RuntimeError(f"step {result.step} came back while step {plan.step} was expected")
         for chunk in plan.chunks:
             seqs[chunk.seq_id].in_flight -= 1
+            if chunk.save_to >= 0:  # the step ran on every stage: its snapshots hold
+                self.prefix.saved(seqs[chunk.seq_id], chunk.save_to, chunk.end)
         self.num_computed_tokens += plan.num_tokens
         self.num_generated_tokens += len(result.token_ids)
         updated = []

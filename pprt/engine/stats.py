@@ -52,6 +52,8 @@ class Stats:
     prefix_cached_tokens: int  # of those, total taken from the prefix cache instead of computed
     prefix_cache_blocks: int  # KV blocks holding a cached prefix block now (in use or evictable)
     prefix_cache_evictions: int  # total cached blocks dropped to make room
+    state_snapshots_total: int  # hybrid models: state slots for prefix-cache snapshots on every stage
+    state_snapshots_cached: int  # of those, holding a cached snapshot now
     load_seconds: float  # building the stages (the slowest one)
     quantize_seconds: float  # of load_seconds, quantizing at load (the slowest stage)
     stages: tuple[StageStats, ...]
@@ -71,6 +73,7 @@ def snapshot(executor, scheduler: Scheduler) -> Stats:
         for i, (spec, c, weight, kv, state) in enumerate(zip(executor.specs, executor.stats(), executor.weight_bytes,
                                                              executor.kv_bytes, executor.state_bytes)))
     slots = scheduler.slots
+    snapshots = scheduler.prefix.snapshots if scheduler.prefix is not None else None
     return Stats(
         requests_running=len(scheduler.running), requests_waiting=len(scheduler.waiting),
         requests_finished=scheduler.num_finished, prompt_tokens=scheduler.num_prompt_tokens,
@@ -82,4 +85,6 @@ def snapshot(executor, scheduler: Scheduler) -> Stats:
         prefix_caching=scheduler.prefix is not None, prefix_lookup_tokens=scheduler.num_lookup_tokens,
         prefix_cached_tokens=scheduler.num_cached_tokens, prefix_cache_blocks=blocks.num_cached,
         prefix_cache_evictions=blocks.num_evictions,
+        state_snapshots_total=snapshots.num_snapshots if snapshots else 0,
+        state_snapshots_cached=snapshots.num_cached if snapshots else 0,
         load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages)
