@@ -14,9 +14,12 @@ ceiling the cache can reach (attention over the cached prefix still costs).
 Turn 2's token is checked equal with and without the cache.
 
 Random weights from bench.generate's presets (Qwen2.5-7B geometry on GPU;
-`--tiny`: the tiny qwen2, a 256-token prefix, on CPU) or any config.json.
+`qwen3.5-27b` a hybrid, resuming from state snapshots; `--tiny`: the tiny
+qwen2, or `--tiny --config tiny-qwen3.5`, a 256-token prefix, on CPU) or any
+config.json.
 
     python -m bench.prefix_cache                          # GPU: Qwen2.5-7B geometry, 4k prefix
+    python -m bench.prefix_cache --config qwen3.5-27b --layers 8 --stages 1
     python -m bench.prefix_cache --tiny --results-dir /tmp/r
 """
 
@@ -55,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="tiny config, 256-token prefix, CPU (tests)")
     args = p.parse_args(argv)
-    if args.tiny:
-        args.config, args.prefix, args.message, args.reply, args.repeats = "tiny", 256, 8, 8, 2
+    if args.tiny:  # the tiny qwen2 unless another tiny preset is named (tiny-qwen3.5: a hybrid)
+        args.config = args.config if args.config.startswith("tiny") else "tiny"
+        args.prefix, args.message, args.reply, args.repeats = 256, 8, 8, 2
         args.device, args.chunk_size = args.device or "cpu", 128
     args.device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     return args

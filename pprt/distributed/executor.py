@@ -152,14 +152,14 @@ def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | Non
 
 def _state_slots(specs: list[WorkerSpec], planned: int, snapshots: int) -> tuple[int, int]:
     """(running slots, snapshot slots) every stage allocates: the plan's (running ones at most
-    max_num_seqs); on CPU at most CPU_STATE_BUDGET bytes of state per stage, running slots first.
-    (0, 0) for models without recurrent state."""
+    max_num_seqs); on CPU at most CPU_STATE_BUDGET bytes of state per stage, of which the running
+    slots take at most half when snapshots are wanted. (0, 0) for models without recurrent state."""
     per_slot = [b for b in (sp.bytes_per_slot for sp in map(state_spec, specs) if sp is not None) if b]
     if not per_slot:
         return 0, 0
-    if all(torch.device(s.device).type == "cpu" for s in specs):
+    if all(torch.device(s.device).type == "cpu" for s in specs):  # snapshots wanted: half the budget each
         room = min(CPU_STATE_BUDGET // b for b in per_slot)
-        slots = max(1, min(planned, room))
+        slots = max(1, min(planned, room // 2 if snapshots else room))
         return slots, max(0, min(snapshots, room - slots))
     return planned, snapshots
 

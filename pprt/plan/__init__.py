@@ -39,8 +39,9 @@ E, k = experts per token, as in QWEN.md):
   below max_num_seqs, the message says so (the engine runs at most that many
   sequences at once). With prefix caching, `state_snapshots` more slots come
   next (as many as fit beside the running slots and one max_context
-  sequence's KV, at most those wanted): the snapshots of the state the cache
-  resumes from; the KV pool gets the rest.
+  sequence's KV and in at most half the memory the running slots leave, at
+  most those wanted): the snapshots of the state the cache resumes from; the
+  KV pool gets the rest.
 
 The cut minimizes the slowest stage's time per decoded token, bytes read / speed,
 where bytes read = layer weights (+ norm and head on the last stage) + KV of one

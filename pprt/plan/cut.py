@@ -111,12 +111,14 @@ class _Costs:
 
     def capacity_snapshots(self, s: int, lo: int, hi: int, slots: int) -> int | None:
         """Snapshot slots this stage holds beside `slots` running ones and the KV of one max_context
-        sequence, at most the snapshots wanted; None when it has no DeltaNet layer."""
+        sequence, in at most half the memory the running slots leave (the KV pool keeps the other
+        half), at most the snapshots wanted; None when it has no DeltaNet layer."""
         per_seq = self.state_per_seq(lo, hi)
         if not per_seq:
             return None
         kv = self.seq_blocks * self.block_size * self.kv_per_token(lo, hi)
-        return max(0, min(self.snapshots, (self._free(s, lo, hi) - kv) // per_seq - slots))
+        left = self._free(s, lo, hi) - slots * per_seq
+        return max(0, min(self.snapshots, (left - kv) // per_seq, left // 2 // per_seq))
 
     def capacity_blocks(self, s: int, lo: int, hi: int, slots: int | None = None) -> int | None:
         """KV blocks this stage holds beside `slots` state slots (default: as many as it holds
