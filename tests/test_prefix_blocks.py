@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pprt import SamplingParams
 from pprt.distributed.step import StepResult
 from pprt.engine.blocks import BlockManager, SlotManager, SnapshotCache
+from pprt.engine.drafts import SpeculativeConfig
 from pprt.engine.prefix import PrefixCache, block_hash, cache_salt, prefix_cache_for
 from pprt.engine.scheduler import Scheduler
 
@@ -234,15 +235,18 @@ def _check_pool(s: Scheduler) -> None:
     assert all(b in bm.hash_of for b in bm.evictable)
 
 
+@pytest.mark.parametrize("speculative", [False, True], ids=["", "speculative"])
 @pytest.mark.parametrize("hybrid", [False, True], ids=["attention", "hybrid"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), num_blocks=st.integers(6, 24), chunk_size=st.integers(1, 24))
-def test_random_streams_with_shared_prefixes(hybrid, data, num_blocks, chunk_size):
+def test_random_streams_with_shared_prefixes(hybrid, speculative, data, num_blocks, chunk_size):
+    spec = SpeculativeConfig(num_speculative_tokens=data.draw(st.integers(1, 3))) if speculative else None
     if hybrid:
-        s = _hybrid_scheduler(num_blocks=num_blocks, chunk_size=chunk_size, slots=data.draw(st.integers(1, 3)),
-                              snapshots=data.draw(st.integers(1, 6)), every=BS * data.draw(st.integers(1, 3)))
+        s = _hybrid_scheduler(num_blocks=num_blocks, chunk_size=chunk_size, slots=data.draw(st.integers(1, 6)),
+                              snapshots=data.draw(st.integers(1, 6)), every=BS * data.draw(st.integers(1, 3)),
+                              speculative=spec)
     else:
-        s = _scheduler(num_blocks=num_blocks, chunk_size=chunk_size)
+        s = _scheduler(num_blocks=num_blocks, chunk_size=chunk_size, speculative=spec)
     stems = [[100 + 10 * k + j for j in range(data.draw(st.integers(0, 14)))] for k in range(3)]
     content: dict[int, dict[int, int]] = {}  # block -> offset -> the token whose KV it holds
     content[-1] = {}  # state slot -> the tokens its state has consumed (a tuple under key 0)
@@ -262,10 +266,10 @@ def test_random_streams_with_shared_prefixes(hybrid, data, num_blocks, chunk_siz
         elif action == "cancel" and live:
             s.finish(data.draw(st.sampled_from(live)), "cancelled")
         elif action == "step" and s.has_work:
-            _step_checked(s, seqs, content, token=data.draw(st.integers(1, 9)))
+            _step_checked(s, seqs, content, token=data.draw(st.integers(1, 9)), data=data)
         _check_pool(s)
     while s.has_work:
-        _step_checked(s, seqs, content, token=3)
+        _step_checked(s, seqs, content, token=3, data=data)
         _check_pool(s)
     assert s.blocks.num_free == num_blocks and not any(s.blocks.ref_count) and not s.blocks.tables
     if hybrid:  # every running slot back; every snapshot slot free or cached, none held
@@ -275,31 +279,40 @@ def test_random_streams_with_shared_prefixes(hybrid, data, num_blocks, chunk_siz
         assert all(q.tail_snapshot == -1 for q in seqs.values())
 
 
-def _step_checked(s: Scheduler, seqs: dict, content: dict, token: int) -> None:
+def _step_checked(s: Scheduler, seqs: dict, content: dict, token: int, data) -> None:
     """One step, checked as the stages would run it: the KV every chunk reads holds its tokens and
     (hybrid models) its state slot has consumed exactly the tokens before it (zeroed at position 0,
-    restored from a snapshot before the step, saved after it)."""
+    restored from a prefix-cache snapshot, rolled back from and copied to the speculation snapshot
+    before the step, prefix-cache snapshots saved after it). Drafts are accepted at random."""
     plan = s.schedule()
     assert plan is not None
     bs, state = s.blocks.block_size, content[-1]
-    for c in plan.chunks:  # restores first, for every chunk of the step
+    for c in plan.chunks:  # as the worker does, for every chunk of the step before it runs
         if c.start == 0 and c.state_slot >= 0:
             state[c.state_slot] = ()
         if c.restore_from >= 0:
             state[c.state_slot] = state[c.restore_from]
+        if c.restore_state:
+            state[c.state_slot] = state[c.snapshot_slot]
+        if c.num_drafts and c.state_slot >= 0:
+            state[c.snapshot_slot] = state[c.state_slot]
     for c in plan.chunks:  # every token before the chunk is where the table says, as the chunk reads it
         seq, table = seqs[c.seq_id], s.blocks.tables[c.seq_id]
         for p in range(c.start):
             assert content.get(table[p // bs], {}).get(p % bs) == seq.tokens[p], (c, p)
-        for p, t in zip(range(c.start, c.end), c.token_ids):
-            assert t == seq.tokens[p]
+        known = len(c.token_ids) - c.num_drafts
+        for i, (p, t) in enumerate(zip(range(c.start, c.end), c.token_ids)):
+            assert i >= known or t == seq.tokens[p]
             content.setdefault(table[p // bs], {})[p % bs] = t
         if c.state_slot >= 0:
             assert state.get(c.state_slot) == tuple(seq.tokens[:c.start]), c
-            state[c.state_slot] = tuple(seq.tokens[:c.end])
+            state[c.state_slot] = tuple(seq.tokens[:c.start]) + tuple(c.token_ids)
     for c in plan.chunks:  # then the saves
         if c.save_to >= 0:
-            assert c.end % bs == 0
+            assert c.end % bs == 0 and not c.num_drafts
             state[c.save_to] = state[c.state_slot]
-    sampled = [c.seq_id for c in plan.chunks if c.sample]
-    s.complete(plan, StepResult(plan.step, sampled, [token] * len(sampled)), seqs)
+    sampled = [c for c in plan.chunks if c.sample]
+    accepted = [c.token_ids[len(c.token_ids) - c.num_drafts:][:data.draw(st.integers(0, c.num_drafts))]
+                for c in sampled]
+    s.complete(plan, StepResult(plan.step, [c.seq_id for c in sampled], [token] * len(sampled),
+                                accepted=accepted if any(c.num_drafts for c in sampled) else None), seqs)

@@ -33,18 +33,18 @@ def oracle(model):
     return reference_model(model)
 
 
-def _workload(llm: LLM) -> list:
+def _workload(llm: LLM, params: SamplingParams = GREEDY) -> list:
     """Every scenario in order on one LLM; returns the completions in order."""
     outs = []
-    outs += llm.generate(SYSTEM + [11, 12], GREEDY)  # fills the cache
-    outs += llm.generate(SYSTEM + [13], GREEDY)  # shares 5 blocks; the prefix ends inside block 5
-    outs += llm.generate(SYSTEM[:20], GREEDY)  # entirely cached (5 full blocks): the last block is computed
+    outs += llm.generate(SYSTEM + [11, 12], params)  # fills the cache
+    outs += llm.generate(SYSTEM + [13], params)  # shares 5 blocks; the prefix ends inside block 5
+    outs += llm.generate(SYSTEM[:20], params)  # entirely cached (5 full blocks): the last block is computed
     history = SYSTEM + [21, 22, 23]
     for turn in range(3):  # a chat: each turn is the history so far, the reply and a new message
-        c = llm.generate(history, GREEDY)[0]
+        c = llm.generate(history, params)[0]
         outs.append(c)
         history = history + c.token_ids + [30 + turn, 31 + turn]
-    outs += llm.generate([SYSTEM + [40 + k] * (k + 1) for k in range(4)], GREEDY)  # concurrent, one call
+    outs += llm.generate([SYSTEM + [40 + k] * (k + 1) for k in range(4)], params)  # concurrent, one call
     return outs
 
 
@@ -149,3 +149,16 @@ def test_cancelled_request_leaves_its_computed_blocks_cached(model):
 def test_enable_prefix_caching_must_be_a_bool(model):
     with pytest.raises(ValueError, match="enable_prefix_caching must be a bool"):
         LLM(str(model), devices=["cpu"], enable_prefix_caching="no")
+
+
+def test_caching_with_speculative_decoding_on_two_stages(model, uncached):
+    """Drafts write KV past the known tokens; only known tokens' blocks are cached: the same tokens."""
+    expected, _ = uncached
+    plain = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)  # requests with logprobs are not drafted
+    with LLM(str(model), devices=["cpu", "cpu"], block_size=BS, chunk_size=16,
+             speculative={"method": "ngram", "num_speculative_tokens": 3}) as llm:
+        outs = _workload(llm, plain)
+        stats = llm.stats()
+        assert llm.blocks.num_free == llm.blocks.num_blocks and not any(llm.blocks.ref_count)
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+    assert stats.draft_tokens > 0 and stats.prefix_cached_tokens > 0

@@ -40,17 +40,17 @@ def model(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("prefix-hybrid") / "m", "qwen3_5_text", tokenizer=False)
 
 
-def _workload(llm: LLM) -> list:
+def _workload(llm: LLM, params: SamplingParams = GREEDY) -> list:
     outs = []
-    outs += llm.generate(SYSTEM + [11, 12], GREEDY)  # snapshots at 8, 16 (every 8) and 20 (last full block)
-    outs += llm.generate(SYSTEM + [13], GREEDY)  # resumes at 20
-    outs += llm.generate(SYSTEM[:18] + [14, 15], GREEDY)  # diverges inside block 4: resumes at 16
+    outs += llm.generate(SYSTEM + [11, 12], params)  # snapshots at 8, 16 (every 8) and 20 (last full block)
+    outs += llm.generate(SYSTEM + [13], params)  # resumes at 20
+    outs += llm.generate(SYSTEM[:18] + [14, 15], params)  # diverges inside block 4: resumes at 16
     history = SYSTEM + [21, 22, 23]
     for turn in range(3):  # each turn resumes where the previous one's tail snapshot was taken
-        c = llm.generate(history, GREEDY)[0]
+        c = llm.generate(history, params)[0]
         outs.append(c)
         history = history + c.token_ids + [30 + turn]
-    outs += llm.generate([SYSTEM + [40 + k] * (k + 1) for k in range(3)], GREEDY)  # concurrent
+    outs += llm.generate([SYSTEM + [40 + k] * (k + 1) for k in range(3)], params)  # concurrent
     return outs
 
 
@@ -139,3 +139,17 @@ def test_no_snapshot_slots_turns_hybrid_caching_off(model, caplog):
     assert any("prefix caching is off" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="state_snapshots must be an int >= 0"):
         LLM(str(model), devices=["cpu"], state_snapshots=-1)
+
+
+def test_hybrid_caching_with_speculative_decoding(model, uncached):
+    """Drafts (verified in the step, the state rolled back from the speculation snapshot on a
+    rejection) beside prefix-cache snapshots (never saved after drafts): the same greedy tokens."""
+    expected, _ = uncached
+    plain = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)  # requests with logprobs are not drafted
+    with LLM(str(model), devices=["cpu"], block_size=BS, chunk_size=8,
+             speculative={"method": "ngram", "num_speculative_tokens": 3}) as llm:
+        outs = _workload(llm, plain)
+        stats = llm.stats()
+        _assert_everything_back(llm)
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+    assert stats.draft_tokens > 0 and stats.prefix_cached_tokens > 0

@@ -29,6 +29,7 @@ from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager, SlotManager, SnapshotCache
+from .drafts import SpeculativeConfig
 from .loop import EngineLoop
 from .prefix import cache_salt, prefix_cache_for
 from .prompts import as_prompt_list, check_vocab
@@ -69,6 +70,9 @@ class LLM:
     recurrent and conv state, each one sequence's state on every stage
     (default: max_num_seqs, fewer when memory is short; 0 turns prefix
     caching off for hybrid models).
+    speculative: speculative decoding, e.g. {"method": "ngram",
+    "num_speculative_tokens": 3} (see pprt.engine.drafts.SpeculativeConfig);
+    None: off. Requests with logprobs or a repetition penalty are not drafted.
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -80,7 +84,8 @@ class LLM:
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
                  rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
-                 enable_prefix_caching: bool = True, state_snapshots: int | None = None):
+                 enable_prefix_caching: bool = True, state_snapshots: int | None = None,
+                 speculative: SpeculativeConfig | dict | None = None):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -107,6 +112,7 @@ class LLM:
                                             or state_snapshots < 0):
             raise ValueError(f"state_snapshots must be an int >= 0, got {state_snapshots!r}")
         check_seed(seed)
+        speculative = SpeculativeConfig.parse(speculative)
         self.source = ModelSource(model)
         self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
         self.config = self.config.with_rope_scaling(rope_scaling)
@@ -134,7 +140,8 @@ class LLM:
                                   snapshot_every=max(block_size, chunk_size // block_size * block_size))
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids, slots=slots, prefix=prefix)
+                              eos_token_ids=self.config.eos_token_ids, slots=slots, speculative=speculative,
+                              prefix=prefix)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)

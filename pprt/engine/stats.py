@@ -47,7 +47,7 @@ class Stats:
     kv_block_size: int  # tokens per block
     state_slots_total: int  # recurrent-state slots per stage (hybrid models; 0 otherwise)
     state_slots_used: int
-    prefix_caching: bool  # full KV blocks are reused across requests (off: disabled, or a hybrid model)
+    prefix_caching: bool  # full KV blocks are reused across requests (off: disabled, or a hybrid model without snapshots)
     prefix_lookup_tokens: int  # total tokens of the sequences admitted with caching on (preempted ones again)
     prefix_cached_tokens: int  # of those, total taken from the prefix cache instead of computed
     prefix_cache_blocks: int  # KV blocks holding a cached prefix block now (in use or evictable)
@@ -57,6 +57,21 @@ class Stats:
     load_seconds: float  # building the stages (the slowest one)
     quantize_seconds: float  # of load_seconds, quantizing at load (the slowest stage)
     stages: tuple[StageStats, ...]
+    # speculative decoding (0 when off): drafts sent, drafts accepted, sequence-steps that verified drafts
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts / drafts sent (0.0 when none was sent)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a sequence gained per step that verified drafts: accepted drafts + the one sampled
+        after them (1.0 = no gain; 0.0 when no step verified drafts)."""
+        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -87,4 +102,6 @@ def snapshot(executor, scheduler: Scheduler) -> Stats:
         prefix_cache_evictions=blocks.num_evictions,
         state_snapshots_total=snapshots.num_snapshots if snapshots else 0,
         state_snapshots_cached=snapshots.num_cached if snapshots else 0,
-        load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages)
+        load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages,
+        draft_tokens=scheduler.num_draft_tokens, accepted_tokens=scheduler.num_accepted_tokens,
+        verify_steps=scheduler.num_verified)

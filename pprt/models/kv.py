@@ -200,8 +200,9 @@ class StateCache:
             self.ssm[:, slots] = 0
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Set the state of slots `dst` to that of slots `src` ([S] int each, on the pool's device;
-        the dst slots distinct and none of them a src) in every layer."""
+        """Copy the state of slots `src` to slots `dst` ([S] int each, on the pool's device; distinct
+        dst, none of them a src) in every layer (speculative decoding's snapshot and rollback, the
+        prefix cache's snapshots)."""
         if src.numel() and self.spec.num_layers:
             self.conv[:, dst] = self.conv[:, src]
             self.ssm[:, dst] = self.ssm[:, src]
