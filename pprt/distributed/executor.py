@@ -73,7 +73,7 @@ class LocalExecutor:
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
-                  torchrun=False, max_num_seqs: int = 256):
+                  torchrun=False, max_num_seqs: int = 256, max_loras: int = 0, merged_lora=None):
     """Plan the cut and the pools (refusing before anything loads when it cannot fit), then start the stages."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
@@ -81,7 +81,8 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     if not result.fits:
         raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
-                        seed=seed) for stage, device in zip(result.stages, devices)]
+                        seed=seed, max_loras=max_loras, merged_lora=merged_lora)
+             for stage, device in zip(result.stages, devices)]
     pools = PoolSizes(_kv_blocks(specs, result.num_blocks, kv_cache_memory), _state_slots(specs, result.num_slots))
     if config.hybrid and pools.slots < max_num_seqs:
         per_seq = max(st.state_bytes_per_seq for st in result.stages)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..params import SamplingParams
+from ..weights.lora import LoraAdapter
 
 
 @dataclass(slots=True)
@@ -30,6 +31,7 @@ class SeqChunk:
     # hybrid models: the sequence's slot in every stage's state pool (-1: the model keeps no state).
     # A chunk with start == 0 finds its slot zeroed.
     state_slot: int = -1
+    lora_slot: int = -1  # the sequence's LoRA adapter slot on every stage (-1: none)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -51,12 +53,22 @@ class NewSequence:
     prompt_ids: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class LoraChange:
+    """Load `adapter` into LoRA slot `slot` of every stage (each reads its own layers' tensors), or
+    empty the slot when `adapter` is None. Applied before the step's tokens run."""
+
+    slot: int
+    adapter: LoraAdapter | None
+
+
 @dataclass(slots=True)
 class StepPlan:
     step: int
     chunks: list[SeqChunk]
     added: list[NewSequence] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)  # finished or cancelled: drop tables and sampler state
+    loras: list[LoraChange] = field(default_factory=list)  # adapter slots to fill or empty first
 
     @property
     def num_tokens(self) -> int:

@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
+from .loras import LoraRegistry
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
 from .blocks import BlockManager, SlotManager
@@ -82,12 +83,14 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_context: int, chunk_size: int = 2048,
-                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), slots: SlotManager | None = None):
+                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), slots: SlotManager | None = None,
+                 loras: LoraRegistry | None = None):
         if chunk_size <= 0 or max_num_seqs <= 0:
             raise ValueError("chunk_size and max_num_seqs must be positive")
         if slots is not None and slots.num_slots <= 0:
             raise ValueError("a model with recurrent state needs at least one state slot")
         self.blocks, self.slots, self.max_context = blocks, slots, max_context
+        self.loras = loras
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -128,6 +131,8 @@ class Scheduler:
     def add(self, prompt_ids: list[int], params: SamplingParams, seq_id: int | None = None) -> Sequence:
         """Queue a request (checked as by `check`). seq_id: the caller's id for it (default: the next free one)."""
         max_len = self.check(prompt_ids, params)
+        if params.lora is not None:
+            (self.loras or LoraRegistry(0)).slot_of(params.lora)  # unloaded since the caller checked
         seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids), params, max_len)
         self.waiting.append(seq)
         self.num_prompt_tokens += len(prompt_ids)
@@ -190,7 +195,8 @@ class Scheduler:
                 added.append(NewSequence(seq.seq_id, seq.params, list(seq.prompt_ids)))
         if not chunks:
             return None
-        plan = StepPlan(next(self._steps), chunks, added, self._removed)
+        plan = StepPlan(next(self._steps), chunks, added, self._removed,
+                        self.loras.take_changes() if self.loras is not None else [])
         self._removed = []
         return plan
 
@@ -206,10 +212,15 @@ class Scheduler:
         slot = self.slots.acquire(seq.seq_id) if self.slots is not None else -1
         chunk = SeqChunk(seq.seq_id, seq.token_slice(seq.num_scheduled, end), seq.num_scheduled,
                          blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens,
-                         state_slot=slot)
+                         state_slot=slot,
+                         lora_slot=self.loras.slot_of(seq.params.lora) if self.loras is not None else -1)
         seq.num_scheduled, seq.blocks_sent = end, len(table)
         seq.in_flight += 1
         return chunk
+
+    def uses_lora(self, name: str) -> int:
+        """Requests not yet released (waiting, running or with steps in flight) that use adapter `name`."""
+        return sum(1 for seq in [*self.waiting, *self.running] if seq.params.lora == name)
 
     def _victim(self, exclude: Sequence) -> Sequence | None:
         for seq in reversed(self.running):
@@ -239,6 +250,8 @@ class Scheduler:
         for new in plan.added:
             seqs[new.seq_id].registered = False  # the sampler never heard of it
         self._removed.extend(plan.removed)  # nor of these removals
+        if self.loras is not None:
+            self.loras.requeue(plan.loras)
 
     # ---- results -------------------------------------------------------------
     def is_stop_token(self, seq: Sequence, token: int) -> bool:

@@ -1,0 +1,129 @@
+"""LoRA adapters against transformers + peft on tiny random checkpoints.
+
+Adapters are made by the peft library with random A and B (init_lora_weights=False,
+so B is not zero and every adapted layer changes the output), saved with
+save_pretrained. Greedy tokens must equal transformers + peft and the chosen tokens'
+logprobs agree within 1e-4, on 1 and 2 stages; one batch mixing two adapters and
+the base model gives each request what it gets alone; merge=True matches too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import make_checkpoint, reference_greedy, reference_model
+from pprt import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 40, 33, 100, 7], [9, 200, 31], list(range(30, 70, 2))]
+N = 8
+
+
+def make_adapter(base_path, out, seed: int, **lora):
+    """Save a random peft LoRA adapter of the checkpoint at base_path into `out`; returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(reference_model(base_path), LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():  # B's default init is small: make each adapter's effect visible
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(5.0)
+    model.save_pretrained(out)
+    return model.eval()
+
+
+def greedy(params_lora=None, **kw):
+    return SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logprobs=0, lora=params_lora, **kw)
+
+
+def assert_matches(out, ref, prompt):
+    tokens, logprobs = reference_greedy(ref, prompt, N)
+    assert out.token_ids == tokens
+    ours = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
+    assert torch.allclose(ours, torch.tensor(logprobs), atol=1e-4, rtol=0), (ours, logprobs)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    path = make_checkpoint(root / "base", "qwen3")
+    # two adapters: attention + MLP of layers 1-2 at rank 8 (alpha 16), and a regex over q/v/down of
+    # layers 0 and 2 at rank 16 with rsLoRA
+    a = make_adapter(path, root / "a", 1, r=8, lora_alpha=16, layers_to_transform=[1, 2],
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    b = make_adapter(path, root / "b", 2, r=16, lora_alpha=8, use_rslora=True,
+                     target_modules=r"model\.layers\.[02]\.(self_attn\.(q_proj|v_proj)|mlp\.down_proj)")
+    return path, {"a": (root / "a", a), "b": (root / "b", b)}, reference_model(path)
+
+
+def test_mixed_batch_matches_peft_and_solo(qwen3):
+    path, adapters, base = qwen3
+    with LLM(str(path), devices=["cpu"], lora={n: str(p) for n, (p, _) in adapters.items()}) as llm:
+        assert llm.loras == ["a", "b"]
+        # one batch: adapter a, none, adapter b (each prompt once per adapter choice)
+        choices = ["a", None, "b"]
+        mixed = llm.generate(PROMPTS, [greedy(c) for c in choices])
+        for prompt, choice, out in zip(PROMPTS, choices, mixed):
+            assert_matches(out, base if choice is None else adapters[choice][1], prompt)
+            solo = llm.generate([prompt], greedy(choice))[0]
+            assert solo.token_ids == out.token_ids
+        # the adapters change the output at all (else the test above proves nothing)
+        plain = llm.generate(PROMPTS[:1], greedy())[0]
+        assert llm.generate(PROMPTS[:1], greedy("a"))[0].token_ids != plain.token_ids
+        with pytest.raises(ValueError, match="no LoRA adapter named 'c'"):
+            llm.generate(PROMPTS[:1], greedy("c"))
+        with pytest.raises(ValueError, match="3 SamplingParams for 1 prompts"):
+            llm.generate(PROMPTS[:1], [greedy()] * 3)
+
+
+def test_load_unload_at_runtime_and_two_stages(qwen3):
+    path, adapters, base = qwen3
+    with LLM(str(path), devices=["cpu", "cpu"], split=[2, 1], max_loras=1) as llm:
+        assert llm.loras == []
+        llm.load_lora("b", str(adapters["b"][0]))
+        with pytest.raises(ValueError, match="all 1 LoRA slots are in use"):
+            llm.load_lora("a", str(adapters["a"][0]))
+        outs = llm.generate(PROMPTS[:2], [greedy("b"), greedy()])
+        assert_matches(outs[0], adapters["b"][1], PROMPTS[0])
+        assert_matches(outs[1], base, PROMPTS[1])
+        llm.unload_lora("b")
+        llm.load_lora("a", str(adapters["a"][0]))  # reuses the slot: stages replace b's tensors
+        outs = llm.generate(PROMPTS[:2], [greedy("a"), greedy()])
+        assert_matches(outs[0], adapters["a"][1], PROMPTS[0])
+        assert_matches(outs[1], base, PROMPTS[1])
+        with pytest.raises(ValueError, match="no LoRA adapter named 'b'"):
+            llm.unload_lora("b")
+
+
+def test_merge_folds_the_adapter(qwen3):
+    path, adapters, _ = qwen3
+    with LLM(str(path), devices=["cpu"], lora={"a": str(adapters["a"][0])}, merge=True) as llm:
+        assert llm.executor.specs[0].max_loras == 0  # no per-token LoRA work
+        for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, greedy())):
+            assert_matches(out, adapters["a"][1], prompt)
+    with pytest.raises(ValueError, match="exactly one adapter"):
+        LLM(str(path), devices=["cpu"], lora={n: str(p) for n, (p, _) in adapters.items()}, merge=True)
+
+
+def test_merge_refuses_int4_base(qwen3):
+    path, adapters, _ = qwen3
+    with pytest.raises(ValueError, match="merge=True needs float base weights"):
+        LLM(str(path), devices=["cpu"], quant="int4", lora={"a": str(adapters["a"][0])}, merge=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", pytest.param("qwen3_5", marks=pytest.mark.slow)])
+def test_hybrid_deltanet_projections(tmp_path, family):
+    """Adapters on the Gated DeltaNet projections (Qwen3-Next's fused in_proj_qkvz / in_proj_ba; Qwen3.5's
+    split ones under the multimodal `language_model.` prefix) and on full attention."""
+    from models import HYBRID
+
+    path = make_checkpoint(tmp_path / "base", family, **(dict(num_hidden_layers=4) if family else {}))
+    targets = (["in_proj_qkvz", "in_proj_ba"] if family == "qwen3_next" else
+               ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]) + ["out_proj", "q_proj", "o_proj"]
+    ref = make_adapter(path, tmp_path / "a", 3, r=8, lora_alpha=16, target_modules=targets)
+    assert HYBRID  # the families' tiny shapes
+    with LLM(str(path), devices=["cpu"], lora={"a": str(tmp_path / "a")}) as llm:
+        outs = llm.generate(PROMPTS[:2], greedy("a"))
+    for prompt, out in zip(PROMPTS, outs):
+        assert_matches(out, ref, prompt)
