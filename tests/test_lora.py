@@ -124,3 +124,42 @@ def test_hybrid_deltanet_projections(tmp_path, family):
         outs = llm.generate(PROMPTS[:2], greedy("a"))
     for prompt, out in zip(PROMPTS, outs):
         assert_matches(out, ref, prompt)
+
+
+def test_int4_base_with_adapter_matches_dequantized_base_plus_adapter(tmp_path):
+    """quant="int4" (RTN at load) keeps the adapter in the activation dtype: pprt must equal
+    transformers + peft on the dequantized Int4 weights with the same adapter."""
+    import json
+
+    from peft import PeftModel
+
+    from ckpt_files import read_tensors, write_sharded
+    from pprt.weights.int4 import Int4Linear, dequantize
+
+    path = make_checkpoint(tmp_path / "base", "qwen3", tokenizer=False, hidden_size=128, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    make_adapter(path, tmp_path / "a", 4, r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
+    with LLM(str(path), devices=["cpu"], dtype="float32", quant="int4", lora={"a": str(tmp_path / "a")}) as llm:
+        outs = llm.generate(PROMPTS[:2], [greedy("a"), greedy()])
+        stage = llm.executor.worker.stage
+        rtn = {f"{p}.weight": dequantize(m.weight) for p, m in stage.named_modules() if isinstance(m, Int4Linear)}
+        hooked = llm.executor.worker.loras._hooks
+    assert rtn and any(isinstance(stage.get_submodule(m), Int4Linear) for m in hooked)
+    write_sharded(tmp_path / "rtn", {**read_tensors(path), **rtn}, json.loads((path / "config.json").read_text()))
+    base = reference_model(tmp_path / "rtn")
+    assert_matches(outs[1], base, PROMPTS[1])
+    assert_matches(outs[0], PeftModel.from_pretrained(base, tmp_path / "a").eval(), PROMPTS[0])
+
+
+@pytest.mark.slow
+def test_moe_attention_and_shared_expert(tmp_path):
+    """qwen2_moe: adapters on attention, the dense layer's MLP and the shared expert (all tokens);
+    transformers' fused routed experts are not nn.Linear, so peft leaves them alone as pprt does."""
+    path = make_checkpoint(tmp_path / "base", "qwen2_moe", tokenizer=False)
+    ref = make_adapter(path, tmp_path / "a", 5, r=8, lora_alpha=16,
+                       target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+    with LLM(str(path), devices=["cpu"], lora={"a": str(tmp_path / "a")}) as llm:
+        assert any("shared_expert" in m for m in llm.executor.worker.loras._hooks)
+        outs = llm.generate(PROMPTS[:2], greedy("a"))
+    for prompt, out in zip(PROMPTS, outs):
+        assert_matches(out, ref, prompt)

@@ -35,25 +35,28 @@ def per_token(x, a, b, indices):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("k,n,tokens", [(72, 100, 13), (33, 17, 1), (130, 48, 29)])
-def test_triton_matches_reference_interleaved(dtype, k, n, tokens):
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("k,n,tokens", [(72, 100, 13), pytest.param(33, 17, 1, marks=pytest.mark.slow),
+                                        pytest.param(130, 48, 29, marks=pytest.mark.slow)])
+def test_triton_matches_reference_interleaved(dtype, tol, k, n, tokens):
     gen = torch.Generator().manual_seed(k * n + tokens)
     a, b = make_stack([8, 16, 64], k, n, dtype, gen)  # slots 0..2
     # tokens of adapters 0, 1, 2 and none (-1) interleaved
-    indices = torch.tensor([(t % 4) - 1 for t in range(tokens)], dtype=torch.int32)[torch.randperm(tokens, generator=gen)]
+    pattern = [2] if tokens == 1 else [(t % 4) - 1 for t in range(tokens)]  # one token: the rank-64 adapter
+    indices = torch.tensor(pattern, dtype=torch.int32)[torch.randperm(tokens, generator=gen)]
     x = torch.randn(tokens, k, generator=gen).to(DEVICE, dtype)
     indices = indices.to(DEVICE)
     ref = lora_delta_ref(x, a, b, indices)
     out = lora_delta_triton(x, a, b, indices)
     assert out.dtype == dtype and out.shape == (tokens, n)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    exact = per_token(x, a, b, indices)
-    scale = exact.abs().max().item() + 1e-6
-    assert (ref.double().cpu() - exact).abs().max().item() / scale < tol * 10
-    assert (out.double().cpu() - ref.double().cpu()).abs().max().item() / scale < tol * 10
+    assert rel_err(ref, per_token(x, a, b, indices)) < tol
+    assert rel_err(out, ref) < tol
     none = (indices == -1).cpu()
-    assert none.any() and (out.cpu()[none] == 0).all()  # tokens without an adapter get exactly nothing
+    assert (out.cpu()[none] == 0).all() and none.any() == (tokens > 1)  # tokens without an adapter get exactly nothing
 
 
 def test_dispatch_and_checks(monkeypatch):
