@@ -126,27 +126,30 @@ def test_hybrid_deltanet_projections(tmp_path, family):
         assert_matches(out, ref, prompt)
 
 
-def test_int4_base_with_adapter_matches_dequantized_base_plus_adapter(tmp_path):
-    """quant="int4" (RTN at load) keeps the adapter in the activation dtype: pprt must equal
-    transformers + peft on the dequantized Int4 weights with the same adapter."""
+@pytest.mark.parametrize("quant", ["int4", pytest.param("fp8", marks=pytest.mark.slow)])
+def test_quantized_base_with_adapter_matches_dequantized_base_plus_adapter(tmp_path, quant):
+    """quant="int4" (RTN) or "fp8" (block-wise e4m3) at load keeps the adapter in the activation dtype:
+    pprt must equal transformers + peft on the dequantized weights with the same adapter."""
     import json
 
     from peft import PeftModel
 
     from ckpt_files import read_tensors, write_sharded
-    from pprt.weights.int4 import Int4Linear, dequantize
+    from pprt.weights import fp8, int4
 
+    kind, weight_of = {"int4": (int4.Int4Linear, lambda m: int4.dequantize(m.weight)),
+                       "fp8": (fp8.Fp8Linear, lambda m: fp8.dequantize(m.fp8_weight))}[quant]
     path = make_checkpoint(tmp_path / "base", "qwen3", tokenizer=False, hidden_size=128, intermediate_size=256,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     make_adapter(path, tmp_path / "a", 4, r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
-    with LLM(str(path), devices=["cpu"], dtype="float32", quant="int4", lora={"a": str(tmp_path / "a")}) as llm:
+    with LLM(str(path), devices=["cpu"], dtype="float32", quant=quant, lora={"a": str(tmp_path / "a")}) as llm:
         outs = llm.generate(PROMPTS[:2], [greedy("a"), greedy()])
         stage = llm.executor.worker.stage
-        rtn = {f"{p}.weight": dequantize(m.weight) for p, m in stage.named_modules() if isinstance(m, Int4Linear)}
+        deq = {f"{p}.weight": weight_of(m) for p, m in stage.named_modules() if isinstance(m, kind)}
         hooked = llm.executor.worker.loras._hooks
-    assert rtn and any(isinstance(stage.get_submodule(m), Int4Linear) for m in hooked)
-    write_sharded(tmp_path / "rtn", {**read_tensors(path), **rtn}, json.loads((path / "config.json").read_text()))
-    base = reference_model(tmp_path / "rtn")
+    assert deq and all(isinstance(stage.get_submodule(m), kind) for m in hooked)
+    write_sharded(tmp_path / "deq", {**read_tensors(path), **deq}, json.loads((path / "config.json").read_text()))
+    base = reference_model(tmp_path / "deq")
     assert_matches(outs[1], base, PROMPTS[1])
     assert_matches(outs[0], PeftModel.from_pretrained(base, tmp_path / "a").eval(), PROMPTS[0])
 
@@ -159,7 +162,7 @@ def test_moe_attention_and_shared_expert(tmp_path):
     ref = make_adapter(path, tmp_path / "a", 5, r=8, lora_alpha=16,
                        target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
     with LLM(str(path), devices=["cpu"], lora={"a": str(tmp_path / "a")}) as llm:
-        assert any("shared_expert" in m for m in llm.executor.worker.loras._hooks)
         outs = llm.generate(PROMPTS[:2], greedy("a"))
+        assert any("shared_expert" in m for m in llm.executor.worker.loras._hooks)
     for prompt, out in zip(PROMPTS, outs):
         assert_matches(out, ref, prompt)
