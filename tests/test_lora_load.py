@@ -187,3 +187,22 @@ def test_llm_refuses_before_starting_stages(base, tmp_path):
         LLM(str(path), devices=["cpu"], lora={"a": str(good), "b": str(good)}, max_loras=1)
     with pytest.raises(ValueError, match="lora must be the name"):
         SamplingParams(lora="")
+
+
+def test_planner_counts_adapter_slots(base):
+    """Each adapted layer holds max_loras x its largest rank x (in + out) elements, counted with its weights."""
+    from pprt.plan import DeviceBudget, GiB, plan
+    from pprt.weights.lora import slot_bytes
+
+    path, config, good = base
+    adapter = read_adapter("good", str(good), config)
+    per_layer = slot_bytes([adapter], 3, config.num_layers, 2)
+    H, I, q = config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim
+    assert per_layer == [3 * 4 * ((H + q) + (q + H) + (H + I)) * 2] * config.num_layers  # q, o, up at r=4
+    budgets = [DeviceBudget("a", GiB), DeviceBudget("b", GiB)]
+    without = plan(config, budgets, split=[2, 1], max_context=64)
+    with_lora = plan(config, budgets, split=[2, 1], max_context=64, lora_layer_bytes=per_layer)
+    assert [s.weight_bytes - w.weight_bytes for s, w in zip(with_lora.stages, without.stages)] == \
+        [2 * per_layer[0], per_layer[0]]
+    with pytest.raises(ValueError, match="lora_layer_bytes needs 3"):
+        plan(config, budgets, lora_layer_bytes=[1])

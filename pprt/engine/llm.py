@@ -29,7 +29,7 @@ from ..params import SamplingParams, check_seed
 from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
-from ..weights.lora import LoraAdapter, linear_shapes, read_adapter
+from ..weights.lora import LoraAdapter, linear_shapes, read_adapter, slot_bytes
 from .blocks import BlockManager, SlotManager
 from .loop import EngineLoop
 from .loras import LoraRegistry
@@ -121,7 +121,9 @@ class LLM:
                                  transport=transport, seed=seed, stage_timeout=float(stage_timeout),
                                  chunk_size=chunk_size, torchrun=torchrun is not None,
                                  max_num_seqs=max_num_seqs, max_loras=max_loras,
-                                 merged_lora=adapters[0] if merge else None)
+                                 merged_lora=adapters[0] if merge else None,
+                                 lora_layer_bytes=slot_bytes(adapters, max_loras, self.config.num_layers,
+                                                             self.dtype.itemsize) if max_loras else None)
         loras = LoraRegistry(max_loras) if max_loras else None
         for adapter in adapters if loras is not None else ():
             loras.add(adapter)

@@ -93,12 +93,15 @@ def plan(
     speeds: list[float] | None = None,
     suggest: bool = True,
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    lora_layer_bytes: list[int] | None = None,
 ) -> Plan:
     """Cut `config` over `budgets` (one stage per device, in order) and say whether it fits.
 
     `split` (layers per stage) is validated and checked instead of chosen. `speeds` are relative
     memory bandwidths (equal by default). `max_context` defaults to the model's context limit.
     `max_num_seqs`: sequences the engine may run at once (hybrid models: state slots to hold).
+    `lora_layer_bytes`: bytes of LoRA adapter slots per decoder layer (pprt.weights.lora.slot_bytes),
+    counted with that layer's weights.
     Raises ValueError for bad arguments; a plan that does not fit is returned with fits=False.
     """
     if not budgets:
@@ -123,9 +126,12 @@ def plan(
         raise ValueError(f"quant {quant!r} is not supported ({', '.join(QUANTS)})")
     kv_element_bytes(kv_dtype, dtype_bytes)  # validates
     eff_quant = weight_formats(config, quant, group_size)
+    lora = tuple(lora_layer_bytes or ())
+    if lora and (len(lora) != L or min(lora) < 0):
+        raise ValueError(f"lora_layer_bytes needs {L} non-negative entries (one per layer), got {len(lora)}")
 
     costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
-                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs)
+                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, lora)
     cut, fits = _cut(costs, None if split is None else list(split))
     bounds = _bounds(cut)
     num_blocks, num_slots = costs.pools(bounds)
@@ -134,7 +140,8 @@ def plan(
                   num_slots, max_num_seqs)
     args = dict(quant=quant, kv_dtype=kv_dtype, dtype_bytes=dtype_bytes, block_size=block_size,
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
-                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs)
+                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs,
+                lora_layer_bytes=lora_layer_bytes)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += "\n" + _beyond_limit(config, max_context, limit)

@@ -72,6 +72,8 @@ class LoraTarget:
     b_key: str  # B [out_features, rank]
     rank: int
     scale: float  # alpha / rank (alpha / sqrt(rank) with rsLoRA)
+    in_features: int
+    out_features: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +194,8 @@ def read_adapter(name: str, path: str, config: ModelConfig,
                 raise CheckpointError(f"{where}: tensor {key!r} is stored as {dtype}, not a float type")
         a = _pattern(peft.get("alpha_pattern"), module, alpha)
         scale = a / math.sqrt(r) if rslora else a / r
-        targets.append(LoraTarget(module, int(_LAYER.match(module).group(1)), a_key, b_key, r, float(scale)))
+        targets.append(LoraTarget(module, int(_LAYER.match(module).group(1)), a_key, b_key, r, float(scale),
+                                  in_f, out_f))
     expected = [m for m in shapes if ".mlp.experts." not in m and targeted(m)]
     if not expected:
         raise CheckpointError(f"{where}: target_modules {peft.get('target_modules')!r} select no linear layer of "
@@ -204,6 +207,19 @@ def read_adapter(name: str, path: str, config: ModelConfig,
     if peft.get("fan_in_fan_out"):
         log.info("%s: fan_in_fan_out is set; Qwen's projections are nn.Linear, for which PEFT ignores it too", where)
     return LoraAdapter(name, str(weights_path), tuple(targets))
+
+
+def slot_bytes(adapters: list[LoraAdapter], max_loras: int, num_layers: int, dtype_bytes: int) -> list[int]:
+    """Bytes per decoder layer of the slot stacks pprt.models.lora.LoraBank holds for `adapters`:
+    every adapted layer stacks max_loras x (its largest rank) x (in + out) elements."""
+    rank: dict[str, tuple[int, int, int]] = {}  # module -> (layer, largest rank, in + out)
+    for t in (t for a in adapters for t in a.targets):
+        old = rank.get(t.module, (t.layer, 0, 0))[1]
+        rank[t.module] = (t.layer, max(old, t.rank), t.in_features + t.out_features)
+    out = [0] * num_layers
+    for layer, r, width in rank.values():
+        out[layer] += max_loras * r * width * dtype_bytes
+    return out
 
 
 def _parse_key(where: str, key: str) -> tuple[str | None, str]:
