@@ -206,3 +206,32 @@ def test_planner_counts_adapter_slots(base):
         [2 * per_layer[0], per_layer[0]]
     with pytest.raises(ValueError, match="lora_layer_bytes needs 3"):
         plan(config, budgets, lora_layer_bytes=[1])
+
+
+def test_registry_and_scheduler_carry_slot_changes_in_step_order():
+    """A load travels with the next plan (before that plan's tokens), a plan that never reached the
+    stages gives its changes back, and every chunk names its sequence's slot."""
+    from pprt.engine.blocks import BlockManager
+    from pprt.engine.loras import LoraRegistry
+    from pprt.engine.scheduler import Scheduler
+    from pprt.weights.lora import LoraAdapter
+
+    loras = LoraRegistry(2)
+    sched = Scheduler(BlockManager(64, 4), max_context=64, loras=loras)
+    assert loras.add(LoraAdapter("x", "x.safetensors", ())) == 0
+    assert loras.add(LoraAdapter("y", "y.safetensors", ())) == 1
+    with pytest.raises(ValueError, match="all 2 LoRA slots are in use"):
+        loras.add(LoraAdapter("z", "z.safetensors", ()))
+    with pytest.raises(ValueError, match="already loaded"):
+        loras.add(LoraAdapter("x", "x.safetensors", ()))
+    seqs = {s.seq_id: s for s in (sched.add([1, 2, 3], SamplingParams(lora="y")), sched.add([4], SamplingParams()))}
+    with pytest.raises(ValueError, match="no LoRA adapter named 'w'"):
+        sched.add([5], SamplingParams(lora="w"))
+    plan = sched.schedule()
+    assert [(c.slot, c.adapter.name) for c in plan.loras] == [(0, "x"), (1, "y")]
+    assert [c.lora_slot for c in plan.chunks] == [1, -1]
+    sched.abort(plan, seqs)
+    loras.remove("x")  # after the failed plan's loads: sent after them
+    again = sched.schedule()
+    assert [(c.slot, c.adapter and c.adapter.name) for c in again.loras] == [(0, "x"), (1, "y"), (0, None)]
+    assert sched.uses_lora("y") == 1 and sched.uses_lora("x") == 0
