@@ -166,3 +166,25 @@ def test_moe_attention_and_shared_expert(tmp_path):
         assert any("shared_expert" in m for m in llm.executor.worker.loras._hooks)
     for prompt, out in zip(PROMPTS, outs):
         assert_matches(out, ref, prompt)
+
+
+def test_cli_lora_flag_runs_the_adapter(qwen3, capsys):
+    """`python -m pprt.generate --lora PATH` (and with --merge-lora) gives the library's tokens with that adapter."""
+    import json
+
+    from pprt.entrypoints import generate as cli
+
+    path, adapters, _ = qwen3
+    text, a = "hello world", str(adapters["a"][0])
+    with LLM(str(path), devices=["cpu"], lora={"a": a}) as llm:
+        expected = llm.generate(text, SamplingParams(max_tokens=N, temperature=0, lora="a"))[0]
+        plain = llm.generate(text, SamplingParams(max_tokens=N, temperature=0))[0]
+    assert expected.token_ids != plain.token_ids
+    args = ["--model", str(path), "--devices", "cpu", "--prompt", text, "--json", "--temperature", "0",
+            "--max-new-tokens", str(N)]
+    for extra in (["--lora", a], ["--lora", a, "--merge-lora"]):
+        assert cli.main(args + extra) == 0
+        assert json.loads(capsys.readouterr().out)["token_ids"] == expected.token_ids
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--merge-lora"])
+    assert "--merge-lora needs --lora" in capsys.readouterr().err

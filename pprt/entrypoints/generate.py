@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory, for machines where GPU peer-to-peer hangs)")
     m.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_S,
                    help="seconds a stage process may leave a heartbeat unanswered before it counts as hung")
+    m.add_argument("--lora", default=None, metavar="PATH",
+                   help="run the prompt with this PEFT LoRA adapter (directory or hub id)")
+    m.add_argument("--merge-lora", action="store_true", help="fold --lora into the float weights at load")
     i = p.add_argument_group("input and output")
     src = i.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
@@ -95,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--json prints one completion: it cannot be combined with --chat")
     if args.max_context is not None and args.max_context < 1:
         parser.error(f"--max-context must be >= 1, got {args.max_context}")
+    if args.merge_lora and args.lora is None:
+        parser.error("--merge-lora needs --lora PATH")
     if not args.stage_timeout > 0:
         parser.error(f"--stage-timeout must be > 0 seconds, got {args.stage_timeout}")
     try:
@@ -147,6 +152,8 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--devices: {device!r} is not a device (cpu, cuda:0, ...)") from None
 
 
+CLI_LORA = "lora"  # the name --lora's adapter is loaded under
+
 # SamplingParams fields named as the flags that set them, for error messages.
 _FLAGS = {"max_tokens": "--max-new-tokens", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
           "repetition_penalty": "--repetition-penalty", "temperature": "--temperature", "seed": "--seed",
@@ -162,7 +169,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams a library user would write for these flags (ValueError names a bad one)."""
     return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=args.stop)
+                          seed=args.seed, stop=args.stop, lora=CLI_LORA if args.lora else None)
 
 
 def read_prompt(args: argparse.Namespace, stdin: TextIO) -> str:
@@ -194,7 +201,8 @@ def open_model(args: argparse.Namespace) -> LLM:
             devices = ["cpu", "cpu"]  # the demo runs as a two-stage pipeline
     return LLM(model, devices=devices, split=args.split_list, dtype=args.dtype, quant=args.quant,
                max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed,
-               rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout)
+               rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout,
+               lora={CLI_LORA: args.lora} if args.lora else None, merge=args.merge_lora)
 
 
 def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO | None) -> tuple[Completion, dict]:
