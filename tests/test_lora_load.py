@@ -135,9 +135,9 @@ def test_prefixes_regex_rank_pattern_and_vision_keys(base, tmp_path):
             t[k.replace("model.model.layers", "model.model.language_model.layers")] = t.pop(k)
         t["base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight"] = torch.zeros(4, 32)
 
+    regex = r".*language_model\.layers\.\d+\.(self_attn\.(q|o)_proj|mlp\.up_proj)"
     adapter = read_adapter("mm", variant(good, tmp_path, edit=multimodal,
-                                         config={"target_modules": r".*language_model\.layers\.\d+\.(self_attn\.(q|o)_proj|mlp\.up_proj)",
-                                                 "alpha_pattern": {"o_proj": 2}}), config)
+                                         config={"target_modules": regex, "alpha_pattern": {"o_proj": 2}}), config)
     assert len(adapter.targets) == 3 * config.num_layers
     assert {t.scale for t in adapter.targets if t.module.endswith("o_proj")} == {0.5}
     assert {t.scale for t in adapter.targets if not t.module.endswith("o_proj")} == {3.0}

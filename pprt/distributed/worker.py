@@ -168,7 +168,8 @@ class Worker:
             if change.adapter is None:
                 self.loras.remove(change.slot)
             else:
-                self.loras.add(change.slot, change.adapter.stage_tensors(self.spec.layers, self.device, self.spec.dtype))
+                tensors = change.adapter.stage_tensors(self.spec.layers, self.device, self.spec.dtype)
+                self.loras.add(change.slot, tensors)  # this stage's layers only
         if self.loras is None:
             return
         slots = [c.lora_slot for c in plan.chunks]
