@@ -31,6 +31,7 @@ from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
 from ..weights.lora import LoraAdapter, linear_shapes, read_adapter, slot_bytes
 from .blocks import BlockManager, SlotManager
+from .drafts import SpeculativeConfig
 from .loop import EngineLoop
 from .loras import LoraRegistry
 from .prompts import as_prompt_list, check_vocab
@@ -72,6 +73,9 @@ class LLM:
     `load_lora` / `unload_lora` change them later. merge: fold the one adapter of
     `lora` into the float base weights at load (no per-token cost; every request
     then runs with it, and load_lora is refused).
+    speculative: speculative decoding, e.g. {"method": "ngram",
+    "num_speculative_tokens": 3} (see pprt.engine.drafts.SpeculativeConfig);
+    None: off. Requests with logprobs or a repetition penalty are not drafted.
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -83,7 +87,8 @@ class LLM:
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
                  rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
-                 lora: dict[str, str] | None = None, max_loras: int | None = None, merge: bool = False):
+                 lora: dict[str, str] | None = None, max_loras: int | None = None, merge: bool = False,
+                 speculative: SpeculativeConfig | dict | None = None):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -105,6 +110,7 @@ class LLM:
         if isinstance(stage_timeout, bool) or not isinstance(stage_timeout, (int, float)) or not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be a positive number of seconds, got {stage_timeout!r}")
         check_seed(seed)
+        speculative = SpeculativeConfig.parse(speculative)
         self.source = ModelSource(model)
         self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
         self.config = self.config.with_rope_scaling(rope_scaling)
@@ -130,7 +136,8 @@ class LLM:
         slots = SlotManager(executor.num_slots) if executor.num_slots else None
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids, slots=slots, loras=loras)
+                              eos_token_ids=self.config.eos_token_ids, slots=slots, loras=loras,
+                              speculative=speculative)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)
