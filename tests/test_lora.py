@@ -188,3 +188,17 @@ def test_cli_lora_flag_runs_the_adapter(qwen3, capsys):
     with pytest.raises(SystemExit):
         cli.main(args + ["--merge-lora"])
     assert "--merge-lora needs --lora" in capsys.readouterr().err
+
+
+def test_speculative_drafts_run_with_each_requests_adapter(qwen3):
+    """n-gram drafts are verified through the adapter of their request: greedy tokens do not change."""
+    path, adapters, _ = qwen3
+    prompts = [p * 3 for p in PROMPTS]  # repeated text gives the proposer drafts
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, lora=name) for name in ("a", None, "b")]
+    lora = {n: str(p) for n, (p, _) in adapters.items()}
+    with LLM(str(path), devices=["cpu"], lora=lora) as llm:
+        plain = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(str(path), devices=["cpu"], lora=lora, speculative={"method": "ngram", "num_speculative_tokens": 3}) as llm:
+        drafted = [o.token_ids for o in llm.generate(prompts, params)]
+        assert llm.stats().draft_tokens > 0
+    assert drafted == plain
