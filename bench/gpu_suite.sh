@@ -12,6 +12,8 @@
 #                   decode against the state bytes moved, prefill fla vs our recurrent kernel)
 #   6c. moe-bench   python -m bench.fused_moe               (one MoE layer, Qwen3-30B-A3B / Qwen3.5-35B-A3B
 #                   shapes, 1/8/32 tokens: reference, Triton bf16 and Int4, torch grouped_mm)
+#   6d. prefix-bench python -m bench.prefix_cache         (second chat turn's first token after a 4k shared
+#                   prefix, with and without prefix caching; Qwen2.5-7B geometry cut to 4 layers)
 #   7. generate     python -m bench.generate: decode at batch 1, 8 and 32 with CUDA graphs and
 #                   eager (--graphs on,off), on 4 layers of a Qwen3-30B-A3B-shaped model (fused MoE)
 #                   with random weights, against the roofline of the bytes a step reads; it gets
@@ -151,7 +153,7 @@ part ceilings 20 "$PY" -m bench.harness "${TINY_FLAG[@]}" --results-dir "$RESULT
 if ((TINY)); then
     PARTS+=(gpu-tests); STATUS+=("skipped (--tiny)"); SECONDS_USED+=(0)
 else
-    part gpu-tests 85 gpu_tests
+    part gpu-tests 75 gpu_tests
 fi
 if [[ -f bench/int4_matmul.py ]]; then
     part int4-bench 25 "$PY" -m bench.int4_matmul "${TINY_FLAG[@]}" "${ROWS[@]}" --results-dir "$RESULTS_DIR"
@@ -164,6 +166,12 @@ if [[ -f bench/gated_delta.py ]]; then
     part delta-bench 25 "$PY" -m bench.gated_delta "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
 fi
 part moe-bench 30 "$PY" -m bench.fused_moe "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
+if ((TINY)); then
+    part prefix-bench 20 "$PY" -m bench.prefix_cache --tiny --stages 1 --results-dir "$RESULTS_DIR"
+else
+    part prefix-bench 40 "$PY" -m bench.prefix_cache --config qwen2.5-7b --layers 4 --stages 1 --prefix 4096 \
+        --repeats 2 --results-dir "$RESULTS_DIR"
+fi
 part generate 300 generate_bench
 
 echo
@@ -236,6 +244,11 @@ if moe:
     print("fused_moe (per MoE layer):")
     print_table(moe, ["model", "weights", "path", "tokens", "launches", "syncs", "ms", "GBps", "frac_copy_bw",
                       "rel_err"])
+pc = rows("prefix_cache")
+if pc:
+    print("prefix_cache (second turn after a shared prefix): " + "; ".join(
+        f"{r['stages']} stage(s) {'cached' if r['caching'] else 'uncached'} ttft {r['ttft_s']:.3g} s"
+        + (f" ({r['speedup']:.2f}x, token ratio {r['token_ratio']:.1f})" if r.get("speedup") else "") for r in pc))
 gen = rows("generate")
 if gen:
     for r in gen:

@@ -37,15 +37,21 @@ _I64, _I32 = torch.int64, torch.int32
 _PAD_ROW = 0  # the device table's row of padding entries (no sequence owns it)
 
 
-def _layout(T: int, B: int, R: int, U: int, S: int = 0, F: int = 0, C: int = 0, K: int = 0) -> Layout:
+_PAIRS = ("resume", "restore", "keep", "save")  # state copies around a step, in this order (see Worker.execute)
+
+
+def _layout(T: int, B: int, R: int, U: int, S: int = 0, F: int = 0, pairs: dict[str, int] | None = None,
+            lora: int = 0) -> Layout:
     """A step's fields: T tokens of B sequences, R sampled rows, U new table entries, S state slots
-    (B, or 0 without a state pool), F state slots to zero, C states to restore from their snapshot
-    and K states to snapshot (speculative decoding)."""
-    return Layout([("ids", _I64, T), ("positions", _I64, T), ("slots", _I64, T), ("rows", _I64, B),
-                   ("logits", _I64, R), ("upd_rows", _I64, U), ("upd_cols", _I64, U), ("fresh", _I64, F),
-                   ("restore_src", _I64, C), ("restore_dst", _I64, C), ("keep_src", _I64, K),
-                   ("keep_dst", _I64, K), ("qsl", _I32, B + 1), ("ctx", _I32, B), ("upd_blocks", _I32, U),
-                   ("state", _I32, S)])
+    (B, or 0 without a state pool), F state slots to zero, the (source, destination) slot pairs of
+    each state copy, and `lora` per-token adapter slots (T, or 0 when no token has one)."""
+    fields = [("ids", _I64, T), ("positions", _I64, T), ("slots", _I64, T), ("rows", _I64, B),
+              ("logits", _I64, R), ("upd_rows", _I64, U), ("upd_cols", _I64, U), ("fresh", _I64, F)]
+    for name in _PAIRS:
+        n = (pairs or {}).get(name, 0)
+        fields += [(f"{name}_src", _I64, n), (f"{name}_dst", _I64, n)]
+    return Layout(fields + [("qsl", _I32, B + 1), ("ctx", _I32, B), ("upd_blocks", _I32, U), ("state", _I32, S),
+                            ("lora", _I32, lora)])
 
 
 @dataclass(slots=True)
@@ -56,8 +62,14 @@ class StepTensors:
     token_ids: torch.Tensor  # [T] int64 (used by the first stage)
     logits_indices: torch.Tensor  # [R] int64 rows whose logits are sampled (drafts' predecessors too)
     fresh_slots: torch.Tensor  # [F] int64 state slots of chunks starting at position 0 (to zero first)
-    restore: tuple[torch.Tensor, torch.Tensor]  # [C] int64 (snapshot, state) slots: roll back first
-    keep: tuple[torch.Tensor, torch.Tensor]  # [K] int64 (state, snapshot) slots: then snapshot
+    # (source, destination) state slots [n] int64 each, copied in this order: before the step,
+    # resume (prefix cache: snapshot -> state), restore (speculation: its snapshot -> state), keep
+    # (speculation: state -> its snapshot); after it, save (prefix cache: state -> snapshot)
+    resume: tuple[torch.Tensor, torch.Tensor]
+    restore: tuple[torch.Tensor, torch.Tensor]
+    keep: tuple[torch.Tensor, torch.Tensor]
+    save: tuple[torch.Tensor, torch.Tensor]
+    lora_slots: torch.Tensor | None  # [T] int32 each token's LoRA adapter slot (-1: none); None: no adapter
 
 
 @dataclass(slots=True)
@@ -180,15 +192,21 @@ class StepInputs:
         T, B, U = plan.num_tokens, len(chunks), len(upd_rows)
         sample = [i for i, c in enumerate(chunks) if c.sample]
         fresh = [c.state_slot for c in chunks if c.start == 0] if self.state else []
-        restore = [(c.snapshot_slot, c.state_slot) for c in chunks if c.restore_state] if self.state else []
-        keep = [(c.state_slot, c.snapshot_slot) for c in chunks if c.num_drafts] if self.state else []
+        pairs = {"resume": [(c.restore_from, c.state_slot) for c in chunks if c.restore_from >= 0],
+                 "restore": [(c.snapshot_slot, c.state_slot) for c in chunks if c.restore_state],
+                 "keep": [(c.state_slot, c.snapshot_slot) for c in chunks if c.num_drafts],
+                 "save": [(c.state_slot, c.save_to) for c in chunks if c.save_to >= 0]} if self.state else {}
+        lora = any(c.lora_slot >= 0 for c in chunks)
         R = sum(chunks[i].num_drafts + 1 for i in sample)
-        layout = _layout(T, B, R, U, B if self.state else 0, len(fresh), len(restore), len(keep))
+        layout = _layout(T, B, R, U, B if self.state else 0, len(fresh), {k: len(v) for k, v in pairs.items()},
+                         T if lora else 0)
         host = self.uploader.host(layout.nbytes)
         a = layout.arrays(host)
         qsl, o = [0], 0
         for c, seq in zip(chunks, seqs):
             n = len(c.token_ids)
+            if lora:
+                a["lora"][o:o + n] = c.lora_slot
             a["ids"][o:o + n] = c.token_ids
             a["positions"][o:o + n] = range(c.start, c.end) if n > 1 else c.start
             a["slots"][o:o + n] = self._slots(seq, c.start, c.end)
@@ -203,8 +221,8 @@ class StepInputs:
         if self.state:
             a["state"][:] = [c.state_slot for c in chunks]
             a["fresh"][:] = fresh
-            a["restore_src"][:], a["restore_dst"][:] = [p[0] for p in restore], [p[1] for p in restore]
-            a["keep_src"][:], a["keep_dst"][:] = [p[0] for p in keep], [p[1] for p in keep]
+            for name, found in pairs.items():
+                a[f"{name}_src"][:], a[f"{name}_dst"][:] = [p[0] for p in found], [p[1] for p in found]
         f = layout.tensors(self.uploader.upload(host, layout.nbytes))
         self._apply_updates(f, U)
         max_ctx = max(c.end for c in chunks)
@@ -214,8 +232,9 @@ class StepInputs:
                          query_start_loc=f["qsl"], context_lens=f["ctx"],
                          max_query_len=max(len(c.token_ids) for c in chunks), max_context_len=max_ctx,
                          state_indices=f["state"] if self.state else None)
-        return StepTensors(batch, f["ids"], f["logits"], f["fresh"], (f["restore_src"], f["restore_dst"]),
-                           (f["keep_src"], f["keep_dst"]))
+        copies = {name: (f[f"{name}_src"], f[f"{name}_dst"]) for name in _PAIRS}
+        return StepTensors(batch, f["ids"], f["logits"], f["fresh"], **copies,
+                           lora_slots=f["lora"] if lora else None)
 
     # ---- padded decode steps (CUDA graphs) ------------------------------------------------------
     def static(self, max_batch: int, columns: int) -> StaticInputs:
@@ -234,12 +253,12 @@ class StepInputs:
         return static
 
     def fits(self, plan: StepPlan, static: StaticInputs) -> bool:
-        """True when `plan` is a pure-decode step a padded layout of `static` can hold (a chunk at
-        position 0 is a prompt's, whose state is zeroed first; one whose state is rolled back is
-        not either)."""
+        """True when `plan` is a pure-decode step a padded layout of `static` can hold: no chunk at
+        position 0 (a prompt's, whose state is zeroed first), none whose state is copied from or to
+        a snapshot around the step."""
         return (len(plan.chunks) <= static.max_batch
                 and all(len(c.token_ids) == 1 and c.sample and c.start > 0 and not c.restore_state
-                        for c in plan.chunks)
+                        and c.restore_from < 0 and c.save_to < 0 for c in plan.chunks)
                 and sum(len(c.new_blocks) for c in plan.chunks) <= static.max_batch
                 and max(c.end for c in plan.chunks) <= static.tables.shape[1] * self.block_size)
 

@@ -5,14 +5,16 @@ caller's process; in a pipeline each lives in its own process (see comm.py
 and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
 on one micro-batch. Its pools: KV blocks for its full-attention layers and, for
 hybrid models, state slots for its DeltaNet layers (slots of chunks that start
-at position 0 are zeroed before the step runs; under speculative decoding a
-chunk's state is first restored from, then copied to, its snapshot slot). The
-last stage samples, or accepts drafts (pprt.models.speculative). A step's
-tensors come from `StepInputs` (one copy to the device); pure-decode steps
-replay CUDA graphs (graphs.py) unless the spec says `cuda_graphs="off"`. Only
-the last stage waits for the device (for the sampled ids): a non-last stage
-hands its output to the transport, which is ordered after it on the device.
-Knows nothing of tokenization or scheduling.
+at position 0 are zeroed before the step runs; with prefix caching, snapshots
+are restored into slots before it runs and saved from them after it ran; under
+speculative decoding a chunk's state is first restored from, then copied to,
+its own snapshot slot). The last stage samples, or accepts drafts
+(pprt.models.speculative). A step's tensors come from `StepInputs` (one copy
+to the device); pure-decode steps without a LoRA adapter replay CUDA graphs
+(graphs.py) unless the spec says `cuda_graphs="off"`. Only the last stage
+waits for the device (for the sampled ids): a non-last stage hands its output
+to the transport, which is ordered after it on the device. Knows nothing of
+tokenization or scheduling.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import torch
 
 from ..config import ModelConfig
 from ..models.kv import CacheSpec, KVCache, StateCache, StateSpec
+from ..models.lora import LoraBank, merge_lora
 from ..models.sampler import Sampler
 from ..models.speculative import verify
 from ..models.stage import Stage
 from ..weights.checkpoint import CheckpointReader, ModelSource
 from ..weights.loader import load_stage
+from ..weights.lora import LoraAdapter
 from .graphs import DecodeGraphs
 from .step import PoolSizes, StepPlan, StepResult
 from .step_inputs import StepInputs
@@ -50,6 +54,8 @@ class WorkerSpec:
     kv_dtype: torch.dtype | None = None  # None: the model dtype
     block_size: int = 16
     seed: int | None = None
+    max_loras: int = 0  # LoRA adapter slots (0: none)
+    merged_lora: LoraAdapter | None = None  # folded into the float base weights at load
     max_context: int | None = None  # the longest sequence (None: the config's max_position_embeddings)
     max_num_seqs: int = 256  # the most sequences of a step: the largest CUDA graph
     # "auto": CUDA graphs of decode steps on a CUDA device; "off": eager (enforce_eager);
@@ -104,8 +110,12 @@ class Worker:
         t0 = time.perf_counter()
         self.stage = Stage(spec.config, spec.layers)
         rss_before = current_rss_bytes()
+        # LoRA adapters hook q/k/v and gate/up by name: with adapters those stay apart
+        lora = spec.max_loras > 0 or spec.merged_lora is not None
         self.quant_seconds = load_stage(self.stage, CheckpointReader(ModelSource(spec.model)),
-                                        self.device, spec.dtype, spec.quant)
+                                        self.device, spec.dtype, spec.quant, merge=not lora)
+        if spec.merged_lora is not None:
+            merge_lora(self.stage, spec.merged_lora.stage_tensors(spec.layers, self.device, torch.float32))
         self.load_rss_bytes = peak_rss_bytes() - rss_before  # host memory the load took at its peak
         self.load_seconds = time.perf_counter() - t0
         if spec.quant:
@@ -120,6 +130,8 @@ class Worker:
         self.busy_seconds = 0.0
         self.inputs: StepInputs | None = None  # with the pools
         self.graphs: DecodeGraphs | None = None
+        self.loras = LoraBank(self.stage, spec.max_loras, self.device, spec.dtype) if spec.max_loras else None
+        self._lora_step = False  # the step being run has tokens with an adapter
 
     def peak_device_bytes(self) -> int | None:
         """Peak GPU memory this stage allocated (None on CPU)."""
@@ -136,7 +148,7 @@ class Worker:
         padded = mode != "off"
         self.cache = KVCache(self.cache_spec, pools.blocks, self.device, pad_block=padded)
         if self.state_spec is not None and self.state_spec.num_layers and pools.slots:
-            self.state = StateCache(self.state_spec, pools.slots, self.device, pad_slot=padded)
+            self.state = StateCache(self.state_spec, pools.slots + pools.snapshots, self.device, pad_slot=padded)
         max_context = self.spec.max_context or self.spec.config.max_position_embeddings
         columns = -(-max_context // self.spec.block_size)
         self.inputs = StepInputs(self.device, self.spec.block_size, columns, self.cache.pad_block,
@@ -181,18 +193,24 @@ class Worker:
             for new in plan.added:
                 if new.seq_id not in self.sampler:
                     self.sampler.add(new.seq_id, new.params, new.prompt_ids)
-        size = self.graphs.size_for(plan) if self.graphs is not None else None
+        self._apply_loras(plan)
+        size = self.graphs.size_for(plan) if self.graphs is not None and not self._lora_step else None
         if size is not None:
             out = self.graphs.run(plan, x, size)  # every row samples
         else:
             step = self.inputs.build(plan)
+            if self.loras is not None:
+                self.loras.bind(step.lora_slots)
             if self.state is not None:  # sequences (re)starting at position 0 start from zero state
                 self.state.reset(step.fresh_slots)
+                self.state.copy(*step.resume)  # prefix cache: resume from a snapshot
                 # speculation: roll back to the snapshot, then snapshot the state the drafts start from
                 self.state.copy(*step.restore)
                 self.state.copy(*step.keep)
             out = self.stage(step.token_ids if self.stage.is_first else x, step.batch, self.cache, self.state,
                              step.logits_indices if self.stage.is_last else None)
+            if self.state is not None:  # prefix cache: snapshots of the state after this step's tokens
+                self.state.copy(*step.save)
         if not self.stage.is_last:
             self.busy_seconds += time.perf_counter() - t0
             return out
@@ -232,6 +250,18 @@ class Worker:
         return StepResult(plan.step, [c.seq_id for c in sampling], tokens, logprobs, accepted=accepted)
 
 
+    def _apply_loras(self, plan: StepPlan) -> None:
+        """Fill or empty the plan's adapter slots, and note whether a token of the step has an adapter
+        (the tokens' slots travel with the step inputs; such a step runs eagerly)."""
+        for change in plan.loras:
+            if change.adapter is None:
+                self.loras.remove(change.slot)
+            else:
+                tensors = change.adapter.stage_tensors(self.spec.layers, self.device, self.spec.dtype)
+                self.loras.add(change.slot, tensors)  # this stage's layers only
+        self._lora_step = self.loras is not None and any(c.lora_slot >= 0 for c in plan.chunks)
+
+
 def cache_spec(spec: WorkerSpec) -> CacheSpec:
     """The KV pool geometry of a stage: its full-attention layers only."""
     attention, _ = spec.config.layers_of(*spec.layers)
@@ -251,8 +281,9 @@ def state_spec(spec: WorkerSpec) -> StateSpec | None:
 
 def worker_pools(worker: Worker, wanted: PoolSizes) -> PoolSizes:
     """The pools `worker` can hold: `wanted`, or fewer if its GPU has less free memory now (state
-    slots first, as the plan sized them; KV blocks from the rest)."""
-    blocks, slots = wanted.blocks, wanted.slots
+    slots first, as the plan sized them; KV blocks from the rest; snapshot slots, which only make
+    the prefix cache reach further, from what the wanted KV blocks leave)."""
+    blocks, slots, snapshots = wanted.blocks, wanted.slots, wanted.snapshots
     state_bytes = worker.state_spec.bytes_per_slot if worker.state_spec is not None else 0
     if worker.device.type == "cuda":
         free = int(torch.cuda.mem_get_info(worker.device)[0] * GPU_MEMORY_FRACTION)
@@ -261,10 +292,12 @@ def worker_pools(worker: Worker, wanted: PoolSizes) -> PoolSizes:
             free -= slots * state_bytes
         room = worker.cache_spec.blocks_for(free)
         blocks = blocks if room is None else min(blocks, room)
+        if state_bytes:
+            snapshots = min(snapshots, worker.state_spec.slots_for(free - blocks * worker.cache_spec.bytes_per_block))
     if blocks <= 0:
         raise MemoryError(f"{worker.device}: no memory left for a single KV block "
                           f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
     if state_bytes and wanted.slots and slots <= 0:
         raise MemoryError(f"{worker.device}: no memory left for the state of a single sequence "
                           f"({state_bytes} bytes) after the weights")
-    return PoolSizes(blocks, slots)
+    return PoolSizes(blocks, slots, snapshots if slots > 0 else 0)

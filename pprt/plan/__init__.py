@@ -41,7 +41,11 @@ E, k = experts per token, as in QWEN.md):
   min(max_num_seqs, what every stage holds after weights, reserve and the KV of one
   max_context sequence); the KV pool gets the rest. When memory bounds the slots
   below max_num_seqs, the message says so (the engine runs at most that many
-  sequences at once).
+  sequences at once). With prefix caching, `state_snapshots` more slots come
+  next (as many as fit beside the running slots and one max_context
+  sequence's KV and in at most half the memory the running slots leave, at
+  most those wanted): the snapshots of the state the cache resumes from; the
+  KV pool gets the rest.
 
 The cut minimizes the slowest stage's time per decoded token, bytes read / speed,
 where bytes read = layer weights (+ norm and head on the last stage) + KV of one
@@ -97,6 +101,8 @@ def plan(
     speeds: list[float] | None = None,
     suggest: bool = True,
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    state_snapshots: int = 0,
+    lora_layer_bytes: list[int] | None = None,
     cuda_graphs: bool = False,
 ) -> Plan:
     """Cut `config` over `budgets` (one stage per device, in order) and say whether it fits.
@@ -104,6 +110,9 @@ def plan(
     `split` (layers per stage) is validated and checked instead of chosen. `speeds` are relative
     memory bandwidths (equal by default). `max_context` defaults to the model's context limit.
     `max_num_seqs`: sequences the engine may run at once (hybrid models: state slots to hold).
+    `state_snapshots`: hybrid models, state slots wanted beside those for the prefix cache's snapshots.
+    `lora_layer_bytes`: bytes of LoRA adapter slots per decoder layer (pprt.weights.lora.slot_bytes),
+    counted with that layer's weights.
     `cuda_graphs`: the stages capture decode steps up to max_num_seqs rows (their memory is reserved).
     Raises ValueError for bad arguments; a plan that does not fit is returned with fits=False.
     """
@@ -113,6 +122,8 @@ def plan(
                         ("max_num_seqs", max_num_seqs)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if state_snapshots < 0:
+        raise ValueError(f"state_snapshots must be >= 0, got {state_snapshots}")
     limit = context_limit(config)
     max_context = limit if max_context is None else max_context
     if max_context <= 0:
@@ -129,18 +140,23 @@ def plan(
         raise ValueError(f"quant {quant!r} is not supported ({', '.join(QUANTS)})")
     kv_element_bytes(kv_dtype, dtype_bytes)  # validates
     eff_quant = weight_formats(config, quant, group_size)
+    lora = tuple(lora_layer_bytes or ())
+    if lora and (len(lora) != L or min(lora) < 0):
+        raise ValueError(f"lora_layer_bytes needs {L} non-negative entries (one per layer), got {len(lora)}")
 
     costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
-                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, cuda_graphs)
+                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, state_snapshots, lora,
+                   cuda_graphs)
     cut, fits = _cut(costs, None if split is None else list(split))
     bounds = _bounds(cut)
-    num_blocks, num_slots = costs.pools(bounds)
-    stages = tuple(StagePlan(**costs.stage(s, lo, hi, num_slots)) for s, (lo, hi) in enumerate(bounds))
+    num_blocks, num_slots, num_snapshots = costs.pools(bounds)
+    stages = tuple(StagePlan(**costs.stage(s, lo, hi, num_slots + num_snapshots)) for s, (lo, hi) in enumerate(bounds))
     result = Plan(stages, fits, block_size, num_blocks, max_context, limit, eff_quant, kv_dtype, "",
-                  num_slots, max_num_seqs)
+                  num_slots, max_num_seqs, num_snapshots)
     args = dict(quant=quant, kv_dtype=kv_dtype, dtype_bytes=dtype_bytes, block_size=block_size,
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
-                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs)
+                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs,
+                state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes, cuda_graphs=cuda_graphs)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += "\n" + _beyond_limit(config, max_context, limit)

@@ -38,6 +38,8 @@ def _describe(result: Plan) -> str:
     if per_seq:
         text += (f"; recurrent state {per_seq / MiB:,.1f} MiB per sequence on the fullest stage, "
                  f"{result.num_slots} slot(s)")
+        if result.num_snapshots:
+            text += f" and {result.num_snapshots} for prefix-cache state snapshots"
         if result.num_slots < result.max_num_seqs:
             text += (f"\nmax_num_seqs {result.max_num_seqs} is bounded by recurrent-state memory: at most "
                      f"{result.num_slots} sequence(s) run at once")
@@ -49,7 +51,8 @@ def _feasible(config: ModelConfig, budgets: list[DeviceBudget], args: dict, **ch
     a = {**args, **changes}
     costs = _Costs(config, budgets, [1.0] * len(budgets), a["quant"], a["group_size"], a["dtype_bytes"],
                    a["kv_dtype"], a["block_size"], a["max_context"],
-                   a["chunk_size"], a["overhead_bytes"], a["max_num_seqs"], a.get("cuda_graphs", False))
+                   a["chunk_size"], a["overhead_bytes"], a["max_num_seqs"], a.get("state_snapshots", 0),
+                   tuple(a.get("lora_layer_bytes") or ()), a.get("cuda_graphs", False))
     if a["split"] is not None:
         return all(costs.fits(s, lo, hi) for s, (lo, hi) in enumerate(_bounds(list(a["split"]))))
     return len(budgets) <= config.num_layers and _greedy(len(budgets), config.num_layers, costs.fits) is not None
