@@ -94,3 +94,18 @@ def test_plans_follow_admission_order_through_preemption_and_aborts(seed):
     for seq in seqs.values():
         sched.finish(seq, "cancelled")
     assert sched.blocks.num_free == 40 and not sched.running
+
+
+def test_a_sequence_gets_one_chunk_per_plan():
+    """A chunk that ends before the budget does (a prompt's chunk cut short, e.g. at a hybrid's
+    snapshot point) leaves its sequence for the next plan, as the scan over running sequences did."""
+    sched = Scheduler(BlockManager(64, 4), max_context=200, chunk_size=10, max_num_seqs=4)
+    seqs = {s.seq_id: s for s in (sched.add(list(range(1, 30)), GREEDY), sched.add([7, 8], GREEDY))}
+    first = sched.schedule()
+    assert [c.seq_id for c in first.chunks] == [0]  # the whole budget on the first prompt
+    sched.chunk_size = 100  # room for more than one chunk of it
+    cut = sched._chunk
+    sched._chunk = lambda seq, budget, preempt: cut(seq, min(budget, 5), preempt)  # chunks cut short
+    plan = sched.schedule()
+    ids = [c.seq_id for c in plan.chunks]
+    assert len(ids) == len(set(ids)) and ids == [0, 1]

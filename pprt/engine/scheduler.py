@@ -232,20 +232,18 @@ class Scheduler:
         added: list[NewSequence] = []
         budget = self.chunk_size
         limit = max_seqs or self.max_num_seqs
-        skipped = []  # no blocks for them now: they stay ready
+        later = []  # queued again after this plan: no blocks for them now, or a prompt with chunks left
         while budget > 0 and len(chunks) < limit:
             seq = self._pop_ready()
             if seq is None:
                 break
             chunk = self._chunk(seq, budget, preempt=True)
-            if chunk is None:
-                skipped.append(seq)
-                continue
-            chunks.append(chunk)
-            budget -= len(chunk.token_ids)
-            if not chunk.sample:
-                self._mark_ready(seq)  # a prompt with chunks left
-        for seq in skipped:
+            if chunk is None or not chunk.sample:
+                later.append(seq)  # (one chunk per sequence and plan)
+            if chunk is not None:
+                chunks.append(chunk)
+                budget -= len(chunk.token_ids)
+        for seq in later:
             self._mark_ready(seq)
         while self.waiting and budget > 0 and len(chunks) < limit and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
