@@ -24,8 +24,9 @@ from pprt.models.moe import MoE
 
 N = 4
 PROMPTS = [[5, 17, 40, 33, 100, 7], [300, 3, 3, 250]]
-FAMILIES = ["qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen3_5_moe_text",
-            pytest.param("qwen3_next", marks=pytest.mark.slow)]
+SLOW = pytest.mark.slow  # dense families: their merged projections are checked on every test_model run
+FAMILIES = [pytest.param("qwen2", marks=SLOW), pytest.param("qwen3", marks=SLOW), "qwen3_moe", "qwen2_moe",
+            "qwen3_5_moe_text", pytest.param("qwen3_next", marks=SLOW)]
 
 
 def check_structure(stage) -> dict[str, int]:

@@ -60,8 +60,9 @@ def test_graph_sizes():
         graph_sizes(0)
 
 
-@pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]], ids=["1-stage", "2-stages"])
-@pytest.mark.parametrize("batch", [3, 5])
+@pytest.mark.parametrize("devices,batch", [(["cpu"], 3), (["cpu"], 5), (["cpu", "cpu"], 3),
+                                          pytest.param(["cpu", "cpu"], 5, marks=pytest.mark.slow)],
+                         ids=["1-stage-3", "1-stage-5", "2-stages-3", "2-stages-5"])
 def test_padded_decode_equals_eager_and_transformers(qwen3, devices, batch, monkeypatch):
     path, ref = qwen3
     prompts = PROMPTS[:batch]
