@@ -2,10 +2,16 @@
 
 `Sampler` lives on the device holding the logits (logits never leave it) and
 keeps per-sequence state between steps: a token-presence row for repetition
-penalty (prompt + generated) and, for seeded requests, a private generator.
+penalty (prompt + generated), a row of generated-token counts for presence and
+frequency penalties, and, for seeded requests, a private generator.
 Per step and per row, in the order transformers and vLLM use:
 
-    repetition penalty (HF rule) -> temperature -> top_k -> top_p -> min_p -> draw
+    repetition penalty (HF rule) -> presence / frequency penalties (OpenAI rule)
+        -> temperature -> top_k -> top_p -> min_p -> draw
+
+The OpenAI rule (platform.openai.com, "Parameter details" of the API guide, as
+vLLM applies it): logit[v] -= frequency_penalty * c[v] + presence_penalty * (c[v] > 0),
+where c[v] counts v among the tokens generated so far (not the prompt).
 
 Greedy rows (`SamplingParams.greedy`: temperature 0, or below
 GREEDY_TEMPERATURE) take the argmax of the penalized logits. Draws use the
@@ -42,7 +48,30 @@ class SampleOutput:
 class _SeqState:
     params: SamplingParams
     slot: int | None  # row of the presence pool; None when repetition_penalty == 1
+    count_slot: int | None  # row of the counts pool; None when presence and frequency penalties are 0
     generator: torch.Generator | None  # only for seeded requests
+
+
+class _RowPool:
+    """Rows of a [slots, V] tensor handed to sequences; a returned row is zeroed. Grows geometrically."""
+
+    def __init__(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows = torch.zeros(0, vocab_size, dtype=dtype, device=device)  # [slots, V]
+        self._free: list[int] = []
+
+    def take(self) -> int:
+        if not self._free:
+            old, V = self.rows.shape
+            new = max(4, 2 * old)
+            grown = torch.zeros(new, V, dtype=self.rows.dtype, device=self.rows.device)
+            grown[:old] = self.rows
+            self.rows = grown
+            self._free = list(range(new - 1, old - 1, -1))
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self.rows[slot] = 0
+        self._free.append(slot)
 
 
 class Sampler:
@@ -54,9 +83,10 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self._seqs: dict[int, _SeqState] = {}
-        # one row per penalized sequence: has token v appeared (prompt or generated)
-        self._presence = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)  # [slots, V]
-        self._free_slots: list[int] = []
+        # one row per repetition-penalized sequence: has token v appeared (prompt or generated)
+        self._presence = _RowPool(vocab_size, torch.bool, self.device)  # [slots, V]
+        # one row per presence/frequency-penalized sequence: how often v was generated
+        self._counts = _RowPool(vocab_size, torch.float32, self.device)  # [slots, V]
         self._gen = torch.Generator(device=self.device)  # for rows without a seed
         if seed is None:
             self._gen.seed()
@@ -73,13 +103,16 @@ class Sampler:
             ids = torch.as_tensor(prompt_ids, dtype=torch.long).to(self.device)
             if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
                 raise ValueError(f"seq {seq_id}: prompt_ids must lie in [0, {self.vocab_size})")
-            slot = self._take_slot()
-            self._presence[slot, ids] = True
+            slot = self._presence.take()
+            self._presence.rows[slot, ids] = True
+        count_slot = None
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            count_slot = self._counts.take()
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed)
-        self._seqs[seq_id] = _SeqState(params, slot, gen)
+        self._seqs[seq_id] = _SeqState(params, slot, count_slot, gen)
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seqs
@@ -87,18 +120,9 @@ class Sampler:
     def remove(self, seq_id: int) -> None:
         state = self._seqs.pop(seq_id)
         if state.slot is not None:
-            self._presence[state.slot] = False
-            self._free_slots.append(state.slot)
-
-    def _take_slot(self) -> int:
-        if not self._free_slots:  # grow the pool geometrically
-            old = self._presence.shape[0]
-            new = max(4, 2 * old)
-            grown = torch.zeros(new, self.vocab_size, dtype=torch.bool, device=self.device)
-            grown[:old] = self._presence
-            self._presence = grown
-            self._free_slots = list(range(new - 1, old - 1, -1))
-        return self._free_slots.pop()
+            self._presence.give_back(state.slot)
+        if state.count_slot is not None:
+            self._counts.give_back(state.count_slot)
 
     @torch.no_grad()
     def sample(self, seq_ids: list[int], logits: torch.Tensor) -> SampleOutput:
@@ -149,19 +173,30 @@ class Sampler:
         return torch.where(torch.tensor(greedy).to(self.device), argmax, drawn)
 
     def _penalize(self, raw: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
-        """HF repetition penalty: seen tokens' logits divided by the penalty if > 0, multiplied if < 0."""
+        """The penalties on a copy of `raw` [B, V] (raw itself is left as is):
+        HF repetition penalty (seen tokens' logits divided by the penalty if > 0, multiplied if < 0),
+        then OpenAI presence and frequency penalties (subtracted, by generated counts)."""
+        out = raw
         rows = [i for i, s in enumerate(states) if s.slot is not None]
-        if not rows:
-            return raw
-        rows_t = torch.tensor(rows).to(self.device)
-        slots = torch.tensor([states[i].slot for i in rows]).to(self.device)
-        pen = torch.tensor([states[i].params.repetition_penalty for i in rows], dtype=torch.float32)
-        pen = pen.to(self.device)[:, None]  # [R, 1]
-        sub = raw[rows_t]  # [R, V]
-        seen = self._presence[slots]  # [R, V]
-        sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
-        out = raw.clone()
-        out[rows_t] = sub
+        if rows:
+            rows_t = torch.tensor(rows).to(self.device)
+            slots = torch.tensor([states[i].slot for i in rows]).to(self.device)
+            pen = torch.tensor([states[i].params.repetition_penalty for i in rows], dtype=torch.float32)
+            pen = pen.to(self.device)[:, None]  # [R, 1]
+            sub = out[rows_t]  # [R, V]
+            seen = self._presence.rows[slots]  # [R, V]
+            out = out.clone()
+            out[rows_t] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+        rows = [i for i, s in enumerate(states) if s.count_slot is not None]
+        if rows:
+            rows_t = torch.tensor(rows).to(self.device)
+            slots = torch.tensor([states[i].count_slot for i in rows]).to(self.device)
+            pen = torch.tensor([[states[i].params.frequency_penalty, states[i].params.presence_penalty]
+                                for i in rows], dtype=torch.float32).to(self.device)  # [R, 2]
+            counts = self._counts.rows[slots]  # [R, V]
+            sub = out[rows_t] - pen[:, :1] * counts - pen[:, 1:] * (counts > 0)
+            out = out.clone() if out is raw else out
+            out[rows_t] = sub
         return out
 
     def _logprobs(
@@ -185,11 +220,15 @@ class Sampler:
         return out
 
     def _record(self, tokens: torch.Tensor, states: list[_SeqState]) -> None:
-        """Append each penalized row's new token to its presence row."""
+        """Add each penalized row's new token to its presence row and its counts row."""
         rows = [i for i, s in enumerate(states) if s.slot is not None]
         if rows:
             slots = torch.tensor([states[i].slot for i in rows]).to(self.device)
-            self._presence[slots, tokens[torch.tensor(rows).to(self.device)]] = True
+            self._presence.rows[slots, tokens[torch.tensor(rows).to(self.device)]] = True
+        rows = [i for i, s in enumerate(states) if s.count_slot is not None]
+        if rows:  # one token per row: (slot, token) pairs are distinct
+            slots = torch.tensor([states[i].count_slot for i in rows]).to(self.device)
+            self._counts.rows[slots, tokens[torch.tensor(rows).to(self.device)]] += 1
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_k: int | None) -> torch.Tensor:
