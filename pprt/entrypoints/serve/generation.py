@@ -1,0 +1,293 @@
+"""The two generation endpoints: a validated request becomes engine requests, their outputs the OpenAI answer.
+
+`POST /v1/completions` and `POST /v1/chat/completions`, streamed (server-sent
+events) or not. A request turns into `n` engine requests per prompt, all
+submitted at once so they join the running batch; choice j of a seeded
+request draws with seed + j. Without max_tokens a choice may generate up to
+the rest of the context (what the KV pool can hold for it). A chat reply
+goes through the output parser (reasoning, content, tool calls); its
+finish_reason is "tool_calls" when it called a tool and stopped.
+
+Errors before the first byte are HTTP errors (RequestError); once a stream
+has started, an error ends it with an `{"error": ...}` event.
+
+Knows nothing about routing, authentication or the body's transport.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ...errors import RequestTooLarge, StageFailed
+from ...params import SEED_LIMIT, SamplingParams
+from ...engine.async_llm import RequestStream
+from .chat import ChatPrompt, build_chat_prompt
+from .metrics import ServerMetrics
+from .models import ServedModel
+from .output_parser import Content, OutputParser, Reasoning
+from .protocol import ChatCompletionRequest, CompletionRequest, RequestError, _SamplingRequest
+from .responses import (SSE_DONE, Envelope, LogprobFormatter, new_id, sse, tool_call_deltas, tool_call_json,
+                        usage)
+from .tool_formats import ToolCall
+
+
+def check_prompt(served: ServedModel, ids: list[int], param: str) -> None:
+    """400 naming both numbers when the prompt leaves no room to generate."""
+    limit = served.llm.max_context
+    if len(ids) >= limit:
+        raise RequestError(400, f"the prompt has {len(ids)} tokens, but model {served.name!r} has a max_context of "
+                           f"{limit} tokens (at most {limit - 1} prompt tokens, to generate one)", param)
+
+
+def sampling(req: _SamplingRequest, served: ServedModel, prompt_len: int, limit: int | None,
+             logprobs: int | None, choice: int) -> SamplingParams:
+    """The SamplingParams of one choice (RequestError 400 for what SamplingParams refuses)."""
+    if limit is None:  # the rest of the context, as far as the KV pool can hold this sequence
+        blocks = served.llm.blocks
+        limit = max(1, min(served.llm.max_context, blocks.num_blocks * blocks.block_size + 1) - prompt_len)
+    seed = None if req.seed is None else (req.seed + choice) % SEED_LIMIT
+    try:
+        return SamplingParams(
+            max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, seed=seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos, logprobs=logprobs)
+    except ValueError as e:
+        field_name = str(e).split(" ", 1)[0]
+        raise RequestError(400, str(e), field_name) from None
+
+
+@dataclass(slots=True)
+class Run:
+    """The engine requests of one HTTP request: admission, latency metrics, failure of the model."""
+
+    served: ServedModel
+    metrics: ServerMetrics
+    stream: RequestStream
+    prompt_param: str
+    started: float = field(default_factory=time.monotonic)
+    waiting: set[int] = field(default_factory=set)  # choices without a first token yet
+    last: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, served: ServedModel, metrics: ServerMetrics, requests: list, prompt_param: str) -> Run:
+        """Submit `requests` (all or none); RequestError 400 for a refused prompt, 503 for a model
+        that does not serve or has too many requests waiting."""
+        served.check_up()
+        served.admit(len(requests))
+        try:
+            stream = served.engine.submit(requests)
+        except BaseException as e:
+            served.waiting -= len(requests)
+            if isinstance(e, (RequestTooLarge, ValueError)):
+                raise RequestError(400, str(e), prompt_param) from None
+            if isinstance(e, RuntimeError):  # the engine loop has ended (a stage died)
+                served.fail(e)
+                raise RequestError(503, f"model {served.name!r} is not available: {e}", "model",
+                                   kind="service_unavailable") from None
+            raise
+        return cls(served, metrics, stream, prompt_param, waiting=set(range(len(requests))))
+
+    async def outputs(self) -> AsyncIterator:
+        """(choice, RequestOutput) as they come; the model is marked failed when a stage fails."""
+        try:
+            async for index, out in self.stream:
+                self._observe(index, out)
+                yield index, out
+        except StageFailed as e:
+            self.served.fail(e)
+            raise RequestError(503, f"model {self.served.name!r} failed: {e}", "model",
+                               kind="service_unavailable") from None
+        finally:
+            self.stream.cancel()
+            self.served.waiting -= len(self.waiting)
+            self.waiting.clear()
+
+    def _observe(self, index: int, out) -> None:
+        now, name = time.monotonic(), self.served.name
+        if index in self.waiting:
+            self.waiting.discard(index)
+            self.served.waiting -= 1
+            if out.token_ids:
+                self.metrics.time_to_first_token.labels(name).observe(now - self.started)
+        elif out.token_ids and index in self.last:
+            self.metrics.inter_token_latency.labels(name).observe((now - self.last[index]) / len(out.token_ids))
+        self.last[index] = now
+
+
+# ---- /v1/completions -------------------------------------------------------------------------------
+
+def completion_prompts(req: CompletionRequest, served: ServedModel) -> list[list[int]]:
+    prompts = req.prompt
+    if isinstance(prompts, str) or prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    ids = []
+    for i, p in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            if served.llm.tokenizer is None:
+                raise RequestError(400, f"model {served.name!r} has no tokenizer: give the prompt as token ids", param)
+            p = served.llm.tokenizer.encode(p)
+        check_prompt(served, p, param)
+        ids.append(p)
+    return ids
+
+
+def start_completion(req: CompletionRequest, served: ServedModel, metrics: ServerMetrics) -> tuple[Run, list]:
+    served.check_up()
+    prompts = completion_prompts(req, served)
+    requests = [(ids, sampling(req, served, len(ids), req.max_tokens, req.logprobs, j))
+                for ids in prompts for j in range(req.n)]
+    return Run.start(served, metrics, requests, "prompt"), prompts
+
+
+async def completion_result(req: CompletionRequest, run: Run, prompts: list) -> dict:
+    env = Envelope("text_completion", req.model)
+    fmt = LogprobFormatter(run.served.llm.tokenizer)
+    done = {}
+    async for index, out in run.outputs():
+        if out.finished:
+            done[index] = out.completion
+    choices = []
+    for index in sorted(done):
+        c = done[index]
+        logprobs = fmt.completion(c.token_ids, c.logprobs, req.logprobs, 0) if req.logprobs is not None else None
+        choices.append({"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+    generated = sum(len(c.token_ids) for c in done.values())
+    return env.wrap(choices, usage=usage(sum(len(p) for p in prompts), generated))
+
+
+async def completion_events(req: CompletionRequest, run: Run, prompts: list) -> AsyncIterator[bytes]:
+    env = Envelope("text_completion", req.model)
+    fmt = LogprobFormatter(run.served.llm.tokenizer)
+    offsets: dict[int, int] = {}
+    generated = 0
+    async for index, out in _guarded(run):
+        if isinstance(out, bytes):
+            yield out
+            return
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = fmt.completion(list(out.token_ids), list(out.logprobs or ()), req.logprobs,
+                                      offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + len(out.text)
+        generated += len(out.token_ids)
+        reason = out.completion.finish_reason if out.finished else None
+        yield sse(env.wrap([{"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": reason}]))
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse(env.wrap([], usage=usage(sum(len(p) for p in prompts), generated)))
+    yield SSE_DONE
+
+
+# ---- /v1/chat/completions ---------------------------------------------------------------------------
+
+def start_chat(req: ChatCompletionRequest, served: ServedModel, metrics: ServerMetrics) -> tuple[Run, ChatPrompt, int]:
+    llm = served.check_up()
+    if llm.tokenizer is None:
+        raise RequestError(400, f"model {served.name!r} has no tokenizer: use /v1/completions with token ids",
+                           "messages")
+    prompt = build_chat_prompt(llm.tokenizer, req, served.tool_format)
+    ids = llm.tokenizer.encode(prompt.text)
+    check_prompt(served, ids, "messages")
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    requests = [(ids, sampling(req, served, len(ids), req.completion_limit, top, j)) for j in range(req.n)]
+    return Run.start(served, metrics, requests, "messages"), prompt, len(ids)
+
+
+@dataclass(slots=True)
+class _Reply:
+    """One choice of a chat reply as it streams."""
+
+    parser: OutputParser
+    calls: list[tuple[str, ToolCall]] = field(default_factory=list)  # (id, call)
+
+    def deltas(self, events: list) -> list[dict]:
+        out = []
+        for e in events:
+            if isinstance(e, Reasoning):
+                out.append({"reasoning_content": e.text})
+            elif isinstance(e, Content):
+                out.append({"content": e.text})
+            else:
+                call_id = new_id("call")
+                out += tool_call_deltas(e, len(self.calls), call_id)
+                self.calls.append((call_id, e))
+        return out
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self.calls and reason == "stop" else reason
+
+
+async def chat_result(req: ChatCompletionRequest, run: Run, prompt: ChatPrompt, prompt_len: int) -> dict:
+    env = Envelope("chat.completion", req.model)
+    fmt = LogprobFormatter(run.served.llm.tokenizer)
+    done = {}
+    async for index, out in run.outputs():
+        if out.finished:
+            done[index] = out.completion
+    choices = []
+    for index in sorted(done):
+        c = done[index]
+        reply = _Reply(prompt.parser(run.served.reasoning))
+        events = reply.parser.push(c.text) + reply.parser.finish()
+        reply.deltas(events)
+        reasoning = "".join(e.text for e in events if isinstance(e, Reasoning)) or None
+        content = "".join(e.text for e in events if isinstance(e, Content)) or None
+        # OpenAI: content is null beside tool calls, a string otherwise
+        message = {"role": "assistant", "content": content if content is not None or reply.calls else ""}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        if reply.calls:
+            message["tool_calls"] = [tool_call_json(call, call_id) for call_id, call in reply.calls]
+        logprobs = {"content": fmt.chat(c.token_ids, c.logprobs, req.top_logprobs or 0)} if req.logprobs else None
+        choices.append({"index": index, "message": message, "logprobs": logprobs,
+                        "finish_reason": reply.finish_reason(c.finish_reason)})
+    generated = sum(len(c.token_ids) for c in done.values())
+    return env.wrap(choices, usage=usage(prompt_len, generated))
+
+
+async def chat_events(req: ChatCompletionRequest, run: Run, prompt: ChatPrompt, prompt_len: int
+                      ) -> AsyncIterator[bytes]:
+    env = Envelope("chat.completion.chunk", req.model)
+    fmt = LogprobFormatter(run.served.llm.tokenizer)
+    replies = {j: _Reply(prompt.parser(run.served.reasoning)) for j in range(req.n)}
+    for j in range(req.n):
+        yield sse(env.wrap([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}]))
+    generated = 0
+    async for index, out in _guarded(run):
+        if isinstance(out, bytes):
+            yield out
+            return
+        reply = replies[index]
+        generated += len(out.token_ids)
+        deltas = reply.deltas(reply.parser.push(out.text) + (reply.parser.finish() if out.finished else []))
+        logprobs = None
+        if req.logprobs and out.token_ids:
+            logprobs = {"content": fmt.chat(list(out.token_ids), list(out.logprobs or ()), req.top_logprobs or 0)}
+        if logprobs is not None and not deltas:
+            deltas = [{}]
+        for k, delta in enumerate(deltas):
+            yield sse(env.wrap([{"index": index, "delta": delta, "logprobs": logprobs if k == 0 else None,
+                                 "finish_reason": None}]))
+        if out.finished:
+            reason = reply.finish_reason(out.completion.finish_reason)
+            yield sse(env.wrap([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse(env.wrap([], usage=usage(prompt_len, generated)))
+    yield SSE_DONE
+
+
+async def _guarded(run: Run) -> AsyncIterator:
+    """run.outputs(), with an error once streaming has begun turned into (None, the last bytes to send):
+    an error event and [DONE]."""
+    try:
+        async for item in run.outputs():
+            yield item
+    except RequestError as e:
+        yield None, sse(e.body()) + SSE_DONE
+    except Exception as e:  # a step that raised: this request ends, the server goes on
+        yield None, sse(RequestError(500, f"generation failed: {type(e).__name__}: {e}", None,
+                                     kind="server_error").body()) + SSE_DONE

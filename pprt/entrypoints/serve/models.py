@@ -1,0 +1,124 @@
+"""The models one server serves, each an LLM on its own devices, found by the request's `model`.
+
+`ModelSpec` is what the command line says about one model (its own
+devices, so `--model A --devices cuda:0 --model B --devices cuda:1` puts one
+model on each card; each model's stages are its own processes). `load_models`
+builds an LLM per spec; a model that fails to load is kept as failed, and a
+model whose engine stops later (a stage died) becomes failed when a request
+finds it so: both answer 503 while the others serve. `ServedModel.admit`
+counts the requests that have not produced a first token yet, the ones a
+full server would keep waiting, against --max-waiting.
+
+Knows nothing about HTTP routing or the OpenAI shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ... import LLM
+from ...engine.async_llm import AsyncLLM
+from ...engine.stats import Stats
+from .chat import pick_tool_format
+from .output_parser import THINK_CLOSE
+from .protocol import RequestError
+from .tool_formats import ToolFormat
+
+log = logging.getLogger("pprt.serve")
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    """One --model and the options after it."""
+
+    model: str
+    name: str | None = None  # --served-model-name (default: the --model argument)
+    devices: list[str] | None = None
+    options: dict = field(default_factory=dict)  # other LLM(...) keyword arguments
+    tool_call_parser: str | None = None  # "hermes" or "xml" (default: from the chat template)
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.model
+
+
+@dataclass(slots=True, eq=False)
+class ServedModel:
+    name: str
+    llm: LLM | None
+    error: str | None = None  # why it does not serve (load failure, or its engine stopped)
+    tool_format: ToolFormat | None = None
+    reasoning: bool = False  # the tokenizer has </think>: replies may hold reasoning
+    max_waiting: int = 256
+    waiting: int = 0  # admitted requests without a first token yet
+    engine: AsyncLLM | None = None
+
+    def __post_init__(self) -> None:
+        if self.llm is not None:
+            self.engine = AsyncLLM(self.llm)
+
+    @property
+    def up(self) -> bool:
+        return self.llm is not None and self.error is None
+
+    def check_up(self) -> LLM:
+        """The LLM, or RequestError 503 when the model does not serve."""
+        if not self.up:
+            raise RequestError(503, f"model {self.name!r} is not available: {self.error}", "model",
+                               kind="service_unavailable")
+        return self.llm
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the model failed (its engine loop ended)."""
+        if self.error is None:
+            self.error = f"{type(error).__name__}: {error}"
+            log.error("model %r stopped serving: %s", self.name, self.error)
+
+    def admit(self, requests: int = 1) -> None:
+        """Count `requests` as waiting, or RequestError 503 with Retry-After when too many are."""
+        if self.waiting + requests > self.max_waiting:
+            raise RequestError(503, f"model {self.name!r} has {self.waiting} requests waiting "
+                               f"(--max-waiting {self.max_waiting}): retry later", None,
+                               kind="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.waiting += requests
+
+    def stats(self) -> Stats | None:
+        """LLM.stats() (blocking), None while the model does not serve."""
+        if not self.up:
+            return None
+        try:
+            return self.llm.stats()
+        except RuntimeError as e:  # the engine loop ended since
+            self.fail(e)
+            return None
+
+
+def serve_model(name: str, llm: LLM, tool_call_parser: str | None, max_waiting: int) -> ServedModel:
+    """Wrap a loaded LLM: its tool-call format and whether it reasons come from its tokenizer."""
+    tok = llm.tokenizer
+    tool_format = pick_tool_format(tok, llm.config.model_type, tool_call_parser) if tok is not None else None
+    reasoning = tok is not None and tok.token_to_id(THINK_CLOSE) is not None
+    return ServedModel(name, llm, tool_format=tool_format, reasoning=reasoning, max_waiting=max_waiting)
+
+
+def load_models(specs: list[ModelSpec], max_waiting: int,
+                build: Callable[..., LLM] = LLM) -> dict[str, ServedModel]:
+    """An LLM per spec, in order; one that fails is kept as failed (logged), the others load."""
+    served: dict[str, ServedModel] = {}
+    for spec in specs:
+        name = spec.served_name
+        if name in served:
+            raise ValueError(f"two models are served as {name!r}: give each its own --served-model-name")
+        try:
+            llm = build(spec.model, devices=spec.devices, **spec.options)
+        except Exception as e:
+            log.error("model %r (%s) failed to load: %s", name, spec.model, e)
+            served[name] = ServedModel(name, None, error=f"it failed to load: {type(e).__name__}: {e}",
+                                       max_waiting=max_waiting)
+            continue
+        served[name] = serve_model(name, llm, spec.tool_call_parser, max_waiting)
+        log.info("model %r ready (%s on %s)", name, spec.model, ", ".join(spec.devices or ["default devices"]))
+    return served
