@@ -38,19 +38,27 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 class EventStream(StreamingResponse):
     """Server-sent events that stop when the client disconnects, whatever ASGI spec version the
-    server speaks (Starlette notices a gone client only at the next write under spec 2.4)."""
+    server speaks (Starlette notices a gone client only at the next write under spec 2.4);
+    `on_close` runs however the response ends, even one that never started."""
 
     media_type = "text/event-stream"
 
-    async def __call__(self, scope, receive, send) -> None:
-        async with anyio.create_task_group() as group:
-            async def respond() -> None:
-                await self.stream_response(send)
-                group.cancel_scope.cancel()
+    def __init__(self, body, on_close) -> None:
+        super().__init__(body)
+        self._on_close = on_close
 
-            group.start_soon(respond)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def respond() -> None:
+                    await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(respond)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            self._on_close()
 
 
 class Server:
@@ -95,7 +103,7 @@ class Server:
         served = self._model(req.model)
         run, prompts = start_completion(req, served, self.metrics)
         if req.stream:
-            return EventStream(completion_events(req, run, prompts))
+            return EventStream(completion_events(req, run, prompts), run.close)
         return await _unless_disconnected(request, run, completion_result(req, run, prompts))
 
     async def chat(self, request: Request) -> Response:
@@ -104,7 +112,7 @@ class Server:
         served = self._model(req.model)
         run, prompt, prompt_len = start_chat(req, served, self.metrics)
         if req.stream:
-            return EventStream(chat_events(req, run, prompt, prompt_len))
+            return EventStream(chat_events(req, run, prompt, prompt_len), run.close)
         return await _unless_disconnected(request, run, chat_result(req, run, prompt, prompt_len))
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ async def _unless_disconnected(request: Request, run, result) -> Response:
         gone.cancel()
         if not work.done():
             work.cancel()
-            run.stream.cancel()
+        run.close()
     if not work.done() or work.cancelled():
         return Response(status_code=499)  # nobody is there to read it
     return JSONResponse(work.result())

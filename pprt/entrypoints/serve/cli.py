@@ -7,7 +7,7 @@
 Each --model starts a model; the options after it (--devices, --served-model-name,
 --split, --dtype, --quant, --kv-dtype, --max-context, --kv-cache-memory,
 --tool-call-parser) are that model's, so each model can have its own cards. Without --model the
-bundled demo model is served. The server binds 127.0.0.1 unless --host says otherwise;
+bundled demo model is served (as "demo"). The server binds 127.0.0.1 unless --host says otherwise;
 --port 0 picks a free port. Once it listens it prints one line to stdout:
 `pprt.serve: serving NAME[, NAME] at http://HOST:PORT`.
 
@@ -109,7 +109,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     specs = []
     for raw in args.models or [{"model": None}]:
         raw = dict(raw)
-        model = raw.pop("model") or str(demo_model_path())
+        model = raw.pop("model")
+        if model is None:  # the bundled demo model, served as "demo" unless named
+            model = str(demo_model_path())
+            raw.setdefault("name", "demo")
         devices = raw.pop("devices", None)
         devices = [d.strip() for d in devices.split(",")] if devices else None
         if devices is not None and not all(devices):

@@ -101,9 +101,13 @@ class Run:
             raise RequestError(503, f"model {self.served.name!r} failed: {e}", "model",
                                kind="service_unavailable") from None
         finally:
-            self.stream.cancel()
-            self.served.waiting -= len(self.waiting)
-            self.waiting.clear()
+            self.close()
+
+    def close(self) -> None:
+        """Cancel what still runs and stop counting it as waiting (idempotent)."""
+        self.stream.cancel()
+        self.served.waiting -= len(self.waiting)
+        self.waiting.clear()
 
     def _observe(self, index: int, out) -> None:
         now, name = time.monotonic(), self.served.name
