@@ -10,6 +10,7 @@ answer is compared with what the library computes for the same greedy request
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from pprt.entrypoints.serve.output_parser import parse  # noqa: E402
 
 KEY = "sk-test-key"
 TINY_CONTEXT = 96
+BODY_LIMIT = 100_000
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef walk(path):", "class Stack:\n    def push(self, item):"]
 
 
@@ -46,7 +48,8 @@ def server(tiny, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     with running_server("--model", str(demo_model_path()), "--served-model-name", "demo", "--devices", "cpu",
                         "--model", str(tiny), "--served-model-name", "tiny", "--devices", "cpu,cpu",
-                        "--max-context", str(TINY_CONTEXT), "--api-key", KEY, log=log) as (url, proc):
+                        "--max-context", str(TINY_CONTEXT), "--api-key", KEY, "--max-body-bytes", str(BODY_LIMIT),
+                        log=log) as (url, proc):
         yield url
 
 
@@ -333,9 +336,32 @@ def test_api_key_body_limit_and_routes(server):
     assert code == 401 and answer["error"]["type"] == "authentication_error"
     assert get(server, "/v1/models", key=None)[0] == 401
     assert get(server, "/health", key=None)[0] == 200  # probes and scrapers need no key
-    code, _, answer = _post(server, "/v1/completions", {**COMP, "prompt": "x" * (9 * 2**20)})
-    assert code == 413 and "limit" in answer["error"]["message"]
+    body = json.dumps({**COMP, "prompt": "x" * (BODY_LIMIT + 10)}).encode()
+    for chunked in (False, True):  # a declared Content-Length, and a chunked body counted as it is read
+        code, answer = _send_big(server, body, chunked)
+        assert code == 413 and f"limit of {BODY_LIMIT}" in answer["error"]["message"]
     assert get(server, "/v1/nothing")[0] == 404
+
+
+def _send_big(url: str, body: bytes, chunked: bool) -> tuple[int, dict]:
+    """POST `body` and read the answer, which may come (and the connection close) before it is all sent."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Authorization", f"Bearer {KEY}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(body)))))
+    conn.endheaders()
+    try:
+        for i in range(0, len(body), 65536):
+            piece = body[i:i + 65536]
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            conn.send(b"0\r\n\r\n")
+    except OSError:  # the server answered and hung up first
+        pass
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
 
 
 def test_prompt_over_the_context_names_both_numbers(client, library):
