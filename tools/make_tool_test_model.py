@@ -126,7 +126,7 @@ def train(model, tok: Tokenizer, convs: list[dict], steps: int) -> int:
 @torch.no_grad()
 def _greedy(model, prompt: list[int], n: int) -> list[int]:
     model.eval()
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
     return out[0, len(prompt):].tolist()
 
 

@@ -215,7 +215,7 @@ class _Reply:
             elif isinstance(e, Content):
                 out.append({"content": e.text})
             else:
-                call_id = new_id("call")
+                call_id = new_id("call_")
                 out += tool_call_deltas(e, len(self.calls), call_id)
                 self.calls.append((call_id, e))
         return out

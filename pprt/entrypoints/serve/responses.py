@@ -21,7 +21,8 @@ from .tool_formats import ToolCall
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
+    """An id as OpenAI writes them: "cmpl-...", "chatcmpl-...", "call_..."."""
+    return prefix + secrets.token_hex(12)
 
 
 def sse(payload: dict | str) -> bytes:
@@ -44,8 +45,11 @@ class Envelope:
 
     kind: str  # "chat.completion", "chat.completion.chunk" or "text_completion"
     model: str
-    id: str = field(default_factory=lambda: new_id("cmpl"))
+    id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or new_id("chatcmpl-" if self.kind.startswith("chat") else "cmpl-")
 
     def wrap(self, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
