@@ -134,6 +134,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> int:
     args, specs = parse_args(argv)
+    from ...distributed.stage_main import torchrun_rank
+
+    if torchrun_rank() is not None:
+        print("python -m pprt.serve: error: serving under torchrun is not supported: start the server as a "
+              "plain program (each model's stages are its own processes)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvicorn

@@ -27,7 +27,7 @@ from .chat import ChatPrompt, build_chat_prompt
 from .metrics import ServerMetrics
 from .models import ServedModel
 from .output_parser import Content, OutputParser, Reasoning
-from .protocol import ChatCompletionRequest, CompletionRequest, RequestError, _SamplingRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, RequestError, SamplingRequest
 from .responses import (SSE_DONE, Envelope, LogprobFormatter, new_id, sse, tool_call_deltas, tool_call_json,
                         usage)
 from .tool_formats import ToolCall
@@ -41,7 +41,7 @@ def check_prompt(served: ServedModel, ids: list[int], param: str) -> None:
                            f"{limit} tokens (at most {limit - 1} prompt tokens, to generate one)", param)
 
 
-def sampling(req: _SamplingRequest, served: ServedModel, prompt_len: int, limit: int | None,
+def sampling(req: SamplingRequest, served: ServedModel, prompt_len: int, limit: int | None,
              logprobs: int | None, choice: int) -> SamplingParams:
     """The SamplingParams of one choice (RequestError 400 for what SamplingParams refuses)."""
     if limit is None:  # the rest of the context, as far as the KV pool can hold this sequence

@@ -62,6 +62,8 @@ class ServedModel:
 
     @property
     def up(self) -> bool:
+        if self.error is None and self.llm is not None and self.llm.executor is None:
+            self.error = "its engine has stopped (a stage failed)"  # the LLM closes its stages when one fails
         return self.llm is not None and self.error is None
 
     def check_up(self) -> LLM:

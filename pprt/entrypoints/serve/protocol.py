@@ -79,7 +79,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Strict):
+class SamplingRequest(_Strict):
     """The fields both endpoints share."""
 
     model: str
@@ -115,7 +115,7 @@ class _SamplingRequest(_Strict):
         return self
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     """`POST /v1/completions`: one prompt (text or token ids) or a list of them."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -197,7 +197,7 @@ class ResponseFormat(_Strict):
     type: Literal["text"]
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions`."""
 
     messages: list[Message] = Field(min_length=1)
