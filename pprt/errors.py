@@ -16,7 +16,14 @@ class CheckpointError(RuntimeError):
 
 
 class StageFailed(RuntimeError):
-    """A stage process raised, died or stopped answering; the message names the stage."""
+    """A stage process raised, died or stopped answering; the message names the stage.
+
+    `stage` is that stage's index (None when no single stage could be named).
+    """
+
+    def __init__(self, message: str, stage: int | None = None):
+        super().__init__(message)
+        self.stage = stage
 
 
 class RequestTooLarge(ValueError):

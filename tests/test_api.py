@@ -1,8 +1,10 @@
 """The public API: prompt forms, streaming, chat, stop rules, seeds, logprobs, defaults."""
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -149,10 +151,10 @@ def test_interrupt_while_waiting_and_a_failing_step_leave_the_llm_usable(llm, mo
     real_result, real_execute = llm.executor.result, llm.executor.worker.execute
     calls = {"result": 0, "execute": 0}
 
-    def interrupted_once():  # Ctrl-C while blocked on a result: the result stays queued
+    def interrupted_once():  # Ctrl-C reaches the caller's thread while the engine loop waits on a result
         calls["result"] += 1
         if calls["result"] == 3:
-            raise KeyboardInterrupt
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         return real_result()
 
     monkeypatch.setattr(llm.executor, "result", interrupted_once)
@@ -170,7 +172,9 @@ def test_interrupt_while_waiting_and_a_failing_step_leave_the_llm_usable(llm, mo
     with pytest.raises(RuntimeError, match="simulated"):
         llm.generate(["abc", "hello"], GREEDY)
     assert [c.token_ids for c in llm.generate(["abc", "hello"], GREEDY)] == [c.token_ids for c in expected]
-    assert llm.blocks.num_free == total and not llm.scheduler.running and not llm._seqs
+    stats = llm.stats()
+    assert llm.blocks.num_free == total and stats.kv_blocks_used == 0
+    assert stats.requests_running == stats.requests_waiting == 0
 
 
 # ---- arguments are checked before anything is queued ---------------------------------------------
@@ -270,7 +274,8 @@ def test_every_call_after_close_says_closed(model):
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(seed=2**64), "seed"), (dict(max_context=0), "max_context"), (dict(max_context=True), "max_context"),
-    (dict(block_size=16.0), "block_size"),
+    (dict(block_size=16.0), "block_size"), (dict(stage_timeout=0), "stage_timeout"),
+    (dict(stage_timeout=True), "stage_timeout"),
 ])
 def test_bad_llm_arguments_fail_before_loading(model, kwargs, words, monkeypatch):
     import pprt.engine.llm as llm_module

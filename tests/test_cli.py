@@ -230,6 +230,7 @@ def test_stop_string_cuts_the_output(chat_model, llm, capsys):
     (["--quant", "int8"], "invalid choice: 'int8'"),
     (["--max-context", "0"], "--max-context must be >= 1"),
     (["--transport", "pigeon"], "invalid choice: 'pigeon'"),
+    (["--stage-timeout", "0"], "--stage-timeout must be > 0 seconds"),
     (["--rope-scaling", "{yarn"], "--rope-scaling '{yarn' is not JSON"),
     (["--rope-scaling", '{"rope_type": "yarn", "factor": 4}'], "needs 'original_max_position_embeddings'"),
     (["--rope-scaling", '{"rope_type": "linear", "factor": 2}'], "rope type 'linear' is not supported"),

@@ -54,7 +54,7 @@ def test_a_different_stored_head_is_used_as_transformers_does(two_heads, devices
     assert out.token_ids == want
     got_lp = [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
     assert torch.allclose(torch.tensor(got_lp), torch.tensor(want_lp), atol=1e-4, rtol=0)
-    warned = [r.getMessage() for r in caplog.records if "lm_head.weight" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("pprt") and "lm_head.weight" in r.getMessage()]
     assert len(warned) == 1 and "tie_word_embeddings" in warned[0] and "untied" in warned[0]
 
 
@@ -65,7 +65,7 @@ def test_an_equal_stored_head_keeps_the_model_tied(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pprt"):
         resolved = resolve_tied_head(ModelConfig.from_dict(config), CheckpointReader(ModelSource(str(path))),
                                      rows_per_read=7)  # several reads, one ragged
-    assert resolved.tie_word_embeddings and not caplog.records
+    assert resolved.tie_word_embeddings and not [r for r in caplog.records if r.name.startswith("pprt")]
 
 
 def test_a_difference_in_the_last_row_is_found(tmp_path):

@@ -1,8 +1,9 @@
 """Moving activations between stages, and control messages under torchrun.
 
 Stages form one torch.distributed group, rank = stage index. Hidden states
-[T, H] go from rank r to r + 1 with point-to-point send/recv; the receiver
-knows T from the step plan, so only the data travels. Transports:
+[T, H] go from rank r to r + 1 with point-to-point send/recv, behind a small
+header that names their step (the receiver checks it against the plan it
+executes, and knows T from that plan). Transports:
 
 - "nccl": device tensors over NCCL (GPU peer-to-peer or NCCL's own staging);
 - "gloo": CPU tensors over gloo (CPU stages);
@@ -70,14 +71,28 @@ def init_group(rank: int, world: int, transport: str, device: str, init_method: 
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
-class ActivationChannel:
-    """Hidden states between this stage (rank) and its neighbours."""
+class PeerFailure(RuntimeError):
+    """Sending to or receiving from a neighbouring stage failed: most likely that stage failed first."""
 
-    MAX_PENDING = 4  # sends in flight before the oldest is awaited
+
+class OutOfStep(RuntimeError):
+    """A stage received the activations of another step than the one it executes."""
+
+
+class ActivationChannel:
+    """Hidden states between this stage (rank) and its neighbours, each tagged with its step.
+
+    Every transfer is a header `[step, rows]` (int64, on the host, so over gloo even
+    in an NCCL group) followed by the hidden states `[rows, H]`. The receiver checks
+    the header against the plan it executes: activations of another step (the
+    stages out of step) raise `OutOfStep` instead of being computed on silently.
+    """
+
+    MAX_PENDING = 4  # steps whose sends are in flight before the oldest is awaited
 
     def __init__(self, rank: int, world: int, device: torch.device, transport: str):
         self.rank, self.world, self.device, self.transport = rank, world, device, transport
-        self._pending: deque[tuple[dist.Work, torch.Tensor]] = deque()
+        self._pending: deque[tuple[list[dist.Work], tuple[torch.Tensor, ...]]] = deque()
         self.wait_seconds = 0.0  # time spent blocked in recv (not computing)
 
     def _wire(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,26 +104,57 @@ class ActivationChannel:
             return buf
         return x.contiguous()
 
-    def send(self, x: torch.Tensor) -> None:
-        """Send to the next stage without waiting for it to receive."""
+    def send(self, step: int, x: torch.Tensor) -> None:
+        """Send step `step`'s hidden states `x` [rows, H] to the next stage without waiting for it."""
         while len(self._pending) >= self.MAX_PENDING:
-            self._pending.popleft()[0].wait()
+            self._wait_oldest()
+        header = torch.tensor([step, x.shape[0]], dtype=torch.int64)
         wire = self._wire(x)
-        self._pending.append((dist.isend(wire, self.rank + 1), wire))
+        try:
+            works = [dist.isend(header, self.rank + 1), dist.isend(wire, self.rank + 1)]
+        except RuntimeError as e:
+            raise PeerFailure(f"sending activations to stage {self.rank + 1} failed: {e}") from e
+        self._pending.append((works, (header, wire)))
 
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Receive the previous stage's hidden states of the given shape."""
+    def recv(self, step: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Receive the previous stage's hidden states of step `step` (shape [rows, H]).
+
+        Raises OutOfStep when the previous stage sent another step's, PeerFailure when the
+        transfer itself fails (that stage died, or the group's timeout passed).
+        """
+        header = torch.empty(2, dtype=torch.int64)
+        t0 = time.perf_counter()
+        self._recv(header)
+        sent_step, rows = header.tolist()
+        if sent_step != step:
+            raise OutOfStep(f"stage {self.rank} executes step {step} but stage {self.rank - 1} sent the "
+                            f"activations of step {sent_step}: the stages are out of step")
+        if rows != shape[0]:
+            raise OutOfStep(f"stage {self.rank - 1} sent {rows} rows for step {step}, whose plan has {shape[0]} tokens")
         on_host = self.transport in ("host", "gloo")
         buf = torch.empty(shape, dtype=dtype, device="cpu" if on_host else self.device,
                           pin_memory=on_host and self.device.type == "cuda")
-        t0 = time.perf_counter()
-        dist.recv(buf, self.rank - 1)
+        self._recv(buf)
         self.wait_seconds += time.perf_counter() - t0
         return buf.to(self.device, non_blocking=True) if buf.device != self.device else buf
 
+    def _recv(self, buf: torch.Tensor) -> None:
+        try:
+            dist.recv(buf, self.rank - 1)
+        except RuntimeError as e:
+            raise PeerFailure(f"receiving activations from stage {self.rank - 1} failed: {e}") from e
+
+    def _wait_oldest(self) -> None:
+        works, _ = self._pending.popleft()
+        try:
+            for work in works:
+                work.wait()
+        except RuntimeError as e:
+            raise PeerFailure(f"sending activations to stage {self.rank + 1} failed: {e}") from e
+
     def flush(self) -> None:
         while self._pending:
-            self._pending.popleft()[0].wait()
+            self._wait_oldest()
 
 
 class ObjectChannel:

@@ -3,7 +3,10 @@
 An executor owns the stages and offers `submit(plan)` and `result()` (the
 results come back in submission order), `depth` (how many micro-batches may
 be in flight: one per stage) and `num_blocks` (KV blocks every stage holds).
-`LocalExecutor` runs one stage in the caller's process.
+One thread drives it (the engine loop's, which calls `bind_thread()` first);
+`kill()` may come from any thread. `LocalExecutor` runs one stage in the
+driver's process; PipelineExecutor (pipeline.py) one stage program per device;
+TorchrunExecutor (torchrun.py) rank 0 of a torchrun job.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ class LocalExecutor:
     def specs(self) -> list[WorkerSpec]:
         return [self.worker.spec]
 
+    def bind_thread(self) -> None:
+        """Make the stage's GPU the calling thread's current device (Triton launches on it)."""
+        if self.worker.device.type == "cuda":
+            torch.cuda.set_device(self.worker.device)
+
     def submit(self, plan: StepPlan) -> None:
         self._results.append(self.worker.execute(plan))
 
@@ -50,12 +58,16 @@ class LocalExecutor:
     def result(self) -> StepResult:
         return self._results.popleft()
 
+    def kill(self) -> None:
+        """Nothing to kill: the stage is this process."""
+
     def close(self) -> None:
         self.worker = None
 
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
-                  max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, torchrun=False):
+                  max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
+                  torchrun=False):
     """Plan the cut and the KV pool (refusing before anything loads when it cannot fit), then start the stages."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
@@ -66,8 +78,8 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
                         seed=seed) for stage, device in zip(result.stages, devices)]
     kv_blocks = _kv_blocks(specs, result.num_blocks, kv_cache_memory)
     if torchrun:
-        from .pipeline import TorchrunExecutor
         from .stage_main import torchrun_transport
+        from .torchrun import TorchrunExecutor
 
         if transport not in ("auto", torchrun_transport()):
             raise ValueError("under torchrun the transport is set for every rank by PPRT_TRANSPORT")
@@ -76,7 +88,7 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
         return LocalExecutor(specs[0], kv_blocks)
     from .pipeline import PipelineExecutor
 
-    return PipelineExecutor(specs, choose_transport(devices, transport), kv_blocks)
+    return PipelineExecutor(specs, choose_transport(devices, transport), kv_blocks, stage_timeout=stage_timeout)
 
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,

@@ -1,218 +1,191 @@
-"""PipelineExecutor: one spawned process per stage, driven from this process.
+"""PipelineExecutor: one stage program per device, driven from this process.
 
-The driver pickles each step plan once and writes it to every stage's pipe;
-stage 0 embeds and runs its layers and sends the hidden states on (comm.py);
-the last stage answers on its pipe with the sampled tokens. Up to one
-micro-batch per stage is in flight.
+The driver pickles each step plan once and writes it to every stage's
+socket, to all stages or to none: a Ctrl-C that lands between the writes is
+held back until they are done (a stage that missed a step would pair the
+next step's plan with this step's activations; stages also check the step id
+that travels with the activations, comm.py). Stage 0 embeds and runs its
+layers and sends the hidden states on; the last stage answers on its socket
+with the sampled tokens.
 
-The driver never polls: it blocks in `multiprocessing.connection.wait` on the
-pipes and on the processes' sentinels together, so a stage that raises (its
-StageError arrives on its pipe) or dies (its sentinel fires) becomes an error
-here at once, naming the stage and the cause. Stages die with the driver
-(PR_SET_PDEATHSIG), ignore Ctrl-C (the driver closes them), and `close()`
-ends them: first politely, then by force.
+The driver never polls: it blocks in `multiprocessing.connection.wait` on
+the stages' sockets, waking for a message or for the next liveness check
+(stage_proc.py: a stage that stops answering heartbeats for `stage_timeout`
+seconds is hung). When one stage fails others often fail because of it (a
+neighbour that was receiving from it), so the driver listens a moment longer
+and blames, in this order: a stage that raised by itself, one that died, one
+that stopped responding, and only then one whose transfer to a neighbour
+failed. A failed pipeline is killed at once; `close()` asks the stages to
+leave, then ends those that do not.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
 import os
 import pickle
+import signal
+import threading
+import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from multiprocessing.connection import wait
 
 from ..errors import StageFailed
-from .comm import free_port
-from .stage_main import CLOSE, STATS, serve_spawned
-from .step import StageError, StageReady, StageCounters, StepPlan, StepResult
-from .worker import WorkerSpec, peak_rss_bytes
+from .comm import DEFAULT_TIMEOUT_S, free_port
+from .stage_main import CLOSE, STATS
+from .stage_proc import Fault, StageProcess
+from .step import StageCounters, StageReady, StepPlan, StepResult, take_load_report
+from .worker import StageBoot, WorkerSpec
 
-JOIN_TIMEOUT_S = 5.0
+DEFAULT_STAGE_TIMEOUT_S = 30.0  # a stage silent this long (no heartbeat) has failed
+SETTLE_S = 1.0  # after a first failure, how long to listen for the stage that caused it
+JOIN_TIMEOUT_S = 5.0  # close(): how long stages may take to leave before they are killed
+_BLAME_ORDER = (Fault.REPORTED, Fault.GONE, Fault.HUNG, Fault.PEER)
 
 
 class PipelineExecutor:
-    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int, threads: int | None = None):
-        self.specs, self.depth = specs, len(specs)
+    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int, threads: int | None = None,
+                 stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S):
+        if not stage_timeout > 0:
+            raise ValueError(f"stage_timeout must be a positive number of seconds, got {stage_timeout!r}")
+        self.specs, self.depth, self.stage_timeout = specs, len(specs), stage_timeout
         if threads is None and all(s.device == "cpu" for s in specs):
             threads = max(1, (os.cpu_count() or 1) // len(specs))  # stages share the cores
-        ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        self.conns, self.procs = [], []
+        # A transfer between live stages may wait on a long step; a dead or stopped stage is
+        # caught by the driver long before this.
+        group_timeout = max(DEFAULT_TIMEOUT_S, 2 * stage_timeout)
+        self.stages: list[StageProcess] = []
         self._inbox: list[deque] = [deque() for _ in specs]
-        for i, spec in enumerate(specs):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=serve_spawned, name=f"pprt-stage{i}", daemon=True,
-                               args=(i, len(specs), spec, transport, init_method, child, kv_blocks, threads))
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
-        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
+        self._finalizer = weakref.finalize(self, _shutdown, self.stages)
         try:
-            _take_load_report(self, [self._receive(i, StageReady) for i in range(len(specs))])
-            for conn in self.conns:
-                conn.send(self.num_blocks)
+            for i, spec in enumerate(specs):
+                boot = StageBoot(i, len(specs), spec, transport, init_method, kv_blocks, threads, group_timeout)
+                self.stages.append(StageProcess(boot, stage_timeout))
+            take_load_report(self, [self._receive(i, StageReady) for i in range(len(specs))])
+            self._send_all(pickle.dumps(self.num_blocks))
             self.kv_bytes = [self._receive(i, int) for i in range(len(specs))]
         except BaseException:
             self.close()
             raise
 
+    @property
+    def procs(self) -> list:
+        """The stage processes (subprocess.Popen), in stage order."""
+        return [s.proc for s in self.stages]
+
+    def bind_thread(self) -> None:
+        """Nothing to bind: the stages run in their own processes."""
+
     def submit(self, plan: StepPlan) -> None:
-        data = pickle.dumps(plan)
-        for i, conn in enumerate(self.conns):
-            try:
-                conn.send_bytes(data)
-            except OSError:
-                self._raise_failure(i)
+        self._send_all(pickle.dumps(plan))  # pickled before any send: a plan that cannot be reaches no stage
 
     def result(self) -> StepResult:
-        return self._receive(len(self.specs) - 1, StepResult)
+        return self._receive(self.depth - 1, StepResult)
 
     def stats(self) -> list[StageCounters]:
-        for conn in self.conns:
-            conn.send_bytes(STATS.encode())
-        return [self._receive(i, StageCounters) for i in range(len(self.specs))]
+        self._send_all(STATS.encode())
+        return [self._receive(i, StageCounters) for i in range(self.depth)]
+
+    def kill(self) -> None:
+        """End every stage process now. Safe from any thread: a thread waiting on the stages
+        then sees them die (and raises StageFailed)."""
+        for stage in self.stages:
+            stage.kill()
 
     def close(self) -> None:
+        """Ask the stages to leave, end those that do not, and close their sockets (the owner thread only)."""
         self._finalizer()
 
-    def _receive(self, stage: int, kind: type):
-        """The oldest message of type `kind` from `stage`, while watching every stage for errors and deaths."""
-        sentinels = {p.sentinel: i for i, p in enumerate(self.procs)}
-        while not any(isinstance(m, kind) for m in self._inbox[stage]):
-            for obj in wait(self.conns + list(sentinels)):
-                if obj in sentinels:
-                    self._raise_failure(sentinels[obj])
-                i = self.conns.index(obj)
-                try:
-                    msg = obj.recv()
-                except (EOFError, OSError):
-                    self._raise_failure(i)
-                if isinstance(msg, StageError):
-                    raise StageFailed(f"stage {i} ({self.specs[i].device}, layers {self.specs[i].layers}) "
-                                      f"failed: {msg.message}")
-                self._inbox[i].append(msg)
-        # Step results and control replies (stats) may interleave: take the oldest of `kind`.
-        msg = next(m for m in self._inbox[stage] if isinstance(m, kind))
-        self._inbox[stage].remove(msg)
-        return msg
+    # ---- waiting on the stages -------------------------------------------------------------
+    def _send_all(self, data: bytes) -> None:
+        with interrupts_deferred():
+            for stage in self.stages:
+                stage.send(data)
+        self._raise_on_fault()
 
-    def _raise_failure(self, stage: int) -> None:
-        conn = self.conns[stage]
-        try:  # a stage that raised sends its error before it exits
-            while conn.poll(0.5):
-                msg = conn.recv()
-                if isinstance(msg, StageError):
-                    raise StageFailed(f"stage {stage} ({self.specs[stage].device}, layers "
-                                      f"{self.specs[stage].layers}) failed: {msg.message}")
-        except (EOFError, OSError):
-            pass
-        proc = self.procs[stage]
-        proc.join(JOIN_TIMEOUT_S)
-        code = proc.exitcode
-        cause = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        raise StageFailed(f"stage {stage} ({self.specs[stage].device}, layers {self.specs[stage].layers}) "
-                          f"died ({cause})")
+    def _receive(self, index: int, kind: type):
+        """The oldest message of type `kind` from stage `index`, while watching every stage.
 
+        Step results and control replies (stats) may interleave: the others wait in the inbox.
+        """
+        inbox = self._inbox[index]
+        while True:
+            for msg in inbox:
+                if isinstance(msg, kind):
+                    inbox.remove(msg)
+                    return msg
+            self._wait()
 
-def _take_load_report(executor, readies: list[StageReady]) -> None:
-    """What every executor tells about its loaded stages; the KV pool is the smallest stage's."""
-    executor.num_blocks = min(r.num_blocks for r in readies)
-    executor.weight_bytes = [r.weight_bytes for r in readies]
-    executor.load_seconds = max(r.load_seconds for r in readies)
-    executor.load_rss_bytes = [r.load_rss_bytes for r in readies]
-    executor.quant_seconds = max(r.quant_seconds for r in readies)
+    def _wait(self) -> None:
+        """Block until a message arrives or a liveness check is due; raise StageFailed on a fault."""
+        for stage in self.stages:  # first what came while nobody listened (a late heartbeat counts)
+            self._inbox[stage.index].extend(stage.read())
+        now = time.monotonic()
+        for stage in self.stages:
+            stage.check(now)
+        self._raise_on_fault()
+        timeout = max(0.0, min(s.next_check() for s in self.stages) - time.monotonic())
+        by_conn = {s.conn: s for s in self.stages}
+        for conn in wait(list(by_conn), timeout):
+            stage = by_conn[conn]
+            self._inbox[stage.index].extend(stage.read())
+        self._raise_on_fault()
 
+    def _raise_on_fault(self) -> None:
+        if any(s.fault is not None for s in self.stages):
+            self._fail()
 
-def _shutdown(procs: list, conns: list) -> None:
-    """Ask every stage to leave, then end those that do not."""
-    for conn in conns:
-        try:
-            conn.send_bytes(CLOSE.encode())
-        except OSError:
-            pass
-    for proc in procs:
-        proc.join(JOIN_TIMEOUT_S)
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(JOIN_TIMEOUT_S)
-    for conn in conns:
-        conn.close()
+    def _fail(self) -> None:
+        """Name the stage that failed (listening up to SETTLE_S for the cause), end them all, raise."""
+        deadline = time.monotonic() + SETTLE_S
+        while not any(s.fault in (Fault.REPORTED, Fault.GONE, Fault.HUNG) for s in self.stages):
+            listening = {s.conn: s for s in self.stages if not s.closed}
+            left = deadline - time.monotonic()
+            if left <= 0 or not listening:
+                break
+            for conn in wait(list(listening), left):
+                listening[conn].read()
+        culprit = min((s for s in self.stages if s.fault is not None),
+                      key=lambda s: (_BLAME_ORDER.index(s.fault), s.index))
+        message = culprit.describe()
+        self.kill()
+        self.close()
+        raise StageFailed(message, stage=culprit.index)
 
 
-class TorchrunExecutor:
-    """Rank 0 under torchrun: the driver and stage 0 in one process.
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done, then deliver it.
 
-    The other ranks run `pprt.distributed.stage_main.serve_torchrun()`; rank 0 sends each its
-    WorkerSpec, then every step plan, over torch.distributed (asynchronously,
-    so rank 0 computes stage 0 of the next micro-batch while later stages work).
-    A failing rank reports a StageError; a stuck one surfaces through the
-    group's timeout.
+    Python runs signal handlers in the main thread only: in other threads there is
+    nothing to hold back and this does nothing.
     """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler installed outside Python, which could not be put back)
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])  # the default handler raises KeyboardInterrupt here
+        elif caught and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
-    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int):
-        from .comm import ActivationChannel, ObjectChannel, init_group
-        from .worker import Worker, worker_blocks
 
-        self.specs, self.depth = specs, len(specs)
-        self._failed = False
-        init_group(0, len(specs), transport, specs[0].device)
-        self.objects = ObjectChannel()
-        for rank in range(1, len(specs)):
-            self.objects.send((specs[rank], kv_blocks), rank)
-        self.worker = Worker(specs[0])
-        self.channel = ActivationChannel(0, len(specs), self.worker.device, transport)
-        readies = [StageReady(0, worker_blocks(self.worker, kv_blocks),
-                              self.worker.weight_bytes(), self.worker.load_seconds, self.worker.load_rss_bytes,
-                              self.worker.quant_seconds)]
-        readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
-        _take_load_report(self, readies)
-        for rank in range(1, len(specs)):
-            self.objects.send(self.num_blocks, rank)
-        self.worker.allocate_cache(self.num_blocks)
-        self.kv_bytes = [self.worker.cache.nbytes] + [self._receive(r, int) for r in range(1, len(specs))]
-
-    def submit(self, plan: StepPlan) -> None:
-        hidden = self.worker.execute(plan)  # first: if stage 0 fails, no rank waits for this step
-        for rank in range(1, len(self.specs)):
-            self.objects.send(plan, rank)  # before the activation: both travel 0 -> 1 in order
-        self.channel.send(hidden)
-
-    def result(self) -> StepResult:
-        return self._receive(len(self.specs) - 1, StepResult)
-
-    def stats(self) -> list[StageCounters]:
-        for rank in range(1, len(self.specs)):
-            self.objects.send(STATS, rank)
-        own = StageCounters(0, self.worker.busy_seconds, self.channel.wait_seconds, -1, peak_rss_bytes(),
-                         self.worker.peak_device_bytes())
-        return [own] + [self._receive(rank, StageCounters) for rank in range(1, len(self.specs))]
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if self.worker is None:
-            return
-        self.worker = None
-        if not self._failed:  # after a failure a peer may never receive: do not wait on it
-            for rank in range(1, len(self.specs)):
-                self.objects.send(CLOSE, rank)
-            self.channel.flush()
-            self.objects.flush()
-        dist.destroy_process_group()
-
-    def _receive(self, rank: int, kind: type):
-        try:
-            msg = self.objects.recv(rank)
-        except Exception as e:  # a dead or stuck rank: gloo reports it (at the latest at the group timeout)
-            self._failed = True
-            raise StageFailed(f"stage {rank} (torchrun rank {rank}) stopped answering: {e}") from e
-        if isinstance(msg, StageError):
-            self._failed = True
-            raise StageFailed(f"stage {rank} (torchrun rank {rank}, layers {self.specs[rank].layers}) failed: "
-                              f"{msg.message}")
-        if not isinstance(msg, kind):
-            raise StageFailed(f"stage {rank} answered {type(msg).__name__}, expected {kind.__name__}")
-        return msg
+def _shutdown(stages: list[StageProcess]) -> None:
+    """Ask every stage to leave, then end those that do not, and close the sockets."""
+    for stage in stages:
+        stage.send(CLOSE.encode())
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    for stage in stages:
+        with contextlib.suppress(Exception):
+            stage.proc.wait(max(0.0, deadline - time.monotonic()))
+    for stage in stages:
+        stage.kill()
+        stage.conn.close()

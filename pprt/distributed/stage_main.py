@@ -1,13 +1,19 @@
-"""The loop of a stage that runs in its own process: spawned by the driver, or a torchrun rank.
+"""The loop of a stage that runs in its own process: a program the driver starts, or a torchrun rank.
 
 A stage loads its layers, reports `StageReady` (with the KV blocks its memory
 allows), allocates the number of blocks the driver decides, then executes
 step plans until told to close: it receives the previous stage's hidden
-states (comm.py), runs its layers, and sends hidden states on, or, on the
-last stage, sends the `StepResult` back to the driver.
+states (comm.py, checked to be those of the step it executes), runs its
+layers, and sends hidden states on, or, on the last stage, sends the
+`StepResult` back to the driver.
 
-Control messages reach a stage through a `Control`: a pipe from the spawning
-driver, or torch.distributed messages from rank 0 under torchrun.
+The driver starts a stage as its own program, `python -m
+pprt.distributed.stage_main FD`, never by re-importing the caller's main
+module (so a script without a main guard, `python -c`, stdin and interactive
+sessions all work). FD is its end of a socket to the driver: the first
+message on it is the `StageBoot`. Control messages reach a stage through a
+`Control`: that socket, or torch.distributed messages from rank 0 under
+torchrun.
 """
 
 from __future__ import annotations
@@ -15,34 +21,72 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import queue
 import signal
+import sys
 import threading
-import time
 import traceback
+from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
 
-from .comm import ActivationChannel, ObjectChannel, init_group
-from .step import StageError, StageReady, StageCounters
-from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_blocks
+from .comm import ActivationChannel, ObjectChannel, PeerFailure, init_group
+from .step import Heartbeat, StageError, StageReady, StageCounters
+from .worker import StageBoot, Worker, WorkerSpec, peak_rss_bytes, worker_blocks
 
 CLOSE = "close"  # control message: leave the loop
 STATS = "stats"  # control message: report StageCounters
+PING = "ping"  # control message (driver socket only): answer with a Heartbeat at once
+_WORDS = {w.encode(): w for w in (CLOSE, STATS, PING)}
+PARENT_CHECK_S = 0.5  # how often a stage checks that the driver process still exists
 
 
-class PipeControl:
-    """Control messages over the pipe from a spawning driver (plans arrive pickled once)."""
+class SocketControl:
+    """Control messages over the socket to the driver that started this stage program.
 
-    def __init__(self, conn):
+    A reader thread takes every message as it arrives: it answers a ping at once
+    with a Heartbeat (so a stage deep in a long step still shows it is alive, and a
+    stopped one does not), queues the rest for the stage loop (plans arrive pickled
+    once), and ends the process when the driver is gone (the socket closes, or this
+    process gets another parent).
+    """
+
+    def __init__(self, conn: Connection):
         self.conn = conn
+        self._send_lock = threading.Lock()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.send(Heartbeat())  # started: from now on the driver expects answers to its pings
+        threading.Thread(target=self._read, name="pprt-control", daemon=True).start()
 
     def recv(self):
-        data = self.conn.recv_bytes()
-        return data.decode() if data in (CLOSE.encode(), STATS.encode()) else pickle.loads(data)
+        msg = self._inbox.get()
+        if isinstance(msg, BaseException):
+            raise msg
+        return msg
 
     def send(self, obj) -> None:
-        self.conn.send(obj)
+        with self._send_lock:
+            self.conn.send(obj)
+
+    def _read(self) -> None:
+        parent = os.getppid()
+        while True:
+            try:
+                while not self.conn.poll(PARENT_CHECK_S):
+                    if os.getppid() != parent:
+                        os._exit(1)  # the driver died (its socket may live on in a forked child of it)
+                data = self.conn.recv_bytes()
+                word = _WORDS.get(data)
+                if word == PING:
+                    self.send(Heartbeat())
+                    continue
+                msg = word if word is not None else pickle.loads(data)
+            except (EOFError, OSError):
+                os._exit(1)  # the driver is gone: nothing else ends this process
+            except Exception as e:  # a message that does not unpickle: the stage loop reports it
+                msg = e
+            self._inbox.put(msg)
 
 
 class DistControl:
@@ -62,64 +106,57 @@ def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control,
     """Load, report, then execute plans from `control` until it says close."""
     worker = Worker(spec)
     channel = ActivationChannel(stage, world, worker.device, transport)
-    try:
-        control.send(StageReady(stage, worker_blocks(worker, kv_blocks), worker.weight_bytes(),
-                                worker.load_seconds, worker.load_rss_bytes, worker.quant_seconds))
-        worker.allocate_cache(control.recv())
-        control.send(worker.cache.nbytes)  # the pool as allocated, scales included
-        steps = 0
-        while True:
-            msg = control.recv()
-            if msg == CLOSE:
-                break
-            if msg == STATS:
-                control.send(StageCounters(stage, worker.busy_seconds, channel.wait_seconds, steps, peak_rss_bytes(),
-                                        worker.peak_device_bytes()))
-                continue
-            x = None
-            if not worker.stage.is_first:
-                x = channel.recv((msg.num_tokens, spec.config.hidden_size), spec.dtype)
-            out = worker.execute(msg, x)
-            steps += 1
-            if worker.stage.is_last:
-                control.send(out)
-            else:
-                channel.send(out)
-    finally:
-        channel.flush()
+    control.send(StageReady(stage, worker_blocks(worker, kv_blocks), worker.weight_bytes(),
+                            worker.load_seconds, worker.load_rss_bytes, worker.quant_seconds))
+    worker.allocate_cache(control.recv())
+    control.send(worker.cache.nbytes)  # the pool as allocated, scales included
+    steps = 0
+    while True:
+        msg = control.recv()
+        if msg == CLOSE:
+            break
+        if msg == STATS:
+            control.send(StageCounters(stage, worker.busy_seconds, channel.wait_seconds, steps, peak_rss_bytes(),
+                                       worker.peak_device_bytes()))
+            continue
+        x = None
+        if not worker.stage.is_first:
+            x = channel.recv(msg.step, (msg.num_tokens, spec.config.hidden_size), spec.dtype)
+        out = worker.execute(msg, x)
+        steps += 1
+        if worker.stage.is_last:
+            control.send(out)
+        else:
+            channel.send(msg.step, out)
+    channel.flush()  # only on a clean close: after a failure a peer may never receive
 
 
-def serve_spawned(stage: int, world: int, spec: WorkerSpec, transport: str, init_method: str, conn,
-                  kv_blocks: int, threads: int | None) -> None:
-    """Body of a stage process spawned by PipelineExecutor."""
-    _die_with_parent()
-    if threads:
-        torch.set_num_threads(threads)
+def stage_error(stage: int, e: BaseException) -> StageError:
+    return StageError(stage, f"{type(e).__name__}: {e}\n{traceback.format_exc()}", peer=isinstance(e, PeerFailure))
+
+
+def main() -> None:
+    """The stage program started by PipelineExecutor: `python -m pprt.distributed.stage_main FD`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it closes the stages
+    control = SocketControl(Connection(int(sys.argv[1])))
+    boot: StageBoot = control.recv()
+    code = 0
     try:
-        init_group(stage, world, transport, spec.device, init_method)
-        run_stage(stage, world, spec, transport, PipeControl(conn), kv_blocks)
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the driver is gone: leave quietly
+        if boot.threads:
+            torch.set_num_threads(boot.threads)
+        init_group(boot.stage, boot.world, boot.transport, boot.spec.device, boot.init_method, boot.group_timeout_s)
+        run_stage(boot.stage, boot.world, boot.spec, boot.transport, control, boot.kv_blocks)
     except BaseException as e:  # report, then exit
+        code = 1
         try:
-            conn.send(StageError(stage, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            control.send(stage_error(boot.stage, e))
         except OSError:
             pass
-
-
-def _die_with_parent() -> None:
-    """Exit when the driver process dies (checked twice a second), and ignore Ctrl-C: the
-    driver handles it and closes the stages. (Not PR_SET_PDEATHSIG: that fires when the
-    driver's *thread* that started the stage exits, e.g. an LLM built in a worker thread.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="pprt-parent-watch", daemon=True).start()
+    # Leave at once: a process group with transfers in flight (after a failure) can hold
+    # up the interpreter's exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---- torchrun ---------------------------------------------------------------------------
@@ -164,8 +201,12 @@ def serve_torchrun() -> None:
         spec = dataclasses.replace(spec, device=local_device())
         run_stage(rank, world, spec, transport, DistControl(objects), kv_blocks)
     except BaseException as e:
-        objects.send(StageError(rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"), 0)
+        objects.send(stage_error(rank, e), 0)
         raise
     finally:
         objects.flush()
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,9 @@
 
 The driver's scheduler builds a `StepPlan` for one micro-batch; every stage
 receives it (stage 0 needs the token ids, every stage the positions and
-block tables); the last stage answers with a `StepResult`.
+block tables); the last stage answers with a `StepResult`. A stage program
+started by the driver answers pings with a `Heartbeat` and reports a failure
+as a `StageError`.
 """
 
 from __future__ import annotations
@@ -99,3 +101,20 @@ class StageError:
 
     stage: int
     message: str
+    # The error came from sending to or receiving from a neighbouring stage: most likely
+    # that stage failed first (the driver then names the stage that did).
+    peer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A stage program is alive: sent once when it starts and in answer to every ping."""
+
+
+def take_load_report(executor, readies: list[StageReady]) -> None:
+    """Set what every executor tells about its loaded stages; the KV pool is the smallest stage's."""
+    executor.num_blocks = min(r.num_blocks for r in readies)
+    executor.weight_bytes = [r.weight_bytes for r in readies]
+    executor.load_seconds = max(r.load_seconds for r in readies)
+    executor.load_rss_bytes = [r.load_rss_bytes for r in readies]
+    executor.quant_seconds = max(r.quant_seconds for r in readies)

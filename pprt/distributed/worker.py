@@ -39,6 +39,20 @@ class WorkerSpec:
     seed: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StageBoot:
+    """The first message a stage program receives from the driver that started it."""
+
+    stage: int
+    world: int
+    spec: WorkerSpec
+    transport: str  # "nccl", "gloo" or "host"
+    init_method: str  # the process group's rendezvous, e.g. tcp://127.0.0.1:PORT
+    kv_blocks: int  # KV blocks wanted (the stage reports how many its memory allows)
+    threads: int | None  # torch threads of the stage (None: torch's default)
+    group_timeout_s: float  # a blocking transfer between stages fails after this long
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (VmHWM: unlike getrusage's ru_maxrss, it does not
     inherit the peak of the process that forked before exec, as spawned stages are)."""

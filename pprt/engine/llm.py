@@ -1,79 +1,70 @@
-"""LLM: the public entry point. Starts the stages, runs the scheduler loop,
-detokenizes and streams.
+"""LLM: the public entry point. Starts the stages and the engine loop, takes prompts, returns text.
 
-The loop keeps the pipeline full (a micro-batch per stage, plus one waiting
-at stage 0): it fills it from the scheduler, then waits for the oldest step's
-sampled tokens, applies them (stop rules, text) and plans again. With one stage the
-executor runs each step at once in this process.
+The caller's side of the engine: prompts become token ids and resolved
+sampling parameters here (in the caller's thread, so a bad prompt raises at
+once and nothing of it starts), then go to the engine loop (loop.py), whose
+thread runs the steps for every caller together. `generate`, `stream` and
+`chat` wait for their requests' outputs in the caller's thread; Ctrl-C (or
+any exception) there cancels that call's requests and leaves the LLM usable.
+`submit` and `cancel` are the non-blocking form a server builds on.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections import deque
+import queue
+import weakref
 from collections.abc import Generator
-from dataclasses import dataclass, field
 
 import torch
 
 from ..config import default_context, extend_context, parse_dtype
 from ..distributed.executor import make_executor
+from ..distributed.pipeline import DEFAULT_STAGE_TIMEOUT_S
 from ..distributed.stage_main import local_device, torchrun_rank
-from ..errors import CheckpointError, StageFailed
+from ..errors import CheckpointError
 from ..models.kv import parse_kv_dtype
 from ..params import SamplingParams, check_seed
-from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager
+from .loop import EngineLoop
 from .prompts import as_prompt_list, check_vocab
-from .scheduler import Scheduler, Sequence
-from .stats import StageStats, Stats
+from .requests import Completion, OutputSink, RequestOutput
+from .scheduler import Scheduler
+from .stats import Stats
 
 log = logging.getLogger("pprt")
-
-
-@dataclass(slots=True)
-class Completion:
-    text: str
-    token_ids: list[int]  # generated tokens only
-    prompt_token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
-    logprobs: list[dict[int, float]] | None = None  # one dict per generated token, when asked
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    seq: Sequence
-    detok: IncrementalDetokenizer | None
-    text: str = ""
-    emitted: int = 0  # characters of `text` already streamed
-    pieces: list[str] = field(default_factory=list)  # streamed, not yet consumed
 
 
 class LLM:
     """Run a Qwen checkpoint on one or several devices.
 
     model: a directory or a hub id. devices: None means every visible GPU (or
-    ["cpu"]); several devices make a pipeline, one stage each (under torchrun:
-    one stage per rank). split: layers per stage (default: the planner's cut).
-    dtype: default float32 on CPU, bfloat16 on CUDA. quant: None, "int4" or
-    "fp8" to quantize a float checkpoint while loading (quantized checkpoints:
-    GPTQ, AWQ, FP8, compressed-tensors, run in their own format). max_context:
-    the longest prompt + generation (default: the checkpoint's window, or the
-    window its YaRN serves; past max_position_embeddings YaRN is enabled over
-    the window the checkpoint was trained for, e.g. factor 4 over 32768 for
-    131072 on Qwen3). rope_scaling: rope scaling instead of the checkpoint's,
-    in config.json's spelling, e.g. {"rope_type": "yarn", "factor": 4.0,
-    "original_max_position_embeddings": 32768}; {"rope_type": "default"}
-    turns the checkpoint's off. block_size: tokens per KV block. chunk_size:
-    tokens per prefill chunk. kv_cache_memory: bytes of KV pool per stage
-    (default: what the plan leaves; at most 64 MiB on CPU). kv_dtype: "auto"
-    (the model dtype), "bf16", "fp16", "fp32" or "fp8". memory_budget: bytes
-    each device may use (default: a GPU's free memory; on CPU an equal share
-    of the available memory). transport: "auto", "nccl", "gloo" or "host".
-    seed: for requests without their own seed.
+    ["cpu"]); several devices make a pipeline, one stage process each (under
+    torchrun: one stage per rank). split: layers per stage (default: the
+    planner's cut). dtype: default float32 on CPU, bfloat16 on CUDA. quant:
+    None, "int4" or "fp8" to quantize a float checkpoint while loading
+    (quantized checkpoints: GPTQ, AWQ, FP8, compressed-tensors, run in their
+    own format). max_context: the longest prompt + generation (default: the
+    checkpoint's window, or the window its YaRN serves; past
+    max_position_embeddings YaRN is enabled over the window the checkpoint was
+    trained for, e.g. factor 4 over 32768 for 131072 on Qwen3). rope_scaling:
+    rope scaling instead of the checkpoint's, in config.json's spelling, e.g.
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
+    32768}; {"rope_type": "default"} turns the checkpoint's off. block_size:
+    tokens per KV block. chunk_size: tokens per prefill chunk.
+    kv_cache_memory: bytes of KV pool per stage (default: what the plan
+    leaves; at most 64 MiB on CPU). kv_dtype: "auto" (the model dtype),
+    "bf16", "fp16", "fp32" or "fp8". memory_budget: bytes each device may use
+    (default: a GPU's free memory; on CPU an equal share of the available
+    memory). transport: "auto", "nccl", "gloo" or "host". seed: for requests
+    without their own seed. stage_timeout: seconds a stage process may leave
+    a heartbeat unanswered before it counts as hung (StageFailed naming it).
+
+    Every method may be called from any thread; calls from several threads
+    are served together (their requests share the running batch).
     """
 
     def __init__(self, model: str, *, devices: list[str] | None = None, split: list[int] | None = None,
@@ -81,7 +72,7 @@ class LLM:
                  max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
-                 rope_scaling: dict | None = None):
+                 rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -100,6 +91,8 @@ class LLM:
                             ("max_context", 1 if max_context is None else max_context)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(stage_timeout, bool) or not isinstance(stage_timeout, (int, float)) or not stage_timeout > 0:
+            raise ValueError(f"stage_timeout must be a positive number of seconds, got {stage_timeout!r}")
         check_seed(seed)
         self.source = ModelSource(model)
         self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
@@ -109,64 +102,97 @@ class LLM:
         self.max_context = max_context or default_context(self.config)
         self.config = extend_context(self.config, self.max_context)
         self.tokenizer = _load_tokenizer(self.source)
-        self.executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
-                                      quant=quant, kv_dtype=parse_kv_dtype(kv_dtype, self.dtype),
-                                      block_size=block_size, max_context=self.max_context,
-                                      kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
-                                      transport=transport, seed=seed,
-                                      chunk_size=chunk_size, torchrun=torchrun is not None)
-        self.blocks = BlockManager(self.executor.num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, max_context=self.max_context, chunk_size=chunk_size,
-                                   max_num_seqs=max_num_seqs, eos_token_ids=self.config.eos_token_ids)
-        self._requests: dict[int, _Request] = {}
-        self._seqs: dict[int, Sequence] = {}
-        self._in_flight: deque = deque()
+        executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
+                                 quant=quant, kv_dtype=parse_kv_dtype(kv_dtype, self.dtype),
+                                 block_size=block_size, max_context=self.max_context,
+                                 kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
+                                 transport=transport, seed=seed, stage_timeout=float(stage_timeout),
+                                 chunk_size=chunk_size, torchrun=torchrun is not None)
+        scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
+                              chunk_size=chunk_size, max_num_seqs=max_num_seqs,
+                              eos_token_ids=self.config.eos_token_ids)
+        self._engine = EngineLoop(executor, scheduler, self.tokenizer)
+        # close() at garbage collection or interpreter exit, whichever comes first
+        self._finalizer = weakref.finalize(self, self._engine.close)
+
+    @property
+    def executor(self):
+        """The stages (None once closed)."""
+        return self._engine.executor
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._engine.scheduler
+
+    @property
+    def blocks(self) -> BlockManager:
+        return self._engine.blocks
 
     # ---- public API --------------------------------------------------------
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
         """Complete one prompt or a batch (str, list of str, token ids, or lists of token ids).
 
         Raises ValueError for a prompt of another form, a token id outside the vocabulary or a
-        bad sampling field (nothing of the call is queued), RequestTooLarge for a request no
-        KV pool could hold, RuntimeError once the LLM is closed.
+        bad sampling field, RequestTooLarge for a request no KV pool could hold (then nothing
+        of the call is queued), StageFailed when a stage fails, RuntimeError once closed.
         """
+        self._engine.refuse_on_loop_thread("generate")
         self._check_open()
-        batch = [self._prepare(p, sampling) for p in as_prompt_list(prompts)]  # all checked before any runs
-        reqs: list[_Request] = []
+        prepared = [self._prepare(p, sampling) for p in as_prompt_list(prompts)]  # all checked before any runs
+        finished: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        ids = [self._engine.new_request_id() for _ in prepared]
+        completions: dict[int, Completion] = {}
+
+        def on_output(out: RequestOutput) -> None:  # only the last output of each request wakes this thread
+            if out.finished:
+                finished.put(out)
+
         try:
-            for ids, params in batch:
-                reqs.append(self._add(ids, params))  # a refused prompt cancels the whole call
-            while any(r.seq.finish_reason is None for r in reqs):
-                self._step()
-        except BaseException:
-            for r in reqs:
-                self._cancel(r)
+            for request_id, (prompt_ids, params) in zip(ids, prepared):
+                self._engine.add(request_id, prompt_ids, params, on_output)
+            while len(completions) < len(ids):
+                out = finished.get()
+                if out.error is not None:
+                    raise out.error
+                completions[out.request_id] = out.completion
+        except BaseException:  # Ctrl-C, or one request failed: the call's other requests stop too
+            for request_id in ids:
+                self._engine.cancel(request_id)
             raise
-        return [self._complete(r) for r in reqs]
+        return [completions[i] for i in ids]
 
     def stream(self, prompt, sampling: SamplingParams | None = None) -> Generator[str, None, Completion]:
         """Yield the completion's text piece by piece as tokens are produced.
 
         The generator's return value (StopIteration.value, or `yield from`) is the Completion.
-        The prompt and sampling are checked at the call; the request is queued at the first `next()`.
+        The prompt and sampling are checked at the call; the request is queued at the first
+        `next()`, and closing the generator early cancels it.
         """
+        self._engine.refuse_on_loop_thread("stream")
         self._check_open()
         prompts = as_prompt_list(prompt)
         if len(prompts) != 1:
             raise ValueError(f"stream() takes one prompt, got {len(prompts)}: use generate() for a batch")
         return self._stream(*self._prepare(prompts[0], sampling))
 
-    def _stream(self, ids: list[int], params: SamplingParams) -> Generator[str, None, Completion]:
-        req = self._add(ids, params)
+    def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Generator[str, None, Completion]:
+        outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        request_id = self._engine.new_request_id()
+        done = False
         try:
+            self._engine.add(request_id, prompt_ids, params, outputs.put)
             while True:
-                while req.pieces:
-                    yield req.pieces.pop(0)
-                if req.seq.finish_reason is not None:
-                    return self._complete(req)
-                self._step()
+                out = outputs.get()
+                done = out.finished
+                if out.error is not None:
+                    raise out.error
+                if out.text:
+                    yield out.text
+                if done:
+                    return out.completion
         finally:
-            self._cancel(req)
+            if not done:
+                self._engine.cancel(request_id)
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None, **template_kwargs) -> Completion:
         """Render the model's chat template over `messages` (a non-empty list of dicts with a
@@ -181,27 +207,35 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
         return self.generate(prompt, sampling)[0]
 
-    def stats(self) -> Stats:
-        """A snapshot of the counters (see `pprt.engine.stats.Stats`); works while steps are in flight."""
+    def submit(self, prompt, sampling: SamplingParams | None = None, on_output: OutputSink | None = None) -> int:
+        """Start one request without waiting for it; returns its id (for `cancel`).
+
+        `on_output` receives every RequestOutput of the request, in order, on the engine
+        loop's thread, and must return at once: e.g. `queue.put`, or from asyncio
+        `lambda out: loop.call_soon_threadsafe(q.put_nowait, out)`. Its last output is
+        `finished` (a Completion, or the error that ended the request). Raises like `generate`.
+        """
         self._check_open()
-        ex, sched = self.executor, self.scheduler
-        stages = tuple(
-            StageStats(i, spec.device, tuple(spec.layers), weight, kv, c.busy_seconds, c.wait_seconds, c.steps,
-                       c.peak_rss_bytes, c.peak_device_bytes)
-            for i, (spec, c, weight, kv) in enumerate(zip(ex.specs, ex.stats(), ex.weight_bytes, ex.kv_bytes)))
-        return Stats(
-            requests_running=len(sched.running), requests_waiting=len(sched.waiting),
-            requests_finished=sched.num_finished, prompt_tokens=sched.num_prompt_tokens,
-            computed_tokens=sched.num_computed_tokens, generated_tokens=sched.num_generated_tokens,
-            preemptions=sched.num_preemptions, kv_blocks_total=self.blocks.num_blocks,
-            kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free, kv_block_size=self.blocks.block_size,
-            state_slots_total=0, state_slots_used=0,
-            load_seconds=ex.load_seconds, quantize_seconds=ex.quant_seconds, stages=stages)
+        prompts = as_prompt_list(prompt)
+        if len(prompts) != 1:
+            raise ValueError(f"submit() takes one prompt (a str or a list of token ids), got {len(prompts)}")
+        prompt_ids, params = self._prepare(prompts[0], sampling)
+        request_id = self._engine.new_request_id()
+        self._engine.add(request_id, prompt_ids, params, on_output or _ignore)
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request started by `submit` (its last output says "cancelled"); finished ids are ignored."""
+        self._engine.cancel(request_id)
+
+    def stats(self) -> Stats:
+        """A snapshot of the counters (see `pprt.engine.stats.Stats`); from any thread, also while steps
+        are in flight (it is taken between two steps)."""
+        return self._engine.stats()
 
     def close(self) -> None:
-        executor, self.executor = getattr(self, "executor", None), None
-        if executor is not None:
-            executor.close()
+        """Stop the engine loop and the stages; waiting calls in other threads raise RuntimeError."""
+        self._finalizer()
 
     def __enter__(self) -> LLM:
         return self
@@ -209,16 +243,14 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        self.close()
-
     # ---- internals ---------------------------------------------------------------
     def _check_open(self) -> None:
-        if getattr(self, "executor", None) is None:
-            raise RuntimeError("this LLM is closed")
+        if self._engine.closed_reason is not None:
+            raise RuntimeError(self._engine.closed_reason)
 
     def _prepare(self, prompt: str | list[int], sampling: SamplingParams | None) -> tuple[list[int], SamplingParams]:
-        """Token ids and resolved sampling of one prompt (from as_prompt_list), every id checked."""
+        """Token ids and resolved sampling of one prompt (from as_prompt_list), checked so that the
+        engine loop can serve it: every id, the sampling fields, the KV it needs."""
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         params = (sampling or SamplingParams()).resolve(self.config.generation_defaults)  # re-validates
@@ -230,102 +262,12 @@ class LLM:
             ids = prompt
         check_vocab(ids, self.config.vocab_size, "prompt")
         check_vocab(params.stop_token_ids, self.config.vocab_size, "stop_token_ids:")
+        self._engine.scheduler.check(ids, params)
         return ids, params
 
-    def _add(self, ids: list[int], params: SamplingParams) -> _Request:
-        self._check_open()
-        seq = self.scheduler.add(ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        req = _Request(seq, detok)
-        self._requests[seq.seq_id] = req
-        self._seqs[seq.seq_id] = seq
-        return req
 
-    def _step(self) -> None:
-        """Fill the pipeline, then apply the oldest step's tokens."""
-        self._check_open()  # e.g. a stream still iterated after close()
-        active = len(self.scheduler.running) + len(self.scheduler.waiting)
-        group = max(1, math.ceil(active / self.executor.depth))
-        # A pipeline keeps one micro-batch more than it has stages in flight: the extra one
-        # waits in stage 0's queue, so stage 0 does not idle while a result makes its way
-        # back through the driver (bench/pipeline.py measured 6-8% idle per stage without).
-        limit = self.executor.depth + 1 if self.executor.depth > 1 else 1
-        while len(self._in_flight) < limit:
-            plan = self.scheduler.schedule(max_seqs=group)
-            if plan is None:
-                break
-            try:
-                self.executor.submit(plan)
-            except StageFailed:
-                self.close()  # a pipeline with a dead stage cannot go on: end the others now
-                raise
-            except BaseException:  # the step never ran (an error in this process): undo its plan
-                self.scheduler.abort(plan, self._seqs)
-                raise
-            self._in_flight.append(plan)
-        if not self._in_flight:
-            raise RuntimeError("the scheduler has work but could not plan a step")
-        try:
-            result = self.executor.result()
-        except StageFailed:
-            self.close()
-            raise
-        # Only now is the plan done: an interrupt while waiting leaves it in flight, and its
-        # result is the next one to come back.
-        plan = self._in_flight.popleft()
-        for seq in self.scheduler.complete(plan, result, self._seqs):
-            self._on_token(seq)
-        for chunk in plan.chunks:
-            self._forget_if_done(chunk.seq_id)
-
-    def _forget_if_done(self, seq_id: int) -> None:
-        """Drop a finished sequence once nothing of it is in flight."""
-        seq = self._seqs.get(seq_id)
-        if seq is not None and seq.finish_reason is not None and seq.in_flight == 0:
-            del self._seqs[seq_id]
-
-    def _on_token(self, seq: Sequence) -> None:
-        req = self._requests.get(seq.seq_id)
-        if req is None or req.detok is None:
-            return
-        token = seq.output_ids[-1]
-        if not self.scheduler.is_stop_token(seq, token):  # the text of a stop token is not output
-            req.text += req.detok.push(token)
-        if seq.finish_reason is not None:
-            req.text += req.detok.flush()
-        stop = seq.params.stop
-        if stop:
-            cut = _find_stop(req.text, stop, since=req.emitted)
-            if cut is not None:
-                req.text = req.text[:cut]
-                self.scheduler.finish(seq, "stop")
-                seq.finish_reason = "stop"  # also when this token was the last one allowed
-        # Hold back a tail that could still become a stop string.
-        hold = 0 if seq.finish_reason is not None else max((len(s) - 1 for s in stop), default=0)
-        end = max(req.emitted, len(req.text) - hold)
-        if end > req.emitted:
-            req.pieces.append(req.text[req.emitted:end])
-            req.emitted = end
-
-    def _cancel(self, req: _Request) -> None:
-        """Stop `req` if it is still running and forget it."""
-        if req.seq.finish_reason is None:
-            self.scheduler.finish(req.seq, "cancelled")
-        self._requests.pop(req.seq.seq_id, None)
-        self._forget_if_done(req.seq.seq_id)
-
-    def _complete(self, req: _Request) -> Completion:
-        self._requests.pop(req.seq.seq_id, None)
-        seq = req.seq
-        text = req.text if req.detok is not None else ""
-        logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None
-        return Completion(text, list(seq.output_ids), list(seq.prompt_ids), seq.finish_reason, logprobs)
-
-
-def _find_stop(text: str, stops: tuple[str, ...], since: int) -> int | None:
-    """Index where the earliest stop string starts in `text` (searching from near `since`)."""
-    found = [i for s in stops if (i := text.find(s, max(0, since - len(s)))) >= 0]
-    return min(found) if found else None
+def _ignore(out: RequestOutput) -> None:
+    pass
 
 
 def _load_tokenizer(source: ModelSource) -> Tokenizer | None:

@@ -95,7 +95,12 @@ class Scheduler:
         self.num_generated_tokens = 0
 
     # ---- requests -------------------------------------------------------
-    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Refuse a request that could never be served; returns its max_len (prompt + generated tokens).
+
+        Reads only settings fixed at construction, so any thread may call it.
+        Raises ValueError (empty prompt) or RequestTooLarge.
+        """
         if not prompt_ids:
             raise ValueError("a prompt needs at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -110,7 +115,12 @@ class Scheduler:
                                   f"max_tokens {params.max_tokens} - 1, at most max_context {self.max_context} - 1); "
                                   f"the KV pool holds {pool_tokens} tokens ({self.blocks.num_blocks} blocks of "
                                   f"{self.blocks.block_size}): lower max_tokens or give the KV cache more memory")
-        seq = Sequence(next(self._ids), list(prompt_ids), params, max_len)
+        return max_len
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, seq_id: int | None = None) -> Sequence:
+        """Queue a request (checked as by `check`). seq_id: the caller's id for it (default: the next free one)."""
+        max_len = self.check(prompt_ids, params)
+        seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids), params, max_len)
         self.waiting.append(seq)
         self.num_prompt_tokens += len(prompt_ids)
         return seq

@@ -1,7 +1,8 @@
 """Stats: one typed snapshot of an LLM's counters, read by the CLI, the server's metrics and tests.
 
-`LLM.stats()` builds it from the scheduler (requests and tokens), the block
-manager (KV blocks) and the executor (per-stage time and memory). Fields that
+`LLM.stats()` builds it (`snapshot`, on the engine loop's thread) from the
+scheduler (requests and tokens), the block manager (KV blocks) and the
+executor (per-stage time and memory). Fields that
 a feature does not use yet stay zero. Counters are totals since the LLM was
 built; gauges (running, waiting, blocks used) are the state at the call.
 """
@@ -9,6 +10,8 @@ built; gauges (running, waiting, blocks used) are the state at the call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .scheduler import Scheduler
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +49,21 @@ class Stats:
     load_seconds: float  # building the stages (the slowest one)
     quantize_seconds: float  # of load_seconds, quantizing at load (the slowest stage)
     stages: tuple[StageStats, ...]
+
+
+def snapshot(executor, scheduler: Scheduler) -> Stats:
+    """The counters now (on the engine loop's thread: the executor answers between steps)."""
+    blocks = scheduler.blocks
+    stages = tuple(
+        StageStats(i, spec.device, tuple(spec.layers), weight, kv, c.busy_seconds, c.wait_seconds, c.steps,
+                   c.peak_rss_bytes, c.peak_device_bytes)
+        for i, (spec, c, weight, kv) in enumerate(zip(executor.specs, executor.stats(), executor.weight_bytes,
+                                                      executor.kv_bytes)))
+    return Stats(
+        requests_running=len(scheduler.running), requests_waiting=len(scheduler.waiting),
+        requests_finished=scheduler.num_finished, prompt_tokens=scheduler.num_prompt_tokens,
+        computed_tokens=scheduler.num_computed_tokens, generated_tokens=scheduler.num_generated_tokens,
+        preemptions=scheduler.num_preemptions, kv_blocks_total=blocks.num_blocks,
+        kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_block_size=blocks.block_size,
+        state_slots_total=0, state_slots_used=0,
+        load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages)

@@ -24,6 +24,7 @@ import time
 from typing import NoReturn, TextIO
 
 from .. import LLM, Completion, SamplingParams, Stats
+from ..distributed.pipeline import DEFAULT_STAGE_TIMEOUT_S
 from ..distributed.stage_main import serve_torchrun, torchrun_rank
 from ..errors import ConfigError
 from ..rope import DEFAULT_MAX_POSITION, DEFAULT_THETA, rope_from_user
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--transport", default="auto", choices=["auto", "nccl", "gloo", "host"],
                    help="how stages pass activations: auto (NCCL between GPUs), or host (through pinned host "
                         "memory, for machines where GPU peer-to-peer hangs)")
+    m.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_S,
+                   help="seconds a stage process may leave a heartbeat unanswered before it counts as hung")
     i = p.add_argument_group("input and output")
     src = i.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
@@ -92,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--json prints one completion: it cannot be combined with --chat")
     if args.max_context is not None and args.max_context < 1:
         parser.error(f"--max-context must be >= 1, got {args.max_context}")
+    if not args.stage_timeout > 0:
+        parser.error(f"--stage-timeout must be > 0 seconds, got {args.stage_timeout}")
     try:
         args.device_list = _split_list(args.devices, str, "--devices")
         args.split_list = _split_list(args.split, int, "--split")
@@ -189,7 +194,7 @@ def open_model(args: argparse.Namespace) -> LLM:
             devices = ["cpu", "cpu"]  # the demo runs as a two-stage pipeline
     return LLM(model, devices=devices, split=args.split_list, dtype=args.dtype, quant=args.quant,
                max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed,
-               rope_scaling=args.rope_scaling_spec)
+               rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout)
 
 
 def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO | None) -> tuple[Completion, dict]:
