@@ -47,7 +47,7 @@ ARGUMENTS = SPEC["arguments"]
 
 def _reply(client, model: str, stream: bool, **kw) -> dict:
     """The message, finish reason and usage, assembled from the stream as a client does."""
-    kw = dict(model=model, temperature=0, max_tokens=200, tools=[SPEC["tool"]], **kw)
+    kw = {"model": model, "temperature": 0, "max_tokens": 200, "tools": [SPEC["tool"]], **kw}
     if not stream:
         r = client.chat.completions.create(**kw)
         m = r.choices[0].message
