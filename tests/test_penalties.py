@@ -1,0 +1,70 @@
+"""presence_penalty and frequency_penalty end to end: LLM.generate against a torch loop over transformers' logits.
+
+The reference is the OpenAI rule (pprt/models/sampler.py) applied by hand to
+the logits transformers computes for the same checkpoint, after HF's
+repetition penalty: logit[v] -= frequency * count[v] + presence * (count[v] > 0),
+counts over the generated tokens only. Greedy, fp32, on 1 and 2 stages (the
+parameters travel to the last stage's process), mixed in one batch with
+requests that set other penalties.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from models import make_checkpoint
+from pprt import LLM, SamplingParams
+
+N = 14
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("penalties") / "m", "qwen3", seed=2)
+
+
+def reference(hf, prompt: list[int], presence: float, frequency: float, repetition: float) -> list[int]:
+    ids, out = list(prompt), []
+    for _ in range(N):
+        with torch.no_grad():
+            x = hf(torch.tensor([ids])).logits[0, -1].float()  # [V]
+        for v in set(ids):  # HF repetition penalty: prompt and generated
+            x[v] = x[v] / repetition if x[v] > 0 else x[v] * repetition
+        for v in set(out):
+            x[v] -= frequency * out.count(v) + presence
+        token = int(x.argmax())
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+CASES = [  # (prompt, presence, frequency, repetition)
+    ([5, 9, 14, 9], 1.5, 0.0, 1.0),
+    ([77, 3], 0.0, 1.2, 1.0),
+    ([200, 201, 202], 0.8, 0.6, 1.3),
+    ([11, 12], -0.5, -0.4, 1.0),  # negative: repeats are favoured
+    ([40, 41, 42, 43], 0.0, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]], ids=["1-stage", "2-stages"])
+def test_penalties_match_the_rule_on_transformers_logits(model, devices):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    expected = [reference(hf, p, pr, fr, rp) for p, pr, fr, rp in CASES]
+    unpenalized = [reference(hf, p, 0.0, 0.0, 1.0) for p, *_ in CASES]
+    assert sum(e != u for e, u in zip(expected, unpenalized)) >= 3  # the penalties change what is written
+    params = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, presence_penalty=pr,
+                             frequency_penalty=fr, repetition_penalty=rp) for _, pr, fr, rp in CASES]
+    with LLM(str(model), devices=devices, dtype="float32", max_context=64) as llm:
+        alone = [llm.generate([p], s)[0].token_ids for (p, *_), s in zip(CASES, params)]
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        ids = [llm.submit(p, s, lambda out: out.finished and finished.put(out)) for (p, *_), s in zip(CASES, params)]
+        done = {out.request_id: out.completion.token_ids for out in (finished.get(timeout=120) for _ in ids)}
+        together = [done[i] for i in ids]  # submitted at once: one running batch
+    assert alone == expected
+    assert together == expected
