@@ -107,7 +107,29 @@ def test_no_model_loads_exits_1(tmp_path):
     (["--model", "a", "--split", "x,1"], "--split"),
     (["--model", "a", "--tool-call-parser", "yaml"], "--tool-call-parser"),
     (["--port", "70000"], "--port"),
+    (["--max-waiting", "0"], "--max-waiting"),
+    (["--model", "a", "--devices", "cpu,,cpu"], "--devices"),
 ])
-def test_bad_arguments_exit_2_naming_the_flag(args, text):
-    r = _cli(*args)
-    assert r.returncode == 2 and text in r.stderr, r.stderr
+def test_bad_arguments_exit_2_naming_the_flag(args, text, capsys):
+    from pprt.entrypoints.serve.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(args)
+    assert e.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_the_command_line_exits_2_on_a_bad_argument():
+    r = _cli("--model", "a", "--devices", "cpu", "--devices", "cpu")
+    assert r.returncode == 2 and "--devices is given twice" in r.stderr, r.stderr
+
+
+def test_two_models_each_get_their_own_devices_and_options():
+    from pprt.entrypoints.serve.cli import parse_args
+
+    args, specs = parse_args(["--model", "A", "--devices", "cuda:0", "--served-model-name", "reasoner",
+                              "--max-context", "4096", "--model", "B", "--devices", "cuda:1,cuda:2",
+                              "--split", "10,12", "--tool-call-parser", "xml", "--api-key", "k"])
+    assert args.host == "127.0.0.1" and args.api_key == "k"  # loopback unless told otherwise
+    assert [(s.model, s.served_name, s.devices, s.tool_call_parser, s.options) for s in specs] == [
+        ("A", "reasoner", ["cuda:0"], None, {"max_context": 4096}),
+        ("B", "B", ["cuda:1", "cuda:2"], "xml", {"split": [10, 12]})]
