@@ -196,6 +196,49 @@ def test_n_choices_share_the_prompt(client, library):
         assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == index) == expected.text
 
 
+SAMPLING = dict(temperature=0.8, top_p=0.9, seed=123, presence_penalty=0.5, frequency_penalty=0.3)
+EXTRA = dict(top_k=20, min_p=0.05, repetition_penalty=1.1)  # vLLM's fields beside OpenAI's
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_every_sampling_field_reaches_the_sampler(client, library, stream):
+    """A seeded request with every sampling field set equals the library's with the same SamplingParams
+    (and differs from greedy and from another seed: the fields are not dropped on the way)."""
+    llm = library["demo"]
+    expected = llm.generate(PROMPTS[0], SamplingParams(max_tokens=10, **SAMPLING, **EXTRA))[0]
+    other_seed = llm.generate(PROMPTS[0], SamplingParams(max_tokens=10, **{**SAMPLING, "seed": 124}, **EXTRA))[0]
+    kw = dict(model="demo", prompt=PROMPTS[0], max_tokens=10, **SAMPLING, extra_body=EXTRA)
+    if stream:
+        text = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    else:
+        text = client.completions.create(**kw).choices[0].text
+    assert text == expected.text
+    assert other_seed.text != expected.text
+    # the chat endpoint, on the two-stage model
+    messages = [{"role": "user", "content": "Say something."}]
+    tiny = library["tiny"]
+    prompt = tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ref = parse(tiny.generate(prompt, SamplingParams(max_tokens=8, **SAMPLING, **EXTRA))[0].text, reasoning=True)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8, **SAMPLING,
+                                       extra_body=EXTRA)
+    assert r.choices[0].message.content == (ref.content or "")
+
+
+def test_metrics_count_what_was_served(server, client):
+    before = metrics(server)
+    r = client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=5, temperature=0, extra_body={
+        "ignore_eos": True})
+    after = metrics(server)
+    m = (("model", "demo"),)
+    assert after[("pprt_prompt_tokens_total", m)] - before[("pprt_prompt_tokens_total", m)] == r.usage.prompt_tokens
+    assert after[("pprt_generation_tokens_total", m)] - before[("pprt_generation_tokens_total", m)] == 5
+    assert after[("pprt_time_to_first_token_seconds_count", m)] == before.get(
+        ("pprt_time_to_first_token_seconds_count", m), 0) + 1
+    assert after[("pprt_inter_token_latency_seconds_count", m)] > before.get(
+        ("pprt_inter_token_latency_seconds_count", m), 0)
+    assert after[("pprt_requests_finished_total", m)] > before[("pprt_requests_finished_total", m)]
+
+
 def test_completion_logprobs(client, library):
     expected = library["demo"].generate(PROMPTS[2], greedy(6, logprobs=3))[0]
     r = client.completions.create(model="demo", prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=3)
@@ -441,3 +484,25 @@ def test_clients_that_disconnect_leave_no_blocks_behind(server):
         time.sleep(0.2)
     generated = m[("pprt_generation_tokens_total", (("model", "demo"),))] - before
     assert generated < 20 * 400 / 2, f"the cancelled requests generated {generated} tokens"
+
+
+def test_a_client_that_hangs_up_on_a_whole_answer_cancels_it(server):
+    """Not streamed: the server notices the closed connection while it waits and cancels the request."""
+    demo = (("model", "demo"),)
+    before = metrics(server)[("pprt_generation_tokens_total", demo)]
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"model": "demo", "prompt": "def g(", "max_tokens": 3000, "temperature": 0,
+                       "ignore_eos": True})  # alone: half a minute of generation on CPU
+    conn.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {KEY}",
+                                                   "Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while metrics(server)[("pprt_requests_running", demo)] == 0:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
+    conn.close()
+    deadline = time.monotonic() + 15
+    while (m := metrics(server))[("pprt_requests_running", demo)] or m[("pprt_kv_blocks_used", demo)]:
+        assert time.monotonic() < deadline, "the request of a client that hung up went on"
+        time.sleep(0.1)
+    assert m[("pprt_generation_tokens_total", demo)] - before < 3000 / 2
