@@ -72,9 +72,11 @@ class Run:
     last: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, served: ServedModel, metrics: ServerMetrics, requests: list, prompt_param: str) -> Run:
+    def start(cls, served: ServedModel, metrics: ServerMetrics, requests: list, prompt_param: str,
+              limit_param: str | None = None) -> Run:
         """Submit `requests` (all or none); RequestError 400 for a refused prompt, 503 for a model
-        that does not serve or has too many requests waiting."""
+        that does not serve or has too many requests waiting. `limit_param`: the field that set
+        max_tokens (None when the server chose it), named when the KV pool cannot hold the request."""
         served.check_up()
         served.admit(len(requests))
         try:
@@ -82,7 +84,7 @@ class Run:
         except BaseException as e:
             served.waiting -= len(requests)
             if isinstance(e, (RequestTooLarge, ValueError)):
-                raise RequestError(400, str(e), prompt_param) from None
+                raise RequestError(400, str(e), _refused_param(e, prompt_param, limit_param)) from None
             if isinstance(e, RuntimeError):  # the engine loop has ended (a stage died)
                 served.fail(e)
                 raise RequestError(503, f"model {served.name!r} is not available: {e}", "model",
@@ -121,6 +123,16 @@ class Run:
         self.last[index] = now
 
 
+def _refused_param(error: Exception, prompt_param: str, limit_param: str | None) -> str:
+    """The request field that LLM.submit's refusal is about."""
+    message = str(error)
+    if message.startswith("stop_token_ids"):
+        return "stop_token_ids"
+    if limit_param is not None and isinstance(error, RequestTooLarge) and "max_tokens" in message:
+        return limit_param  # the prompt fits; prompt + max_tokens does not
+    return prompt_param
+
+
 # ---- /v1/completions -------------------------------------------------------------------------------
 
 def completion_prompts(req: CompletionRequest, served: ServedModel) -> list[list[int]]:
@@ -144,7 +156,8 @@ def start_completion(req: CompletionRequest, served: ServedModel, metrics: Serve
     prompts = completion_prompts(req, served)
     requests = [(ids, sampling(req, served, len(ids), req.max_tokens, req.logprobs, j))
                 for ids in prompts for j in range(req.n)]
-    return Run.start(served, metrics, requests, "prompt"), prompts
+    limit_param = "max_tokens" if req.max_tokens is not None else None
+    return Run.start(served, metrics, requests, "prompt", limit_param), prompts
 
 
 async def completion_result(req: CompletionRequest, run: Run, prompts: list) -> dict:
@@ -197,7 +210,9 @@ def start_chat(req: ChatCompletionRequest, served: ServedModel, metrics: ServerM
     check_prompt(served, ids, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
     requests = [(ids, sampling(req, served, len(ids), req.completion_limit, top, j)) for j in range(req.n)]
-    return Run.start(served, metrics, requests, "messages"), prompt, len(ids)
+    limit_param = None if req.completion_limit is None else \
+        "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    return Run.start(served, metrics, requests, "messages", limit_param), prompt, len(ids)
 
 
 @dataclass(slots=True)
