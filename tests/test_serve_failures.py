@@ -35,6 +35,7 @@ def server(tmp_path_factory):
     with running_server("--model", str(demo_model_path()), "--served-model-name", "demo", "--devices", "cpu",
                         "--model", str(tiny), "--served-model-name", "tiny", "--devices", "cpu,cpu",
                         "--model", str(broken), "--served-model-name", "broken", "--max-waiting", "2",
+                        "--stage-processes",
                         log=root / "server.log") as (url, proc):
         yield url, proc
 
@@ -74,9 +75,12 @@ def test_a_model_whose_stage_dies_answers_503_while_the_others_serve(server):
     url, proc = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     assert client.completions.create(model="tiny", prompt="fox", max_tokens=2, temperature=0).choices
-    stages = children(proc.pid)  # only the two-stage model has stage processes
-    assert len(stages) == 2, stages
-    os.kill(stages[1], signal.SIGKILL)
+    # with --stage-processes each model's stages are processes of their own, also the one-device demo's:
+    # in load order, demo's stage, then tiny's two
+    stages = sorted(children(proc.pid), key=started)
+    assert len(stages) == 3, stages
+    demo_stage = stages[0]
+    os.kill(stages[2], signal.SIGKILL)
     deadline = time.monotonic() + 60
     codes = []
     while len(codes) < 2:  # the request that finds the dead stage, and one after it
@@ -89,6 +93,13 @@ def test_a_model_whose_stage_dies_answers_503_while_the_others_serve(server):
     assert client.completions.create(model="demo", prompt="def f(", max_tokens=3, temperature=0).choices[0].text
     status, health = _get(url + "/health")
     assert status == 503 and health["models"]["tiny"] != "ok" and health["models"]["demo"] == "ok"
+    assert children(proc.pid) == [demo_stage]  # tiny's other stage was ended with it; demo's serves on
+
+
+def started(pid: int) -> int:
+    """A process's start time (clock ticks after boot, /proc/PID/stat field 22)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -130,6 +141,26 @@ def test_two_models_each_get_their_own_devices_and_options():
                               "--max-context", "4096", "--model", "B", "--devices", "cuda:1,cuda:2",
                               "--split", "10,12", "--tool-call-parser", "xml", "--api-key", "k"])
     assert args.host == "127.0.0.1" and args.api_key == "k"  # loopback unless told otherwise
+    assert args.stage_processes is None  # decided per model
+    assert parse_args(["--no-stage-processes"])[0].stage_processes is False
     assert [(s.model, s.served_name, s.devices, s.tool_call_parser, s.options) for s in specs] == [
         ("A", "reasoner", ["cuda:0"], None, {"max_context": 4096}),
         ("B", "B", ["cuda:1", "cuda:2"], "xml", {"split": [10, 12]})]
+
+
+@pytest.mark.parametrize("count, devices, flag, expected", [
+    (2, ["cuda:0"], None, True), (2, ["cpu"], None, False), (1, ["cuda:0"], None, False),
+    (2, ["cuda:0", "cuda:1"], None, True), (1, ["cpu"], True, True), (2, ["cuda:1"], False, False),
+])
+def test_which_models_get_stage_processes(count, devices, flag, expected):
+    """Several models: a GPU model's stages are processes of their own; one model, or a CPU one, stays in."""
+    from pprt.entrypoints.serve.models import ModelSpec, load_models
+
+    built = []
+
+    def build(model, **kw):
+        built.append(kw["stage_processes"])
+        raise RuntimeError("not loaded in this test")
+
+    load_models([ModelSpec(f"m{i}", devices=devices) for i in range(count)], 4, flag, build=build)
+    assert built == [expected] * count

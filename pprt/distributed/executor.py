@@ -67,8 +67,12 @@ class LocalExecutor:
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
-                  torchrun=False):
-    """Plan the cut and the KV pool (refusing before anything loads when it cannot fit), then start the stages."""
+                  torchrun=False, stage_processes=False):
+    """Plan the cut and the KV pool (refusing before anything loads when it cannot fit), then start the stages.
+
+    One stage runs in this process unless `stage_processes`: then it is a stage program of its
+    own, as every stage of a pipeline is (its process group has one rank and carries nothing).
+    """
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                          memory_budget=memory_budget, one_host=not torchrun)
@@ -84,11 +88,14 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
         if transport not in ("auto", torchrun_transport()):
             raise ValueError("under torchrun the transport is set for every rank by PPRT_TRANSPORT")
         return TorchrunExecutor(specs, torchrun_transport(), kv_blocks)
-    if len(specs) == 1:
+    if len(specs) == 1 and not stage_processes:
         return LocalExecutor(specs[0], kv_blocks)
     from .pipeline import PipelineExecutor
 
-    return PipelineExecutor(specs, choose_transport(devices, transport), kv_blocks, stage_timeout=stage_timeout)
+    transport = choose_transport(devices, transport)
+    if len(specs) == 1 and transport == "nccl":
+        transport = "host"  # no transfers: no NCCL communicator for a group of one
+    return PipelineExecutor(specs, transport, kv_blocks, stage_timeout=stage_timeout)
 
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,

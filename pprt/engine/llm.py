@@ -62,6 +62,10 @@ class LLM:
     memory). transport: "auto", "nccl", "gloo" or "host". seed: for requests
     without their own seed. stage_timeout: seconds a stage process may leave
     a heartbeat unanswered before it counts as hung (StageFailed naming it).
+    stage_processes: run a single stage in a process of its own too (several
+    devices always do), e.g. so that several models in one program (the
+    server's one model per card) neither share its interpreter lock nor fall
+    together when one's stage crashes.
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -72,7 +76,8 @@ class LLM:
                  max_context: int | None = None, block_size: int = 16, chunk_size: int = 2048,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
-                 rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S):
+                 rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
+                 stage_processes: bool = False):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -93,6 +98,8 @@ class LLM:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(stage_timeout, bool) or not isinstance(stage_timeout, (int, float)) or not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be a positive number of seconds, got {stage_timeout!r}")
+        if not isinstance(stage_processes, bool):
+            raise ValueError(f"stage_processes must be True or False, got {stage_processes!r}")
         check_seed(seed)
         self.source = ModelSource(model)
         self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
@@ -107,7 +114,8 @@ class LLM:
                                  block_size=block_size, max_context=self.max_context,
                                  kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                                  transport=transport, seed=seed, stage_timeout=float(stage_timeout),
-                                 chunk_size=chunk_size, torchrun=torchrun is not None)
+                                 chunk_size=chunk_size, torchrun=torchrun is not None,
+                                 stage_processes=stage_processes)
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
                               eos_token_ids=self.config.eos_token_ids)

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=int, default=256,
                    help="requests per model that may wait for their first token; more get 503 + Retry-After")
     s.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get 413")
+    s.add_argument("--stage-processes", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each model's stages in processes of their own, also on one device (default: when "
+                        "several models are served, for those on a GPU)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"python -m pprt.serve: error: {e.name} is missing: pip install 'pprt[serve]'", file=sys.stderr)
         return 1
-    models = load_models(specs, args.max_waiting)
+    models = load_models(specs, args.max_waiting, args.stage_processes)
     try:
         if not any(m.up for m in models.values()):
             print("python -m pprt.serve: error: no model could be loaded:\n" +
