@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pprt.entrypoints.serve.output_parser import Content, OutputParser, Reasoning, collect, parse
+from pprt.entrypoints.serve.output_parser import OutputParser, Reasoning, collect, parse
 from pprt.entrypoints.serve.tool_formats import HermesFormat, ToolCall, XmlFormat, typed_value
 
 WEATHER = {"type": "object", "properties": {
