@@ -35,8 +35,13 @@ keeps what it measured):
 Every timing is the median over `--repeats` runs on fresh random prompts.
 
     python -m bench.generate                         # GPU: Qwen2.5-7B geometry, random weights
+    python -m bench.generate --config qwen3.5-27b --layers 16   # a Qwen3.5-27B-shaped hybrid (first 16 layers)
     python -m bench.generate --model /path/to/Qwen2.5-7B-Instruct --stages 1
     python -m bench.generate --tiny --results-dir /tmp/r   # CPU, seconds (tests)
+    python -m bench.generate --tiny --config tiny-qwen3.5  # CPU, a tiny Qwen3.5-27B-shaped hybrid
+
+Hybrid models (Qwen3.5, Qwen3-Next): the decode roofline also counts each sequence's
+recurrent state, read and written once per step by every DeltaNet layer.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ from bench.harness import append_results, copy_bandwidth, environment, print_tab
 from pprt import LLM, SamplingParams
 from pprt.config import ModelConfig
 from pprt.models.stage import Stage
-from pprt.plan import embedding_bytes, int4_linear_bytes, kv_bytes_per_token, layer_weight_bytes
+from pprt.plan import (embedding_bytes, int4_linear_bytes, kv_bytes_per_token, layer_weight_bytes,
+                       state_bytes_per_sequence)
 
 GB = 1e9
 # config.json of Qwen2.5-7B (QWEN.md section 5), the default geometry.
@@ -72,7 +78,24 @@ QWEN25_7B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_s
 TINY = dict(QWEN25_7B, vocab_size=509, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=0,
             eos_token_id=1, torch_dtype="float32")
-PRESETS = {"qwen2.5-7b": QWEN25_7B, "tiny": TINY}
+# A text-only export of Qwen3.5-27B (QWEN.md section 7): 64 layers, 3 Gated DeltaNet + 1 gated
+# full attention, dense MLP; vocab 248320.
+QWEN35_27B = dict(architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", vocab_size=248320,
+                  hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24,
+                  num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48,
+                  linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                  full_attention_interval=4, attn_output_gate=True, max_position_embeddings=262144,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                                   "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+                  rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False, eos_token_id=248044,
+                  torch_dtype="bfloat16")
+# Its shape at tiny size for the CPU test: the same layer pattern (8 layers: split 5 + 3 cuts a
+# group), value heads 3x key heads, hidden and intermediate multiples of 128.
+TINY_QWEN35 = dict(QWEN35_27B, vocab_size=509, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, linear_num_key_heads=2,
+                   linear_num_value_heads=6, linear_key_head_dim=32, linear_value_head_dim=32,
+                   max_position_embeddings=1024, eos_token_id=1, torch_dtype="float32")
+PRESETS = {"qwen2.5-7b": QWEN25_7B, "tiny": TINY, "qwen3.5-27b": QWEN35_27B, "tiny-qwen3.5": TINY_QWEN35}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -114,15 +137,17 @@ class Setup:
 
 def write_random_checkpoint(config: dict, path: Path, dtype: torch.dtype, init_device: str = "cpu",
                             shard_bytes: int = 2 << 30, seed: int = 0, std: float = 0.02) -> Path:
-    """Write config.json and random weights (norms 1, the rest N(0, std)) as safetensors shards
-    of about `shard_bytes` with an index; tensor names and shapes are those pprt's Stage (and
-    transformers) read. Host memory holds one shard at most."""
+    """Write config.json and random weights (norms 1 -- 0 where a norm is zero-centred, x(1 + w)
+    -- the rest N(0, std)) as safetensors shards of about `shard_bytes` with an index; tensor
+    names and shapes are those pprt's Stage (and transformers) read. Host memory holds one
+    shard at most."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     cfg = dict(config, torch_dtype=str(dtype).removeprefix("torch."))
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    stage = Stage(ModelConfig.from_dict(cfg))  # meta tensors: names and shapes only
+    model_config = ModelConfig.from_dict(cfg)
+    stage = Stage(model_config)  # meta tensors: names and shapes only
     gen = torch.Generator(init_device).manual_seed(seed)
     weight_map, shard, size, n = {}, {}, 0, 0
 
@@ -136,7 +161,8 @@ def write_random_checkpoint(config: dict, path: Path, dtype: torch.dtype, init_d
 
     for name, meta in stage.named_parameters():
         if "norm" in name.rpartition(".")[0].rpartition(".")[2]:  # input/post/final/q/k norms
-            t = torch.ones(meta.shape, dtype=dtype)
+            centred = model_config.zero_centered_norm and not name.endswith("linear_attn.norm.weight")
+            t = (torch.zeros if centred else torch.ones)(meta.shape, dtype=dtype)
         else:
             t = torch.empty(meta.shape, dtype=dtype, device=init_device).normal_(0, std, generator=gen).cpu()
         shard[name] = t
@@ -325,7 +351,8 @@ def timed(runner, prompts: Prompts, batch: int, length: int, new_tokens: int) ->
 
 
 def decode_bytes(config: ModelConfig, weights: str, dtype_bytes: int, batch: int, context: float) -> float:
-    """Bytes one decode step of `batch` sequences at mean `context` reads: layers, head, KV."""
+    """Bytes one decode step of `batch` sequences at mean `context` reads: layers, head, KV (full-attention
+    layers), and for hybrid models each sequence's recurrent state, read and written."""
     quant = "int4" if weights == "int4" else "none"
     total = sum(layer_weight_bytes(config, i, quant, dtype_bytes) for i in range(config.num_layers))
     if config.num_experts:  # only the experts some token of the batch picks are read
@@ -334,7 +361,9 @@ def decode_bytes(config: ModelConfig, weights: str, dtype_bytes: int, batch: int
         untouched = (1 - k / E) ** batch
         total -= sum(E * lin * untouched for i in range(config.num_layers) if config.is_sparse(i))
     total += embedding_bytes(config, dtype_bytes) + config.hidden_size * dtype_bytes  # head and final norm
-    return total + batch * context * kv_bytes_per_token(config, config.num_layers, "auto", dtype_bytes)
+    all_layers = (0, config.num_layers)
+    state = 2 * state_bytes_per_sequence(config, all_layers, dtype_bytes)
+    return total + batch * (context * kv_bytes_per_token(config, all_layers, "auto", dtype_bytes) + state)
 
 
 def measure(make_runner, setup: Setup, work: Workload, config: ModelConfig, dtype: torch.dtype, copy_bps: float,
@@ -445,8 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=None, help="where generate.jsonl goes")
     p.add_argument("--tiny", action="store_true", help="tiny config, short prompts, 1 and 2 CPU stages (tests)")
     args = p.parse_args(argv)
-    if args.tiny:
-        args.config, args.devices = "tiny", args.devices or ("cpu",)
+    if args.tiny:  # the tiny qwen2 unless a tiny preset is named
+        args.config = args.config if args.config.startswith("tiny") else "tiny"
+        args.devices = args.devices or ("cpu",)
         args.prompts, args.batches, args.decode_prompt, args.decode_tokens, args.repeats = (24, 70), (1, 3), 12, 16, 1
         args.chunk_size = 32  # the 70-token prompt is prefilled in chunks
     args.devices = args.devices or (("cuda:0",) if torch.cuda.is_available() else ("cpu",))
@@ -476,7 +506,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     max_context = min(window, max(max(prompt_lens) + 1, work.decode_prompt + work.decode_tokens + 1))
     per_seq = -(-(work.decode_prompt + work.decode_tokens + 1) // 16) * 16 + 16
     kv_tokens = max(max(prompt_lens) + 32, max(work.batches) * per_seq)
-    kv_bytes = int(1.1 * kv_tokens * kv_bytes_per_token(config, config.num_layers, "auto", args.dtype.itemsize))
+    kv_layer = kv_bytes_per_token(config, 1, "auto", args.dtype.itemsize)  # the fullest stage holds every
+    kv_bytes = int(1.1 * kv_tokens * kv_layer * config.layers_of(0, config.num_layers)[0])  # full-attention layer
 
     tmp = None
     model = args.model

@@ -1,5 +1,10 @@
 """Every config.json field of the supported families, and what pprt does with each.
 
+(qwen2 / qwen3 / qwen3_moe below; qwen2_moe, qwen3_next and the Qwen3.5 text configs
+follow the same rules with their own lists, from transformers' Qwen2MoeConfig,
+Qwen3NextConfig, Qwen3_5TextConfig and Qwen3_5MoeTextConfig and their modeling code;
+a Qwen3.5 wrapper's top-level fields are listed in WRAPPER.)
+
 A field the model's math depends on is either implemented (config.py reads
 it), or refused with a ConfigError naming it, or (where transformers ignores
 it too) warned about, with the context pprt serves by default capped to
@@ -54,8 +59,34 @@ READ = {
     "qwen3_moe": _COMMON | {"attention_bias", "num_experts", "num_local_experts", "num_experts_per_tok",
                             "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"},
 }
-# Real Qwen3-MoE configs carry max_window_layers, which only qwen2 / qwen3 use.
-HARMLESS = {"qwen2": set(), "qwen3": set(), "qwen3_moe": {"max_window_layers"}}
+_MOE = {"num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+        "shared_expert_intermediate_size"}
+_LINEAR = {"linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+           "linear_conv_kernel_dim", "layer_types", "full_attention_interval", "attention_bias"}
+# read and not run: the multi-token-prediction head (its own issue), the recurrent state's dtype
+# (only float32 is taken), the gated attention switch (only true is taken)
+_QWEN35 = _COMMON | _LINEAR | {"attn_output_gate", "mamba_ssm_dtype", "mtp_num_hidden_layers",
+                               "mtp_use_dedicated_embeddings"}
+READ.update({
+    "qwen2_moe": _COMMON | _MOE | {"max_window_layers", "layer_types", "qkv_bias", "norm_topk_prob",
+                                   "decoder_sparse_step", "mlp_only_layers"},
+    "qwen3_next": _COMMON | _MOE | _LINEAR | {"norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+                                              "num_nextn_predict_layers"},
+    "qwen3_5": _QWEN35,
+    "qwen3_5_moe": _QWEN35 | _MOE,
+})
+# Real Qwen3-MoE configs carry max_window_layers, which only qwen2 / qwen3 use. Qwen3.5-MoE's
+# config class deletes the dense and routing-rule fields (every layer routed, top-k always
+# renormalised): present in a file they change nothing, in transformers as in pprt.
+HARMLESS = {"qwen2": set(), "qwen3": set(), "qwen3_moe": {"max_window_layers"}, "qwen2_moe": set(),
+            "qwen3_next": set(), "qwen3_5": set(),
+            "qwen3_5_moe": {"intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"}}
+# The top-level fields of a Qwen3.5 release (Qwen3_5Config / Qwen3_5MoeConfig): the text model is
+# text_config; the vision tower and its token ids are not run (text only).
+WRAPPER = {"model_type", "architectures", "text_config", "vision_config", "image_token_id", "video_token_id",
+           "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings", "quantization_config",
+           "torch_dtype", "dtype", "eos_token_id", "bos_token_id", "pad_token_id", "transformers_version",
+           "_name_or_path", "use_cache", "initializer_range"}
 WARNED = {"dual_chunk_attention_config"}
 INERT = {
     # transformers' PreTrainedConfig bookkeeping
@@ -71,12 +102,23 @@ INERT = {
     "num_beams", "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "typical_p",
 }
 # Sizes transformers fills in from its class defaults when config.json lacks them.
+_LINEAR_GUESSES = {"linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                   "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4}
 _GUESSED = {
     "qwen2": {"num_key_value_heads": 32, "intermediate_size": 22016},
     "qwen3": {"num_key_value_heads": 32, "intermediate_size": 22016, "head_dim": 128},
     "qwen3_moe": {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8,
                   "moe_intermediate_size": 768},
+    "qwen2_moe": {"num_key_value_heads": 16, "intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
+                  "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632},
+    "qwen3_next": {"num_key_value_heads": 2, "head_dim": 256, "intermediate_size": 5632, "num_experts": 512,
+                   "num_experts_per_tok": 10, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+                   **_LINEAR_GUESSES},
+    "qwen3_5": {"num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 12288, **_LINEAR_GUESSES},
+    "qwen3_5_moe": {"num_key_value_heads": 2, "head_dim": 256, "num_experts": 256, "num_experts_per_tok": 8,
+                    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, **_LINEAR_GUESSES},
 }
+_HYBRID = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # layer_types name linear/full layers: checked by pprt.families
 _MAX_WINDOW_LAYERS = 28  # Qwen2Config / Qwen3Config default
 _SLIDING_WINDOW = 4096  # the classes' default window, when use_sliding_window is set without one
 
@@ -92,20 +134,24 @@ class FieldAudit:
     ignored: tuple[str, ...]  # fields neither pprt nor transformers' model reads
 
 
-def audit_fields(cfg: dict, where: str = "") -> FieldAudit:
-    """Check every field of config.json `cfg` (a supported model_type); see the module docstring.
+def audit_fields(cfg: dict, where: str = "", *, model_type: str | None = None,
+                 wrapper: dict | None = None) -> FieldAudit:
+    """Check every field of config.json `cfg` (a supported model_type, or `model_type` when given:
+    a Qwen3.5 text config says qwen3_5_text); see the module docstring. `wrapper`: the top level
+    of a Qwen3.5 release whose text_config `cfg` is.
 
     Raises ConfigError naming the field for what pprt does not implement; logs one warning per
     warned field and one for the ignored ones.
     """
-    model_type = cfg["model_type"]
+    model_type = model_type or cfg["model_type"]
     for name, guess in _GUESSED[model_type].items():
         if name == "intermediate_size" and model_type == "qwen3_moe":
             continue
         if name not in cfg and not (name == "num_experts" and "num_local_experts" in cfg):
             raise ConfigError(f"{_at(where)}config.json has no {name!r} (transformers would assume {guess}, its "
                               f"{model_type} default; pprt does not guess a size)")
-    _check_sliding_window(cfg, where)
+    if model_type not in _HYBRID:
+        _check_sliding_window(cfg, where, model_type)
     cap, reason = None, ""
     dca = cfg.get("dual_chunk_attention_config")
     if dca is not None:
@@ -114,24 +160,30 @@ def audit_fields(cfg: dict, where: str = "") -> FieldAudit:
                     "of up to %d tokens (one chunk) computes exactly what it would, so the default context stops "
                     "there; a longer max_context runs plain attention past it", _at(where), cap)
     ignored = tuple(sorted(set(cfg) - READ[model_type] - HARMLESS[model_type] - WARNED - INERT))
+    if wrapper is not None:
+        ignored += tuple(sorted(f"(top level) {k}" for k in set(wrapper) - WRAPPER - INERT))
     if ignored:
         log.warning("%sconfig.json fields %s are not read by pprt, nor by transformers' %s model: ignored",
                     _at(where), ", ".join(ignored), model_type)
     return FieldAudit(cap, reason, ignored)
 
 
-def _check_sliding_window(cfg: dict, where: str) -> None:
+def _check_sliding_window(cfg: dict, where: str, model_type: str) -> None:
     """Refuse any layer that transformers would run with sliding-window attention."""
     n = cfg.get("num_hidden_layers")
     n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0  # config.py refuses a bad one
     window = cfg.get("sliding_window", _SLIDING_WINDOW) if cfg.get("use_sliding_window") else None
-    if cfg["model_type"] == "qwen3_moe":  # every layer slides when the window is on
+    if model_type == "qwen3_moe":  # every layer slides when the window is on
         if window is not None:
             raise ConfigError(f"{_at(where)}use_sliding_window = true with sliding_window = {window} is not "
                               "supported (sliding-window attention is not implemented)")
         return
     types = cfg.get("layer_types")
-    if types is None:
+    if types is None and model_type == "qwen2_moe":  # every other layer below max_window_layers slides
+        start = cfg.get("max_window_layers", _MAX_WINDOW_LAYERS)
+        types = ["sliding_attention" if window is not None and i % 2 == 0 and i < start else "full_attention"
+                 for i in range(n)]
+    elif types is None:
         start = cfg.get("max_window_layers", _MAX_WINDOW_LAYERS)
         types = ["sliding_attention" if window is not None and i >= start else "full_attention" for i in range(n)]
     elif not isinstance(types, list) or (n and len(types) != n):

@@ -17,6 +17,11 @@ standardizes them (configuration_utils + modeling_rope_utils:
 Anything else is refused with a ConfigError naming it, never dropped: another
 rope type (linear, dynamic, longrope, llama3, mrope), a key the rope type does
 not take, a partial rotary factor other than 1, a value of the wrong type.
+The hybrid families (Qwen3-Next, Qwen3.5) take a partial rotary factor
+(`partial_rotary_factor(cfg, default)`: the settings' value, else the top-level
+one, else the family's default, transformers' precedence) and Qwen3.5's mrope
+keys (`mrope_section`, `mrope_interleaved`: for text, the three position rows
+are equal, so it is ordinary rotary), which the caller lets through.
 
 `native_window(cfg)` is the context a checkpoint's positions were trained for,
 the window YaRN extends when pprt enables it (see its docstring for sources).
@@ -96,8 +101,10 @@ def _count(where: str, key: str, value: Any) -> int:
 
 
 def _settings(where: str, spec: dict, theta: float, max_position: int,
-              original_override: int | None = None, require_original: bool = False) -> RopeConfig:
-    """RopeConfig of one settings dict (see the module docstring), `theta` when it has none."""
+              original_override: int | None = None, require_original: bool = False,
+              partial: bool = False) -> RopeConfig:
+    """RopeConfig of one settings dict (see the module docstring), `theta` when it has none.
+    partial: a partial rotary factor in (0, 1] is the caller's (else only 1 is taken)."""
     kind = spec["rope_type"] if "rope_type" in spec else spec.get("type", "default")
     if kind not in _KEYS:
         raise ConfigError(f"{_at(where)}rope type {kind!r} is not supported (supported: "
@@ -107,10 +114,10 @@ def _settings(where: str, spec: dict, theta: float, max_position: int,
         raise ConfigError(f"{_at(where)}{', '.join(map(repr, unknown))} is not a setting of rope type {kind!r} "
                           f"(it takes {', '.join(sorted(_KEYS[kind] - {'type'}))})")
     theta = _number(where, "rope_theta", spec.get("rope_theta", theta))
-    partial = spec.get("partial_rotary_factor", 1.0)
-    if _number(where, "partial_rotary_factor", partial) != 1.0:
-        raise ConfigError(f"{_at(where)}partial_rotary_factor = {partial} is not supported for this model "
-                          "(rotary over the whole head only)")
+    factor_of_head = _number(where, "partial_rotary_factor", spec.get("partial_rotary_factor", 1.0))
+    if factor_of_head != 1.0 and not (partial and factor_of_head <= 1.0):
+        raise ConfigError(f"{_at(where)}partial_rotary_factor = {spec['partial_rotary_factor']} is not supported for "
+                          "this model " + ("(it must lie in (0, 1])" if partial else "(rotary over the whole head only)"))
     if kind == "default":
         return RopeConfig(theta=theta)
     if "factor" not in spec:
@@ -143,9 +150,12 @@ def _settings(where: str, spec: dict, theta: float, max_position: int,
                       attention_factor=attention, truncate=truncate)
 
 
-def parse_rope(cfg: dict, where: str = "") -> RopeConfig:
+def parse_rope(cfg: dict, where: str = "", *, partial: bool = False,
+               ignore_keys: frozenset[str] = frozenset()) -> RopeConfig:
     """The rotary settings of config.json `cfg`, as transformers computes them (module docstring).
 
+    partial: the model takes a partial rotary factor (read by `partial_rotary_factor`);
+    ignore_keys: settings the model's config class ignores (Qwen3.5's mrope keys).
     Raises ConfigError naming the field (after `where`, when given) for anything it would not
     compute the same way.
     """
@@ -153,7 +163,7 @@ def parse_rope(cfg: dict, where: str = "") -> RopeConfig:
     if not isinstance(scaling, dict):
         raise ConfigError(f"{_at(where)}rope_scaling must be an object, got {scaling!r}")
     name = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
-    spec = dict(scaling)
+    spec = {k: v for k, v in scaling.items() if k not in ignore_keys}
     if "partial_rotary_factor" in cfg:  # transformers moves it into the rope settings
         spec.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
     max_position = _count(where, "max_position_embeddings", cfg.get("max_position_embeddings", DEFAULT_MAX_POSITION))
@@ -161,7 +171,20 @@ def parse_rope(cfg: dict, where: str = "") -> RopeConfig:
     if "original_max_position_embeddings" in cfg:  # a top-level one wins (transformers' Phi-3 rule)
         original = _count(where, "original_max_position_embeddings", cfg["original_max_position_embeddings"])
     theta = cfg.get("rope_theta", DEFAULT_THETA)
-    return _settings(f"{_at(where)}{name}" if scaling else where, spec, theta, max_position, original)
+    return _settings(f"{_at(where)}{name}" if scaling else where, spec, theta, max_position, original,
+                     partial=partial)
+
+
+def partial_rotary_factor(cfg: dict, default: float) -> float:
+    """The share of each head that rotary turns: the rope settings' value (rope_scaling, else
+    rope_parameters), else the top-level `partial_rotary_factor` (old Qwen3-Next files), else
+    `default` (0.25 for the hybrid families, transformers' class default). parse_rope validates it."""
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if isinstance(scaling, dict) and scaling.get("partial_rotary_factor") is not None:
+        return float(scaling["partial_rotary_factor"])
+    if cfg.get("partial_rotary_factor") is not None:
+        return float(cfg["partial_rotary_factor"])
+    return default
 
 
 def rope_from_user(spec: dict, theta: float, max_position: int, where: str = "rope_scaling") -> RopeConfig:

@@ -2,14 +2,31 @@
 
 `make_checkpoint(path, family, **overrides)` builds a transformers model from a
 small config, saves it sharded in float32 with `save_pretrained`, rewrites
-config.json into the OLD spelling real Qwen checkpoints use (top-level
-`rope_theta` + `rope_scaling`, `torch_dtype`, `num_experts`), and adds a tiny
-tokenizer. `reference_model(path)` loads it back with transformers: the oracle.
+config.json into the spelling real checkpoints of that family use, and adds a
+tiny tokenizer. `reference_model(path)` loads it back with transformers: the oracle.
+
+Spellings: qwen2 / qwen3 / qwen3_moe / qwen2_moe / qwen3_next files use the OLD
+one (top-level `rope_theta` + `rope_scaling`, `torch_dtype`, `num_experts`;
+Qwen3-Next also a top-level `partial_rotary_factor` and `full_attention_interval`
+instead of `layer_types`). Qwen3.5 releases are multimodal
+(`Qwen3_5ForConditionalGeneration`, with a tiny vision tower here): text fields
+in `text_config` with `layer_types`, `rope_parameters` (mrope fields and
+`partial_rotary_factor` inside), `attn_output_gate`, `mamba_ssm_dtype`,
+`mtp_num_hidden_layers`; weights under `model.language_model.*`, `model.visual.*`,
+plus `mtp.*` tensors (written here: transformers has no MTP module) that pprt must
+never read. Text-only exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat.
+
+Experts: `expert_layout="fused"` rewrites per-expert tensors into the fused layout
+(`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) real
+Qwen3.5-MoE files use (the default for qwen3_5_moe; transformers writes per expert).
+Hybrid families' norm weights, dt_bias and the gated norm are perturbed away from
+their init (0 or 1), so a wrong (1 + w) or gate shows in the outputs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +34,15 @@ import torch
 from tiny_tokenizer import build_tokenizer
 
 VOCAB = 320
+LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+              linear_conv_kernel_dim=4)
+HYBRID = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=8, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, **LINEAR)  # layers: 3 linear + 1 full, twice
+SPARSE = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2)
+VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
+              temporal_patch_size=1, num_position_embeddings=16)
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+MULTIMODAL = ("qwen3_5", "qwen3_5_moe")
 
 FAMILIES = {
     # qwen2: q/k/v bias, head_dim = H / n
@@ -29,6 +55,18 @@ FAMILIES = {
     "qwen3_moe": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=1, head_dim=32, moe_intermediate_size=32, num_experts=8,
                       num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3], norm_topk_prob=True),
+    # qwen2_moe: q/k/v bias, plain norms, full rotary, routed + gated shared expert, top-k not renormalised;
+    # layer 2 dense
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, mlp_only_layers=[2], **SPARSE),
+    # qwen3_next: hybrid, every layer MoE (but layer 5 dense), norm_topk_prob
+    "qwen3_next": dict(HYBRID, mlp_only_layers=[5], norm_topk_prob=True, **SPARSE),
+    # qwen3_5: hybrid dense, multimodal wrapper (qwen3_5_text: the same, flat export)
+    "qwen3_5": dict(HYBRID),
+    "qwen3_5_text": dict(HYBRID),
+    # qwen3_5_moe: hybrid, every layer MoE, top-k always renormalised
+    "qwen3_5_moe": {k: v for k, v in dict(HYBRID, **SPARSE).items() if k != "intermediate_size"},
+    "qwen3_5_moe_text": {k: v for k, v in dict(HYBRID, **SPARSE).items() if k != "intermediate_size"},
 }
 
 
@@ -39,50 +77,155 @@ def _model_classes(family: str):
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+        "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+        "qwen3_next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM),
+        "qwen3_5": (tf.Qwen3_5Config, tf.Qwen3_5ForConditionalGeneration),
+        "qwen3_5_text": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForCausalLM),
+        "qwen3_5_moe": (tf.Qwen3_5MoeConfig, tf.Qwen3_5MoeForConditionalGeneration),
+        "qwen3_5_moe_text": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM),
     }[family]
 
 
 def make_checkpoint(path: Path, family: str, *, yarn: dict | None = None, seed: int = 0,
                     max_shard_size: str = "60KB", tokenizer: bool = True, eos_token_id: int | list | None = None,
-                    **overrides) -> Path:
+                    expert_layout: str | None = None, tie_word_embeddings: bool = False, **overrides) -> Path:
     """Write a random `family` checkpoint to `path` and return it.
 
-    yarn: e.g. {"factor": 4.0, "original_max_position_embeddings": 64}.
+    yarn: e.g. {"factor": 4.0, "original_max_position_embeddings": 64}. expert_layout: None (as
+    real files of the family: fused for qwen3_5_moe(_text), per expert otherwise), "fused" or "per_expert".
     """
     config_cls, model_cls = _model_classes(family)
     kwargs = dict(FAMILIES[family], vocab_size=VOCAB, rope_theta=10000.0, max_position_embeddings=4096,
-                  initializer_range=0.08, eos_token_id=eos_token_id)
+                  initializer_range=0.08, eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings)
     kwargs.update(overrides)
     theta = kwargs.pop("rope_theta")
     rope = {"rope_type": "default", "rope_theta": theta}
     if yarn:
         rope = {"rope_type": "yarn", "rope_theta": theta, **yarn}
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs, rope_parameters=rope)).float().eval()
+    if family in MULTIMODAL:  # the text model in text_config; tie_word_embeddings read at the top
+        kwargs.pop("tie_word_embeddings")
+        config = config_cls(text_config=dict(kwargs, rope_parameters=dict(rope, partial_rotary_factor=0.25)),
+                            vision_config=VISION, tie_word_embeddings=tie_word_embeddings)
+    else:
+        if family in HYBRID_FAMILIES:
+            rope = dict(rope, partial_rotary_factor=0.25)
+        config = config_cls(**kwargs, rope_parameters=rope)
+    model = model_cls(config).float().eval()
+    if family in HYBRID_FAMILIES:
+        _perturb(model, seed)
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
-    _to_old_spelling(path / "config.json", theta, yarn)
+    if family in MULTIMODAL:
+        _to_qwen35_release(path / "config.json")
+        _add_mtp_tensors(path, kwargs["hidden_size"], seed)
+    else:
+        _to_old_spelling(path / "config.json", theta, yarn, family)
+    if (expert_layout or ("fused" if family.startswith("qwen3_5_moe") else "per_expert")) == "fused":
+        fuse_experts(path)
     if tokenizer:
         build_tokenizer(path, vocab_size=VOCAB)
     return path
 
 
-def _to_old_spelling(config_path: Path, theta: float, yarn: dict | None) -> None:
+def _perturb(model, seed: int) -> None:
+    """Move norm weights (init 0 or 1), dt_bias (1) and the gated norm (1) off their init values."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visual" not in name and ("norm" in name or name.endswith("dt_bias")):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def _to_old_spelling(config_path: Path, theta: float, yarn: dict | None, family: str = "qwen2") -> None:
     cfg = json.loads(config_path.read_text())
-    cfg.pop("rope_parameters", None)
+    params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = theta
     # Old files say "type" (Qwen2.5 docs) rather than "rope_type".
     cfg["rope_scaling"] = {"type": "yarn", **yarn} if yarn else None
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     if "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")
+    if family == "qwen3_next":  # as Qwen3-Next-80B-A3B's config.json
+        cfg["partial_rotary_factor"] = params.get("partial_rotary_factor", 0.25)
+        interval = 4
+        assert cfg.pop("layer_types") == ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                          for i in range(cfg["num_hidden_layers"])]
+        cfg["full_attention_interval"] = interval
+    if family == "qwen2_moe":  # as Qwen1.5-MoE-A2.7B's config.json: no qkv_bias, no layer_types
+        cfg.pop("layer_types", None)
+        assert cfg.pop("qkv_bias") is True
     config_path.write_text(json.dumps(cfg, indent=2))
 
 
-def reference_model(path: Path):
-    from transformers import AutoModelForCausalLM
+def _to_qwen35_release(config_path: Path) -> None:
+    """The text_config fields of a Qwen3.5 release that transformers does not write."""
+    cfg = json.loads(config_path.read_text())
+    text = cfg["text_config"]
+    text["rope_parameters"].update(mrope_interleaved=True, mrope_section=[11, 11, 10])
+    text.update(attn_output_gate=True, mamba_ssm_dtype="float32", mtp_num_hidden_layers=1,
+                mtp_use_dedicated_embeddings=False, full_attention_interval=4)
+    config_path.write_text(json.dumps(cfg, indent=2))
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+def _add_mtp_tensors(path: Path, hidden: int, seed: int) -> None:
+    """Random `mtp.*` tensors (as a real release carries) in the last shard, listed in the index."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    tensors = load_file(path / shard)
+    gen = torch.Generator().manual_seed(seed + 2)
+    mtp = {"mtp.fc.weight": (hidden, 2 * hidden), "mtp.norm.weight": (hidden,),
+           "mtp.pre_fc_norm_embedding.weight": (hidden,), "mtp.pre_fc_norm_hidden.weight": (hidden,),
+           "mtp.layers.0.self_attn.o_proj.weight": (hidden, hidden)}
+    tensors.update({k: torch.randn(shape, generator=gen) for k, shape in mtp.items()})
+    save_file(tensors, path / shard, metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(mtp, shard))
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_experts(path: Path) -> None:
+    """Rewrite per-expert tensors into `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj`
+    [E, H, I] in each shard, as Qwen3.5-MoE releases store them (no `.weight` suffix)."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    experts: dict[str, dict] = {}
+    for name, shard in index["weight_map"].items():
+        m = _EXPERT.match(name)
+        if m:
+            experts.setdefault(m[1], {})[(int(m[2]), m[3])] = shard
+    shards = {shard: load_file(path / shard) for shard in set(index["weight_map"].values())}
+    for prefix, parts in experts.items():
+        home = parts[(0, "gate_proj")]
+        got = {}
+        for (e, proj), shard in parts.items():
+            name = f"{prefix}.{e}.{proj}.weight"
+            got[(e, proj)] = shards[shard].pop(name)
+            del index["weight_map"][name]
+        E = 1 + max(e for e, _ in got)
+        shards[home][f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([got[(e, "gate_proj")], got[(e, "up_proj")]]) for e in range(E)])
+        shards[home][f"{prefix}.down_proj"] = torch.stack([got[(e, "down_proj")] for e in range(E)])
+        index["weight_map"].update({f"{prefix}.gate_up_proj": home, f"{prefix}.down_proj": home})
+    for shard, tensors in shards.items():
+        save_file(tensors, path / shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+def reference_model(path: Path):
+    import transformers
+
+    arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    cls = transformers.AutoModelForImageTextToText if "ConditionalGeneration" in arch else \
+        transformers.AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @torch.inference_mode()

@@ -142,3 +142,31 @@ def test_generate_tiny_end_to_end(tmp_path):
 
 def test_gpu_suite_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_suite.sh")], check=True)
+
+
+def test_generate_tiny_hybrid_row(tmp_path):
+    """The Qwen3.5-27B-shaped row at tiny size: pprt on 1 and 2 stages (a cut inside a 3-linear +
+    1-full group) and transformers, with the recurrent state in the decode roofline."""
+    cfg = dict(gen.TINY_QWEN35)
+    config = gen.ModelConfig.from_dict(cfg)
+    assert config.hybrid and config.linear.num_value_heads == 3 * config.linear.num_key_heads
+    big = gen.ModelConfig.from_dict(gen.QWEN35_27B)
+    assert [big.is_linear(i) for i in range(8)] == [config.is_linear(i) for i in range(8)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: more threads only spin
+    try:
+        rows = gen.main(["--tiny", "--config", "tiny-qwen3.5", "--weights", "fp32", "--results-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    written = [json.loads(line) for line in (tmp_path / "generate.jsonl").read_text().splitlines()]
+    assert len(written) == len(rows) and not [r for r in written if r["kind"] in ("error", "skipped")]
+    for engine, stages in [("pprt", 1), ("pprt", 2), ("transformers", 1)]:
+        setup = [r for r in written if (r["engine"], r["stages"]) == (engine, stages)]
+        assert [r["kind"] for r in setup] == ["load", "prefill", "prefill", "decode", "decode"], setup
+        assert all(r["tok_s"] > 0 for r in setup[1:])
+    d1, d3 = [r for r in written if r["engine"] == "pprt" and r["stages"] == 1 and r["kind"] == "decode"]
+    state = 2 * gen.state_bytes_per_sequence(config, (0, 8), 4)  # read and written per step
+    kv = 2 * 2 * 2 * 64 * 4  # full-attention layers (2 of 8), K and V, kv heads, head_dim, fp32
+    assert state > 0
+    assert d3["bytes_per_step"] - d1["bytes_per_step"] == pytest.approx(2 * (d1["decode_prompt"] + 8.5) * kv + 2 * state)
+    assert "qwen3.5" in written[0]["model"]

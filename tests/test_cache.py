@@ -125,3 +125,89 @@ def test_plans_carry_block_table_changes_not_whole_tables():
             s._preempt(seq)
             table = []
     assert seq.finish_reason == "length"
+
+
+# ---- state slots (hybrid models) ----------------------------------------------------------------
+
+def test_slot_manager_hands_out_and_takes_back():
+    from pprt.engine.blocks import SlotManager
+
+    slots = SlotManager(2)
+    a, b = slots.acquire(10), slots.acquire(11)
+    assert {a, b} == {0, 1} and slots.acquire(10) == a and slots.num_free == 0
+    with pytest.raises(OutOfBlocks, match="state slot"):
+        slots.acquire(12)
+    slots.release(10)
+    slots.release(10)  # twice: no-op
+    assert slots.acquire(12) == a and slots.slot(11) == b and slots.slot(10) is None
+
+
+def _hybrid_scheduler(num_blocks=64, num_slots=2, **kw):
+    from pprt.engine.blocks import SlotManager
+
+    return Scheduler(BlockManager(num_blocks, 16), max_context=1000, slots=SlotManager(num_slots), **kw)
+
+
+def _finish_step(s, plan, seqs, token=7):
+    from pprt.distributed.step import StepResult
+
+    sampled = [c.seq_id for c in plan.chunks if c.sample]
+    return s.complete(plan, StepResult(plan.step, sampled, [token] * len(sampled)), seqs)
+
+
+def test_sequences_hold_one_slot_from_admission_to_finish():
+    s = _hybrid_scheduler(num_slots=2)
+    seqs = {q.seq_id: q for q in (s.add([1, 2, 3], SamplingParams(max_tokens=2, temperature=0).resolve())
+                                  for _ in range(3))}
+    plan = s.schedule()
+    assert [(c.seq_id, c.state_slot) for c in plan.chunks] == [(0, 0), (1, 1)]  # the third waits for a slot
+    assert [q.seq_id for q in s.waiting] == [2] and s.slots.num_free == 0
+    _finish_step(s, plan, seqs)
+    plan = s.schedule()
+    assert [(c.seq_id, c.state_slot, c.start) for c in plan.chunks] == [(0, 0, 3), (1, 1, 3)]
+    _finish_step(s, plan, seqs)  # max_tokens 2: both finish and give their slots back
+    assert s.slots.num_free == 2
+    plan = s.schedule()
+    assert [(c.seq_id, c.start) for c in plan.chunks] == [(2, 0)] and plan.chunks[0].state_slot in (0, 1)
+    _finish_step(s, plan, seqs)
+    _finish_step(s, s.schedule(), seqs)
+    assert not s.has_work and s.slots.num_free == 2 and s.blocks.num_free == 64
+
+
+def test_preemption_frees_the_slot_and_recomputes_from_zero():
+    from pprt.engine.scheduler import SeqStatus
+
+    s = _hybrid_scheduler(num_blocks=3, num_slots=2)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True).resolve()
+    long, short = s.add(list(range(1, 17)), params), s.add(list(range(1, 9)), params)
+    seqs = {long.seq_id: long, short.seq_id: short}
+    while s.num_preemptions == 0:  # `long` grows into its third block: `short` is preempted
+        _finish_step(s, s.schedule(), seqs)
+    assert short.status is SeqStatus.WAITING and short.num_scheduled == 0
+    assert s.slots.slot(short.seq_id) is None and s.slots.num_free == 1
+    starts = []
+    while s.has_work:
+        plan = s.schedule()
+        starts += [c.start for c in plan.chunks if c.seq_id == short.seq_id]
+        _finish_step(s, plan, seqs)
+    assert starts[0] == 0 and long.finish_reason == short.finish_reason == "length"
+    assert s.slots.num_free == 2 and s.blocks.num_free == 3
+
+
+def test_abort_sends_a_stateful_sequence_back_to_position_zero():
+    """A step that may have advanced the recurrent state before failing cannot be undone: recompute."""
+    s = _hybrid_scheduler(chunk_size=4)
+    seq = s.add(list(range(1, 11)), SamplingParams(max_tokens=3, temperature=0).resolve())
+    seqs = {seq.seq_id: seq}
+    _finish_step(s, s.schedule(), seqs)  # tokens 0..3
+    plan = s.schedule()
+    assert plan.chunks[0].start == 4
+    s.abort(plan, seqs)
+    assert seq.num_scheduled == 0 and s.slots.slot(seq.seq_id) is not None
+    plan = s.schedule()
+    assert plan.chunks[0].start == 0  # the worker zeroes the slot for a chunk at position 0
+    plain = Scheduler(BlockManager(64, 16), max_context=1000, chunk_size=4)  # no state: back to the chunk
+    other = plain.add(list(range(1, 11)), SamplingParams(max_tokens=3, temperature=0).resolve())
+    _finish_step(plain, plain.schedule(), {other.seq_id: other})
+    plain.abort(plain.schedule(), {other.seq_id: other})
+    assert other.num_scheduled == 4

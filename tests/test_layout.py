@@ -18,6 +18,7 @@ PKG = Path(__file__).resolve().parent.parent / "pprt"
 # folder (or leaf module) -> the pprt folders/modules it must never import
 FORBIDDEN = {
     "config": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "tokenizer"),
+    "families": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "tokenizer", "config"),
     "params": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "tokenizer"),
     "errors": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "params", "tokenizer"),
     "fields": ("models", "weights", "engine", "distributed", "entrypoints", "plan", "config", "params", "tokenizer"),

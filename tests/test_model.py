@@ -20,8 +20,9 @@ VARIANTS = {
     "qwen3-headdim24": dict(family="qwen3"),
     "qwen3-bias-tied": dict(family="qwen3", attention_bias=True, tie_word_embeddings=True),
     "qwen3_moe-sparse2-mlponly": dict(family="qwen3_moe"),
-    "qwen3_moe-topk-unnormalized": dict(family="qwen3_moe", norm_topk_prob=False, decoder_sparse_step=1,
-                                        mlp_only_layers=[0]),
+    # experts stored fused (gate_up_proj [E, 2I, H], down_proj [E, H, I]), as some exports do
+    "qwen3_moe-topk-unnormalized-fused": dict(family="qwen3_moe", norm_topk_prob=False, decoder_sparse_step=1,
+                                              mlp_only_layers=[0], expert_layout="fused"),
     "qwen2-yarn": dict(family="qwen2", yarn={"factor": 4.0, "original_max_position_embeddings": 32}),
 }
 

@@ -1,8 +1,10 @@
 """python -m pprt.serve on loopback, driven by the official `openai` client.
 
-One server serves two models: the bundled demo model ("demo", one CPU stage,
-a completion model) and a tiny random Qwen3 checkpoint with a chat template
-("tiny", two CPU stage processes, max_context 96), behind an API key. Every
+One server serves three models: the bundled demo model ("demo", one CPU stage,
+a completion model), a tiny random Qwen3 checkpoint with a chat template
+("tiny", two CPU stage processes, max_context 96) and a tiny random Qwen3.5
+hybrid ("hybrid", one CPU stage: KV blocks and recurrent-state slots), behind
+an API key. Every
 answer is compared with what the library computes for the same greedy request
 (`LLM.generate`, one stage, in this process): text, tokens, usage, logprobs.
 """
@@ -32,6 +34,7 @@ from pprt.entrypoints.serve.output_parser import parse  # noqa: E402
 
 KEY = "sk-test-key"
 TINY_CONTEXT = 96
+HYBRID_CONTEXT = 256
 BODY_LIMIT = 100_000
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef walk(path):", "class Stack:\n    def push(self, item):"]
 
@@ -42,14 +45,20 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
+def hybrid(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "hybrid", "qwen3_5_text", seed=4, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def server(tiny, hybrid, tmp_path_factory):
     if not demo_model_available():
         pytest.skip("the demo model has not been trained (tools/train_demo.py)")
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     with running_server("--model", str(demo_model_path()), "--served-model-name", "demo", "--devices", "cpu",
                         "--model", str(tiny), "--served-model-name", "tiny", "--devices", "cpu,cpu",
-                        "--max-context", str(TINY_CONTEXT), "--api-key", KEY, "--max-body-bytes", str(BODY_LIMIT),
-                        log=log) as (url, proc):
+                        "--max-context", str(TINY_CONTEXT), "--model", str(hybrid), "--served-model-name", "hybrid",
+                        "--devices", "cpu", "--max-context", str(HYBRID_CONTEXT),
+                        "--api-key", KEY, "--max-body-bytes", str(BODY_LIMIT), log=log) as (url, proc):
         yield url
 
 
@@ -59,13 +68,14 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def library(tiny):
+def library(tiny, hybrid):
     """The same models in this process, one stage each: the reference."""
-    demo = LLM(str(demo_model_path()), devices=["cpu"])
-    small = LLM(str(tiny), devices=["cpu"], max_context=TINY_CONTEXT)
-    yield {"demo": demo, "tiny": small}
-    demo.close()
-    small.close()
+    models = {"demo": LLM(str(demo_model_path()), devices=["cpu"]),
+              "tiny": LLM(str(tiny), devices=["cpu"], max_context=TINY_CONTEXT),
+              "hybrid": LLM(str(hybrid), devices=["cpu"], max_context=HYBRID_CONTEXT)}
+    yield models
+    for llm in models.values():
+        llm.close()
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
@@ -91,10 +101,10 @@ def metrics(url: str) -> dict[tuple, float]:
 
 def test_models_health_and_metrics(server, client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"demo", "tiny"}
+    assert set(models) == {"demo", "tiny", "hybrid"}
     assert models["tiny"].model_extra["max_model_len"] == TINY_CONTEXT
     status, _, body = get(server, "/health", None)
-    assert status == 200 and json.loads(body)["models"] == {"demo": "ok", "tiny": "ok"}
+    assert status == 200 and json.loads(body)["models"] == {"demo": "ok", "tiny": "ok", "hybrid": "ok"}
     m = metrics(server)
     assert m[("pprt_model_up", (("model", "tiny"),))] == 1.0
     assert m[("pprt_kv_blocks_total", (("model", "demo"),))] > 0
@@ -510,3 +520,43 @@ def test_a_client_that_hangs_up_on_a_whole_answer_cancels_it(server):
         assert time.monotonic() < deadline, "the request of a client that hung up went on"
         time.sleep(0.1)
     assert m[("pprt_generation_tokens_total", demo)] - before < 3000 / 2
+
+
+def test_a_hybrid_model_streams_its_solo_results_and_gives_its_state_slots_back(server, library):
+    """Qwen3.5's DeltaNet layers hold a state slot per sequence beside the KV blocks: streams that run
+    to the end equal their greedy results alone, streams cut short by their clients are cancelled, and
+    afterwards no block and no slot is held."""
+    llm = library["hybrid"]
+    solo = [llm.generate(p, greedy(6, ignore_eos=True))[0] for p in PROMPTS]
+    assert all(len(s.token_ids) == 6 for s in solo) and any(s.text for s in solo)
+    client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    async def whole(prompt: str) -> str:
+        stream = await client.completions.create(model="hybrid", prompt=prompt, max_tokens=6, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def cut(i: int) -> None:
+        stream = await client.completions.create(model="hybrid", prompt=f"x{i}", max_tokens=200, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        async for _ in stream:
+            break
+        await stream.close()
+
+    async def all_of_them():
+        return await asyncio.gather(*(whole(p) for p in PROMPTS), *(cut(i) for i in range(6)))
+
+    texts = asyncio.run(asyncio.wait_for(all_of_them(), timeout=120))[:len(PROMPTS)]
+    assert texts == [s.text for s in solo]
+    hybrid = (("model", "hybrid"),)
+    deadline = time.monotonic() + 15
+    while True:
+        m = metrics(server)
+        held = (m[("pprt_kv_blocks_used", hybrid)], m[("pprt_state_slots_used", hybrid)],
+                m[("pprt_requests_running", hybrid)])
+        if held == (0, 0, 0):
+            break
+        assert time.monotonic() < deadline, f"blocks, slots and requests held: {held}"
+        time.sleep(0.2)
+    assert m[("pprt_state_slots_total", hybrid)] > 0
+

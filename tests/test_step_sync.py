@@ -16,7 +16,7 @@ import torch
 from models import make_checkpoint
 from pprt import LLM, SamplingParams, StageFailed
 from pprt.distributed.pipeline import PipelineExecutor
-from pprt.distributed.step import NewSequence, SeqChunk, StepPlan
+from pprt.distributed.step import NewSequence, PoolSizes, SeqChunk, StepPlan
 from pprt.distributed.worker import WorkerSpec
 from pprt.weights.checkpoint import ModelSource, load_config
 
@@ -42,7 +42,7 @@ def pipeline(model):
     config = load_config(ModelSource(str(model)))
     specs = [WorkerSpec(str(model), config, (0, 2), "cpu", torch.float32),
              WorkerSpec(str(model), config, (2, 3), "cpu", torch.float32)]
-    executor = PipelineExecutor(specs, "gloo", kv_blocks=8)
+    executor = PipelineExecutor(specs, "gloo", PoolSizes(8))
     yield executor
     executor.close()
 

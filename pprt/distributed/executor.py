@@ -2,7 +2,8 @@
 
 An executor owns the stages and offers `submit(plan)` and `result()` (the
 results come back in submission order), `depth` (how many micro-batches may
-be in flight: one per stage) and `num_blocks` (KV blocks every stage holds).
+be in flight: one per stage), `num_blocks` (KV blocks every stage holds) and
+`num_slots` (state slots every stage holds: hybrid models; 0 otherwise).
 One thread drives it (the engine loop's, which calls `bind_thread()` first);
 `kill()` may come from any thread. `LocalExecutor` runs one stage in the
 driver's process; PipelineExecutor (pipeline.py) one stage program per device;
@@ -11,17 +12,20 @@ TorchrunExecutor (torchrun.py) rank 0 of a torchrun job.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import torch
 
 from ..config import ModelConfig
-from ..models.kv import CacheSpec, kv_dtype_name
+from ..models.kv import kv_dtype_name
 from .comm import choose_transport
-from .step import StageCounters, StepPlan, StepResult
-from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_blocks
+from .step import PoolSizes, StageCounters, StepPlan, StepResult
+from .worker import Worker, WorkerSpec, cache_spec, peak_rss_bytes, state_spec, worker_pools
 
 CPU_KV_BUDGET = 64 * 2**20  # bytes: by default a CPU stage's KV pool is at most this (it is zero-filled, so resident)
+CPU_STATE_BUDGET = 64 * 2**20  # bytes: the same for a CPU stage's state pool
+log = logging.getLogger("pprt")
 
 
 class LocalExecutor:
@@ -29,15 +33,17 @@ class LocalExecutor:
 
     depth = 1
 
-    def __init__(self, spec: WorkerSpec, kv_blocks: int):
+    def __init__(self, spec: WorkerSpec, pools: PoolSizes):
         self.worker = Worker(spec)
         self.weight_bytes = [self.worker.weight_bytes()]
         self.load_seconds = self.worker.load_seconds
         self.load_rss_bytes = [self.worker.load_rss_bytes]
         self.quant_seconds = self.worker.quant_seconds
-        self.num_blocks = worker_blocks(self.worker, kv_blocks)
-        self.worker.allocate_cache(self.num_blocks)
-        self.kv_bytes = [self.worker.cache.nbytes]
+        self.pools = worker_pools(self.worker, pools)
+        self.num_blocks, self.num_slots = self.pools.blocks, self.pools.slots
+        self.worker.allocate_cache(self.pools)
+        kv, state = self.worker.pool_bytes
+        self.kv_bytes, self.state_bytes = [kv], [state]
         self._results: deque[StepResult] = deque()
 
     @property
@@ -67,39 +73,44 @@ class LocalExecutor:
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
-                  torchrun=False, stage_processes=False):
-    """Plan the cut and the KV pool (refusing before anything loads when it cannot fit), then start the stages.
+                  torchrun=False, max_num_seqs: int = 256, stage_processes=False):
+    """Plan the cut and the pools (refusing before anything loads when it cannot fit), then start the stages.
 
     One stage runs in this process unless `stage_processes`: then it is a stage program of its
     own, as every stage of a pipeline is (its process group has one rank and carries nothing).
     """
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
-                         memory_budget=memory_budget, one_host=not torchrun)
+                         memory_budget=memory_budget, one_host=not torchrun, max_num_seqs=max_num_seqs)
     if not result.fits:
         raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
                         seed=seed) for stage, device in zip(result.stages, devices)]
-    kv_blocks = _kv_blocks(specs, result.num_blocks, kv_cache_memory)
+    pools = PoolSizes(_kv_blocks(specs, result.num_blocks, kv_cache_memory), _state_slots(specs, result.num_slots))
+    if config.hybrid and pools.slots < max_num_seqs:
+        per_seq = max(st.state_bytes_per_seq for st in result.stages)
+        log.warning("max_num_seqs %d is bounded by recurrent-state memory: %d state slot(s) of %.1f MiB per "
+                    "sequence on the fullest stage, so at most %d sequences run at once", max_num_seqs,
+                    pools.slots, per_seq / 2**20, pools.slots)
     if torchrun:
         from .stage_main import torchrun_transport
         from .torchrun import TorchrunExecutor
 
         if transport not in ("auto", torchrun_transport()):
             raise ValueError("under torchrun the transport is set for every rank by PPRT_TRANSPORT")
-        return TorchrunExecutor(specs, torchrun_transport(), kv_blocks)
+        return TorchrunExecutor(specs, torchrun_transport(), pools)
     if len(specs) == 1 and not stage_processes:
-        return LocalExecutor(specs[0], kv_blocks)
+        return LocalExecutor(specs[0], pools)
     from .pipeline import PipelineExecutor
 
     transport = choose_transport(devices, transport)
     if len(specs) == 1 and transport == "nccl":
         transport = "host"  # no transfers: no NCCL communicator for a group of one
-    return PipelineExecutor(specs, transport, kv_blocks, stage_timeout=stage_timeout)
+    return PipelineExecutor(specs, transport, pools, stage_timeout=stage_timeout)
 
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
-                chunk_size, memory_budget, one_host: bool = True):
+                chunk_size, memory_budget, one_host: bool = True, max_num_seqs: int = 256):
     """The planner's cut for these devices (or `split`, checked against their memory).
 
     one_host: the devices are this machine's, so stages naming the same device share its
@@ -119,15 +130,16 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
     return plan(config, [DeviceBudget(d, b) for d, b in zip(devices, budgets)],
                 quant=quant or "none", kv_dtype=kv_dtype_name(kv_dtype),
                 dtype_bytes=dtype.itemsize, block_size=block_size, max_context=max_context, chunk_size=chunk_size,
-                split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30)
+                split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30,
+                max_num_seqs=max_num_seqs)
 
 
 def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | None) -> int:
     """Blocks every stage allocates: the plan's, or `kv_cache_memory` bytes per stage (the
     fullest stage decides); on CPU at most CPU_KV_BUDGET bytes per stage unless asked."""
-    c = specs[0].config
-    per_block = [CacheSpec(hi - lo, c.num_kv_heads, c.head_dim, s.block_size, s.kv_dtype or s.dtype).bytes_per_block
-                 for s, (lo, hi) in ((s, s.layers) for s in specs)]
+    per_block = [b for b in (cache_spec(s).bytes_per_block for s in specs) if b]  # stages with KV
+    if not per_block:  # no full-attention layer anywhere: blocks cost nothing
+        return planned
     if kv_cache_memory is not None:
         if kv_cache_memory < max(per_block):
             raise ValueError(f"kv_cache_memory = {kv_cache_memory} bytes is less than one KV block of the "
@@ -135,6 +147,17 @@ def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | Non
         return min(kv_cache_memory // b for b in per_block)
     if all(torch.device(s.device).type == "cpu" for s in specs):
         return min(planned, min(CPU_KV_BUDGET // b for b in per_block))
+    return planned
+
+
+def _state_slots(specs: list[WorkerSpec], planned: int) -> int:
+    """Slots every stage allocates: the plan's (at most max_num_seqs); on CPU at most CPU_STATE_BUDGET
+    bytes of state per stage. 0 for models without recurrent state."""
+    per_slot = [b for b in (sp.bytes_per_slot for sp in map(state_spec, specs) if sp is not None) if b]
+    if not per_slot:
+        return 0
+    if all(torch.device(s.device).type == "cpu" for s in specs):
+        return max(1, min(planned, min(CPU_STATE_BUDGET // b for b in per_slot)))
     return planned
 
 

@@ -36,7 +36,7 @@ from ..errors import StageFailed
 from .comm import DEFAULT_TIMEOUT_S, free_port
 from .stage_main import CLOSE, STATS
 from .stage_proc import Fault, StageProcess
-from .step import StageCounters, StageReady, StepPlan, StepResult, take_load_report
+from .step import PoolSizes, StageCounters, StageReady, StepPlan, StepResult, take_load_report, take_pool_bytes
 from .worker import StageBoot, WorkerSpec
 
 DEFAULT_STAGE_TIMEOUT_S = 30.0  # a stage silent this long (no heartbeat) has failed
@@ -46,7 +46,7 @@ _BLAME_ORDER = (Fault.REPORTED, Fault.GONE, Fault.HUNG, Fault.PEER)
 
 
 class PipelineExecutor:
-    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int, threads: int | None = None,
+    def __init__(self, specs: list[WorkerSpec], transport: str, pools: PoolSizes, threads: int | None = None,
                  stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S):
         if not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be a positive number of seconds, got {stage_timeout!r}")
@@ -62,11 +62,11 @@ class PipelineExecutor:
         self._finalizer = weakref.finalize(self, _shutdown, self.stages)
         try:
             for i, spec in enumerate(specs):
-                boot = StageBoot(i, len(specs), spec, transport, init_method, kv_blocks, threads, group_timeout)
+                boot = StageBoot(i, len(specs), spec, transport, init_method, pools, threads, group_timeout)
                 self.stages.append(StageProcess(boot, stage_timeout))
             take_load_report(self, [self._receive(i, StageReady) for i in range(len(specs))])
-            self._send_all(pickle.dumps(self.num_blocks))
-            self.kv_bytes = [self._receive(i, int) for i in range(len(specs))]
+            self._send_all(pickle.dumps(self.pools))
+            take_pool_bytes(self, [self._receive(i, tuple) for i in range(len(specs))])
         except BaseException:
             self.close()
             raise

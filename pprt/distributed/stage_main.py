@@ -1,7 +1,7 @@
 """The loop of a stage that runs in its own process: a program the driver starts, or a torchrun rank.
 
-A stage loads its layers, reports `StageReady` (with the KV blocks its memory
-allows), allocates the number of blocks the driver decides, then executes
+A stage loads its layers, reports `StageReady` (with the KV blocks and state
+slots its memory allows), allocates the pools the driver decides, then executes
 step plans until told to close: it receives the previous stage's hidden
 states (comm.py, checked to be those of the step it executes), runs its
 layers, and sends hidden states on, or, on the last stage, sends the
@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import ActivationChannel, ObjectChannel, PeerFailure, init_group
-from .step import Heartbeat, StageError, StageReady, StageCounters
-from .worker import StageBoot, Worker, WorkerSpec, peak_rss_bytes, worker_blocks
+from .step import Heartbeat, PoolSizes, StageError, StageReady, StageCounters
+from .worker import StageBoot, Worker, WorkerSpec, peak_rss_bytes, worker_pools
 
 CLOSE = "close"  # control message: leave the loop
 STATS = "stats"  # control message: report StageCounters
@@ -102,14 +102,15 @@ class DistControl:
         self.objects.send(obj, 0)
 
 
-def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control, kv_blocks: int) -> None:
+def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control, pools: PoolSizes) -> None:
     """Load, report, then execute plans from `control` until it says close."""
     worker = Worker(spec)
     channel = ActivationChannel(stage, world, worker.device, transport)
-    control.send(StageReady(stage, worker_blocks(worker, kv_blocks), worker.weight_bytes(),
-                            worker.load_seconds, worker.load_rss_bytes, worker.quant_seconds))
+    room = worker_pools(worker, pools)
+    control.send(StageReady(stage, room.blocks, worker.weight_bytes(), worker.load_seconds,
+                            worker.load_rss_bytes, worker.quant_seconds, room.slots))
     worker.allocate_cache(control.recv())
-    control.send(worker.cache.nbytes)  # the pool as allocated, scales included
+    control.send(worker.pool_bytes)  # the pools as allocated (KV with fp8 scales, state)
     steps = 0
     while True:
         msg = control.recv()
@@ -145,7 +146,7 @@ def main() -> None:
         if boot.threads:
             torch.set_num_threads(boot.threads)
         init_group(boot.stage, boot.world, boot.transport, boot.spec.device, boot.init_method, boot.group_timeout_s)
-        run_stage(boot.stage, boot.world, boot.spec, boot.transport, control, boot.kv_blocks)
+        run_stage(boot.stage, boot.world, boot.spec, boot.transport, control, boot.pools)
     except BaseException as e:  # report, then exit
         code = 1
         try:
@@ -197,9 +198,9 @@ def serve_torchrun() -> None:
     init_group(rank, world, transport, local_device())
     objects = ObjectChannel()
     try:
-        spec, kv_blocks = objects.recv(0)
+        spec, pools = objects.recv(0)
         spec = dataclasses.replace(spec, device=local_device())
-        run_stage(rank, world, spec, transport, DistControl(objects), kv_blocks)
+        run_stage(rank, world, spec, transport, DistControl(objects), pools)
     except BaseException as e:
         objects.send(stage_error(rank, e), 0)
         raise

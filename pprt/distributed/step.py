@@ -27,6 +27,9 @@ class SeqChunk:
     blocks_from: int
     new_blocks: list[int]
     sample: bool  # the last token's logits give the sequence its next token
+    # hybrid models: the sequence's slot in every stage's state pool (-1: the model keeps no state).
+    # A chunk with start == 0 finds its slot zeroed.
+    state_slot: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -71,6 +74,19 @@ class StepResult:
     compute_seconds: float = 0.0  # time the last stage spent computing this step
 
 
+@dataclass(frozen=True, slots=True)
+class PoolSizes:
+    """What every stage allocates: KV blocks and state slots (ids are global, so the same number on
+    every stage; a stage without full-attention or DeltaNet layers holds 0 bytes of that kind)."""
+
+    blocks: int
+    slots: int = 0  # 0: the model keeps no per-sequence state
+
+    def __post_init__(self) -> None:
+        if self.blocks <= 0 or self.slots < 0:
+            raise ValueError(f"PoolSizes needs blocks > 0 and slots >= 0, got {self.blocks}, {self.slots}")
+
+
 @dataclass(slots=True)
 class StageReady:
     """A stage process has loaded its weights."""
@@ -81,6 +97,7 @@ class StageReady:
     load_seconds: float
     load_rss_bytes: int  # host memory the load took at its peak
     quant_seconds: float = 0.0  # of load_seconds, spent quantizing (quant="int4" or "fp8")
+    num_slots: int = 0  # state slots its memory budget allows (of those asked; 0: no state)
 
 
 @dataclass(slots=True)
@@ -112,9 +129,16 @@ class Heartbeat:
 
 
 def take_load_report(executor, readies: list[StageReady]) -> None:
-    """Set what every executor tells about its loaded stages; the KV pool is the smallest stage's."""
-    executor.num_blocks = min(r.num_blocks for r in readies)
+    """Set what every executor tells about its loaded stages; each pool is the smallest stage's."""
+    executor.pools = PoolSizes(min(r.num_blocks for r in readies), min(r.num_slots for r in readies))
+    executor.num_blocks, executor.num_slots = executor.pools.blocks, executor.pools.slots
     executor.weight_bytes = [r.weight_bytes for r in readies]
     executor.load_seconds = max(r.load_seconds for r in readies)
     executor.load_rss_bytes = [r.load_rss_bytes for r in readies]
     executor.quant_seconds = max(r.quant_seconds for r in readies)
+
+
+def take_pool_bytes(executor, sizes: list[tuple[int, int]]) -> None:
+    """Set each stage's (KV pool, state pool) bytes as allocated."""
+    executor.kv_bytes = [kv for kv, _ in sizes]
+    executor.state_bytes = [state for _, state in sizes]

@@ -17,8 +17,9 @@ from ..errors import StageFailed
 from .comm import ActivationChannel, ObjectChannel, init_group
 from .pipeline import interrupts_deferred
 from .stage_main import CLOSE, STATS
-from .step import StageCounters, StageError, StageReady, StepPlan, StepResult, take_load_report
-from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_blocks
+from .step import (PoolSizes, StageCounters, StageError, StageReady, StepPlan, StepResult, take_load_report,
+                   take_pool_bytes)
+from .worker import Worker, WorkerSpec, peak_rss_bytes, worker_pools
 
 
 class TorchrunExecutor:
@@ -31,24 +32,24 @@ class TorchrunExecutor:
     group's timeout.
     """
 
-    def __init__(self, specs: list[WorkerSpec], transport: str, kv_blocks: int):
+    def __init__(self, specs: list[WorkerSpec], transport: str, pools: PoolSizes):
         self.specs, self.depth = specs, len(specs)
         self._failed = False
         init_group(0, len(specs), transport, specs[0].device)
         self.objects = ObjectChannel()
         for rank in range(1, len(specs)):
-            self.objects.send((specs[rank], kv_blocks), rank)
+            self.objects.send((specs[rank], pools), rank)
         self.worker = Worker(specs[0])
         self.channel = ActivationChannel(0, len(specs), self.worker.device, transport)
-        readies = [StageReady(0, worker_blocks(self.worker, kv_blocks),
-                              self.worker.weight_bytes(), self.worker.load_seconds, self.worker.load_rss_bytes,
-                              self.worker.quant_seconds)]
+        room = worker_pools(self.worker, pools)
+        readies = [StageReady(0, room.blocks, self.worker.weight_bytes(), self.worker.load_seconds,
+                              self.worker.load_rss_bytes, self.worker.quant_seconds, room.slots)]
         readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
         take_load_report(self, readies)
         for rank in range(1, len(specs)):
-            self.objects.send(self.num_blocks, rank)
-        self.worker.allocate_cache(self.num_blocks)
-        self.kv_bytes = [self.worker.cache.nbytes] + [self._receive(r, int) for r in range(1, len(specs))]
+            self.objects.send(self.pools, rank)
+        self.worker.allocate_cache(self.pools)
+        take_pool_bytes(self, [self.worker.pool_bytes] + [self._receive(r, tuple) for r in range(1, len(specs))])
 
     def bind_thread(self) -> None:
         """Make stage 0's GPU the calling thread's current device (the engine loop's thread)."""

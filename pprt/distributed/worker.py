@@ -1,9 +1,12 @@
-"""One stage: build it, load its weights, allocate its cache, execute step plans.
+"""One stage: build it, load its weights, allocate its pools, execute step plans.
 
 A `Worker` is what runs on each device. In a one-device run it lives in the
 caller's process; in a pipeline each lives in its own process (see comm.py
 and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
-on one micro-batch. Knows nothing of tokenization or scheduling.
+on one micro-batch. Its pools: KV blocks for its full-attention layers and, for
+hybrid models, state slots for its DeltaNet layers (slots of chunks that start
+at position 0 are zeroed before the step runs). Knows nothing of tokenization
+or scheduling.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..models.attention import AttentionBatch
-from ..models.kv import CacheSpec, KVCache
+from ..models.batch import StepBatch
+from ..models.kv import CacheSpec, KVCache, StateCache, StateSpec
 from ..models.sampler import Sampler
 from ..models.stage import Stage
 from ..weights.checkpoint import CheckpointReader, ModelSource
 from ..weights.loader import load_stage
-from .step import StepPlan, StepResult
+from .step import PoolSizes, StepPlan, StepResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,7 @@ class StageBoot:
     spec: WorkerSpec
     transport: str  # "nccl", "gloo" or "host"
     init_method: str  # the process group's rendezvous, e.g. tcp://127.0.0.1:PORT
-    kv_blocks: int  # KV blocks wanted (the stage reports how many its memory allows)
+    pools: PoolSizes  # KV blocks and state slots wanted (the stage reports how many its memory allows)
     threads: int | None  # torch threads of the stage (None: torch's default)
     group_timeout_s: float  # a blocking transfer between stages fails after this long
 
@@ -72,7 +75,7 @@ def _proc_status_kib(field: str) -> int:
 
 
 log = logging.getLogger("pprt")
-GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV pool
+GPU_MEMORY_FRACTION = 0.90  # of a GPU's free memory after weights, at most, for the KV and state pools
 _NO_BLOCKS = torch.zeros(0, dtype=torch.int32)
 
 
@@ -90,9 +93,10 @@ class Worker:
         if spec.quant:
             log.info("layers %d-%d: loaded in %.2f s, of which %.2f s quantizing to %s", self.stage.lo,
                      self.stage.hi - 1, self.load_seconds, self.quant_seconds, spec.quant)
-        self.cache_spec = CacheSpec(self.stage.num_layers, spec.config.num_kv_heads, spec.config.head_dim,
-                                    spec.block_size, spec.kv_dtype or spec.dtype)
+        self.cache_spec = cache_spec(spec)
+        self.state_spec = state_spec(spec)
         self.cache: KVCache | None = None
+        self.state: StateCache | None = None
         self.sampler = Sampler(spec.config.vocab_size, self.device, spec.seed) if self.stage.is_last else None
         self.busy_seconds = 0.0  # time spent computing steps
         self.tables: dict[int, torch.Tensor] = {}  # block table of each sequence (int32, host)
@@ -104,8 +108,16 @@ class Worker:
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.stage.state_dict().values())
 
-    def allocate_cache(self, num_blocks: int) -> None:
-        self.cache = KVCache(self.cache_spec, num_blocks, self.device)
+    def allocate_cache(self, pools: PoolSizes) -> None:
+        """The KV pool and (hybrid models with DeltaNet layers on this stage) the state pool."""
+        self.cache = KVCache(self.cache_spec, pools.blocks, self.device)
+        if self.state_spec is not None and self.state_spec.num_layers and pools.slots:
+            self.state = StateCache(self.state_spec, pools.slots, self.device)
+
+    @property
+    def pool_bytes(self) -> tuple[int, int]:
+        """(KV pool, state pool) bytes as allocated."""
+        return self.cache.nbytes, self.state.nbytes if self.state is not None else 0
 
     def execute(self, plan: StepPlan, x: torch.Tensor | None = None) -> torch.Tensor | StepResult:
         """Run one micro-batch: returns hidden states [T, H], or on the last stage the sampled tokens.
@@ -123,9 +135,13 @@ class Worker:
                 if new.seq_id not in self.sampler:
                     self.sampler.add(new.seq_id, new.params, new.prompt_ids)
         batch, logits_indices = self._batch(plan)
+        if self.state is not None:  # sequences (re)starting at position 0 start from zero state
+            fresh = [c.state_slot for c in plan.chunks if c.start == 0]
+            if fresh:
+                self.state.reset(torch.tensor(fresh, dtype=torch.long, device=self.device))
         if self.stage.is_first:
             x = torch.tensor([t for c in plan.chunks for t in c.token_ids], dtype=torch.long, device=self.device)
-        out = self.stage(x, batch, self.cache, logits_indices)
+        out = self.stage(x, batch, self.cache, self.state, logits_indices)
         if not self.stage.is_last:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
@@ -138,8 +154,8 @@ class Worker:
         return StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
                           sampled.logprobs if sampled else None, elapsed)
 
-    def _batch(self, plan: StepPlan) -> tuple[AttentionBatch, torch.Tensor]:
-        """Tensors of a plan: positions, slots, block tables, query offsets, context lengths."""
+    def _batch(self, plan: StepPlan) -> tuple[StepBatch, torch.Tensor]:
+        """Tensors of a plan: positions, KV slots, block tables, query offsets, context lengths, state slots."""
         bs = self.spec.block_size
         starts, ctx, sample_rows, rows = [0], [], [], []
         for c in plan.chunks:
@@ -157,7 +173,10 @@ class Worker:
         positions = torch.cat([torch.arange(c.start, c.end) for c in plan.chunks])  # [T]
         slots = tables[seq_of_token, positions // bs].long() * bs + positions % bs  # [T]
         dev = self.device
-        batch = AttentionBatch(
+        state_indices = None
+        if self.state is not None:
+            state_indices = torch.tensor([c.state_slot for c in plan.chunks], dtype=torch.int32, device=dev)
+        batch = StepBatch(
             positions=positions.to(dev),
             slot_mapping=slots.to(dev),
             block_tables=tables.to(dev),
@@ -165,17 +184,44 @@ class Worker:
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
             max_query_len=max(len(c.token_ids) for c in plan.chunks),
             max_context_len=max(ctx),
+            state_indices=state_indices,
         )
         return batch, torch.tensor(sample_rows, dtype=torch.long, device=dev)
 
 
-def worker_blocks(worker: Worker, wanted: int) -> int:
-    """The KV blocks `worker` can hold: `wanted`, or fewer if its GPU has less free memory now."""
-    blocks = wanted
+def cache_spec(spec: WorkerSpec) -> CacheSpec:
+    """The KV pool geometry of a stage: its full-attention layers only."""
+    attention, _ = spec.config.layers_of(*spec.layers)
+    return CacheSpec(attention, spec.config.num_kv_heads, spec.config.head_dim, spec.block_size,
+                     spec.kv_dtype or spec.dtype)
+
+
+def state_spec(spec: WorkerSpec) -> StateSpec | None:
+    """The state pool geometry of a stage: its DeltaNet layers (None for models without them)."""
+    lin = spec.config.linear
+    if lin is None:
+        return None
+    _, linear = spec.config.layers_of(*spec.layers)
+    return StateSpec(linear, lin.conv_dim, lin.conv_kernel - 1, lin.num_value_heads, lin.key_head_dim,
+                     lin.value_head_dim, spec.dtype)
+
+
+def worker_pools(worker: Worker, wanted: PoolSizes) -> PoolSizes:
+    """The pools `worker` can hold: `wanted`, or fewer if its GPU has less free memory now (state
+    slots first, as the plan sized them; KV blocks from the rest)."""
+    blocks, slots = wanted.blocks, wanted.slots
+    state_bytes = worker.state_spec.bytes_per_slot if worker.state_spec is not None else 0
     if worker.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(worker.device)
-        blocks = min(blocks, worker.cache_spec.blocks_for(int(free * GPU_MEMORY_FRACTION)))
+        free = int(torch.cuda.mem_get_info(worker.device)[0] * GPU_MEMORY_FRACTION)
+        if state_bytes:
+            slots = min(slots, worker.state_spec.slots_for(free))
+            free -= slots * state_bytes
+        room = worker.cache_spec.blocks_for(free)
+        blocks = blocks if room is None else min(blocks, room)
     if blocks <= 0:
         raise MemoryError(f"{worker.device}: no memory left for a single KV block "
                           f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
-    return blocks
+    if state_bytes and wanted.slots and slots <= 0:
+        raise MemoryError(f"{worker.device}: no memory left for the state of a single sequence "
+                          f"({state_bytes} bytes) after the weights")
+    return PoolSizes(blocks, slots)

@@ -1,8 +1,10 @@
-"""The driver's block manager: block tables, a free list and reference counts.
+"""The driver's id managers: KV blocks (tables, a free list, reference counts) and state slots.
 
-Block ids are global: this manager hands them out and every stage holds the
+Block ids are global: `BlockManager` hands them out and every stage holds the
 same number of blocks (`pprt.models.kv`). A sequence's token t lives in block
-`table[t // block_size]` at offset `t % block_size`. Ids only: no tensors.
+`table[t // block_size]` at offset `t % block_size`. Hybrid models also give
+each running sequence one state slot (`SlotManager`): the slot of its DeltaNet
+layers' state on every stage. Ids only: no tensors.
 """
 
 from __future__ import annotations
@@ -63,3 +65,36 @@ class BlockManager:
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
                 self.free.append(block)
+
+
+class SlotManager:
+    """State slots of the global slot ids: one per running sequence of a hybrid model."""
+
+    def __init__(self, num_slots: int):
+        if num_slots < 0:
+            raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+        self.num_slots = num_slots
+        self.free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out low ids first
+        self.owner: dict[int, int] = {}  # seq_id -> slot
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def slot(self, seq_id: int) -> int | None:
+        return self.owner.get(seq_id)
+
+    def acquire(self, seq_id: int) -> int:
+        """`seq_id`'s slot, taking a free one if it has none; OutOfBlocks when none is free."""
+        if seq_id in self.owner:
+            return self.owner[seq_id]
+        if not self.free:
+            raise OutOfBlocks(f"sequence {seq_id} needs a state slot, none of {self.num_slots} is free")
+        self.owner[seq_id] = slot = self.free.pop()
+        return slot
+
+    def release(self, seq_id: int) -> None:
+        """Give `seq_id`'s slot back (no-op when it holds none)."""
+        slot = self.owner.pop(seq_id, None)
+        if slot is not None:
+            self.free.append(slot)

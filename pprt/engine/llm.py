@@ -28,7 +28,7 @@ from ..params import SamplingParams, check_seed
 from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
-from .blocks import BlockManager
+from .blocks import BlockManager, SlotManager
 from .loop import EngineLoop
 from .prompts import as_prompt_list, check_vocab
 from .requests import Completion, OutputSink, RequestOutput
@@ -115,10 +115,11 @@ class LLM:
                                  kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                                  transport=transport, seed=seed, stage_timeout=float(stage_timeout),
                                  chunk_size=chunk_size, torchrun=torchrun is not None,
-                                 stage_processes=stage_processes)
+                                 max_num_seqs=max_num_seqs, stage_processes=stage_processes)
+        slots = SlotManager(executor.num_slots) if executor.num_slots else None
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids)
+                              eos_token_ids=self.config.eos_token_ids, slots=slots)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)
@@ -135,6 +136,11 @@ class LLM:
     @property
     def blocks(self) -> BlockManager:
         return self._engine.blocks
+
+    @property
+    def slots(self) -> SlotManager | None:
+        """The state slots of a hybrid model (None for models without recurrent state)."""
+        return self._engine.scheduler.slots
 
     # ---- public API --------------------------------------------------------
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:

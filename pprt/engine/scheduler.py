@@ -16,6 +16,12 @@ order, so the cached prefix is always there when needed).
 When blocks run out, the most recently admitted running sequence that is not
 in flight is preempted: its blocks are freed and it is recomputed later from
 its tokens. A request that could never fit the pool is refused at `add`.
+
+Hybrid models (a `SlotManager` is given): a sequence also holds one state slot
+from admission until it finishes or is preempted; admission waits for a free
+slot. Its recurrent state cannot be rewound, so a chunk undone by `abort`
+after it may have run sends the sequence back to position 0 (recomputed, the
+state zeroed), and preemption recomputes from position 0 as for blocks.
 Knows nothing of devices or tensors.
 """
 
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
-from .blocks import BlockManager
+from .blocks import BlockManager, SlotManager
 
 
 class SeqStatus(enum.Enum):
@@ -76,10 +82,12 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_context: int, chunk_size: int = 2048,
-                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = ()):
+                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), slots: SlotManager | None = None):
         if chunk_size <= 0 or max_num_seqs <= 0:
             raise ValueError("chunk_size and max_num_seqs must be positive")
-        self.blocks, self.max_context = blocks, max_context
+        if slots is not None and slots.num_slots <= 0:
+            raise ValueError("a model with recurrent state needs at least one state slot")
+        self.blocks, self.slots, self.max_context = blocks, slots, max_context
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -139,6 +147,8 @@ class Scheduler:
         if seq.status is SeqStatus.FINISHED and seq.in_flight == 0 and not seq.released:
             seq.released = True
             self.blocks.release(seq.seq_id)
+            if self.slots is not None:
+                self.slots.release(seq.seq_id)
             if seq in self.running:
                 self.running.remove(seq)
             if seq.registered:
@@ -165,6 +175,8 @@ class Scheduler:
                     budget -= len(chunk.token_ids)
         while self.waiting and budget > 0 and len(chunks) < limit and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.slots is not None and self.slots.num_free == 0:
+                break  # a hybrid sequence runs only with a state slot
             chunk = self._chunk(seq, budget, preempt=False)
             if chunk is None:
                 break  # first come, first served: later requests wait too
@@ -191,8 +203,10 @@ class Scheduler:
                 return None
             self._preempt(victim)
         table = self.blocks.reserve(seq.seq_id, end)
+        slot = self.slots.acquire(seq.seq_id) if self.slots is not None else -1
         chunk = SeqChunk(seq.seq_id, seq.token_slice(seq.num_scheduled, end), seq.num_scheduled,
-                         blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens)
+                         blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens,
+                         state_slot=slot)
         seq.num_scheduled, seq.blocks_sent = end, len(table)
         seq.in_flight += 1
         return chunk
@@ -205,6 +219,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.seq_id)
+        if self.slots is not None:
+            self.slots.release(seq.seq_id)
         self.running.remove(seq)
         seq.status, seq.num_scheduled, seq.blocks_sent = SeqStatus.WAITING, 0, 0
         self.waiting.appendleft(seq)
@@ -215,7 +231,9 @@ class Scheduler:
         for chunk in reversed(plan.chunks):
             seq = seqs[chunk.seq_id]
             seq.in_flight -= 1
-            seq.num_scheduled = min(seq.num_scheduled, chunk.start)
+            # a state the step may have advanced cannot be rewound: recompute from position 0
+            restart = self.slots is not None and chunk.start > 0
+            seq.num_scheduled = 0 if restart else min(seq.num_scheduled, chunk.start)
             seq.blocks_sent = min(seq.blocks_sent, chunk.blocks_from)
             self._release_if_idle(seq)
         for new in plan.added:

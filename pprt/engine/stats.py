@@ -1,8 +1,8 @@
 """Stats: one typed snapshot of an LLM's counters, read by the CLI, the server's metrics and tests.
 
 `LLM.stats()` builds it (`snapshot`, on the engine loop's thread) from the
-scheduler (requests and tokens), the block manager (KV blocks) and the
-executor (per-stage time and memory). Fields that
+scheduler (requests and tokens), the block and slot managers (KV blocks,
+state slots) and the executor (per-stage time and memory). Fields that
 a feature does not use yet stay zero. Counters are totals since the LLM was
 built; gauges (running, waiting, blocks used) are the state at the call.
 """
@@ -28,6 +28,7 @@ class StageStats:
     steps: int  # micro-batches executed (-1 where the stage runs in the driver's process and does not count)
     peak_rss_bytes: int  # the stage process's peak resident host memory
     peak_device_bytes: int | None  # peak GPU memory allocated (None on CPU)
+    state_cache_bytes: int = 0  # the state pool of its DeltaNet layers as allocated (hybrid models)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +57,16 @@ def snapshot(executor, scheduler: Scheduler) -> Stats:
     blocks = scheduler.blocks
     stages = tuple(
         StageStats(i, spec.device, tuple(spec.layers), weight, kv, c.busy_seconds, c.wait_seconds, c.steps,
-                   c.peak_rss_bytes, c.peak_device_bytes)
-        for i, (spec, c, weight, kv) in enumerate(zip(executor.specs, executor.stats(), executor.weight_bytes,
-                                                      executor.kv_bytes)))
+                   c.peak_rss_bytes, c.peak_device_bytes, state)
+        for i, (spec, c, weight, kv, state) in enumerate(zip(executor.specs, executor.stats(), executor.weight_bytes,
+                                                             executor.kv_bytes, executor.state_bytes)))
+    slots = scheduler.slots
     return Stats(
         requests_running=len(scheduler.running), requests_waiting=len(scheduler.waiting),
         requests_finished=scheduler.num_finished, prompt_tokens=scheduler.num_prompt_tokens,
         computed_tokens=scheduler.num_computed_tokens, generated_tokens=scheduler.num_generated_tokens,
         preemptions=scheduler.num_preemptions, kv_blocks_total=blocks.num_blocks,
         kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_block_size=blocks.block_size,
-        state_slots_total=0, state_slots_used=0,
+        state_slots_total=slots.num_slots if slots else 0,
+        state_slots_used=slots.num_slots - slots.num_free if slots else 0,
         load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages)

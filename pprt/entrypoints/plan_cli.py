@@ -17,7 +17,8 @@ import sys
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..fields import read_json
-from ..plan import QUANTS, DeviceBudget, GiB, Plan, _gib, plan
+from ..plan import QUANTS, DeviceBudget, GiB, Plan, plan
+from ..plan.advice import _gib
 from ..weights.checkpoint import ModelSource
 
 
@@ -60,10 +61,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def format_table(result: Plan) -> str:
-    rows = [("stage", "device", "layers", "weights", "reserve", "KV B/token", "KV tokens", "budget")]
+    hybrid = any(st.state_bytes_per_seq for st in result.stages)
+    rows = [("stage", "device", "layers", "weights", "reserve", "KV B/token", "KV tokens", "budget")
+            + (("state MiB/seq",) if hybrid else ())]
     for s, st in enumerate(result.stages):
         rows.append((str(s), st.device, f"[{st.layers[0]}, {st.layers[1]})", _gib(st.weight_bytes),
-                     _gib(st.reserve_bytes), f"{st.kv_bytes_per_token:,}", f"{st.kv_tokens:,}", _gib(st.budget_bytes)))
+                     _gib(st.reserve_bytes), f"{st.kv_bytes_per_token:,}", f"{st.kv_tokens:,}", _gib(st.budget_bytes))
+                    + ((f"{st.state_bytes_per_seq / 2**20:,.1f}",) if hybrid else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     bound = "the model's limit" if result.context_limit < result.kv_tokens else "memory"
@@ -72,6 +76,12 @@ def format_table(result: Plan) -> str:
         f"largest context for one sequence: {result.longest_sequence:,} tokens (bound by {bound}; "
         f"model limit {result.context_limit:,})",
         f"sequences of {result.max_context:,} tokens at once: {result.num_sequences}",
+    ]
+    if hybrid:
+        bound = " (bounded by recurrent-state memory)" if result.num_slots < result.max_num_seqs else ""
+        lines.append(f"recurrent-state slots on every stage: {result.num_slots} of max_num_seqs "
+                     f"{result.max_num_seqs}{bound}")
+    lines += [
         f"verdict: {'fits' if result.fits else 'DOES NOT FIT'} "
         f"(weights {'unquantized' if result.quant == 'none' else result.quant}, KV {result.kv_dtype})",
         result.message,
@@ -94,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=2048)
     p.add_argument("--split", default=None, help="layers per stage, e.g. 40,40 (default: the planner's cut)")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="sequences at once (hybrid models hold recurrent state for each)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     try:
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         result = plan(config, budgets, quant=args.quant, kv_dtype=args.kv_dtype,
                       dtype_bytes={"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype],
                       block_size=args.block_size, max_context=args.max_context, chunk_size=args.chunk_size,
-                      split=None if args.split is None else _int_list(args.split))
+                      split=None if args.split is None else _int_list(args.split), max_num_seqs=args.max_num_seqs)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,24 @@
-"""Full attention over the paged KV cache.
+"""Full attention over the paged KV cache: Qwen2/Qwen3 attention and the gated attention of
+the hybrid families (Qwen3-Next, Qwen3.5).
 
-Attention reads and writes the paged KV cache through `AttentionBatch` (see
-pprt_kernels.paged_attention for the layout) and one layer's `LayerKV` (K, V
+Attention reads and writes the paged KV cache through the step's `StepBatch`
+(see pprt_kernels.paged_attention for the layout) and one layer's `LayerKV` (K, V
 and, for an fp8 cache, their scales). The batch's max_query_len /
 max_context_len are host ints handed to the kernels, so a step's attention
 needs no device sync.
+
+One module covers every family (config fields, not subclasses):
+- qkv_bias: q/k/v bias (qwen2, qwen2_moe; qwen3 and the hybrids: attention_bias);
+- qk_norm: RMSNorm over head_dim per head on q and k before rotary (qwen3 and later;
+  zero-centred in the hybrids);
+- attn_output_gate (hybrids): q_proj is [n * 2h, H]; each head's row block is its
+  query (first h) then its gate (second h); the attention output is multiplied by
+  sigmoid(gate) before o_proj, which then has a bias when attention_bias is set;
+- rotary on the first rotary_dim dims of each head (partial rotary; cos/sin come in
+  at that width).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,53 +26,34 @@ from torch import nn
 from pprt_kernels.paged_attention import paged_attention, write_kv
 
 from ..config import ModelConfig
+from .batch import StepBatch
 from .kv import LayerKV
 from .layers import RMSNorm, apply_rotary
 
 
-@dataclass(slots=True)
-class AttentionBatch:
-    """Where this step's tokens sit in the paged cache (all int tensors on the stage's device)."""
-
-    positions: torch.Tensor  # [T] absolute position of each token
-    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each token
-    block_tables: torch.Tensor  # [B, max_blocks] int32
-    query_start_loc: torch.Tensor  # [B + 1] int32, sequence b owns rows [qsl[b], qsl[b+1])
-    context_lens: torch.Tensor  # [B] int32, cached tokens of b including this step's
-    max_query_len: int  # longest query of the step (1 = pure decode)
-    max_context_len: int  # longest context_lens entry (host int: the kernels' grid needs no sync)
-
-    def __post_init__(self) -> None:
-        T = self.positions.shape[0]
-        if self.slot_mapping.shape != (T,):
-            raise ValueError(f"slot_mapping has shape {tuple(self.slot_mapping.shape)}, expected ({T},)")
-        if self.query_start_loc.shape[0] != self.block_tables.shape[0] + 1:
-            raise ValueError("query_start_loc must have one more entry than block_tables has rows")
-        if not 1 <= self.max_query_len <= self.max_context_len:
-            raise ValueError(f"need 1 <= max_query_len ({self.max_query_len}) <= max_context_len "
-                             f"({self.max_context_len})")
-
-
 class Attention(nn.Module):
-    """GQA self-attention over the paged cache; q/k/v bias (qwen2) or q/k norm (qwen3)."""
+    """GQA self-attention over the paged cache (see the module docstring for the variants)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n, m, h, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        self.n, self.m, self.h = n, m, h
-        self.q_proj = nn.Linear(H, n * h, bias=cfg.qkv_bias)
+        self.n, self.m, self.h, self.gated = n, m, h, cfg.attn_output_gate
+        self.q_proj = nn.Linear(H, n * h * (2 if self.gated else 1), bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(H, m * h, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(H, m * h, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(n * h, H, bias=False)
+        self.o_proj = nn.Linear(n * h, H, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(h, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(h, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, cfg.zero_centered_norm)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, cfg.zero_centered_norm)
         self.scale = h**-0.5
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor, sin: torch.Tensor,
                 kv: LayerKV) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n, self.h)  # [T, n, h]
+        if self.gated:
+            q, gate = self.q_proj(x).view(T, self.n, 2 * self.h).chunk(2, dim=-1)  # [T, n, h] each
+        else:
+            q, gate = self.q_proj(x).view(T, self.n, self.h), None  # [T, n, h]
         k = self.k_proj(x).view(T, self.m, self.h)  # [T, m, h]
         v = self.v_proj(x).view(T, self.m, self.h)
         if hasattr(self, "q_norm"):
@@ -73,4 +63,7 @@ class Attention(nn.Module):
         out = paged_attention(q, kv.k, kv.v, batch.block_tables, batch.query_start_loc, batch.context_lens,
                               self.scale, k_scale=kv.k_scale, v_scale=kv.v_scale,
                               max_query_len=batch.max_query_len, max_context_len=batch.max_context_len)  # [T, n, h]
-        return self.o_proj(out.reshape(T, self.n * self.h))
+        out = out.reshape(T, self.n * self.h)
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(T, self.n * self.h))
+        return self.o_proj(out)

@@ -1,4 +1,7 @@
-"""The paged KV cache of a stage: one block pool holding K and V of the stage's layers.
+"""A stage's pools: the paged KV cache of its full-attention layers and the state slots of its
+Gated DeltaNet layers.
+
+KV: one block pool holding K and V of the stage's full-attention layers.
 
 Block ids are global: the driver's `BlockManager` (pprt.engine.blocks) hands them out and every
 stage holds the same number of blocks, each storing K and V for that stage's
@@ -10,9 +13,20 @@ An fp8 pool (float8_e4m3fn) also keeps one float32 scale per (slot, kv head)
 for K and for V: [layers, num_blocks, block_size, m] each, written by
 `write_kv` with the tokens (pprt_kernels.paged_attention's recommended form;
 pprt.plan counts the same 4 bytes per token and kv head). `KVCache.layer(i)`
-hands one layer's views to Attention as a `LayerKV`.
-Later model families add per-sequence recurrent state beside the blocks; it
-would live in another pool keyed by sequence, not in these tensors.
+hands one layer's views to Attention as a `LayerKV`. A stage with no
+full-attention layer (a hybrid model's stage of DeltaNet layers only) has a
+pool of 0 bytes per block: it still takes the global block ids, and holds nothing.
+
+State: hybrid models (Qwen3-Next, Qwen3.5) keep, per running sequence, the
+state of each DeltaNet layer: the conv state [conv_dim, K-1] (the last K-1
+inputs of the short conv, model dtype) and the recurrent state [Hv, dk, dv]
+(fp32). Slot ids are global like block ids: the driver's `SlotManager`
+(pprt.engine.blocks) hands one to each running sequence, every stage holds the
+same number of slots, and a stage without DeltaNet layers holds none. The
+kernels read and update a sequence's state in place through its slot, so no
+state is gathered or scattered per step. `StateCache.layer(i)` hands one
+layer's views to GatedDeltaNet as a `LayerState`; `reset(slots)` zeroes the
+slots of sequences that start (or restart after preemption) at position 0.
 """
 
 from __future__ import annotations
@@ -56,7 +70,9 @@ class CacheSpec:
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("num_layers", "num_kv_heads", "head_dim"):
+        if self.num_layers < 0:
+            raise ValueError(f"CacheSpec.num_layers must be >= 0, got {self.num_layers}")
+        for name in ("num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CacheSpec.{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in KV_DTYPES:
@@ -74,7 +90,10 @@ class CacheSpec:
         per_head = self.head_dim * self.dtype.itemsize + (SCALE_BYTES if self.quantized else 0)
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * per_head
 
-    def blocks_for(self, budget_bytes: int) -> int:
+    def blocks_for(self, budget_bytes: int) -> int | None:
+        """Blocks `budget_bytes` hold; None (no limit) for a pool of 0 bytes per block."""
+        if self.bytes_per_block == 0:
+            return None
         return max(0, budget_bytes // self.bytes_per_block)
 
 
@@ -112,3 +131,71 @@ class KVCache:
     def nbytes(self) -> int:
         scales = self.k_scale.nbytes + self.v_scale.nbytes if self.k_scale is not None else 0
         return self.k.nbytes + self.v.nbytes + scales
+
+
+@dataclass(frozen=True, slots=True)
+class StateSpec:
+    """The geometry of one stage's state pool: its DeltaNet layers' conv and recurrent states."""
+
+    num_layers: int  # DeltaNet layers of the stage (0: no pool)
+    conv_dim: int  # channels of the short conv (q, k and v)
+    conv_width: int  # K - 1: inputs the conv keeps per channel
+    num_heads: int  # Hv
+    key_dim: int  # dk
+    value_dim: int  # dv
+    conv_dtype: torch.dtype  # the model dtype
+    ssm_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 0:
+            raise ValueError(f"StateSpec.num_layers must be >= 0, got {self.num_layers}")
+        for name in ("conv_dim", "conv_width", "num_heads", "key_dim", "value_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"StateSpec.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Conv and recurrent state of every DeltaNet layer of the stage for one sequence."""
+        conv = self.conv_dim * self.conv_width * self.conv_dtype.itemsize
+        ssm = self.num_heads * self.key_dim * self.value_dim * self.ssm_dtype.itemsize
+        return self.num_layers * (conv + ssm)
+
+    def slots_for(self, budget_bytes: int) -> int | None:
+        """Slots `budget_bytes` hold; None (no limit) for a stage without DeltaNet layers."""
+        if self.bytes_per_slot == 0:
+            return None
+        return max(0, budget_bytes // self.bytes_per_slot)
+
+
+class LayerState(NamedTuple):
+    """One DeltaNet layer's views of the pool, as causal_conv1d / gated_delta_rule take them."""
+
+    conv: torch.Tensor  # [num_slots, conv_dim, K-1] model dtype
+    ssm: torch.Tensor  # [num_slots, Hv, dk, dv] float32
+
+
+class StateCache:
+    """The state slots of one stage: [layers, num_slots, ...] per kind of state."""
+
+    def __init__(self, spec: StateSpec, num_slots: int, device: torch.device | str):
+        if num_slots <= 0:
+            raise ValueError(f"the state pool needs at least one slot, got {num_slots}")
+        self.spec, self.num_slots = spec, num_slots
+        L = spec.num_layers
+        self.conv = torch.zeros(L, num_slots, spec.conv_dim, spec.conv_width, dtype=spec.conv_dtype, device=device)
+        self.ssm = torch.zeros(L, num_slots, spec.num_heads, spec.key_dim, spec.value_dim, dtype=spec.ssm_dtype,
+                               device=device)
+
+    def layer(self, i: int) -> LayerState:
+        """The stage's i-th DeltaNet layer: conv [num_slots, conv_dim, K-1], recurrent [num_slots, Hv, dk, dv]."""
+        return LayerState(self.conv[i], self.ssm[i])
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Zero the state of `slots` ([S] int, on the pool's device) in every layer."""
+        if slots.numel() and self.spec.num_layers:
+            self.conv[:, slots] = 0
+            self.ssm[:, slots] = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.ssm.nbytes

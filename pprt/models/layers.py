@@ -1,5 +1,6 @@
 """The building blocks of a Qwen decoder layer, computed as transformers does:
-RMSNorm, rotary embeddings (default and YaRN) and the dense MLP.
+RMSNorm (plain, zero-centred and gated), rotary embeddings (default and YaRN,
+full or partial) and the dense MLP.
 
 Tokens of all sequences in a step are packed along one axis: hidden states
 are [T, H]. Modules are plain torch and know nothing of processes or stages.
@@ -16,24 +17,46 @@ from torch import nn
 from ..config import RopeConfig
 
 
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last axis, in fp32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times weight."""
+    """Plain: rms(x) cast back, times weight (Qwen2/Qwen3).
+    Zero-centred (Qwen3-Next, Qwen3.5: weights stored around 0): rms(x) * (1 + weight) in fp32,
+    then cast back (transformers' Qwen3NextRMSNorm; the cast comes last, unlike the plain norm)."""
+
+    def __init__(self, dim: int, eps: float, zero_centered: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps, self.zero_centered = eps, zero_centered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.zero_centered:
+            return (_rms(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * _rms(x, self.eps).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """The Gated DeltaNet output norm: weight * rms(x) cast back, times silu(gate) in fp32, cast back
+    (transformers' Qwen3NextRMSNormGated; weights around 1). x, gate: [..., dim]."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        normed = self.weight * _rms(x, self.eps).to(x.dtype)
+        return (normed * F.silu(gate.float())).to(x.dtype)
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim / 2] (fp32) and the cos/sin scale, default or YaRN."""
-    d = head_dim
+def rope_inv_freq(rope: RopeConfig, rotary_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rotary_dim / 2] (fp32) and the cos/sin scale, default or YaRN.
+    rotary_dim: head_dim, or int(head_dim * partial_rotary_factor) for partial rotary."""
+    d = rotary_dim
     inv_extrap = 1.0 / (rope.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     if rope.type == "default":
         return inv_extrap, 1.0
@@ -56,24 +79,28 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]
 
 
 class Rotary(nn.Module):
-    """Half-split (NeoX) rotary embedding; cos/sin computed from positions each step."""
+    """Half-split (NeoX) rotary embedding over the first `rotary_dim` dims of each head; cos/sin
+    computed from positions each step."""
 
-    def __init__(self, rope: RopeConfig, head_dim: int):
+    def __init__(self, rope: RopeConfig, rotary_dim: int):
         super().__init__()
-        inv_freq, self.scale = rope_inv_freq(rope, head_dim)
+        inv_freq, self.scale = rope_inv_freq(rope, rotary_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, h/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, h]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, r/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, r]
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, h]; cos, sin [T, h]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    """x [T, heads, h]; cos, sin [T, r] with r <= h: the first r dims turn, the rest pass through."""
+    r = cos.shape[-1]
+    rot = x[..., :r]
+    half = r // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos[:, None, :] + rotated * sin[:, None, :]
+    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
 
 
 class MLP(nn.Module):

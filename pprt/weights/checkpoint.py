@@ -9,13 +9,16 @@ Tensors are read straight from the safetensors files with plain file reads:
 one tensor at a time is read into a host buffer, converted to the target
 dtype and moved to the target device, so the whole state dict never exists
 in host memory (peak extra host memory is about one tensor; no mmap, whose
-pages would count as this process's memory). Every error names the file and
-tensor. Knows nothing about model math.
+pages would count as this process's memory). A `TensorPart` names a contiguous
+part of a stored tensor (an expert of a fused [E, 2I, H] tensor, or its gate
+rows): only that part's bytes are read. Every error names the file and tensor.
+Knows nothing about model math.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,8 +73,50 @@ def read_tensor(path: Path, name: str, info: TensorInfo) -> torch.Tensor:
     return buf.view(info.dtype).reshape(info.shape)
 
 
+@dataclass(frozen=True, slots=True)
+class TensorPart:
+    """Stored tensor `name`, or its contiguous part `t[index][rows[0]:rows[1]]`.
+
+    index: leading indices (e.g. the expert); rows: then a range of the next axis (None: all).
+    Every later axis is whole, so the part is one contiguous byte range of the file.
+    """
+
+    name: str
+    index: tuple[int, ...] = ()
+    rows: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        if not self.index and self.rows is None:
+            return self.name
+        parts = [str(i) for i in self.index] + ([f"{self.rows[0]}:{self.rows[1]}"] if self.rows else [])
+        return f"{self.name}[{', '.join(parts)}]"
+
+    def locate(self, info: TensorInfo) -> TensorInfo:
+        """The part's own entry (dtype, shape, byte range in the file); ValueError when it is out of
+        the tensor."""
+        shape, k = info.shape, len(self.index)
+        if k + (self.rows is not None) > len(shape) or any(not 0 <= i < d for i, d in zip(self.index, shape)):
+            raise ValueError(f"{self} is out of range for shape {list(shape)}")
+        strides = [1] * len(shape)
+        for axis in range(len(shape) - 2, -1, -1):
+            strides[axis] = strides[axis + 1] * shape[axis + 1]
+        offset = sum(i * st for i, st in zip(self.index, strides))
+        rest = shape[k:]
+        if self.rows is not None:
+            lo, hi = self.rows
+            if not 0 <= lo < hi <= shape[k]:
+                raise ValueError(f"{self} is out of range for shape {list(shape)}")
+            offset += lo * strides[k]
+            rest = (hi - lo,) + shape[k + 1:]
+        numel = 1
+        for d in rest:
+            numel *= d
+        size = info.dtype.itemsize
+        return TensorInfo(info.dtype, rest, info.begin + offset * size, info.begin + (offset + numel) * size)
+
+
 class CheckpointReader:
-    """Reads named tensors of a (possibly sharded) safetensors checkpoint."""
+    """Reads named tensors (or parts of them) of a (possibly sharded) safetensors checkpoint."""
 
     def __init__(self, source: ModelSource):
         self.source = source
@@ -133,15 +178,25 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but absent from the shard")
         return path, header[name]
 
-    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    def locate(self, part: str | TensorPart) -> tuple[Path, TensorInfo]:
+        """The file and the entry (dtype, shape, byte range) of a tensor or of a part of one."""
+        part = TensorPart(part) if isinstance(part, str) else part
+        path, info = self.info(part.name)
+        try:
+            return path, part.locate(info)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: tensor {part.name!r} has shape {list(info.shape)}: {e}") from None
+
+    def read(self, name: str | TensorPart, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
              shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Tensor `name` on `device` (cast to `dtype` if given), checked against `shape` if given."""
-        path, info = self.info(name)
+        """Tensor (or tensor part) `name` on `device` (cast to `dtype` if given), checked against
+        `shape` if given. Reads exactly its bytes."""
+        path, info = self.locate(name)
         if shape is not None and tuple(shape) != info.shape:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {list(info.shape)}, the config expects {list(shape)}"
+                f"{path}: tensor {str(name)!r} has shape {list(info.shape)}, the config expects {list(shape)}"
             )
-        t = read_tensor(path, name, info)
+        t = read_tensor(path, str(name), info)
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype  # ints stay ints
         return t.to(device=device, dtype=target)
 
@@ -163,6 +218,6 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: truncated file while reading tensor {name!r}")
         return buf.view(info.dtype).reshape(stop - start, *info.shape[1:])
 
-    def nbytes(self, name: str) -> int:
-        _, info = self.info(name)
+    def nbytes(self, name: str | TensorPart) -> int:
+        _, info = self.locate(name)
         return info.end - info.begin

@@ -30,6 +30,7 @@ from ..errors import CheckpointError
 from ..models.stage import Stage
 from ..quantization import AT_LOAD, FLOAT, RTN_GROUP_SIZES, Kind, ModuleFormat, at_load_format, never_quantized
 from .checkpoint import CheckpointReader
+from .layout import CheckpointLayout
 
 log = logging.getLogger("pprt")
 
@@ -57,9 +58,12 @@ class LinearLoad:
         return self.stored.kind is not Kind.FLOAT
 
 
-def plan_linears(stage: Stage, reader: CheckpointReader, quant: str | None) -> dict[str, LinearLoad]:
+def plan_linears(stage: Stage, reader: CheckpointReader, quant: str | None,
+                 layout: CheckpointLayout | None = None) -> dict[str, LinearLoad]:
     """Every nn.Linear of `stage` with its format; raises CheckpointError on a contradiction
-    between file and config, before any tensor data is read."""
+    between file and config, before any tensor data is read. `layout` names the checkpoint's
+    tensors (default: read from the reader's tensor names)."""
+    layout = layout or CheckpointLayout(stage.config, reader.weight_map)
     if quant not in QUANT_MODES:
         raise ValueError(f"quant={quant!r} is not supported (None, 'int4' or 'fp8')")
     qcfg = stage.config.quant
@@ -70,7 +74,7 @@ def plan_linears(stage: Stage, reader: CheckpointReader, quant: str | None) -> d
     for prefix, m in stage.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        ckpt = stage.checkpoint_name(f"{prefix}.weight").removesuffix(".weight")
+        ckpt = layout.name(stage.checkpoint_name(f"{prefix}.weight")).removesuffix(".weight")
         stored = _stored_format(reader, prefix, ckpt, qcfg)
         at_load = None
         if stored.kind is Kind.FLOAT and qcfg is not None and qcfg.module(prefix).kind is not Kind.FLOAT \

@@ -1,8 +1,9 @@
 """Materialize a Stage's parameters from a checkpoint, one tensor at a time.
 
 Split from checkpoint.py (which finds and reads tensors) because this is the
-one place that knows how model parameters map onto checkpoint tensors:
-float weights, layers the file stores quantized (GPTQ / AWQ / compressed-tensors
+one place that turns checkpoint tensors into model parameters (layout.py says
+where each lives: a multimodal release's prefix, fused experts read part by
+part): float weights, layers the file stores quantized (GPTQ / AWQ / compressed-tensors
 Int4, official or compressed-tensors FP8: formats.py decides each layer's format
 from the file and the config) and quantize-at-load (`quant="int4"` or `"fp8"`,
 one layer at a time as its weight arrives). Before any data is read, every
@@ -31,6 +32,7 @@ from ..models.stage import Stage
 from .checkpoint import CheckpointReader
 from .formats import file_tensors, load_quantized, plan_linears, quantize_at_load
 from .header import ST_DTYPES
+from .layout import CheckpointLayout
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SCALES = FLOATS[:3]
@@ -58,20 +60,21 @@ def resolve_tied_head(config: ModelConfig, reader: CheckpointReader, rows_per_re
     Logs a warning naming both tensors when it unties. Reads the two tensors `rows_per_read`
     rows at a time and stops at the first difference.
     """
-    if not config.tie_word_embeddings or HEAD not in reader or EMBEDDING not in reader:
+    embedding = CheckpointLayout(config, reader.weight_map).name(EMBEDDING)  # a Qwen3.5 release's prefix
+    if not config.tie_word_embeddings or HEAD not in reader or embedding not in reader:
         return config
-    (_, head), (_, emb) = reader.info(HEAD), reader.info(EMBEDDING)
+    (_, head), (_, emb) = reader.info(HEAD), reader.info(embedding)
     same = head.shape == emb.shape and head.dtype == emb.dtype and len(head.shape) == 2
     for start in range(0, head.shape[0] if same else 0, rows_per_read):
         stop = min(start + rows_per_read, head.shape[0])
-        if not torch.equal(reader.read_rows(HEAD, start, stop), reader.read_rows(EMBEDDING, start, stop)):
+        if not torch.equal(reader.read_rows(HEAD, start, stop), reader.read_rows(embedding, start, stop)):
             same = False
             break
     if same:
         return config
     log.warning("model %r: config.json ties the head to the embedding (tie_word_embeddings) but the checkpoint "
                 "stores its own %s, different from %s: running with the stored %s, untied, as transformers "
-                "does (vLLM would use the embedding)", reader.source.name, HEAD, EMBEDDING, HEAD)
+                "does (vLLM would use the embedding)", reader.source.name, HEAD, embedding, HEAD)
     return dataclasses.replace(config, tie_word_embeddings=False)
 
 
@@ -83,7 +86,8 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
         raise CheckpointError(f"{reader.listing}: tensor {beyond!r} belongs to a decoder layer past the "
                               f"{stage.config.num_layers} of config.json's num_hidden_layers (the extra layers "
                               "would be dropped)")
-    linears = plan_linears(stage, reader, quant)  # each layer's format; contradictions fail here
+    layout = CheckpointLayout(stage.config, reader.weight_map)
+    linears = plan_linears(stage, reader, quant, layout)  # each layer's format; contradictions fail here
     in_file = {p: lin for p, lin in linears.items() if lin.from_file}
 
     # Plain tensors: everything except the layers an importer reads.
@@ -92,13 +96,15 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
         prefix = name.rpartition(".")[0]
         if prefix in in_file:
             continue
-        plain[name] = (stage.checkpoint_name(name), tuple(param.shape))
-    for ckpt_name, shape in plain.values():  # validate every header, shape and dtype first
-        path, info = reader.info(ckpt_name)
+        plain[name] = (layout.source(stage.checkpoint_name(name)), tuple(param.shape))
+    for part, shape in plain.values():  # validate every header, shape and dtype first
+        whole = reader.info(part.name)[1]
+        layout.check_fused(part, whole.shape, whole.dtype)
+        path, info = reader.locate(part)
         if info.shape != shape:
-            raise CheckpointError(f"{path}: tensor {ckpt_name!r} has shape {list(info.shape)}, "
+            raise CheckpointError(f"{path}: tensor {str(part)!r} has shape {list(info.shape)}, "
                                   f"the config expects {list(shape)}")
-        _check_dtype(path, ckpt_name, info.dtype, FLOATS, "a float parameter")
+        _check_dtype(path, str(part), info.dtype, FLOATS, "a float parameter")
     quantized = {p: file_tensors(reader, lin) for p, lin in in_file.items()}
     for prefix, names in quantized.items():
         for name in names:

@@ -7,6 +7,7 @@ reads each model's `Stats` (pprt.engine.stats) and maps it:
     pprt_requests_running / _waiting            gauge    requests_running / requests_waiting
     pprt_kv_blocks_used / _total                gauge    kv_blocks_used / kv_blocks_total
     pprt_kv_cache_usage_ratio                   gauge    kv_blocks_used / kv_blocks_total
+    pprt_state_slots_used / _total              gauge    state_slots_used / state_slots_total (hybrid models)
     pprt_requests_finished_total                counter  requests_finished
     pprt_prompt_tokens_total                    counter  prompt_tokens
     pprt_generation_tokens_total                counter  generated_tokens
@@ -70,6 +71,9 @@ _GAUGES = (
     ("pprt_kv_blocks_total", "KV cache blocks in the pool", lambda s: s.kv_blocks_total),
     ("pprt_kv_cache_usage_ratio", "Fraction of the KV cache blocks in use",
      lambda s: s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0),
+    ("pprt_state_slots_used", "Recurrent-state slots in use (hybrid models)", lambda s: s.state_slots_used),
+    ("pprt_state_slots_total", "Recurrent-state slots per stage (hybrid models; 0 otherwise)",
+     lambda s: s.state_slots_total),
 )
 _COUNTERS = (
     ("pprt_requests_finished", "Requests ended (stop, length or cancelled)", lambda s: s.requests_finished),

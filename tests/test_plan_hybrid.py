@@ -1,0 +1,135 @@
+"""pprt.plan for the hybrid families: KV for full-attention layers only, recurrent state per sequence
+per stage (QWEN.md section 7's numbers), state slots bounding max_num_seqs, stages with no KV or
+no state, the state's read/write traffic in the cut's bandwidth model, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybrid_configs import (HYBRID_CONFIGS, QWEN3_NEXT_80B_A3B, QWEN35_27B, QWEN35_35B_A3B,
+                            QWEN35_122B_A10B, QWEN35_397B_A17B)
+from pprt.config import ModelConfig
+from pprt.entrypoints.plan_cli import main
+from pprt.plan import DeviceBudget, GiB, MiB, kv_bytes_per_token, plan, state_bytes_per_sequence
+
+GB = 10**9
+
+
+def devices(*gib: float) -> list[DeviceBudget]:
+    return [DeviceBudget(f"cuda:{i}", int(x * GiB)) for i, x in enumerate(gib)]
+
+
+def config(raw: dict) -> ModelConfig:
+    return ModelConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("raw, kv_kib, ssm_mib", [
+    (QWEN35_27B, 64, 144), (QWEN35_35B_A3B, 20, 60), (QWEN35_397B_A17B, 30, 180),
+], ids=["27b", "35b-a3b", "397b"])
+def test_kv_and_state_sizes_match_qwen_table(raw, kv_kib, ssm_mib):
+    c = config(raw)
+    L = c.num_layers
+    assert kv_bytes_per_token(c, (0, L), "bf16") == kv_kib * 1024  # full-attention layers only
+    lin = c.linear
+    ssm = c.layers_of(0, L)[1] * lin.num_value_heads * lin.key_head_dim * lin.value_head_dim * 4
+    conv = c.layers_of(0, L)[1] * lin.conv_dim * (lin.conv_kernel - 1) * 2
+    assert ssm == ssm_mib * MiB
+    assert state_bytes_per_sequence(c, (0, L), 2) == ssm + conv
+    if raw is QWEN35_27B:
+        assert abs(conv / MiB - 2.8) < 0.1
+
+
+@pytest.mark.parametrize("name", list(HYBRID_CONFIGS))
+def test_every_real_hybrid_model_gets_an_answer_on_two_96gb_cards(name):
+    c = config(HYBRID_CONFIGS[name])
+    for quant in ("none", "int4"):
+        result = plan(c, devices(96, 96), quant=quant, max_context=32768)
+        assert result.message and len(result.stages) == 2
+        if result.fits:
+            assert result.num_slots >= 1 and result.num_blocks >= 2048  # one 32k sequence
+            for st in result.stages:
+                kv = result.num_blocks * result.block_size * st.kv_bytes_per_token
+                assert st.weight_bytes + st.reserve_bytes + kv + result.num_slots * st.state_bytes_per_seq \
+                    <= st.budget_bytes
+    weights = sum(s.weight_bytes for s in plan(c, devices(999, 999), max_context=32768).stages)
+    print(f"{name}: bf16 weights {weights / GiB:.1f} GiB")
+
+
+def test_verdicts_on_two_96gb_cards():
+    assert plan(config(QWEN35_27B), devices(96, 96)).fits  # bf16, the full 262k context
+    assert plan(config(QWEN35_35B_A3B), devices(96, 96)).fits
+    assert plan(config(QWEN3_NEXT_80B_A3B), devices(96, 96)).fits  # ~149 GiB of bf16 weights
+    big = config(QWEN35_122B_A10B)
+    assert not plan(big, devices(96, 96)).fits  # ~227 GiB of bf16 weights
+    assert plan(big, devices(96, 96), quant="int4").fits
+    assert not plan(config(QWEN35_397B_A17B), devices(96, 96), quant="int4").fits
+
+
+def test_max_num_seqs_is_bounded_by_state_and_said():
+    c = config(QWEN35_27B)
+    roomy = plan(c, devices(96, 96), max_context=32768, max_num_seqs=64)
+    assert roomy.fits and roomy.num_slots == 64 and "bounded" not in roomy.message
+    tight = plan(c, devices(34, 34), max_context=32768, max_num_seqs=256)
+    assert tight.fits and 1 <= tight.num_slots < 256
+    assert f"at most {tight.num_slots} sequence(s) run at once" in tight.message
+    assert "recurrent state" in tight.message and "MiB per sequence" in tight.message
+    assert tight.num_sequences <= tight.num_slots
+    per_seq = max(s.state_bytes_per_seq for s in tight.stages)
+    assert abs(per_seq - state_bytes_per_sequence(c, tight.stages[0].layers, 2)) <= per_seq  # the fuller stage
+    # one more slot than planned would not fit on the fullest stage beside one sequence's KV
+    for st in tight.stages:
+        kv_one = 32768 * st.kv_bytes_per_token
+        free = st.budget_bytes - st.weight_bytes - st.reserve_bytes - kv_one
+        assert tight.num_slots * st.state_bytes_per_seq <= free
+    assert any(st.budget_bytes - st.weight_bytes - st.reserve_bytes - 32768 * st.kv_bytes_per_token
+               < (tight.num_slots + 1) * st.state_bytes_per_seq for st in tight.stages)
+    starved = plan(c, devices(30, 30), max_context=32768)
+    assert not starved.fits and "recurrent state" in starved.message
+
+
+def test_stages_without_kv_or_without_state():
+    c = config(QWEN35_27B)  # layers 0-2 DeltaNet, 3 full, ...
+    result = plan(c, devices(96, 96, 96), split=[3, 1, 60], max_context=32768)
+    no_kv, no_state, both = result.stages
+    assert result.fits
+    assert no_kv.kv_bytes_per_token == 0 and no_kv.kv_tokens == 0 and no_kv.state_bytes_per_seq > 0
+    assert no_state.state_bytes_per_seq == 0 and no_state.kv_bytes_per_token > 0
+    assert both.kv_bytes_per_token > 0 and both.state_bytes_per_seq > 0
+    assert result.num_blocks > 0 and result.num_slots > 0
+    assert result.kv_tokens == min(no_state.kv_tokens, both.kv_tokens) // 16 * 16  # the KV stages decide
+
+
+def test_state_traffic_is_in_the_bandwidth_model():
+    c = config(QWEN35_27B)
+    split = plan(c, devices(96, 96), split=[32, 32], max_context=4096).stages
+    for st in split:
+        weights_and_kv = st.read_bytes - 2 * st.state_bytes_per_seq
+        assert weights_and_kv > 0 and st.read_bytes > weights_and_kv
+
+
+def test_cli_prints_state_column_and_slots(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN35_27B))
+    args = ["--model", str(tmp_path), "--gpus", "34,34", "--max-context", "32768"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "state MiB/seq" in out and "recurrent-state slots on every stage" in out and "bounded" in out
+    assert main(args + ["--max-num-seqs", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_slots"] == 2 and all(s["state_bytes_per_seq"] > 0 for s in data["stages"])
+
+
+def test_qwen35_122b_fp8_release_on_two_96gb_cards():
+    """The official block-wise FP8 layout (routers, shared-expert gates and the tiny b/a projections
+    left in bf16): ~115 GiB of weights cut in two, the full 262k context fits."""
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+           "modules_to_not_convert": ["lm_head", "mlp.gate", "shared_expert_gate", "linear_attn.in_proj_b",
+                                      "linear_attn.in_proj_a", "model.visual", "mtp"]}
+    c = config(dict(QWEN35_122B_A10B, quantization_config=fp8))
+    budgets = [DeviceBudget(f"cuda:{i}", 96 * GB) for i in range(2)]
+    result = plan(c, budgets)
+    assert result.fits and result.quant == "fp8" and result.split == [24, 24]
+    assert 110 * GiB < sum(s.weight_bytes for s in result.stages) < 120 * GiB
+    assert result.num_slots == 256 and result.num_sequences >= 2
+    assert not plan(c, budgets[:1]).fits
