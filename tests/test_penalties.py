@@ -29,8 +29,7 @@ def model(tmp_path_factory):
 def reference(hf, prompt: list[int], presence: float, frequency: float, repetition: float) -> list[int]:
     ids, out = list(prompt), []
     for _ in range(N):
-        with torch.no_grad():
-            x = hf(torch.tensor([ids])).logits[0, -1].float()  # [V]
+        x = _last_logits(hf, ids)  # [V]
         for v in set(ids):  # HF repetition penalty: prompt and generated
             x[v] = x[v] / repetition if x[v] > 0 else x[v] * repetition
         for v in set(out):
@@ -39,6 +38,17 @@ def reference(hf, prompt: list[int], presence: float, frequency: float, repetiti
         out.append(token)
         ids.append(token)
     return out
+
+
+def _last_logits(hf, ids: list[int]) -> torch.Tensor:
+    """One thread: a model this small runs 50x slower on two threads of a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).logits[0, -1].float()
+    finally:
+        torch.set_num_threads(threads)
 
 
 CASES = [  # (prompt, presence, frequency, repetition)
@@ -50,14 +60,25 @@ CASES = [  # (prompt, presence, frequency, repetition)
 ]
 
 
-@pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]], ids=["1-stage", "2-stages"])
-def test_penalties_match_the_rule_on_transformers_logits(model, devices):
+@pytest.fixture(scope="module")
+def hf(model):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    expected = [reference(hf, p, pr, fr, rp) for p, pr, fr, rp in CASES]
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def expected(hf):
+    return [reference(hf, p, pr, fr, rp) for p, pr, fr, rp in CASES]
+
+
+def test_the_cases_are_changed_by_their_penalties(hf, expected):
     unpenalized = [reference(hf, p, 0.0, 0.0, 1.0) for p, *_ in CASES]
-    assert sum(e != u for e, u in zip(expected, unpenalized)) >= 3  # the penalties change what is written
+    assert sum(e != u for e, u in zip(expected, unpenalized)) >= 3
+
+
+@pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]], ids=["1-stage", "2-stages"])
+def test_penalties_match_the_rule_on_transformers_logits(model, expected, devices):
     params = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, presence_penalty=pr,
                              frequency_penalty=fr, repetition_penalty=rp) for _, pr, fr, rp in CASES]
     with LLM(str(model), devices=devices, dtype="float32", max_context=64) as llm:
