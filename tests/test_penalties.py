@@ -89,3 +89,18 @@ def test_penalties_match_the_rule_on_transformers_logits(model, expected, device
         together = [done[i] for i in ids]  # submitted at once: one running batch
     assert alone == expected
     assert together == expected
+
+
+def test_penalized_requests_are_not_drafted_under_speculative_decoding(model, expected):
+    """Drafts are verified without the penalties' per-token counts: a penalized request must get none,
+    and so writes the same tokens with speculation on (n-gram drafts) as without."""
+    from pprt.engine.drafts import can_draft
+
+    for _, pr, fr, rp in CASES:
+        params = SamplingParams(presence_penalty=pr, frequency_penalty=fr, repetition_penalty=rp).resolve()
+        assert can_draft(params) == (pr == fr == 0.0 and rp == 1.0)
+    params = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, presence_penalty=pr,
+                             frequency_penalty=fr, repetition_penalty=rp) for _, pr, fr, rp in CASES]
+    speculative = {"method": "ngram", "num_speculative_tokens": 3}
+    with LLM(str(model), devices=["cpu"], dtype="float32", max_context=64, speculative=speculative) as llm:
+        assert [llm.generate([p], s)[0].token_ids for (p, *_), s in zip(CASES, params)] == expected

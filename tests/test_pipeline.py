@@ -113,6 +113,7 @@ DRIVER = textwrap.dedent("""
         llm = LLM(sys.argv[1], devices=["cpu", "cpu"])
         print(" ".join(str(p.pid) for p in llm.executor.procs), flush=True)
         if sys.argv[2] == "close":
+            sys.stdin.readline()  # the test has seen the stages alive
             llm.close()
             print("closed", flush=True)
         elif sys.argv[2] == "exit":
@@ -139,11 +140,13 @@ def test_no_stage_outlives_the_driver(qwen3, tmp_path, how):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     # Its own process group, as a terminal would make: Ctrl-C signals the whole group.
-    driver = subprocess.Popen([sys.executable, str(script), str(qwen3), how], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    driver = subprocess.Popen([sys.executable, str(script), str(qwen3), how], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     pids = [int(p) for p in driver.stdout.readline().split()]
     assert len(pids) == 2 and all(alive(p) for p in pids)
     if how == "close":
+        driver.stdin.write("close\n")
+        driver.stdin.flush()
         assert driver.stdout.readline().strip() == "closed"
     elif how == "ctrl-c":
         assert driver.stdout.readline().strip() == "generating"

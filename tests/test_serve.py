@@ -2,7 +2,8 @@
 
 One server serves three models: the bundled demo model ("demo", one CPU stage,
 a completion model), a tiny random Qwen3 checkpoint with a chat template
-("tiny", two CPU stage processes, max_context 96) and a tiny random Qwen3.5
+("tiny", two CPU stage processes, max_context 96, n-gram speculative decoding,
+which greedy answers must not show) and a tiny random Qwen3.5
 hybrid ("hybrid", one CPU stage: KV blocks and recurrent-state slots), behind
 an API key. Every
 answer is compared with what the library computes for the same greedy request
@@ -56,7 +57,7 @@ def server(tiny, hybrid, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     with running_server("--model", str(demo_model_path()), "--served-model-name", "demo", "--devices", "cpu",
                         "--model", str(tiny), "--served-model-name", "tiny", "--devices", "cpu,cpu",
-                        "--max-context", str(TINY_CONTEXT), "--model", str(hybrid), "--served-model-name", "hybrid",
+                        "--max-context", str(TINY_CONTEXT), "--speculative-ngram", "3", "--model", str(hybrid), "--served-model-name", "hybrid",
                         "--devices", "cpu", "--max-context", str(HYBRID_CONTEXT),
                         "--api-key", KEY, "--max-body-bytes", str(BODY_LIMIT), log=log) as (url, proc):
         yield url
@@ -461,6 +462,7 @@ def test_concurrent_streaming_clients_each_get_their_solo_result(server, library
     assert [r[1] for r in results] == [s.finish_reason for s in solo]
     assert [r[2] for r in results] == [len(s.token_ids) for s in solo]
     m = metrics(server)
+    assert m[("pprt_draft_tokens_total", (("model", "tiny"),))] > 0  # the server's tiny speculates
     assert m[("pprt_kv_blocks_used", (("model", "tiny"),))] == 0
     assert m[("pprt_requests_running", (("model", "tiny"),))] == 0
     assert elapsed < 120

@@ -119,6 +119,7 @@ def test_no_model_loads_exits_1(tmp_path):
     (["--model", "a", "--tool-call-parser", "yaml"], "--tool-call-parser"),
     (["--port", "70000"], "--port"),
     (["--max-waiting", "0"], "--max-waiting"),
+    (["--model", "a", "--speculative-ngram", "0"], "--speculative-ngram"),
     (["--model", "a", "--devices", "cpu,,cpu"], "--devices"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(args, text, capsys):
@@ -139,13 +140,15 @@ def test_two_models_each_get_their_own_devices_and_options():
 
     args, specs = parse_args(["--model", "A", "--devices", "cuda:0", "--served-model-name", "reasoner",
                               "--max-context", "4096", "--model", "B", "--devices", "cuda:1,cuda:2",
-                              "--split", "10,12", "--tool-call-parser", "xml", "--api-key", "k"])
+                              "--split", "10,12", "--tool-call-parser", "xml", "--speculative-ngram", "3",
+                              "--api-key", "k"])
     assert args.host == "127.0.0.1" and args.api_key == "k"  # loopback unless told otherwise
     assert args.stage_processes is None  # decided per model
     assert parse_args(["--no-stage-processes"])[0].stage_processes is False
     assert [(s.model, s.served_name, s.devices, s.tool_call_parser, s.options) for s in specs] == [
         ("A", "reasoner", ["cuda:0"], None, {"max_context": 4096}),
-        ("B", "B", ["cuda:1", "cuda:2"], "xml", {"split": [10, 12]})]
+        ("B", "B", ["cuda:1", "cuda:2"], "xml",
+         {"split": [10, 12], "speculative": {"method": "ngram", "num_speculative_tokens": 3}})]
 
 
 @pytest.mark.parametrize("count, devices, flag, expected", [

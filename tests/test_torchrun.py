@@ -58,6 +58,7 @@ def test_torchrun_two_ranks(setup):
     assert result_of(out.stdout) == expected
 
 
+@pytest.mark.slow  # two torchrun launchers and a c10d rendezvous: ~30 s; two_ranks covers the default run
 def test_torchrun_two_nodes_with_rendezvous(setup):
     tmp, path, expected = setup
     endpoint = f"127.0.0.1:{free_port()}"

@@ -30,10 +30,25 @@ class SeqChunk:
     # hybrid models: the sequence's slot in every stage's state pool (-1: the model keeps no state).
     # A chunk with start == 0 finds its slot zeroed.
     state_slot: int = -1
+    # Speculative decoding: the last `num_drafts` tokens are drafts to verify (pprt.engine.drafts);
+    # the last stage returns the accepted ones and one more token. The KV of every token is written;
+    # the driver drops rejected positions by planning its next chunk over them.
+    num_drafts: int = 0
+    # Hybrid models under speculation: before the step a stage with DeltaNet layers copies the
+    # sequence's state to `snapshot_slot` (when num_drafts > 0), after first copying the snapshot
+    # back (restore_state: the previous step's drafts were rejected and this chunk starts where
+    # that snapshot was taken).
+    snapshot_slot: int = -1
+    restore_state: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError(f"sequence {self.seq_id}: a chunk needs at least one token")
+        if not 0 <= self.num_drafts < len(self.token_ids) or (self.num_drafts and not self.sample):
+            raise ValueError(f"sequence {self.seq_id}: num_drafts must be in [0, {len(self.token_ids)}) "
+                             f"on a sampling chunk, got {self.num_drafts}")
+        if (self.num_drafts or self.restore_state) and self.state_slot >= 0 and self.snapshot_slot < 0:
+            raise ValueError(f"sequence {self.seq_id}: drafts of a model with state need a snapshot slot")
         if self.blocks_from < 0:
             raise ValueError(f"sequence {self.seq_id}: blocks_from must be >= 0, got {self.blocks_from}")
 
@@ -65,13 +80,18 @@ class StepPlan:
 
 @dataclass(slots=True)
 class StepResult:
-    """Sampled tokens of the chunks that asked for one, in plan order."""
+    """Sampled tokens of the chunks that asked for one, in plan order.
+
+    With drafts (SeqChunk.num_drafts), sequence i receives accepted[i] (its accepted drafts, in
+    order) and then token_ids[i]; `accepted` is None when no chunk of the step had drafts.
+    """
 
     step: int
     seq_ids: list[int]
     token_ids: list[int]
     logprobs: list[dict[int, float] | None] | None = None
     compute_seconds: float = 0.0  # time the last stage spent computing this step
+    accepted: list[list[int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

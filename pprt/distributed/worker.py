@@ -5,7 +5,9 @@ caller's process; in a pipeline each lives in its own process (see comm.py
 and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
 on one micro-batch. Its pools: KV blocks for its full-attention layers and, for
 hybrid models, state slots for its DeltaNet layers (slots of chunks that start
-at position 0 are zeroed before the step runs). Knows nothing of tokenization
+at position 0 are zeroed before the step runs; under speculative decoding a
+chunk's state is first restored from, then copied to, its snapshot slot). The
+last stage samples, or accepts drafts (pprt.models.speculative). Knows nothing of tokenization
 or scheduling.
 """
 
@@ -21,6 +23,7 @@ from ..config import ModelConfig
 from ..models.batch import StepBatch
 from ..models.kv import CacheSpec, KVCache, StateCache, StateSpec
 from ..models.sampler import Sampler
+from ..models.speculative import verify
 from ..models.stage import Stage
 from ..weights.checkpoint import CheckpointReader, ModelSource
 from ..weights.loader import load_stage
@@ -139,6 +142,13 @@ class Worker:
             fresh = [c.state_slot for c in plan.chunks if c.start == 0]
             if fresh:
                 self.state.reset(torch.tensor(fresh, dtype=torch.long, device=self.device))
+            # speculation: roll back to the snapshot, then snapshot the state the drafts start from
+            back = [(c.snapshot_slot, c.state_slot) for c in plan.chunks if c.restore_state]
+            if back:
+                self.state.copy(*self._pairs(back))
+            keep = [(c.state_slot, c.snapshot_slot) for c in plan.chunks if c.num_drafts]
+            if keep:
+                self.state.copy(*self._pairs(keep))
         if self.stage.is_first:
             x = torch.tensor([t for c in plan.chunks for t in c.token_ids], dtype=torch.long, device=self.device)
         out = self.stage(x, batch, self.cache, self.state, logits_indices)
@@ -147,12 +157,45 @@ class Worker:
                 torch.cuda.current_stream(self.device).synchronize()
             self.busy_seconds += time.perf_counter() - t0
             return out
-        seq_ids = [c.seq_id for c in plan.chunks if c.sample]
-        sampled = self.sampler.sample(seq_ids, out) if seq_ids else None
-        elapsed = time.perf_counter() - t0
-        self.busy_seconds += elapsed
-        return StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
-                          sampled.logprobs if sampled else None, elapsed)
+        if any(c.num_drafts for c in plan.chunks):
+            result = self._verify(plan, out)
+        else:
+            seq_ids = [c.seq_id for c in plan.chunks if c.sample]
+            sampled = self.sampler.sample(seq_ids, out) if seq_ids else None
+            result = StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
+                                sampled.logprobs if sampled else None)
+        result.compute_seconds = time.perf_counter() - t0
+        self.busy_seconds += result.compute_seconds
+        return result
+
+    def _pairs(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        src, dst = zip(*pairs)
+        return (torch.tensor(src, dtype=torch.long, device=self.device),
+                torch.tensor(dst, dtype=torch.long, device=self.device))
+
+    def _verify(self, plan: StepPlan, logits: torch.Tensor) -> StepResult:
+        """A step with drafts: plain sampling for chunks without, acceptance for those with
+        (pprt.models.speculative); logits [R, V] hold each sampling chunk's last num_drafts + 1 rows."""
+        sampling = [c for c in plan.chunks if c.sample]
+        rows = torch.tensor([0] + [c.num_drafts + 1 for c in sampling]).cumsum(0).tolist()
+        plain = [i for i, c in enumerate(sampling) if not c.num_drafts]
+        spec = [i for i, c in enumerate(sampling) if c.num_drafts]
+        tokens, accepted, logprobs = [0] * len(sampling), [[] for _ in sampling], None
+        if plain:
+            sampled = self.sampler.sample([sampling[i].seq_id for i in plain],
+                                          logits[torch.tensor([rows[i] for i in plain], device=logits.device)])
+            for j, i in enumerate(plain):
+                tokens[i] = sampled.token_ids[j]
+            if sampled.logprobs is not None:
+                logprobs = [None] * len(sampling)
+                for j, i in enumerate(plain):
+                    logprobs[i] = sampled.logprobs[j]
+        spec_rows = torch.cat([torch.arange(rows[i], rows[i + 1]) for i in spec]).to(logits.device)
+        verified = verify(self.sampler, [sampling[i].seq_id for i in spec],
+                          [sampling[i].token_ids[-sampling[i].num_drafts:] for i in spec], logits[spec_rows])
+        for j, i in enumerate(spec):
+            tokens[i], accepted[i] = verified.token_ids[j], verified.accepted[j]
+        return StepResult(plan.step, [c.seq_id for c in sampling], tokens, logprobs, accepted=accepted)
 
     def _batch(self, plan: StepPlan) -> tuple[StepBatch, torch.Tensor]:
         """Tensors of a plan: positions, KV slots, block tables, query offsets, context lengths, state slots."""
@@ -165,8 +208,8 @@ class Worker:
             rows.append(self.tables[c.seq_id])
             starts.append(starts[-1] + len(c.token_ids))
             ctx.append(c.end)
-            if c.sample:
-                sample_rows.append(starts[-1] - 1)
+            if c.sample:  # the last token's row, and the row of each draft's predecessor
+                sample_rows.extend(range(starts[-1] - 1 - c.num_drafts, starts[-1]))
         tables = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, max blocks]
         q_lens = torch.tensor([len(c.token_ids) for c in plan.chunks])
         seq_of_token = torch.repeat_interleave(torch.arange(len(plan.chunks)), q_lens)  # [T]

@@ -4,7 +4,8 @@ Block ids are global: `BlockManager` hands them out and every stage holds the
 same number of blocks (`pprt.models.kv`). A sequence's token t lives in block
 `table[t // block_size]` at offset `t % block_size`. Hybrid models also give
 each running sequence one state slot (`SlotManager`): the slot of its DeltaNet
-layers' state on every stage. Ids only: no tensors.
+layers' state on every stage, and under speculative decoding a second one for
+a snapshot of that state. Ids only: no tensors.
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ class BlockManager:
             table.append(block)
         return table
 
+    def truncate(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Cut `seq_id`'s table to the blocks of its first `num_tokens` tokens (speculative decoding
+        drops rejected positions); returns the table."""
+        table = self.tables.get(seq_id, [])
+        keep = self.blocks_needed(num_tokens)
+        while len(table) > keep:
+            block = table.pop()
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free.append(block)
+        return table
+
     def fork(self, parent: int, child: int) -> list[int]:
         """Give `child` the blocks of `parent`, shared (reference counted)."""
         if child in self.tables:
@@ -76,6 +89,7 @@ class SlotManager:
         self.num_slots = num_slots
         self.free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out low ids first
         self.owner: dict[int, int] = {}  # seq_id -> slot
+        self.snapshots: dict[int, int] = {}  # seq_id -> its second slot (speculative decoding's snapshot)
 
     @property
     def num_free(self) -> int:
@@ -93,8 +107,22 @@ class SlotManager:
         self.owner[seq_id] = slot = self.free.pop()
         return slot
 
+    def acquire_snapshot(self, seq_id: int, spare: int = 0) -> int | None:
+        """`seq_id`'s snapshot slot, taking a free one if it has none and more than `spare` are free
+        (slots left for waiting sequences); None otherwise."""
+        if seq_id in self.snapshots:
+            return self.snapshots[seq_id]
+        if len(self.free) <= spare:
+            return None
+        self.snapshots[seq_id] = slot = self.free.pop()
+        return slot
+
+    def snapshot(self, seq_id: int) -> int:
+        return self.snapshots[seq_id]
+
     def release(self, seq_id: int) -> None:
-        """Give `seq_id`'s slot back (no-op when it holds none)."""
-        slot = self.owner.pop(seq_id, None)
-        if slot is not None:
-            self.free.append(slot)
+        """Give `seq_id`'s slot and snapshot slot back (no-op when it holds none)."""
+        for owner in (self.owner, self.snapshots):
+            slot = owner.pop(seq_id, None)
+            if slot is not None:
+                self.free.append(slot)

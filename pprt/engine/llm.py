@@ -29,6 +29,7 @@ from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
 from .blocks import BlockManager, SlotManager
+from .drafts import SpeculativeConfig
 from .loop import EngineLoop
 from .prompts import as_prompt_list, check_vocab
 from .requests import Completion, OutputSink, RequestOutput
@@ -66,6 +67,10 @@ class LLM:
     devices always do), e.g. so that several models in one program (the
     server's one model per card) neither share its interpreter lock nor fall
     together when one's stage crashes.
+    speculative: speculative decoding, e.g. {"method": "ngram",
+    "num_speculative_tokens": 3} (see pprt.engine.drafts.SpeculativeConfig);
+    None: off. Requests with logprobs or a repetition, presence or frequency
+    penalty are not drafted.
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -77,7 +82,7 @@ class LLM:
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
                  rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
-                 stage_processes: bool = False):
+                 speculative: SpeculativeConfig | dict | None = None, stage_processes: bool = False):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -101,6 +106,7 @@ class LLM:
         if not isinstance(stage_processes, bool):
             raise ValueError(f"stage_processes must be True or False, got {stage_processes!r}")
         check_seed(seed)
+        speculative = SpeculativeConfig.parse(speculative)
         self.source = ModelSource(model)
         self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
         self.config = self.config.with_rope_scaling(rope_scaling)
@@ -119,7 +125,7 @@ class LLM:
         slots = SlotManager(executor.num_slots) if executor.num_slots else None
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids, slots=slots)
+                              eos_token_ids=self.config.eos_token_ids, slots=slots, speculative=speculative)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)

@@ -215,14 +215,19 @@ class EngineLoop:
         result = self.executor.result()
         plan = self._in_flight.popleft()
         outputs = []
-        for seq in self.scheduler.complete(plan, result, self._seqs):
+        for seq, new in self.scheduler.complete(plan, result, self._seqs):
             req = self._requests.get(seq.seq_id)
             if req is None:
                 continue
-            token = seq.output_ids[-1]
-            if req.push_token(token, self.scheduler.is_stop_token(seq, token)):
-                self.scheduler.finish(seq, "stop")
-                seq.finish_reason = "stop"  # also when this token was the last one allowed
+            first = len(seq.output_ids) - new  # several tokens with speculative decoding
+            for i in range(first, len(seq.output_ids)):
+                token = seq.output_ids[i]
+                last = i == len(seq.output_ids) - 1
+                if req.push_token(token, self.scheduler.is_stop_token(seq, token), last=last):
+                    self.scheduler.finish(seq, "stop")
+                    seq.finish_reason = "stop"  # also when this token was the last one allowed
+                    del seq.output_ids[i + 1:], seq.logprobs[i + 1:]  # tokens after the stop string
+                    break
             out = req.output()
             if out is not None:
                 outputs.append((req.sink, out))

@@ -68,13 +68,14 @@ class Request:
     def id(self) -> int:
         return self.seq.seq_id
 
-    def push_token(self, token: int, is_stop_token: bool) -> bool:
-        """Add the text of the sequence's newest token; True when a stop string ends the request here."""
+    def push_token(self, token: int, is_stop_token: bool, last: bool = True) -> bool:
+        """Add the text of one new token of the sequence; True when a stop string ends the request here.
+        last: no newer token came in the same step (a finished sequence's text is flushed after it)."""
         if self.detok is None:
             return False
         if not is_stop_token:  # the text of a stop token is not output
             self.text += self.detok.push(token)
-        if self.seq.finish_reason is not None:
+        if last and self.seq.finish_reason is not None:
             self.text += self.detok.flush()
         cut = _find_stop(self.text, self.seq.params.stop, since=self.emitted)
         if cut is None:

@@ -22,6 +22,21 @@ from admission until it finishes or is preempted; admission waits for a free
 slot. Its recurrent state cannot be rewound, so a chunk undone by `abort`
 after it may have run sends the sequence back to position 0 (recomputed, the
 state zeroed), and preemption recomputes from position 0 as for blocks.
+Speculative decoding (`speculative` given): a chunk that ends a sequence's
+known tokens also carries up to k drafts (drafts.py); the sequence gets back
+its accepted drafts and one more token. Its KV is valid up to the last
+accepted position: the next chunk starts there and overwrites the rejected
+positions, and blocks past them return to the pool. DeltaNet state cannot be
+cut back, so a hybrid sequence holds a second slot, a snapshot of its state
+taken by every stage before a chunk with drafts; when a draft was rejected the
+next chunk restores that snapshot and recomputes from the chunk's start (the
+accepted tokens again, at most k + 1 more tokens; chosen over keeping every
+position's state because it needs no change to the DeltaNet kernels, which
+update their state in place, and costs memory of one slot, not k + 1).
+A hybrid sequence speculates only while a spare slot is free for it (free
+slots beyond the waiting requests' needs), and only on chunks of at most
+k + 1 known tokens (decode steps and recomputations), so that a rejection
+never recomputes a long prefill chunk.
 Knows nothing of devices or tensors.
 """
 
@@ -36,6 +51,7 @@ from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
 from .blocks import BlockManager, SlotManager
+from .drafts import SpeculativeConfig, can_draft, propose_ngram
 
 
 class SeqStatus(enum.Enum):
@@ -59,6 +75,7 @@ class Sequence:
     registered: bool = False  # the stages know it (sampler state, block table)
     blocks_sent: int = 0  # entries of its block table the stages have
     released: bool = False  # finished and its blocks and sampler state given back
+    restore_state: bool = False  # hybrid + speculation: its next chunk rolls the state back to the snapshot
 
     @property
     def tokens(self) -> list[int]:
@@ -82,7 +99,8 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_context: int, chunk_size: int = 2048,
-                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), slots: SlotManager | None = None):
+                 max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), slots: SlotManager | None = None,
+                 speculative: SpeculativeConfig | None = None):
         if chunk_size <= 0 or max_num_seqs <= 0:
             raise ValueError("chunk_size and max_num_seqs must be positive")
         if slots is not None and slots.num_slots <= 0:
@@ -90,6 +108,7 @@ class Scheduler:
         self.blocks, self.slots, self.max_context = blocks, slots, max_context
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
         self.eos_token_ids = set(eos_token_ids)
+        self.speculative = speculative
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
         self._ids = itertools.count()
@@ -101,6 +120,9 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.num_computed_tokens = 0
         self.num_generated_tokens = 0
+        self.num_draft_tokens = 0  # drafts sent for verification
+        self.num_accepted_tokens = 0  # of those, accepted
+        self.num_verified = 0  # sequence-steps that verified drafts
 
     # ---- requests -------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -149,6 +171,7 @@ class Scheduler:
             self.blocks.release(seq.seq_id)
             if self.slots is not None:
                 self.slots.release(seq.seq_id)
+                seq.restore_state = False
             if seq in self.running:
                 self.running.remove(seq)
             if seq.registered:
@@ -202,14 +225,39 @@ class Scheduler:
             if victim is None:
                 return None
             self._preempt(victim)
-        table = self.blocks.reserve(seq.seq_id, end)
         slot = self.slots.acquire(seq.seq_id) if self.slots is not None else -1
-        chunk = SeqChunk(seq.seq_id, seq.token_slice(seq.num_scheduled, end), seq.num_scheduled,
+        drafts = self._drafts(seq, end, budget - n)
+        snapshot = -1
+        if drafts and slot >= 0 and n > self.speculative.num_speculative_tokens + 1:
+            drafts = []  # a rejection would recompute the whole chunk: hybrids draft after short chunks only
+        if drafts and slot >= 0:
+            snapshot = self.slots.acquire_snapshot(seq.seq_id, spare=len(self.waiting))
+            if snapshot is None:
+                drafts, snapshot = [], -1
+        if drafts and not self.blocks.can_hold(seq.seq_id, end + len(drafts)):
+            drafts = []  # no preemption for drafts
+        table = self.blocks.reserve(seq.seq_id, end + len(drafts))
+        restore = seq.restore_state and seq.num_scheduled > 0  # a chunk at position 0 starts from zero state
+        if restore or drafts:
+            snapshot = self.slots.snapshot(seq.seq_id) if slot >= 0 else -1
+        chunk = SeqChunk(seq.seq_id, seq.token_slice(seq.num_scheduled, end) + drafts, seq.num_scheduled,
                          blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens,
-                         state_slot=slot)
-        seq.num_scheduled, seq.blocks_sent = end, len(table)
+                         state_slot=slot, num_drafts=len(drafts), snapshot_slot=snapshot, restore_state=restore)
+        seq.num_scheduled, seq.blocks_sent, seq.restore_state = end, len(table), False
         seq.in_flight += 1
         return chunk
+
+    def _drafts(self, seq: Sequence, end: int, budget: int) -> list[int]:
+        """Drafts for a chunk that ends at `end` (none unless it ends the known tokens)."""
+        spec = self.speculative
+        if spec is None or end != seq.num_tokens or not can_draft(seq.params):
+            return []
+        # every emitted token (drafts + 1) must fit max_tokens and max_len
+        room = min(seq.params.max_tokens - len(seq.output_ids), seq.max_len - seq.num_tokens) - 1
+        k = min(spec.num_speculative_tokens, room, budget)
+        if k <= 0:
+            return []
+        return propose_ngram(seq.tokens, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
 
     def _victim(self, exclude: Sequence) -> Sequence | None:
         for seq in reversed(self.running):
@@ -223,6 +271,7 @@ class Scheduler:
             self.slots.release(seq.seq_id)
         self.running.remove(seq)
         seq.status, seq.num_scheduled, seq.blocks_sent = SeqStatus.WAITING, 0, 0
+        seq.restore_state = False
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -240,34 +289,57 @@ class Scheduler:
             seqs[new.seq_id].registered = False  # the sampler never heard of it
         self._removed.extend(plan.removed)  # nor of these removals
 
+    def _roll_back(self, seq: Sequence, chunk: SeqChunk, accepted: int) -> None:
+        """Drop what a verified chunk computed past its last accepted draft (see the module docstring)."""
+        self.num_draft_tokens += chunk.num_drafts
+        self.num_accepted_tokens += accepted
+        self.num_verified += 1
+        if seq.num_scheduled != chunk.end - chunk.num_drafts:
+            return  # preempted or restarted since: it recomputes anyway
+        if self.slots is not None and accepted < chunk.num_drafts:
+            seq.num_scheduled, seq.restore_state = chunk.start, True  # the state ran past: recompute from the snapshot
+        else:
+            seq.num_scheduled += accepted  # KV of the accepted drafts is in the cache
+        table = self.blocks.truncate(seq.seq_id, seq.num_scheduled)
+        seq.blocks_sent = min(seq.blocks_sent, len(table))
+
     # ---- results -------------------------------------------------------------
     def is_stop_token(self, seq: Sequence, token: int) -> bool:
         return token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos)
 
-    def complete(self, plan: StepPlan, result: StepResult, seqs: dict[int, Sequence]) -> list[Sequence]:
-        """Apply a finished step: append sampled tokens, apply token stop rules.
+    def complete(self, plan: StepPlan, result: StepResult, seqs: dict[int, Sequence]) -> list[tuple[Sequence, int]]:
+        """Apply a finished step: append sampled (and accepted draft) tokens, apply token stop rules.
 
-        Returns the sequences that received a token.
+        Returns the sequences that received tokens, each with how many (the last ones of its output_ids).
         """
         if result.step != plan.step:
             raise RuntimeError(f"step {result.step} came back while step {plan.step} was expected")
         for chunk in plan.chunks:
             seqs[chunk.seq_id].in_flight -= 1
         self.num_computed_tokens += plan.num_tokens
-        self.num_generated_tokens += len(result.token_ids)
         updated = []
         logprobs = result.logprobs or [None] * len(result.seq_ids)
-        for seq_id, token, lp in zip(result.seq_ids, result.token_ids, logprobs):
+        accepted = result.accepted or [[] for _ in result.seq_ids]
+        drafted = {c.seq_id: c for c in plan.chunks if c.num_drafts}
+        for seq_id, token, lp, acc in zip(result.seq_ids, result.token_ids, logprobs, accepted):
             seq = seqs[seq_id]
+            if seq_id in drafted:
+                self._roll_back(seq, drafted[seq_id], len(acc))
             if seq.status is SeqStatus.FINISHED:
                 continue  # cancelled while in flight
-            seq.output_ids.append(token)
-            seq.logprobs.append(lp)
-            updated.append(seq)
-            if self.is_stop_token(seq, token):
-                self.finish(seq, "stop")
-            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
-                self.finish(seq, "length")
+            new = 0
+            for t, t_lp in [(t, None) for t in acc] + [(token, lp)]:
+                seq.output_ids.append(t)
+                seq.logprobs.append(t_lp)
+                new += 1
+                if self.is_stop_token(seq, t):
+                    self.finish(seq, "stop")
+                elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
+                    self.finish(seq, "length")
+                if seq.finish_reason is not None:
+                    break
+            self.num_generated_tokens += new
+            updated.append((seq, new))
         for chunk in plan.chunks:
             self._release_if_idle(seqs[chunk.seq_id])
         return updated

@@ -50,6 +50,21 @@ class Stats:
     load_seconds: float  # building the stages (the slowest one)
     quantize_seconds: float  # of load_seconds, quantizing at load (the slowest stage)
     stages: tuple[StageStats, ...]
+    # speculative decoding (0 when off): drafts sent, drafts accepted, sequence-steps that verified drafts
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts / drafts sent (0.0 when none was sent)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a sequence gained per step that verified drafts: accepted drafts + the one sampled
+        after them (1.0 = no gain; 0.0 when no step verified drafts)."""
+        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
 
 def snapshot(executor, scheduler: Scheduler) -> Stats:
@@ -69,4 +84,6 @@ def snapshot(executor, scheduler: Scheduler) -> Stats:
         kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_block_size=blocks.block_size,
         state_slots_total=slots.num_slots if slots else 0,
         state_slots_used=slots.num_slots - slots.num_free if slots else 0,
-        load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages)
+        load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages,
+        draft_tokens=scheduler.num_draft_tokens, accepted_tokens=scheduler.num_accepted_tokens,
+        verify_steps=scheduler.num_verified)

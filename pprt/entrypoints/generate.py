@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--transport", default="auto", choices=["auto", "nccl", "gloo", "host"],
                    help="how stages pass activations: auto (NCCL between GPUs), or host (through pinned host "
                         "memory, for machines where GPU peer-to-peer hangs)")
+    m.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
+                   help="speculative decoding: up to K prompt-lookup (n-gram) drafts per step, verified by the model")
     m.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_S,
                    help="seconds a stage process may leave a heartbeat unanswered before it counts as hung")
     i = p.add_argument_group("input and output")
@@ -99,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max-context must be >= 1, got {args.max_context}")
     if not args.stage_timeout > 0:
         parser.error(f"--stage-timeout must be > 0 seconds, got {args.stage_timeout}")
+    if args.speculative_ngram is not None and not 1 <= args.speculative_ngram <= 16:
+        parser.error(f"--speculative-ngram must be in 1..16, got {args.speculative_ngram}")
     try:
         args.device_list = _split_list(args.devices, str, "--devices")
         args.split_list = _split_list(args.split, int, "--split")
@@ -198,7 +202,9 @@ def open_model(args: argparse.Namespace) -> LLM:
             devices = ["cpu", "cpu"]  # the demo runs as a two-stage pipeline
     return LLM(model, devices=devices, split=args.split_list, dtype=args.dtype, quant=args.quant,
                max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed,
-               rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout)
+               rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout,
+               speculative=None if args.speculative_ngram is None else
+               {"method": "ngram", "num_speculative_tokens": args.speculative_ngram})
 
 
 def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO | None) -> tuple[Completion, dict]:
@@ -234,6 +240,13 @@ def memory_report(stats: Stats) -> list[dict]:
             for st in stats.stages]
 
 
+def speculative_report(stats: Stats) -> dict:
+    """Drafts sent and accepted, the acceptance rate and tokens gained per verify step."""
+    return {"draft_tokens": stats.draft_tokens, "accepted_tokens": stats.accepted_tokens,
+            "acceptance_rate": round(stats.acceptance_rate, 4),
+            "mean_accepted_length": round(stats.mean_accepted_length, 4)}
+
+
 def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -247,6 +260,10 @@ def format_stats(stats: dict) -> str:
              f"{stats['time_to_first_token_s']:.3f} s (prefill {rate(stats['prefill_tokens_per_s'])}) | "
              f"{stats['new_tokens']} new tokens (decode {rate(stats['decode_tokens_per_s'])}) | "
              f"finish: {stats['finish_reason']}"]
+    if stats.get("speculative"):
+        sp = stats["speculative"]
+        lines.append(f"[pprt] speculative: {sp['accepted_tokens']} of {sp['draft_tokens']} drafts accepted "
+                     f"({sp['acceptance_rate']:.0%}), {sp['mean_accepted_length']:.2f} tokens per verify step")
     for m in stats.get("memory", []):
         peak = f"peak {m['device']} {_mb(m['peak_device_bytes'])}, " if m["peak_device_bytes"] is not None else ""
         lines.append(f"[pprt] stage {m['stage']} {m['device']} layers {m['layers'][0]}-{m['layers'][1] - 1}: "
@@ -259,6 +276,8 @@ def run_completion(llm: LLM, args: argparse.Namespace, prompt: str, load_s: floa
     counters = llm.stats()
     stats = {"load_s": round(load_s, 3), "quantize_s": round(counters.quantize_seconds, 3), **stats,
              "finish_reason": completion.finish_reason, "memory": memory_report(counters)}
+    if counters.draft_tokens:
+        stats["speculative"] = speculative_report(counters)
     if args.json:
         print(json.dumps({"text": completion.text, "token_ids": completion.token_ids,
                           "prompt_token_ids": completion.prompt_token_ids,

@@ -196,6 +196,13 @@ class StateCache:
             self.conv[:, slots] = 0
             self.ssm[:, slots] = 0
 
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the state of slots `src` to slots `dst` ([S] int each, distinct dst) in every layer
+        (speculative decoding's snapshot and rollback)."""
+        if src.numel() and self.spec.num_layers:
+            self.conv[:, dst] = self.conv[:, src]
+            self.ssm[:, dst] = self.ssm[:, src]
+
     @property
     def nbytes(self) -> int:
         return self.conv.nbytes + self.ssm.nbytes

@@ -147,6 +147,20 @@ class Sampler:
         if all(greedy):
             return x.argmax(dim=-1)
         argmax = x.argmax(dim=-1) if any(greedy) else None  # [B], for the greedy rows
+        probs = self.distribution(x, states)  # [B, V]
+        q = torch.empty_like(probs).exponential_(generator=self._gen)  # [B, V]
+        for i, s in enumerate(states):
+            if s.generator is not None and not greedy[i]:
+                q[i].exponential_(generator=s.generator)
+        drawn = (probs / q.clamp_min(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # [B]
+        if argmax is None:
+            return drawn
+        return torch.where(torch.tensor(greedy).to(self.device), argmax, drawn)
+
+    def distribution(self, x: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
+        """The distribution rows are drawn from: temperature, top_k, top_p, min_p over the
+        (penalized) fp32 logits x [B, V]; returns probabilities [B, V] (greedy rows: temperature 1)."""
+        ps = [s.params for s in states]
         # per-row knobs in one host->device copy: [B, 4] = temperature, top_p, top_k, min_p
         knobs = torch.tensor(
             [[1.0 if p.greedy else p.temperature, p.top_p, p.top_k, p.min_p] for p in ps], dtype=torch.float32
@@ -162,15 +176,7 @@ class Sampler:
         if any(p.min_p > 0 for p in ps):
             probs = x.softmax(dim=-1)
             x = x.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), -math.inf)
-        probs = x.softmax(dim=-1)  # [B, V]
-        q = torch.empty_like(probs).exponential_(generator=self._gen)  # [B, V]
-        for i, s in enumerate(states):
-            if s.generator is not None and not greedy[i]:
-                q[i].exponential_(generator=s.generator)
-        drawn = (probs / q.clamp_min(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # [B]
-        if argmax is None:
-            return drawn
-        return torch.where(torch.tensor(greedy).to(self.device), argmax, drawn)
+        return x.softmax(dim=-1)  # [B, V]
 
     def _penalize(self, raw: torch.Tensor, states: list[_SeqState]) -> torch.Tensor:
         """The penalties on a copy of `raw` [B, V] (raw itself is left as is):

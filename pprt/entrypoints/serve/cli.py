@@ -6,7 +6,7 @@
 
 Each --model starts a model; the options after it (--devices, --served-model-name,
 --split, --dtype, --quant, --kv-dtype, --max-context, --kv-cache-memory,
---tool-call-parser) are that model's, so each model can have its own cards. Without --model the
+--speculative-ngram, --tool-call-parser) are that model's, so each model can have its own cards. Without --model the
 bundled demo model is served (as "demo"). The server binds 127.0.0.1 unless --host says otherwise;
 --port 0 picks a free port. Once it listens it prints one line to stdout:
 `pprt.serve: serving NAME[, NAME] at http://HOST:PORT`.
@@ -31,7 +31,7 @@ from .models import ModelSpec
 _MODEL_OPTIONS = {"--devices": ("devices", str), "--served-model-name": ("name", str), "--split": ("split", str),
                   "--dtype": ("dtype", str), "--quant": ("quant", str), "--kv-dtype": ("kv_dtype", str),
                   "--max-context": ("max_context", int), "--kv-cache-memory": ("kv_cache_memory", int),
-                  "--tool-call-parser": ("tool_call_parser", str)}
+                  "--tool-call-parser": ("tool_call_parser", str), "--speculative-ngram": ("speculative", int)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,6 +97,7 @@ _HELP = {
     "--kv-dtype": "KV cache type: auto, bf16, fp16, fp32 or fp8",
     "--max-context": "longest prompt + generation (default: the model's)",
     "--kv-cache-memory": "bytes of KV cache per stage (default: what the plan leaves)",
+    "--speculative-ngram": "speculative decoding: up to K prompt-lookup (n-gram) drafts per step (1-16)",
     "--tool-call-parser": "the model's tool-call format: hermes (Qwen2.5/Qwen3) or xml (Qwen3-Coder/Qwen3.5) "
                           "(default: read from its chat template)",
 }
@@ -120,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         devices = [d.strip() for d in devices.split(",")] if devices else None
         if devices is not None and not all(devices):
             parser.error(f"--devices of model {model} has an empty item")
+        k = raw.pop("speculative", None)
+        if k is not None:
+            if not 1 <= k <= 16:
+                parser.error(f"--speculative-ngram must be in 1..16, got {k}")
+            raw["speculative"] = {"method": "ngram", "num_speculative_tokens": k}
         split = raw.pop("split", None)
         if split is not None:
             try:

@@ -13,6 +13,7 @@ reads each model's `Stats` (pprt.engine.stats) and maps it:
     pprt_generation_tokens_total                counter  generated_tokens
     pprt_computed_tokens_total                  counter  computed_tokens
     pprt_preemptions_total                      counter  preemptions
+    pprt_draft_tokens_total / _accepted_...     counter  draft_tokens / accepted_tokens (speculative decoding)
     pprt_stage_busy_seconds_total{stage}        counter  stages[i].busy_seconds
     pprt_model_up                               gauge    1 while the model serves, 0 once it failed
 
@@ -82,6 +83,8 @@ _COUNTERS = (
     ("pprt_computed_tokens", "Tokens run through the stages (prefill, decode, recomputation)",
      lambda s: s.computed_tokens),
     ("pprt_preemptions", "Sequences preempted for want of KV blocks", lambda s: s.preemptions),
+    ("pprt_draft_tokens", "Speculative draft tokens sent to be verified", lambda s: s.draft_tokens),
+    ("pprt_accepted_draft_tokens", "Speculative draft tokens accepted", lambda s: s.accepted_tokens),
 )
 
 
