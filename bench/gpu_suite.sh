@@ -9,6 +9,8 @@
 #   6. attn-bench   python -m bench.attention               (paged decode / prefill)
 #   6b. delta-bench python -m bench.gated_delta             (Gated DeltaNet: gated delta rule and conv1d,
 #                   decode against the state bytes moved, prefill fla vs our recurrent kernel)
+#   6c. prefix-bench python -m bench.prefix_cache         (second chat turn's first token after a 4k shared
+#                   prefix, with and without prefix caching; Qwen2.5-7B geometry cut to 4 layers)
 #   7. generate     python -m bench.generate: Qwen2.5-7B geometry with random weights, bf16 and
 #                   Int4, 1 stage and 2 stages on the one GPU through the host transport, against
 #                   transformers; it gets whatever time the parts before it left
@@ -150,6 +152,12 @@ part attn-bench 75 "$PY" -m bench.attention "${TINY_FLAG[@]}" --results-dir "$RE
 if [[ -f bench/gated_delta.py ]]; then
     part delta-bench 60 "$PY" -m bench.gated_delta "${TINY_FLAG[@]}" --results-dir "$RESULTS_DIR"
 fi
+if ((TINY)); then
+    part prefix-bench 60 "$PY" -m bench.prefix_cache --tiny --stages 1 --results-dir "$RESULTS_DIR"
+else
+    part prefix-bench 90 "$PY" -m bench.prefix_cache --config qwen2.5-7b --layers 4 --stages 1 --prefix 4096 \
+        --repeats 3 --results-dir "$RESULTS_DIR"
+fi
 part generate 400 generate_bench
 
 echo
@@ -217,6 +225,11 @@ if delta:
           if r.get("op") == "gated_delta" and r.get("kind") == "prefill" and num(r.get("vs_recurrent"))]
     print(f"gated_delta: {len(delta)} rows; decode fraction of copy bandwidth up to {max(fr, default=0):.2f}; "
           f"prefill vs our recurrent kernel {', '.join(vs) or '-'}; goals met {sum(met)}/{len(met)}")
+pc = rows("prefix_cache")
+if pc:
+    print("prefix_cache (second turn after a shared prefix): " + "; ".join(
+        f"{r['stages']} stage(s) {'cached' if r['caching'] else 'uncached'} ttft {r['ttft_s']:.3g} s"
+        + (f" ({r['speedup']:.2f}x, token ratio {r['token_ratio']:.1f})" if r.get("speedup") else "") for r in pc))
 gen = rows("generate")
 if gen:
     for r in gen:

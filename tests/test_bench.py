@@ -140,6 +140,24 @@ def test_generate_tiny_end_to_end(tmp_path):
     assert hf_int4["kind"] == "error" and "bitsandbytes" in hf_int4["error"]
 
 
+@pytest.mark.parametrize("config", ["tiny", "tiny-qwen3.5"], ids=["attention", "hybrid"])
+def test_prefix_cache_tiny_end_to_end(tmp_path, config):
+    from bench import prefix_cache
+
+    rows = prefix_cache.main(["--tiny", "--config", config, "--stages", "1", "--results-dir", str(tmp_path)])
+    written = [json.loads(line) for line in (tmp_path / "prefix_cache.jsonl").read_text().splitlines()]
+    assert len(written) == len(rows) == 2 and all(ENV_KEYS | {"prefix", "model"} <= r.keys() for r in written)
+    assert all(config in r["model"] for r in written)
+    off, on = written
+    assert (off["caching"], on["caching"]) == (False, True)
+    # turn 2: 256 + 8 + 8 reply + 8 tokens; the first turn's KV covers all but its last reply token
+    assert off["turn2_tokens"] == on["turn2_tokens"] == 280
+    assert off["computed_tokens"] == 280 and off["cached_tokens"] == 0
+    # whole 16-token blocks of 271 (a hybrid resumes from the snapshot taken as turn 1 ended)
+    assert on["cached_tokens"] == 256 and on["computed_tokens"] == 24
+    assert on["token_ratio"] == pytest.approx(280 / 24) and on["speedup"] == pytest.approx(off["ttft_s"] / on["ttft_s"])
+
+
 def test_gpu_suite_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_suite.sh")], check=True)
 

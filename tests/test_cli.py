@@ -298,3 +298,25 @@ def test_transport_flag_reaches_the_pipeline(chat_model, llm, capsys):
     assert cli.main(["--model", str(chat_model), "--devices", "cpu,cpu", "--transport", "host", "--prompt", PROMPT,
                      "--max-new-tokens", "4", "--temperature", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-prefix-caching"]], ids=["caching", "no-caching"])
+def test_chat_turns_report_prompt_tokens_taken_from_the_prefix_cache(flag, chat_model, llm, capsys):
+    kw = {"enable_thinking": False}
+    messages = [{"role": "system", "content": "You are a terse assistant who answers in one line."},
+                {"role": "user", "content": "hello"}]
+    first = llm.chat(messages, greedy(5), **kw).text
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "and then?"}]
+    second = llm.chat(messages, greedy(5), **kw).text
+    capsys.readouterr()
+    assert cli.main([*greedy_args(chat_model, 5), "--chat", "--system", messages[0]["content"], "--no-think", *flag],
+                    stdin=io.StringIO("hello\nand then?\n")) == 0
+    out, err = capsys.readouterr()
+    assert out == first + "\n" + second + "\n"  # the same replies with the cache as without
+    turns = [line for line in err.splitlines() if "finish:" in line]
+    assert len(turns) == 2 and "cached" not in turns[0]
+    cached = re.search(r"prompt \d+ tokens \((\d+) cached\)", turns[1])
+    if flag:
+        assert cached is None
+    else:  # the system message and the first turn, in whole 16-token blocks
+        assert cached and int(cached.group(1)) >= 16 and int(cached.group(1)) % 16 == 0

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from hybrid_configs import (HYBRID_CONFIGS, QWEN3_NEXT_80B_A3B, QWEN35_27B, QWEN35_35B_A3B,
+from hybrid_configs import (HYBRID_CONFIGS, QWEN3_NEXT_80B_A3B, QWEN15_MOE_A27B, QWEN35_27B, QWEN35_35B_A3B,
                             QWEN35_122B_A10B, QWEN35_397B_A17B)
 from pprt.config import ModelConfig
 from pprt.entrypoints.plan_cli import main
@@ -133,3 +133,30 @@ def test_qwen35_122b_fp8_release_on_two_96gb_cards():
     assert 110 * GiB < sum(s.weight_bytes for s in result.stages) < 120 * GiB
     assert result.num_slots == 256 and result.num_sequences >= 2
     assert not plan(c, budgets[:1]).fits
+
+
+def test_state_snapshots_are_counted_after_the_running_slots_and_before_the_kv_pool():
+    """Prefix caching's state snapshots (one sequence's state each, on every stage) come out of the KV
+    pool, never out of the running slots or the max_context sequence the plan guarantees."""
+    c = config(QWEN35_27B)
+    base = plan(c, devices(96, 96), max_context=32768, max_num_seqs=16)
+    snap = plan(c, devices(96, 96), max_context=32768, max_num_seqs=16, state_snapshots=40)
+    assert base.num_snapshots == 0 and snap.num_snapshots == 40 and snap.num_slots == base.num_slots == 16
+    # paid for by KV blocks: every stage's capacity drops by 40 states' worth of its blocks
+    drops = [40 * st.state_bytes_per_seq // (st.kv_bytes_per_token * snap.block_size) for st in snap.stages]
+    assert base.num_blocks - snap.num_blocks >= min(drops) - 1 > 0
+    for st in snap.stages:
+        kv = snap.num_blocks * snap.block_size * st.kv_bytes_per_token
+        assert st.weight_bytes + st.reserve_bytes + kv + 56 * st.state_bytes_per_seq <= st.budget_bytes
+    assert "40 for prefix-cache state snapshots" in snap.message and snap.to_json()["num_snapshots"] == 40
+    # short of memory: as many snapshots as fit beside one max_context sequence's KV, the plan still fits
+    tight = plan(c, devices(48, 48), quant="int4", max_context=32768, max_num_seqs=4, state_snapshots=10_000)
+    assert tight.fits and 0 < tight.num_snapshots < 10_000 and tight.num_blocks >= 32768 // tight.block_size
+    for st in tight.stages:  # the KV pool keeps at least half of what the running slots leave
+        kv = tight.num_blocks * tight.block_size * st.kv_bytes_per_token
+        if st.kv_bytes_per_token:
+            assert kv >= tight.num_snapshots * st.state_bytes_per_seq - tight.block_size * st.kv_bytes_per_token
+    with pytest.raises(ValueError, match="state_snapshots"):
+        plan(c, devices(96, 96), state_snapshots=-1)
+    plain = plan(ModelConfig.from_dict(QWEN15_MOE_A27B), devices(96, 96), state_snapshots=40)
+    assert plain.num_snapshots == 0  # no recurrent state: nothing to snapshot

@@ -3,7 +3,8 @@
 An executor owns the stages and offers `submit(plan)` and `result()` (the
 results come back in submission order), `depth` (how many micro-batches may
 be in flight: one per stage), `num_blocks` (KV blocks every stage holds) and
-`num_slots` (state slots every stage holds: hybrid models; 0 otherwise).
+`num_slots` (state slots every stage holds: hybrid models; 0 otherwise) and
+`num_snapshots` (more state slots, for the prefix cache's state snapshots).
 One thread drives it (the engine loop's, which calls `bind_thread()` first);
 `kill()` may come from any thread. `LocalExecutor` runs one stage in the
 driver's process; PipelineExecutor (pipeline.py) one stage program per device;
@@ -41,6 +42,7 @@ class LocalExecutor:
         self.quant_seconds = self.worker.quant_seconds
         self.pools = worker_pools(self.worker, pools)
         self.num_blocks, self.num_slots = self.pools.blocks, self.pools.slots
+        self.num_snapshots = self.pools.snapshots
         self.worker.allocate_cache(self.pools)
         kv, state = self.worker.pool_bytes
         self.kv_bytes, self.state_bytes = [kv], [state]
@@ -73,20 +75,23 @@ class LocalExecutor:
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
-                  torchrun=False, max_num_seqs: int = 256, stage_processes=False):
+                  torchrun=False, max_num_seqs: int = 256, state_snapshots: int = 0, stage_processes=False):
     """Plan the cut and the pools (refusing before anything loads when it cannot fit), then start the stages.
 
-    One stage runs in this process unless `stage_processes`: then it is a stage program of its
-    own, as every stage of a pipeline is (its process group has one rank and carries nothing).
-    """
+    state_snapshots: state slots wanted beside the running ones for prefix-cache snapshots (hybrid
+    models; the plan may give fewer). One stage runs in this process unless `stage_processes`:
+    then it is a stage program of its own, as every stage of a pipeline is (its process group
+    has one rank and carries nothing)."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
-                         memory_budget=memory_budget, one_host=not torchrun, max_num_seqs=max_num_seqs)
+                         memory_budget=memory_budget, one_host=not torchrun, max_num_seqs=max_num_seqs,
+                         state_snapshots=state_snapshots)
     if not result.fits:
         raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
                         seed=seed) for stage, device in zip(result.stages, devices)]
-    pools = PoolSizes(_kv_blocks(specs, result.num_blocks, kv_cache_memory), _state_slots(specs, result.num_slots))
+    pools = PoolSizes(_kv_blocks(specs, result.num_blocks, kv_cache_memory),
+                      *_state_slots(specs, result.num_slots, result.num_snapshots))
     if config.hybrid and pools.slots < max_num_seqs:
         per_seq = max(st.state_bytes_per_seq for st in result.stages)
         log.warning("max_num_seqs %d is bounded by recurrent-state memory: %d state slot(s) of %.1f MiB per "
@@ -110,7 +115,7 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
 
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
-                chunk_size, memory_budget, one_host: bool = True, max_num_seqs: int = 256):
+                chunk_size, memory_budget, one_host: bool = True, max_num_seqs: int = 256, state_snapshots: int = 0):
     """The planner's cut for these devices (or `split`, checked against their memory).
 
     one_host: the devices are this machine's, so stages naming the same device share its
@@ -131,7 +136,7 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
                 quant=quant or "none", kv_dtype=kv_dtype_name(kv_dtype),
                 dtype_bytes=dtype.itemsize, block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                 split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30,
-                max_num_seqs=max_num_seqs)
+                max_num_seqs=max_num_seqs, state_snapshots=state_snapshots)
 
 
 def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | None) -> int:
@@ -150,15 +155,18 @@ def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | Non
     return planned
 
 
-def _state_slots(specs: list[WorkerSpec], planned: int) -> int:
-    """Slots every stage allocates: the plan's (at most max_num_seqs); on CPU at most CPU_STATE_BUDGET
-    bytes of state per stage. 0 for models without recurrent state."""
+def _state_slots(specs: list[WorkerSpec], planned: int, snapshots: int) -> tuple[int, int]:
+    """(running slots, snapshot slots) every stage allocates: the plan's (running ones at most
+    max_num_seqs); on CPU at most CPU_STATE_BUDGET bytes of state per stage, of which the running
+    slots take at most half when snapshots are wanted. (0, 0) for models without recurrent state."""
     per_slot = [b for b in (sp.bytes_per_slot for sp in map(state_spec, specs) if sp is not None) if b]
     if not per_slot:
-        return 0
-    if all(torch.device(s.device).type == "cpu" for s in specs):
-        return max(1, min(planned, min(CPU_STATE_BUDGET // b for b in per_slot)))
-    return planned
+        return 0, 0
+    if all(torch.device(s.device).type == "cpu" for s in specs):  # snapshots wanted: half the budget each
+        room = min(CPU_STATE_BUDGET // b for b in per_slot)
+        slots = max(1, min(planned, room // 2 if snapshots else room))
+        return slots, max(0, min(snapshots, room - slots))
+    return planned, snapshots
 
 
 def _device_memory(device: str) -> int:

@@ -108,7 +108,7 @@ def run_stage(stage: int, world: int, spec: WorkerSpec, transport: str, control,
     channel = ActivationChannel(stage, world, worker.device, transport)
     room = worker_pools(worker, pools)
     control.send(StageReady(stage, room.blocks, worker.weight_bytes(), worker.load_seconds,
-                            worker.load_rss_bytes, worker.quant_seconds, room.slots))
+                            worker.load_rss_bytes, worker.quant_seconds, room.slots, room.snapshots))
     worker.allocate_cache(control.recv())
     control.send(worker.pool_bytes)  # the pools as allocated (KV with fp8 scales, state)
     steps = 0

@@ -23,13 +23,22 @@ class SeqChunk:
     start: int  # position of token_ids[0]
     # The block table travels as a change: every stage keeps each sequence's table, cuts it
     # to `blocks_from` entries and appends `new_blocks` (a long context's table is not
-    # re-sent every step). The result covers positions [0, start + len(token_ids)).
+    # re-sent every step). The result covers positions [0, start + len(token_ids)). A sequence's
+    # first chunk starts past 0 when its table begins with blocks from the driver's prefix cache:
+    # every stage then reads those blocks' KV, computed earlier for another sequence.
     blocks_from: int
     new_blocks: list[int]
     sample: bool  # the last token's logits give the sequence its next token
     # hybrid models: the sequence's slot in every stage's state pool (-1: the model keeps no state).
     # A chunk with start == 0 finds its slot zeroed.
     state_slot: int = -1
+    # hybrid models with prefix caching (prefix-cache snapshots: slots of the same pool, ids past
+    # the running ones): restore_from: before the step, the state slot is set to this snapshot (the
+    # state after `start` tokens); save_to: after the step, the state (after `end` tokens; never on
+    # a chunk with drafts) is copied there. Every stage restores before and saves after running a
+    # step, so a snapshot overwritten by a step is still read as it was by that step's restores.
+    restore_from: int = -1
+    save_to: int = -1
     # Speculative decoding: the last `num_drafts` tokens are drafts to verify (pprt.engine.drafts);
     # the last stage returns the accepted ones and one more token. The KV of every token is written;
     # the driver drops rejected positions by planning its next chunk over them.
@@ -51,6 +60,12 @@ class SeqChunk:
             raise ValueError(f"sequence {self.seq_id}: drafts of a model with state need a snapshot slot")
         if self.blocks_from < 0:
             raise ValueError(f"sequence {self.seq_id}: blocks_from must be >= 0, got {self.blocks_from}")
+        if (self.restore_from >= 0 or self.save_to >= 0) and self.state_slot < 0:
+            raise ValueError(f"sequence {self.seq_id}: a state snapshot needs a state slot")
+        if self.restore_from >= 0 and self.start == 0:
+            raise ValueError(f"sequence {self.seq_id}: a chunk at position 0 starts from zero state, not a snapshot")
+        if self.save_to >= 0 and self.num_drafts:
+            raise ValueError(f"sequence {self.seq_id}: a chunk with drafts leaves no state to save")
 
     @property
     def end(self) -> int:
@@ -101,10 +116,12 @@ class PoolSizes:
 
     blocks: int
     slots: int = 0  # 0: the model keeps no per-sequence state
+    snapshots: int = 0  # more state slots, for the prefix cache's snapshots (ids slots .. slots + snapshots - 1)
 
     def __post_init__(self) -> None:
-        if self.blocks <= 0 or self.slots < 0:
-            raise ValueError(f"PoolSizes needs blocks > 0 and slots >= 0, got {self.blocks}, {self.slots}")
+        if self.blocks <= 0 or self.slots < 0 or self.snapshots < 0 or (self.snapshots and not self.slots):
+            raise ValueError(f"PoolSizes needs blocks > 0, slots >= 0 and snapshots >= 0 (only beside slots), got "
+                             f"{self.blocks}, {self.slots}, {self.snapshots}")
 
 
 @dataclass(slots=True)
@@ -118,6 +135,7 @@ class StageReady:
     load_rss_bytes: int  # host memory the load took at its peak
     quant_seconds: float = 0.0  # of load_seconds, spent quantizing (quant="int4" or "fp8")
     num_slots: int = 0  # state slots its memory budget allows (of those asked; 0: no state)
+    num_snapshots: int = 0  # snapshot slots its memory allows beside them (of those asked)
 
 
 @dataclass(slots=True)
@@ -150,8 +168,10 @@ class Heartbeat:
 
 def take_load_report(executor, readies: list[StageReady]) -> None:
     """Set what every executor tells about its loaded stages; each pool is the smallest stage's."""
-    executor.pools = PoolSizes(min(r.num_blocks for r in readies), min(r.num_slots for r in readies))
+    executor.pools = PoolSizes(min(r.num_blocks for r in readies), min(r.num_slots for r in readies),
+                               min(r.num_snapshots for r in readies))
     executor.num_blocks, executor.num_slots = executor.pools.blocks, executor.pools.slots
+    executor.num_snapshots = executor.pools.snapshots
     executor.weight_bytes = [r.weight_bytes for r in readies]
     executor.load_seconds = max(r.load_seconds for r in readies)
     executor.load_rss_bytes = [r.load_rss_bytes for r in readies]

@@ -43,7 +43,8 @@ class TorchrunExecutor:
         self.channel = ActivationChannel(0, len(specs), self.worker.device, transport)
         room = worker_pools(self.worker, pools)
         readies = [StageReady(0, room.blocks, self.worker.weight_bytes(), self.worker.load_seconds,
-                              self.worker.load_rss_bytes, self.worker.quant_seconds, room.slots)]
+                              self.worker.load_rss_bytes, self.worker.quant_seconds, room.slots,
+                              room.snapshots)]
         readies += [self._receive(rank, StageReady) for rank in range(1, len(specs))]
         take_load_report(self, readies)
         for rank in range(1, len(specs)):

@@ -5,10 +5,11 @@ caller's process; in a pipeline each lives in its own process (see comm.py
 and engine.py) and is driven the same way: `execute(plan, x)` runs the stage
 on one micro-batch. Its pools: KV blocks for its full-attention layers and, for
 hybrid models, state slots for its DeltaNet layers (slots of chunks that start
-at position 0 are zeroed before the step runs; under speculative decoding a
-chunk's state is first restored from, then copied to, its snapshot slot). The
-last stage samples, or accepts drafts (pprt.models.speculative). Knows nothing of tokenization
-or scheduling.
+at position 0 are zeroed before the step runs; with prefix caching, snapshots
+are restored into slots before it runs and saved from them after it ran; under
+speculative decoding a chunk's state is first restored from, then copied to,
+its own snapshot slot). The last stage samples, or accepts drafts
+(pprt.models.speculative). Knows nothing of tokenization or scheduling.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Worker:
         """The KV pool and (hybrid models with DeltaNet layers on this stage) the state pool."""
         self.cache = KVCache(self.cache_spec, pools.blocks, self.device)
         if self.state_spec is not None and self.state_spec.num_layers and pools.slots:
-            self.state = StateCache(self.state_spec, pools.slots, self.device)
+            self.state = StateCache(self.state_spec, pools.slots + pools.snapshots, self.device)
 
     @property
     def pool_bytes(self) -> tuple[int, int]:
@@ -142,6 +143,9 @@ class Worker:
             fresh = [c.state_slot for c in plan.chunks if c.start == 0]
             if fresh:
                 self.state.reset(torch.tensor(fresh, dtype=torch.long, device=self.device))
+            restore = [(c.restore_from, c.state_slot) for c in plan.chunks if c.restore_from >= 0]
+            if restore:  # prefix cache: resume from a snapshot
+                self.state.copy(*self._pairs(restore))
             # speculation: roll back to the snapshot, then snapshot the state the drafts start from
             back = [(c.snapshot_slot, c.state_slot) for c in plan.chunks if c.restore_state]
             if back:
@@ -152,6 +156,9 @@ class Worker:
         if self.stage.is_first:
             x = torch.tensor([t for c in plan.chunks for t in c.token_ids], dtype=torch.long, device=self.device)
         out = self.stage(x, batch, self.cache, self.state, logits_indices)
+        save = [(c.state_slot, c.save_to) for c in plan.chunks if c.save_to >= 0]
+        if self.state is not None and save:  # prefix cache: snapshots of the state after this step's tokens
+            self.state.copy(*self._pairs(save))
         if not self.stage.is_last:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
@@ -251,8 +258,9 @@ def state_spec(spec: WorkerSpec) -> StateSpec | None:
 
 def worker_pools(worker: Worker, wanted: PoolSizes) -> PoolSizes:
     """The pools `worker` can hold: `wanted`, or fewer if its GPU has less free memory now (state
-    slots first, as the plan sized them; KV blocks from the rest)."""
-    blocks, slots = wanted.blocks, wanted.slots
+    slots first, as the plan sized them; KV blocks from the rest; snapshot slots, which only make
+    the prefix cache reach further, from what the wanted KV blocks leave)."""
+    blocks, slots, snapshots = wanted.blocks, wanted.slots, wanted.snapshots
     state_bytes = worker.state_spec.bytes_per_slot if worker.state_spec is not None else 0
     if worker.device.type == "cuda":
         free = int(torch.cuda.mem_get_info(worker.device)[0] * GPU_MEMORY_FRACTION)
@@ -261,10 +269,12 @@ def worker_pools(worker: Worker, wanted: PoolSizes) -> PoolSizes:
             free -= slots * state_bytes
         room = worker.cache_spec.blocks_for(free)
         blocks = blocks if room is None else min(blocks, room)
+        if state_bytes:
+            snapshots = min(snapshots, worker.state_spec.slots_for(free - blocks * worker.cache_spec.bytes_per_block))
     if blocks <= 0:
         raise MemoryError(f"{worker.device}: no memory left for a single KV block "
                           f"({worker.cache_spec.bytes_per_block} bytes) after the weights")
     if state_bytes and wanted.slots and slots <= 0:
         raise MemoryError(f"{worker.device}: no memory left for the state of a single sequence "
                           f"({state_bytes} bytes) after the weights")
-    return PoolSizes(blocks, slots)
+    return PoolSizes(blocks, slots, snapshots if slots > 0 else 0)

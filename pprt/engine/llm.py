@@ -28,9 +28,10 @@ from ..params import SamplingParams, check_seed
 from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
-from .blocks import BlockManager, SlotManager
+from .blocks import BlockManager, SlotManager, SnapshotCache
 from .drafts import SpeculativeConfig
 from .loop import EngineLoop
+from .prefix import cache_salt, prefix_cache_for
 from .prompts import as_prompt_list, check_vocab
 from .requests import Completion, OutputSink, RequestOutput
 from .scheduler import Scheduler
@@ -63,6 +64,12 @@ class LLM:
     memory). transport: "auto", "nccl", "gloo" or "host". seed: for requests
     without their own seed. stage_timeout: seconds a stage process may leave
     a heartbeat unanswered before it counts as hung (StageFailed naming it).
+    enable_prefix_caching: reuse the KV of full blocks across requests that
+    share a prefix (pprt.engine.prefix; on by default). state_snapshots:
+    hybrid models with prefix caching, state slots kept for snapshots of the
+    recurrent and conv state, each one sequence's state on every stage
+    (default: max_num_seqs, fewer when memory is short; 0 turns prefix
+    caching off for hybrid models).
     stage_processes: run a single stage in a process of its own too (several
     devices always do), e.g. so that several models in one program (the
     server's one model per card) neither share its interpreter lock nor fall
@@ -82,6 +89,7 @@ class LLM:
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, kv_dtype: str = "auto",
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
                  rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
+                 enable_prefix_caching: bool = True, state_snapshots: int | None = None,
                  speculative: SpeculativeConfig | dict | None = None, stage_processes: bool = False):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
@@ -103,6 +111,11 @@ class LLM:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(stage_timeout, bool) or not isinstance(stage_timeout, (int, float)) or not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be a positive number of seconds, got {stage_timeout!r}")
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
+        if state_snapshots is not None and (not isinstance(state_snapshots, int) or isinstance(state_snapshots, bool)
+                                            or state_snapshots < 0):
+            raise ValueError(f"state_snapshots must be an int >= 0, got {state_snapshots!r}")
         if not isinstance(stage_processes, bool):
             raise ValueError(f"stage_processes must be True or False, got {stage_processes!r}")
         check_seed(seed)
@@ -115,17 +128,28 @@ class LLM:
         self.max_context = max_context or default_context(self.config)
         self.config = extend_context(self.config, self.max_context)
         self.tokenizer = _load_tokenizer(self.source)
+        kv_type = parse_kv_dtype(kv_dtype, self.dtype)
+        snapshots = 0
+        if enable_prefix_caching and self.config.hybrid:
+            snapshots = max_num_seqs if state_snapshots is None else state_snapshots
         executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
-                                 quant=quant, kv_dtype=parse_kv_dtype(kv_dtype, self.dtype),
+                                 quant=quant, kv_dtype=kv_type,
                                  block_size=block_size, max_context=self.max_context,
                                  kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                                  transport=transport, seed=seed, stage_timeout=float(stage_timeout),
                                  chunk_size=chunk_size, torchrun=torchrun is not None,
-                                 max_num_seqs=max_num_seqs, stage_processes=stage_processes)
+                                 max_num_seqs=max_num_seqs, state_snapshots=snapshots,
+                                 stage_processes=stage_processes)
         slots = SlotManager(executor.num_slots) if executor.num_slots else None
+        # the chains' root names what decides a block's KV besides its tokens
+        prefix = prefix_cache_for(self.config, enabled=enable_prefix_caching, block_size=block_size,
+                                  salt=cache_salt(self.config.rope, self.dtype, kv_type, quant, self.config.quant),
+                                  snapshots=SnapshotCache(executor.num_slots, executor.num_snapshots) if slots else None,
+                                  snapshot_every=max(block_size, chunk_size // block_size * block_size))
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids, slots=slots, speculative=speculative)
+                              eos_token_ids=self.config.eos_token_ids, slots=slots, speculative=speculative,
+                              prefix=prefix)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)

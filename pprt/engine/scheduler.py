@@ -17,6 +17,16 @@ When blocks run out, the most recently admitted running sequence that is not
 in flight is preempted: its blocks are freed and it is recomputed later from
 its tokens. A request that could never fit the pool is refused at `add`.
 
+With a `PrefixCache`, a sequence that holds no blocks (new, or preempted)
+starts its table with the cached blocks `PrefixCache.reusable` chooses and
+its first chunk at the first token they do not hold (the chunk carries the
+whole table, so every stage reads the same cached blocks); every block a
+scheduled chunk fills is registered. A plan undone by `abort` unregisters
+the blocks it filled, and a sequence that took cached blocks in it gives
+them back and looks again. Hybrid models take a state snapshot with the
+blocks (restored into the sequence's slot before its first chunk runs) and
+save snapshots where `PrefixCache` says, committed when the step completes.
+
 Hybrid models (a `SlotManager` is given): a sequence also holds one state slot
 from admission until it finishes or is preempted; admission waits for a free
 slot. Its recurrent state cannot be rewound, so a chunk undone by `abort`
@@ -52,6 +62,7 @@ from ..errors import RequestTooLarge
 from ..params import SamplingParams
 from .blocks import BlockManager, SlotManager
 from .drafts import SpeculativeConfig, can_draft, propose_ngram
+from .prefix import PrefixCache, Reuse
 
 
 class SeqStatus(enum.Enum):
@@ -76,6 +87,10 @@ class Sequence:
     blocks_sent: int = 0  # entries of its block table the stages have
     released: bool = False  # finished and its blocks and sampler state given back
     restore_state: bool = False  # hybrid + speculation: its next chunk rolls the state back to the snapshot
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its first full blocks
+    blocks_registered: int = 0  # blocks of its table in the prefix cache (registered by it, or reused)
+    tail_snapshot: int = -1  # hybrid models with prefix caching: its state snapshot slot past the prompt
+    tail_blocks: int = 0  # full blocks whose state the tail slot holds (0: nothing valid yet)
 
     @property
     def tokens(self) -> list[int]:
@@ -100,12 +115,17 @@ class Sequence:
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_context: int, chunk_size: int = 2048,
                  max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), slots: SlotManager | None = None,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, prefix: PrefixCache | None = None):
         if chunk_size <= 0 or max_num_seqs <= 0:
             raise ValueError("chunk_size and max_num_seqs must be positive")
         if slots is not None and slots.num_slots <= 0:
             raise ValueError("a model with recurrent state needs at least one state slot")
-        self.blocks, self.slots, self.max_context = blocks, slots, max_context
+        if prefix is not None and prefix.block_size != blocks.block_size:
+            raise ValueError(f"the prefix cache's block_size {prefix.block_size} is not the pool's {blocks.block_size}")
+        if prefix is not None and (slots is not None) != (prefix.snapshots is not None):
+            raise ValueError("a prefix cache serves a model with recurrent state with state snapshots, and "
+                             "one without, without")
+        self.blocks, self.slots, self.prefix, self.max_context = blocks, slots, prefix, max_context
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
         self.eos_token_ids = set(eos_token_ids)
         self.speculative = speculative
@@ -120,6 +140,8 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.num_computed_tokens = 0
         self.num_generated_tokens = 0
+        self.num_lookup_tokens = 0  # tokens of sequences admitted while prefix caching is on
+        self.num_cached_tokens = 0  # of those, taken from the prefix cache instead of computed
         self.num_draft_tokens = 0  # drafts sent for verification
         self.num_accepted_tokens = 0  # of those, accepted
         self.num_verified = 0  # sequence-steps that verified drafts
@@ -169,6 +191,8 @@ class Scheduler:
         if seq.status is SeqStatus.FINISHED and seq.in_flight == 0 and not seq.released:
             seq.released = True
             self.blocks.release(seq.seq_id)
+            if self.prefix is not None:
+                self.prefix.release_tail(seq)
             if self.slots is not None:
                 self.slots.release(seq.seq_id)
                 seq.restore_state = False
@@ -218,14 +242,20 @@ class Scheduler:
         return plan
 
     def _chunk(self, seq: Sequence, budget: int, preempt: bool) -> SeqChunk | None:
-        n = min(budget, seq.num_tokens - seq.num_scheduled)
-        end = seq.num_scheduled + n
-        while not self.blocks.can_hold(seq.seq_id, end):
+        lookup = self.prefix is not None and seq.seq_id not in self.blocks.tables
+        reuse = self.prefix.reusable(seq, self.blocks) if lookup else Reuse()
+        cached = reuse.blocks
+        start = len(cached) * self.blocks.block_size if cached else seq.num_scheduled
+        end = start + min(budget, seq.num_tokens - start)
+        if self.prefix is not None:
+            end = self.prefix.cut(seq, start, end)  # hybrid models: at a snapshot point
+        while not self.blocks.can_hold(seq.seq_id, end, cached):
             victim = self._victim(exclude=seq) if preempt else None
             if victim is None:
                 return None
             self._preempt(victim)
         slot = self.slots.acquire(seq.seq_id) if self.slots is not None else -1
+        n = end - start
         drafts = self._drafts(seq, end, budget - n)
         snapshot = -1
         if drafts and slot >= 0 and n > self.speculative.num_speculative_tokens + 1:
@@ -234,15 +264,24 @@ class Scheduler:
             snapshot = self.slots.acquire_snapshot(seq.seq_id, spare=len(self.waiting))
             if snapshot is None:
                 drafts, snapshot = [], -1
-        if drafts and not self.blocks.can_hold(seq.seq_id, end + len(drafts)):
+        if drafts and not self.blocks.can_hold(seq.seq_id, end + len(drafts), cached):
             drafts = []  # no preemption for drafts
-        table = self.blocks.reserve(seq.seq_id, end + len(drafts))
+        table = self.blocks.reserve(seq.seq_id, end + len(drafts), cached)
+        if lookup:
+            self.num_lookup_tokens += seq.num_tokens
+            self.num_cached_tokens += start
+            seq.num_scheduled, seq.blocks_registered = start, len(cached)
+        if self.prefix is not None:
+            self.prefix.register(seq, table, end, self.blocks)  # the known tokens' blocks, never drafts'
         restore = seq.restore_state and seq.num_scheduled > 0  # a chunk at position 0 starts from zero state
         if restore or drafts:
             snapshot = self.slots.snapshot(seq.seq_id) if slot >= 0 else -1
-        chunk = SeqChunk(seq.seq_id, seq.token_slice(seq.num_scheduled, end) + drafts, seq.num_scheduled,
+        # prefix-cache snapshot of the state after `end` (not after drafts, whose state may be rejected)
+        save_to = self.prefix.save_target(seq, end) if self.prefix is not None and slot >= 0 and not drafts else -1
+        chunk = SeqChunk(seq.seq_id, seq.token_slice(start, end) + drafts, start,
                          blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens,
-                         state_slot=slot, num_drafts=len(drafts), snapshot_slot=snapshot, restore_state=restore)
+                         state_slot=slot, num_drafts=len(drafts), snapshot_slot=snapshot, restore_state=restore,
+                         restore_from=reuse.snapshot, save_to=save_to)
         seq.num_scheduled, seq.blocks_sent, seq.restore_state = end, len(table), False
         seq.in_flight += 1
         return chunk
@@ -267,23 +306,37 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.seq_id)
+        if self.prefix is not None:
+            self.prefix.release_tail(seq)  # it may resume from there
         if self.slots is not None:
             self.slots.release(seq.seq_id)
         self.running.remove(seq)
-        seq.status, seq.num_scheduled, seq.blocks_sent = SeqStatus.WAITING, 0, 0
+        seq.status, seq.num_scheduled, seq.blocks_sent, seq.blocks_registered = SeqStatus.WAITING, 0, 0, 0
         seq.restore_state = False
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def abort(self, plan: StepPlan, seqs: dict[int, Sequence]) -> None:
         """Undo a plan that never reached the stages: its tokens are pending again."""
+        bs = self.blocks.block_size
+        for chunk in plan.chunks:  # blocks this plan filled hold no KV: out of the cache
+            table = self.blocks.tables.get(chunk.seq_id, [])
+            for block in table[chunk.start // bs: chunk.end // bs]:
+                self.blocks.forget(block)
         for chunk in reversed(plan.chunks):
             seq = seqs[chunk.seq_id]
             seq.in_flight -= 1
-            # a state the step may have advanced cannot be rewound: recompute from position 0
-            restart = self.slots is not None and chunk.start > 0
-            seq.num_scheduled = 0 if restart else min(seq.num_scheduled, chunk.start)
-            seq.blocks_sent = min(seq.blocks_sent, chunk.blocks_from)
+            if chunk.save_to >= 0:
+                self.prefix.unsaved(seq, chunk.save_to)
+            if chunk.blocks_from == 0 and chunk.start > 0:  # it took cached blocks in this plan
+                self.blocks.release(seq.seq_id)  # (perhaps blocks forgotten above): look again
+                seq.num_scheduled = seq.blocks_sent = seq.blocks_registered = 0
+            else:
+                # a state the step may have advanced cannot be rewound: recompute from position 0
+                restart = self.slots is not None and chunk.start > 0
+                seq.num_scheduled = 0 if restart else min(seq.num_scheduled, chunk.start)
+                seq.blocks_sent = min(seq.blocks_sent, chunk.blocks_from)
+                seq.blocks_registered = min(seq.blocks_registered, chunk.start // bs)
             self._release_if_idle(seq)
         for new in plan.added:
             seqs[new.seq_id].registered = False  # the sampler never heard of it
@@ -302,6 +355,7 @@ class Scheduler:
             seq.num_scheduled += accepted  # KV of the accepted drafts is in the cache
         table = self.blocks.truncate(seq.seq_id, seq.num_scheduled)
         seq.blocks_sent = min(seq.blocks_sent, len(table))
+        seq.blocks_registered = min(seq.blocks_registered, len(table))
 
     # ---- results -------------------------------------------------------------
     def is_stop_token(self, seq: Sequence, token: int) -> bool:
@@ -316,6 +370,8 @@ class Scheduler:
             raise RuntimeError(f"step {result.step} came back while step {plan.step} was expected")
         for chunk in plan.chunks:
             seqs[chunk.seq_id].in_flight -= 1
+            if chunk.save_to >= 0:  # the step ran on every stage: its snapshots hold
+                self.prefix.saved(seqs[chunk.seq_id], chunk.save_to, chunk.end)
         self.num_computed_tokens += plan.num_tokens
         updated = []
         logprobs = result.logprobs or [None] * len(result.seq_ids)

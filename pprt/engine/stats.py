@@ -47,6 +47,13 @@ class Stats:
     kv_block_size: int  # tokens per block
     state_slots_total: int  # recurrent-state slots per stage (hybrid models; 0 otherwise)
     state_slots_used: int
+    prefix_caching: bool  # full KV blocks are reused across requests (off: disabled, or a hybrid model without snapshots)
+    prefix_lookup_tokens: int  # total tokens of the sequences admitted with caching on (preempted ones again)
+    prefix_cached_tokens: int  # of those, total taken from the prefix cache instead of computed
+    prefix_cache_blocks: int  # KV blocks holding a cached prefix block now (in use or evictable)
+    prefix_cache_evictions: int  # total cached blocks dropped to make room
+    state_snapshots_total: int  # hybrid models: state slots for prefix-cache snapshots on every stage
+    state_snapshots_cached: int  # of those, holding a cached snapshot now
     load_seconds: float  # building the stages (the slowest one)
     quantize_seconds: float  # of load_seconds, quantizing at load (the slowest stage)
     stages: tuple[StageStats, ...]
@@ -66,6 +73,11 @@ class Stats:
         after them (1.0 = no gain; 0.0 when no step verified drafts)."""
         return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of admitted tokens taken from the prefix cache (0.0 before any lookup)."""
+        return self.prefix_cached_tokens / self.prefix_lookup_tokens if self.prefix_lookup_tokens else 0.0
+
 
 def snapshot(executor, scheduler: Scheduler) -> Stats:
     """The counters now (on the engine loop's thread: the executor answers between steps)."""
@@ -76,6 +88,7 @@ def snapshot(executor, scheduler: Scheduler) -> Stats:
         for i, (spec, c, weight, kv, state) in enumerate(zip(executor.specs, executor.stats(), executor.weight_bytes,
                                                              executor.kv_bytes, executor.state_bytes)))
     slots = scheduler.slots
+    snapshots = scheduler.prefix.snapshots if scheduler.prefix is not None else None
     return Stats(
         requests_running=len(scheduler.running), requests_waiting=len(scheduler.waiting),
         requests_finished=scheduler.num_finished, prompt_tokens=scheduler.num_prompt_tokens,
@@ -84,6 +97,11 @@ def snapshot(executor, scheduler: Scheduler) -> Stats:
         kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_block_size=blocks.block_size,
         state_slots_total=slots.num_slots if slots else 0,
         state_slots_used=slots.num_slots - slots.num_free if slots else 0,
+        prefix_caching=scheduler.prefix is not None, prefix_lookup_tokens=scheduler.num_lookup_tokens,
+        prefix_cached_tokens=scheduler.num_cached_tokens, prefix_cache_blocks=blocks.num_cached,
+        prefix_cache_evictions=blocks.num_evictions,
+        state_snapshots_total=snapshots.num_snapshots if snapshots else 0,
+        state_snapshots_cached=snapshots.num_cached if snapshots else 0,
         load_seconds=executor.load_seconds, quantize_seconds=executor.quant_seconds, stages=stages,
         draft_tokens=scheduler.num_draft_tokens, accepted_tokens=scheduler.num_accepted_tokens,
         verify_steps=scheduler.num_verified)

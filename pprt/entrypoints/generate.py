@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: up to K prompt-lookup (n-gram) drafts per step, verified by the model")
     m.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_S,
                    help="seconds a stage process may leave a heartbeat unanswered before it counts as hung")
+    m.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV of a prefix shared with earlier requests (--chat turns)")
     i = p.add_argument_group("input and output")
     src = i.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
@@ -203,6 +205,7 @@ def open_model(args: argparse.Namespace) -> LLM:
     return LLM(model, devices=devices, split=args.split_list, dtype=args.dtype, quant=args.quant,
                max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed,
                rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout,
+               enable_prefix_caching=not args.no_prefix_caching,
                speculative=None if args.speculative_ngram is None else
                {"method": "ngram", "num_speculative_tokens": args.speculative_ngram})
 
@@ -256,7 +259,9 @@ def format_stats(stats: dict) -> str:
         return "-" if x is None else f"{x:.1f} tok/s"
 
     quantized = f" (quantizing {stats['quantize_s']:.2f} s)" if stats.get("quantize_s") else ""
-    lines = [f"[pprt] load {stats['load_s']:.2f} s{quantized} | prompt {stats['prompt_tokens']} tokens, first token in "
+    cached = f" ({stats['cached_prompt_tokens']} cached)" if stats.get("cached_prompt_tokens") else ""
+    lines = [f"[pprt] load {stats['load_s']:.2f} s{quantized} | prompt {stats['prompt_tokens']} tokens{cached}, "
+             "first token in "
              f"{stats['time_to_first_token_s']:.3f} s (prefill {rate(stats['prefill_tokens_per_s'])}) | "
              f"{stats['new_tokens']} new tokens (decode {rate(stats['decode_tokens_per_s'])}) | "
              f"finish: {stats['finish_reason']}"]
@@ -271,11 +276,20 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def prefix_report(before: Stats, after: Stats) -> dict:
+    """What the prefix cache gave one request: its prompt tokens taken from the cache, and the
+    hit rate over every request so far."""
+    return {"cached_prompt_tokens": after.prefix_cached_tokens - before.prefix_cached_tokens,
+            "prefix_hit_rate": round(after.prefix_hit_rate, 4)}
+
+
 def run_completion(llm: LLM, args: argparse.Namespace, prompt: str, load_s: float) -> None:
+    before = llm.stats()
     completion, stats = stream_completion(llm, prompt, args.sampling, None if args.json else sys.stdout)
     counters = llm.stats()
     stats = {"load_s": round(load_s, 3), "quantize_s": round(counters.quantize_seconds, 3), **stats,
-             "finish_reason": completion.finish_reason, "memory": memory_report(counters)}
+             **prefix_report(before, counters), "finish_reason": completion.finish_reason,
+             "memory": memory_report(counters)}
     if counters.draft_tokens:
         stats["speculative"] = speculative_report(counters)
     if args.json:
@@ -317,7 +331,9 @@ def run_chat(llm: LLM, args: argparse.Namespace, stdin: TextIO, load_s: float) -
         history.append({"role": "user", "content": message})
         # What LLM.chat renders, streamed: the same template, add_generation_prompt, kwargs.
         prompt = llm.tokenizer.apply_chat_template(system + history, add_generation_prompt=True, **template_kwargs)
+        before = llm.stats()
         completion, stats = stream_completion(llm, prompt, args.sampling, sys.stdout)
+        stats.update(prefix_report(before, llm.stats()))
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": completion.text})

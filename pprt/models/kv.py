@@ -27,6 +27,9 @@ kernels read and update a sequence's state in place through its slot, so no
 state is gathered or scattered per step. `StateCache.layer(i)` hands one
 layer's views to GatedDeltaNet as a `LayerState`; `reset(slots)` zeroes the
 slots of sequences that start (or restart after preemption) at position 0.
+With prefix caching the pool holds more slots than running sequences: the
+driver keeps state snapshots there, and `copy(src, dst)` moves a whole
+state (every layer, conv and recurrent) from slot to slot.
 """
 
 from __future__ import annotations
@@ -197,8 +200,9 @@ class StateCache:
             self.ssm[:, slots] = 0
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy the state of slots `src` to slots `dst` ([S] int each, distinct dst) in every layer
-        (speculative decoding's snapshot and rollback)."""
+        """Copy the state of slots `src` to slots `dst` ([S] int each, on the pool's device; distinct
+        dst, none of them a src) in every layer (speculative decoding's snapshot and rollback, the
+        prefix cache's snapshots)."""
         if src.numel() and self.spec.num_layers:
             self.conv[:, dst] = self.conv[:, src]
             self.ssm[:, dst] = self.ssm[:, src]

@@ -37,7 +37,11 @@ E, k = experts per token, as in QWEN.md):
   min(max_num_seqs, what every stage holds after weights, reserve and the KV of one
   max_context sequence); the KV pool gets the rest. When memory bounds the slots
   below max_num_seqs, the message says so (the engine runs at most that many
-  sequences at once).
+  sequences at once). With prefix caching, `state_snapshots` more slots come
+  next (as many as fit beside the running slots and one max_context
+  sequence's KV and in at most half the memory the running slots leave, at
+  most those wanted): the snapshots of the state the cache resumes from; the
+  KV pool gets the rest.
 
 The cut minimizes the slowest stage's time per decoded token, bytes read / speed,
 where bytes read = layer weights (+ norm and head on the last stage) + KV of one
@@ -93,12 +97,14 @@ def plan(
     speeds: list[float] | None = None,
     suggest: bool = True,
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    state_snapshots: int = 0,
 ) -> Plan:
     """Cut `config` over `budgets` (one stage per device, in order) and say whether it fits.
 
     `split` (layers per stage) is validated and checked instead of chosen. `speeds` are relative
     memory bandwidths (equal by default). `max_context` defaults to the model's context limit.
     `max_num_seqs`: sequences the engine may run at once (hybrid models: state slots to hold).
+    `state_snapshots`: hybrid models, state slots wanted beside those for the prefix cache's snapshots.
     Raises ValueError for bad arguments; a plan that does not fit is returned with fits=False.
     """
     if not budgets:
@@ -107,6 +113,8 @@ def plan(
                         ("max_num_seqs", max_num_seqs)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if state_snapshots < 0:
+        raise ValueError(f"state_snapshots must be >= 0, got {state_snapshots}")
     limit = context_limit(config)
     max_context = limit if max_context is None else max_context
     if max_context <= 0:
@@ -125,16 +133,17 @@ def plan(
     eff_quant = weight_formats(config, quant, group_size)
 
     costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
-                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs)
+                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, state_snapshots)
     cut, fits = _cut(costs, None if split is None else list(split))
     bounds = _bounds(cut)
-    num_blocks, num_slots = costs.pools(bounds)
-    stages = tuple(StagePlan(**costs.stage(s, lo, hi, num_slots)) for s, (lo, hi) in enumerate(bounds))
+    num_blocks, num_slots, num_snapshots = costs.pools(bounds)
+    stages = tuple(StagePlan(**costs.stage(s, lo, hi, num_slots + num_snapshots)) for s, (lo, hi) in enumerate(bounds))
     result = Plan(stages, fits, block_size, num_blocks, max_context, limit, eff_quant, kv_dtype, "",
-                  num_slots, max_num_seqs)
+                  num_slots, max_num_seqs, num_snapshots)
     args = dict(quant=quant, kv_dtype=kv_dtype, dtype_bytes=dtype_bytes, block_size=block_size,
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
-                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs)
+                overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs,
+                state_snapshots=state_snapshots)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += "\n" + _beyond_limit(config, max_context, limit)

@@ -38,6 +38,8 @@ def _describe(result: Plan) -> str:
     if per_seq:
         text += (f"; recurrent state {per_seq / MiB:,.1f} MiB per sequence on the fullest stage, "
                  f"{result.num_slots} slot(s)")
+        if result.num_snapshots:
+            text += f" and {result.num_snapshots} for prefix-cache state snapshots"
         if result.num_slots < result.max_num_seqs:
             text += (f"\nmax_num_seqs {result.max_num_seqs} is bounded by recurrent-state memory: at most "
                      f"{result.num_slots} sequence(s) run at once")

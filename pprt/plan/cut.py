@@ -39,6 +39,7 @@ class _Costs:
     chunk_size: int
     overhead: int
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    snapshots: int = 0  # state slots wanted for prefix-cache snapshots, beside the running ones
 
     def __post_init__(self) -> None:
         c, db, T, L = self.config, self.dtype_bytes, self.chunk_size, self.config.num_layers
@@ -108,6 +109,17 @@ class _Costs:
         kv = self.seq_blocks * self.block_size * self.kv_per_token(lo, hi)
         return max(0, min(self.max_num_seqs, (self._free(s, lo, hi) - kv) // per_seq))
 
+    def capacity_snapshots(self, s: int, lo: int, hi: int, slots: int) -> int | None:
+        """Snapshot slots this stage holds beside `slots` running ones and the KV of one max_context
+        sequence, in at most half the memory the running slots leave (the KV pool keeps the other
+        half), at most the snapshots wanted; None when it has no DeltaNet layer."""
+        per_seq = self.state_per_seq(lo, hi)
+        if not per_seq:
+            return None
+        kv = self.seq_blocks * self.block_size * self.kv_per_token(lo, hi)
+        left = self._free(s, lo, hi) - slots * per_seq
+        return max(0, min(self.snapshots, (left - kv) // per_seq, left // 2 // per_seq))
+
     def capacity_blocks(self, s: int, lo: int, hi: int, slots: int | None = None) -> int | None:
         """KV blocks this stage holds beside `slots` state slots (default: as many as it holds
         itself); None when it has no full-attention layer (its blocks cost nothing)."""
@@ -145,17 +157,21 @@ class _Costs:
             state_bytes_per_seq=self.state_per_seq(lo, hi),
         )
 
-    def pools(self, bounds: list[tuple[int, int]]) -> tuple[int, int]:
-        """(KV blocks, state slots) every stage of a cut allocates: slots first (at most max_num_seqs),
-        then the blocks left on the fullest stage. Without any KV, blocks enough for every slot's
-        max_context sequence (they cost nothing)."""
+    def pools(self, bounds: list[tuple[int, int]]) -> tuple[int, int, int]:
+        """(KV blocks, state slots, snapshot slots) every stage of a cut allocates: running slots first
+        (at most max_num_seqs), then snapshot slots (at most those wanted), then the blocks left on
+        the fullest stage. Without any KV, blocks enough for every slot's max_context sequence (they
+        cost nothing)."""
         slot_caps = [c for s, (lo, hi) in enumerate(bounds) if (c := self.capacity_slots(s, lo, hi)) is not None]
         slots = min(slot_caps) if slot_caps else 0
+        snap_caps = [c for s, (lo, hi) in enumerate(bounds)
+                     if (c := self.capacity_snapshots(s, lo, hi, slots)) is not None]
+        snapshots = min(snap_caps) if snap_caps and slots else 0
         block_caps = [b for s, (lo, hi) in enumerate(bounds)
-                      if (b := self.capacity_blocks(s, lo, hi, slots)) is not None]
+                      if (b := self.capacity_blocks(s, lo, hi, slots + snapshots)) is not None]
         if not block_caps:
-            return self.seq_blocks * max(1, slots), slots
-        return max(0, min(block_caps)), slots
+            return self.seq_blocks * max(1, slots), slots, snapshots
+        return max(0, min(block_caps)), slots, snapshots
 
 
 def _prefix_sums(values: list[int]) -> list[int]:

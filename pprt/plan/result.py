@@ -54,6 +54,7 @@ class Plan:
     message: str
     num_slots: int = 0  # state slots every stage allocates (hybrid models; 0 otherwise)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # as asked; num_slots may bound it
+    num_snapshots: int = 0  # more state slots every stage allocates for prefix-cache snapshots
 
     @property
     def split(self) -> list[int]:
@@ -85,7 +86,7 @@ class Plan:
                  "state_bytes_per_seq": s.state_bytes_per_seq}
                 for s in self.stages
             ],
-            "num_slots": self.num_slots, "max_num_seqs": self.max_num_seqs,
+            "num_slots": self.num_slots, "max_num_seqs": self.max_num_seqs, "num_snapshots": self.num_snapshots,
             "quant": self.quant, "kv_dtype": self.kv_dtype, "block_size": self.block_size,
             "num_blocks": self.num_blocks, "kv_tokens": self.kv_tokens,
             "max_context": self.max_context, "context_limit": self.context_limit,
