@@ -250,6 +250,18 @@ def test_metrics_count_what_was_served(server, client):
     assert after[("pprt_requests_finished_total", m)] > before[("pprt_requests_finished_total", m)]
 
 
+def test_the_n_choices_share_their_prompt_through_the_prefix_cache(server, client, library):
+    demo = (("model", "demo"),)
+    prompt = "def fibonacci(n):\n    " * 12
+    n_tokens = len(library["demo"].tokenizer.encode(prompt))
+    before = metrics(server)
+    r = client.completions.create(model="demo", prompt=prompt, max_tokens=3, temperature=0, n=2)
+    after = metrics(server)
+    assert r.usage.prompt_tokens == n_tokens  # counted once
+    hits = after[("pprt_prefix_cache_hit_tokens_total", demo)] - before[("pprt_prefix_cache_hit_tokens_total", demo)]
+    assert hits >= n_tokens // 16 * 16 - 16  # the second choice found the first one's full blocks
+
+
 def test_completion_logprobs(client, library):
     expected = library["demo"].generate(PROMPTS[2], greedy(6, logprobs=3))[0]
     r = client.completions.create(model="demo", prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=3)

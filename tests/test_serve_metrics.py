@@ -16,7 +16,9 @@ def _stats(**kw) -> Stats:
     stage = StageStats(0, "cpu", (0, 3), 1000, 2000, 1.5, 0.0, 7, 10, None)
     fields = dict(requests_running=3, requests_waiting=2, requests_finished=11, prompt_tokens=120, computed_tokens=150,
                   generated_tokens=45, preemptions=1, kv_blocks_total=64, kv_blocks_used=16, kv_block_size=16,
-                  state_slots_total=8, state_slots_used=3, load_seconds=0.5, quantize_seconds=0.0,
+                  state_slots_total=8, state_slots_used=3, prefix_caching=True, prefix_lookup_tokens=200,
+                  prefix_cached_tokens=64, prefix_cache_blocks=5, prefix_cache_evictions=0, state_snapshots_total=0,
+                  state_snapshots_cached=0, load_seconds=0.5, quantize_seconds=0.0,
                   stages=(stage, StageStats(1, "cpu", (3, 6), 1000, 2000, 2.25, 0.1, 7, 10, None)),
                   draft_tokens=30, accepted_tokens=12, verify_steps=10)
     fields.update(kw)
@@ -42,7 +44,8 @@ def test_stats_map_to_prometheus_samples():
         ("pprt_requests_finished_total", m): 11.0, ("pprt_prompt_tokens_total", m): 120.0,
         ("pprt_generation_tokens_total", m): 45.0, ("pprt_computed_tokens_total", m): 150.0,
         ("pprt_preemptions_total", m): 1.0, ("pprt_draft_tokens_total", m): 30.0,
-        ("pprt_accepted_draft_tokens_total", m): 12.0, ("pprt_state_slots_used", m): 3.0, ("pprt_state_slots_total", m): 8.0,
+        ("pprt_accepted_draft_tokens_total", m): 12.0, ("pprt_prefix_cache_queried_tokens_total", m): 200.0,
+        ("pprt_prefix_cache_hit_tokens_total", m): 64.0, ("pprt_prefix_cache_blocks", m): 5.0, ("pprt_state_slots_used", m): 3.0, ("pprt_state_slots_total", m): 8.0,
         ("pprt_stage_busy_seconds_total", (("device", "cpu"), ("model", "reasoner"), ("stage", "1"))): 2.25,
         ("pprt_time_to_first_token_seconds_count", m): 1.0, ("pprt_time_to_first_token_seconds_sum", m): 0.2,
         ("pprt_inter_token_latency_seconds_count", m): 1.0,

@@ -8,12 +8,15 @@ reads each model's `Stats` (pprt.engine.stats) and maps it:
     pprt_kv_blocks_used / _total                gauge    kv_blocks_used / kv_blocks_total
     pprt_kv_cache_usage_ratio                   gauge    kv_blocks_used / kv_blocks_total
     pprt_state_slots_used / _total              gauge    state_slots_used / state_slots_total (hybrid models)
+    pprt_prefix_cache_blocks                    gauge    prefix_cache_blocks
     pprt_requests_finished_total                counter  requests_finished
     pprt_prompt_tokens_total                    counter  prompt_tokens
     pprt_generation_tokens_total                counter  generated_tokens
     pprt_computed_tokens_total                  counter  computed_tokens
     pprt_preemptions_total                      counter  preemptions
     pprt_draft_tokens_total / _accepted_...     counter  draft_tokens / accepted_tokens (speculative decoding)
+    pprt_prefix_cache_queried_tokens_total      counter  prefix_lookup_tokens
+    pprt_prefix_cache_hit_tokens_total          counter  prefix_cached_tokens
     pprt_stage_busy_seconds_total{stage}        counter  stages[i].busy_seconds
     pprt_model_up                               gauge    1 while the model serves, 0 once it failed
 
@@ -75,6 +78,8 @@ _GAUGES = (
     ("pprt_state_slots_used", "Recurrent-state slots in use (hybrid models)", lambda s: s.state_slots_used),
     ("pprt_state_slots_total", "Recurrent-state slots per stage (hybrid models; 0 otherwise)",
      lambda s: s.state_slots_total),
+    ("pprt_prefix_cache_blocks", "KV blocks holding a cached prefix block (in use or evictable)",
+     lambda s: s.prefix_cache_blocks),
 )
 _COUNTERS = (
     ("pprt_requests_finished", "Requests ended (stop, length or cancelled)", lambda s: s.requests_finished),
@@ -85,6 +90,10 @@ _COUNTERS = (
     ("pprt_preemptions", "Sequences preempted for want of KV blocks", lambda s: s.preemptions),
     ("pprt_draft_tokens", "Speculative draft tokens sent to be verified", lambda s: s.draft_tokens),
     ("pprt_accepted_draft_tokens", "Speculative draft tokens accepted", lambda s: s.accepted_tokens),
+    ("pprt_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+     lambda s: s.prefix_lookup_tokens),
+    ("pprt_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache instead of computed",
+     lambda s: s.prefix_cached_tokens),
 )
 
 
