@@ -53,6 +53,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # extra stop tokens besides EOS (tuple after resolve)
     ignore_eos: bool = False
     logprobs: int | None = None  # k: chosen token's logprob + the top k
+    lora: str | None = None  # name of a loaded LoRA adapter (LLM(lora=...), LLM.load_lora); None: the base model
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -80,6 +81,8 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.logprobs is not None and not (_is_int(self.logprobs) and self.logprobs >= 0):
             raise ValueError(f"logprobs must be an int >= 0, got {self.logprobs!r}")
+        if self.lora is not None and not (isinstance(self.lora, str) and self.lora):
+            raise ValueError(f"lora must be the name of a loaded adapter (a non-empty str), got {self.lora!r}")
         stops = (self.stop,) if isinstance(self.stop, str) else self.stop
         if stops is not None and not (isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops)):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")

@@ -75,21 +75,24 @@ class LocalExecutor:
 
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
-                  torchrun=False, max_num_seqs: int = 256, state_snapshots: int = 0, stage_processes=False):
+                  torchrun=False, max_num_seqs: int = 256, state_snapshots: int = 0, max_loras: int = 0,
+                  merged_lora=None, lora_layer_bytes: list[int] | None = None, stage_processes=False):
     """Plan the cut and the pools (refusing before anything loads when it cannot fit), then start the stages.
 
     state_snapshots: state slots wanted beside the running ones for prefix-cache snapshots (hybrid
-    models; the plan may give fewer). One stage runs in this process unless `stage_processes`:
-    then it is a stage program of its own, as every stage of a pipeline is (its process group
-    has one rank and carries nothing)."""
+    models; the plan may give fewer). max_loras / merged_lora / lora_layer_bytes: LoRA adapter slots
+    on every stage, an adapter folded into the weights at load, and the slots' bytes per layer.
+    One stage runs in this process unless `stage_processes`: then it is a stage program of its
+    own, as every stage of a pipeline is (its process group has one rank and carries nothing)."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                          memory_budget=memory_budget, one_host=not torchrun, max_num_seqs=max_num_seqs,
-                         state_snapshots=state_snapshots)
+                         state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes)
     if not result.fits:
         raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
-                        seed=seed) for stage, device in zip(result.stages, devices)]
+                        seed=seed, max_loras=max_loras, merged_lora=merged_lora)
+             for stage, device in zip(result.stages, devices)]
     pools = PoolSizes(_kv_blocks(specs, result.num_blocks, kv_cache_memory),
                       *_state_slots(specs, result.num_slots, result.num_snapshots))
     if config.hybrid and pools.slots < max_num_seqs:
@@ -115,7 +118,8 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
 
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
-                chunk_size, memory_budget, one_host: bool = True, max_num_seqs: int = 256, state_snapshots: int = 0):
+                chunk_size, memory_budget, one_host: bool = True, max_num_seqs: int = 256, state_snapshots: int = 0,
+                lora_layer_bytes: list[int] | None = None):
     """The planner's cut for these devices (or `split`, checked against their memory).
 
     one_host: the devices are this machine's, so stages naming the same device share its
@@ -136,7 +140,7 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
                 quant=quant or "none", kv_dtype=kv_dtype_name(kv_dtype),
                 dtype_bytes=dtype.itemsize, block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                 split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30,
-                max_num_seqs=max_num_seqs, state_snapshots=state_snapshots)
+                max_num_seqs=max_num_seqs, state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes)
 
 
 def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..params import SamplingParams
+from ..weights.lora import LoraAdapter
 
 
 @dataclass(slots=True)
@@ -39,6 +40,7 @@ class SeqChunk:
     # step, so a snapshot overwritten by a step is still read as it was by that step's restores.
     restore_from: int = -1
     save_to: int = -1
+    lora_slot: int = -1  # the sequence's LoRA adapter slot on every stage (-1: none)
     # Speculative decoding: the last `num_drafts` tokens are drafts to verify (pprt.engine.drafts);
     # the last stage returns the accepted ones and one more token. The KV of every token is written;
     # the driver drops rejected positions by planning its next chunk over them.
@@ -81,12 +83,22 @@ class NewSequence:
     prompt_ids: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class LoraChange:
+    """Load `adapter` into LoRA slot `slot` of every stage (each reads its own layers' tensors), or
+    empty the slot when `adapter` is None. Applied before the step's tokens run."""
+
+    slot: int
+    adapter: LoraAdapter | None
+
+
 @dataclass(slots=True)
 class StepPlan:
     step: int
     chunks: list[SeqChunk]
     added: list[NewSequence] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)  # finished or cancelled: drop tables and sampler state
+    loras: list[LoraChange] = field(default_factory=list)  # adapter slots to fill or empty first
 
     @property
     def num_tokens(self) -> int:

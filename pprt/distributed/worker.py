@@ -23,11 +23,13 @@ import torch
 from ..config import ModelConfig
 from ..models.batch import StepBatch
 from ..models.kv import CacheSpec, KVCache, StateCache, StateSpec
+from ..models.lora import LoraBank, merge_lora
 from ..models.sampler import Sampler
 from ..models.speculative import verify
 from ..models.stage import Stage
 from ..weights.checkpoint import CheckpointReader, ModelSource
 from ..weights.loader import load_stage
+from ..weights.lora import LoraAdapter
 from .step import PoolSizes, StepPlan, StepResult
 
 
@@ -44,6 +46,8 @@ class WorkerSpec:
     kv_dtype: torch.dtype | None = None  # None: the model dtype
     block_size: int = 16
     seed: int | None = None
+    max_loras: int = 0  # LoRA adapter slots (0: none)
+    merged_lora: LoraAdapter | None = None  # folded into the float base weights at load
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,8 @@ class Worker:
         rss_before = current_rss_bytes()
         self.quant_seconds = load_stage(self.stage, CheckpointReader(ModelSource(spec.model)),
                                         self.device, spec.dtype, spec.quant)
+        if spec.merged_lora is not None:
+            merge_lora(self.stage, spec.merged_lora.stage_tensors(spec.layers, self.device, torch.float32))
         self.load_rss_bytes = peak_rss_bytes() - rss_before  # host memory the load took at its peak
         self.load_seconds = time.perf_counter() - t0
         if spec.quant:
@@ -104,6 +110,7 @@ class Worker:
         self.sampler = Sampler(spec.config.vocab_size, self.device, spec.seed) if self.stage.is_last else None
         self.busy_seconds = 0.0  # time spent computing steps
         self.tables: dict[int, torch.Tensor] = {}  # block table of each sequence (int32, host)
+        self.loras = LoraBank(self.stage, spec.max_loras, self.device, spec.dtype) if spec.max_loras else None
 
     def peak_device_bytes(self) -> int | None:
         """Peak GPU memory this stage allocated (None on CPU)."""
@@ -138,6 +145,7 @@ class Worker:
             for new in plan.added:
                 if new.seq_id not in self.sampler:
                     self.sampler.add(new.seq_id, new.params, new.prompt_ids)
+        self._apply_loras(plan)
         batch, logits_indices = self._batch(plan)
         if self.state is not None:  # sequences (re)starting at position 0 start from zero state
             fresh = [c.state_slot for c in plan.chunks if c.start == 0]
@@ -203,6 +211,24 @@ class Worker:
         for j, i in enumerate(spec):
             tokens[i], accepted[i] = verified.token_ids[j], verified.accepted[j]
         return StepResult(plan.step, [c.seq_id for c in sampling], tokens, logprobs, accepted=accepted)
+
+    def _apply_loras(self, plan: StepPlan) -> None:
+        """Fill or empty the plan's adapter slots, then bind each token's slot (none: no LoRA work)."""
+        for change in plan.loras:
+            if change.adapter is None:
+                self.loras.remove(change.slot)
+            else:
+                tensors = change.adapter.stage_tensors(self.spec.layers, self.device, self.spec.dtype)
+                self.loras.add(change.slot, tensors)  # this stage's layers only
+        if self.loras is None:
+            return
+        slots = [c.lora_slot for c in plan.chunks]
+        if max(slots) < 0:
+            self.loras.bind(None)
+            return
+        per_token = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32),
+                                            torch.tensor([len(c.token_ids) for c in plan.chunks]))
+        self.loras.bind(per_token.to(self.device))
 
     def _batch(self, plan: StepPlan) -> tuple[StepBatch, torch.Tensor]:
         """Tensors of a plan: positions, KV slots, block tables, query offsets, context lengths, state slots."""

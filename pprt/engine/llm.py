@@ -11,6 +11,7 @@ any exception) there cancels that call's requests and leaves the LLM usable.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import weakref
@@ -28,9 +29,11 @@ from ..params import SamplingParams, check_seed
 from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
 from ..weights.loader import resolve_tied_head
+from ..weights.lora import LoraAdapter, linear_shapes, read_adapter, slot_bytes
 from .blocks import BlockManager, SlotManager, SnapshotCache
 from .drafts import SpeculativeConfig
 from .loop import EngineLoop
+from .loras import LoraRegistry
 from .prefix import cache_salt, prefix_cache_for
 from .prompts import as_prompt_list, check_vocab
 from .requests import Completion, OutputSink, RequestOutput
@@ -70,6 +73,13 @@ class LLM:
     recurrent and conv state, each one sequence's state on every stage
     (default: max_num_seqs, fewer when memory is short; 0 turns prefix
     caching off for hybrid models).
+    lora: {name: directory or hub id} of PEFT LoRA adapters to load (see
+    pprt.weights.lora for what is served); a request picks one with
+    SamplingParams(lora=name), and requests of different adapters and none share
+    a batch. max_loras: adapter slots on every stage (default: len(lora));
+    `load_lora` / `unload_lora` change them later. merge: fold the one adapter of
+    `lora` into the float base weights at load (no per-token cost; every request
+    then runs with it, and load_lora is refused).
     stage_processes: run a single stage in a process of its own too (several
     devices always do), e.g. so that several models in one program (the
     server's one model per card) neither share its interpreter lock nor fall
@@ -90,6 +100,7 @@ class LLM:
                  memory_budget: int | list[int] | None = None, transport: str = "auto", seed: int | None = None,
                  rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
                  enable_prefix_caching: bool = True, state_snapshots: int | None = None,
+                 lora: dict[str, str] | None = None, max_loras: int | None = None, merge: bool = False,
                  speculative: SpeculativeConfig | dict | None = None, stage_processes: bool = False):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
@@ -132,14 +143,21 @@ class LLM:
         snapshots = 0
         if enable_prefix_caching and self.config.hybrid:
             snapshots = max_num_seqs if state_snapshots is None else state_snapshots
+        adapters, max_loras, self.merged_lora = _read_loras(self.config, lora, max_loras, merge)
         executor = make_executor(self.source.name, self.config, devices, split=split, dtype=self.dtype,
                                  quant=quant, kv_dtype=kv_type,
                                  block_size=block_size, max_context=self.max_context,
                                  kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                                  transport=transport, seed=seed, stage_timeout=float(stage_timeout),
                                  chunk_size=chunk_size, torchrun=torchrun is not None,
-                                 max_num_seqs=max_num_seqs, state_snapshots=snapshots,
+                                 max_num_seqs=max_num_seqs, state_snapshots=snapshots, max_loras=max_loras,
+                                 merged_lora=adapters[0] if merge else None,
+                                 lora_layer_bytes=slot_bytes(adapters, max_loras, self.config.num_layers,
+                                                             self.dtype.itemsize) if max_loras else None,
                                  stage_processes=stage_processes)
+        loras = LoraRegistry(max_loras) if max_loras else None
+        for adapter in adapters if loras is not None else ():
+            loras.add(adapter)
         slots = SlotManager(executor.num_slots) if executor.num_slots else None
         # the chains' root names what decides a block's KV besides its tokens
         prefix = prefix_cache_for(self.config, enabled=enable_prefix_caching, block_size=block_size,
@@ -148,8 +166,8 @@ class LLM:
                                   snapshot_every=max(block_size, chunk_size // block_size * block_size))
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
-                              eos_token_ids=self.config.eos_token_ids, slots=slots, speculative=speculative,
-                              prefix=prefix)
+                              eos_token_ids=self.config.eos_token_ids, slots=slots, loras=loras,
+                              speculative=speculative, prefix=prefix)
         self._engine = EngineLoop(executor, scheduler, self.tokenizer)
         # close() at garbage collection or interpreter exit, whichever comes first
         self._finalizer = weakref.finalize(self, self._engine.close)
@@ -173,8 +191,48 @@ class LLM:
         return self._engine.scheduler.slots
 
     # ---- public API --------------------------------------------------------
-    def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
+    def load_lora(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA adapter at `path` (directory or hub id) under `name`, for requests with
+        SamplingParams(lora=name). Checked here against the model (CheckpointError naming the field
+        or tensor); the stages read it before the next step. Raises ValueError when the name is
+        taken, every slot (max_loras) is used, or the LLM was built without adapter slots."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a LoRA adapter's name must be a non-empty str, got {name!r}")
+        loras = self._engine.scheduler.loras
+        if loras is None:
+            raise ValueError("this LLM has no LoRA slots: build it with max_loras=N (or lora={...} without merge)")
+        adapter = read_adapter(name, path, self.config)
+        self._engine.call(lambda: loras.add(adapter))
+
+    def unload_lora(self, name: str) -> None:
+        """Free adapter `name`'s slot. Raises ValueError for an unknown name or one that unfinished
+        requests still use."""
+        self._check_open()
+        loras = self._engine.scheduler.loras
+        if loras is None:
+            raise ValueError("this LLM has no LoRA slots")
+
+        def unload() -> None:
+            loras.slot_of(name)
+            busy = self._engine.scheduler.uses_lora(name)
+            if busy:
+                raise ValueError(f"LoRA adapter {name!r} is used by {busy} unfinished request(s)")
+            loras.remove(name)
+
+        self._engine.call(unload)
+
+    @property
+    def loras(self) -> list[str]:
+        """Names of the adapters requests may choose (the merged one included)."""
+        loras = self._engine.scheduler.loras
+        return ([self.merged_lora.name] if self.merged_lora else []) + (loras.names if loras else [])
+
+    def generate(self, prompts, sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Complete one prompt or a batch (str, list of str, token ids, or lists of token ids).
+
+        sampling: one SamplingParams for every prompt, or a list of one per prompt (so one call
+        can mix LoRA adapters and settings).
 
         Raises ValueError for a prompt of another form, a token id outside the vocabulary or a
         bad sampling field, RequestTooLarge for a request no KV pool could hold (then nothing
@@ -182,7 +240,15 @@ class LLM:
         """
         self._engine.refuse_on_loop_thread("generate")
         self._check_open()
-        prepared = [self._prepare(p, sampling) for p in as_prompt_list(prompts)]  # all checked before any runs
+        prompt_list = as_prompt_list(prompts)
+        if isinstance(sampling, (list, tuple)):
+            if len(sampling) != len(prompt_list):
+                raise ValueError(f"{len(sampling)} SamplingParams for {len(prompt_list)} prompts: give one, "
+                                 "or one per prompt")
+            per_prompt = list(sampling)
+        else:
+            per_prompt = [sampling] * len(prompt_list)
+        prepared = [self._prepare(p, s) for p, s in zip(prompt_list, per_prompt)]  # all checked before any runs
         finished: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         ids = [self._engine.new_request_id() for _ in prepared]
         completions: dict[int, Completion] = {}
@@ -298,6 +364,13 @@ class LLM:
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         params = (sampling or SamplingParams()).resolve(self.config.generation_defaults)  # re-validates
+        if params.lora is not None:
+            if self.merged_lora is not None and params.lora == self.merged_lora.name:
+                params = dataclasses.replace(params, lora=None)  # merged into the weights
+            elif self._engine.scheduler.loras is None:
+                raise ValueError(f"no LoRA adapter named {params.lora!r}: this LLM has none loaded")
+            else:
+                self._engine.scheduler.loras.slot_of(params.lora)  # ValueError naming the known ones
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model {self.source.name!r} has no tokenizer.json: give token ids")
@@ -312,6 +385,27 @@ class LLM:
 
 def _ignore(out: RequestOutput) -> None:
     pass
+
+
+def _read_loras(config, lora: dict[str, str] | None, max_loras: int | None,
+                merge: bool) -> tuple[list[LoraAdapter], int, LoraAdapter | None]:
+    """The adapters of LLM(lora=...), checked against the model; the slots each stage holds; the merged one."""
+    if lora is not None and not (isinstance(lora, dict) and all(isinstance(k, str) and k for k in lora)):
+        raise ValueError(f"lora must be a dict {{name: directory or hub id}}, got {lora!r}")
+    lora = lora or {}
+    if max_loras is not None and (not isinstance(max_loras, int) or isinstance(max_loras, bool) or max_loras < 0):
+        raise ValueError(f"max_loras must be an int >= 0, got {max_loras!r}")
+    shapes = linear_shapes(config) if lora else {}
+    adapters = [read_adapter(name, str(path), config, shapes) for name, path in lora.items()]
+    if merge:
+        if len(adapters) != 1 or max_loras:
+            raise ValueError(f"merge=True folds exactly one adapter into the weights (got {len(adapters)}; "
+                             "and no max_loras)")
+        return adapters, 0, adapters[0]
+    slots = len(adapters) if max_loras is None else max_loras
+    if slots < len(adapters):
+        raise ValueError(f"max_loras={max_loras} is fewer than the {len(adapters)} adapters given")
+    return adapters, slots, None
 
 
 def _load_tokenizer(source: ModelSource) -> Tokenizer | None:

@@ -3,8 +3,9 @@ state snapshot) a sequence takes from the cache.
 
 A full block is named by a hash chained over its parent block's hash and its
 token ids; the chain's root is a salt naming everything else that decides the
-KV (the rope settings, the dtypes, the quantization; a LoRA adapter id would
-join it per request). Two sequences whose first k blocks hold the same tokens
+KV (the rope settings, the dtypes, the quantization), joined per request by
+the sequence's `cache_key` (its LoRA adapter's load, so KV computed under one
+adapter never serves another or the base model). Two sequences whose first k blocks hold the same tokens
 under the same salt share those k hashes, so blocks computed for one serve
 the other. The digest is BLAKE2b-128 (hashlib) of the parent digest and the
 block's token ids as little-endian int64: collisions are not a practical
@@ -56,6 +57,7 @@ class Sequence(Protocol):
 
     seq_id: int
     prompt_ids: list[int]
+    cache_key: bytes  # besides the tokens, what decides its KV (a LoRA adapter's load; b"": nothing)
     block_hashes: list[bytes]  # hashes of its first full blocks, grown by PrefixCache.hashes
     blocks_registered: int  # blocks of its table in the cache (registered by it, or reused)
     tail_snapshot: int  # hybrid models: its tail slot (-1: none)
@@ -111,9 +113,10 @@ class PrefixCache:
         bs, chain = self.block_size, seq.block_hashes
         if num_blocks * bs > seq.num_tokens:
             raise ValueError(f"sequence {seq.seq_id} has {seq.num_tokens} tokens, not {num_blocks} full blocks")
+        root = cache_salt(self.salt, seq.cache_key) if seq.cache_key else self.salt
         while len(chain) < num_blocks:
             i = len(chain)
-            chain.append(block_hash(chain[-1] if chain else self.salt, seq.token_slice(i * bs, (i + 1) * bs)))
+            chain.append(block_hash(chain[-1] if chain else root, seq.token_slice(i * bs, (i + 1) * bs)))
         return chain
 
     def reusable(self, seq: Sequence, blocks: BlockManager) -> Reuse:

@@ -58,6 +58,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
+from .loras import LoraRegistry
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
 from .blocks import BlockManager, SlotManager
@@ -87,6 +88,7 @@ class Sequence:
     blocks_sent: int = 0  # entries of its block table the stages have
     released: bool = False  # finished and its blocks and sampler state given back
     restore_state: bool = False  # hybrid + speculation: its next chunk rolls the state back to the snapshot
+    cache_key: bytes = b""  # what besides its tokens decides its KV (a LoRA adapter's load; b"": nothing)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its first full blocks
     blocks_registered: int = 0  # blocks of its table in the prefix cache (registered by it, or reused)
     tail_snapshot: int = -1  # hybrid models with prefix caching: its state snapshot slot past the prompt
@@ -115,7 +117,8 @@ class Sequence:
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_context: int, chunk_size: int = 2048,
                  max_num_seqs: int = 256, eos_token_ids: tuple[int, ...] = (), slots: SlotManager | None = None,
-                 speculative: SpeculativeConfig | None = None, prefix: PrefixCache | None = None):
+                 loras: LoraRegistry | None = None, speculative: SpeculativeConfig | None = None,
+                 prefix: PrefixCache | None = None):
         if chunk_size <= 0 or max_num_seqs <= 0:
             raise ValueError("chunk_size and max_num_seqs must be positive")
         if slots is not None and slots.num_slots <= 0:
@@ -126,6 +129,7 @@ class Scheduler:
             raise ValueError("a prefix cache serves a model with recurrent state with state snapshots, and "
                              "one without, without")
         self.blocks, self.slots, self.prefix, self.max_context = blocks, slots, prefix, max_context
+        self.loras = loras
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
         self.eos_token_ids = set(eos_token_ids)
         self.speculative = speculative
@@ -172,7 +176,11 @@ class Scheduler:
     def add(self, prompt_ids: list[int], params: SamplingParams, seq_id: int | None = None) -> Sequence:
         """Queue a request (checked as by `check`). seq_id: the caller's id for it (default: the next free one)."""
         max_len = self.check(prompt_ids, params)
-        seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids), params, max_len)
+        key = b""
+        if params.lora is not None:  # unloaded since the caller checked: ValueError
+            key = (self.loras or LoraRegistry(0)).cache_key(params.lora)
+        seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids), params, max_len,
+                       cache_key=key)
         self.waiting.append(seq)
         self.num_prompt_tokens += len(prompt_ids)
         return seq
@@ -237,7 +245,8 @@ class Scheduler:
                 added.append(NewSequence(seq.seq_id, seq.params, list(seq.prompt_ids)))
         if not chunks:
             return None
-        plan = StepPlan(next(self._steps), chunks, added, self._removed)
+        plan = StepPlan(next(self._steps), chunks, added, self._removed,
+                        self.loras.take_changes() if self.loras is not None else [])
         self._removed = []
         return plan
 
@@ -281,7 +290,8 @@ class Scheduler:
         chunk = SeqChunk(seq.seq_id, seq.token_slice(start, end) + drafts, start,
                          blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens,
                          state_slot=slot, num_drafts=len(drafts), snapshot_slot=snapshot, restore_state=restore,
-                         restore_from=reuse.snapshot, save_to=save_to)
+                         restore_from=reuse.snapshot, save_to=save_to,
+                         lora_slot=self.loras.slot_of(seq.params.lora) if self.loras is not None else -1)
         seq.num_scheduled, seq.blocks_sent, seq.restore_state = end, len(table), False
         seq.in_flight += 1
         return chunk
@@ -297,6 +307,10 @@ class Scheduler:
         if k <= 0:
             return []
         return propose_ngram(seq.tokens, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
+
+    def uses_lora(self, name: str) -> int:
+        """Requests not yet released (waiting, running or with steps in flight) that use adapter `name`."""
+        return sum(1 for seq in [*self.waiting, *self.running] if seq.params.lora == name)
 
     def _victim(self, exclude: Sequence) -> Sequence | None:
         for seq in reversed(self.running):
@@ -341,6 +355,8 @@ class Scheduler:
         for new in plan.added:
             seqs[new.seq_id].registered = False  # the sampler never heard of it
         self._removed.extend(plan.removed)  # nor of these removals
+        if self.loras is not None:
+            self.loras.requeue(plan.loras)
 
     def _roll_back(self, seq: Sequence, chunk: SeqChunk, accepted: int) -> None:
         """Drop what a verified chunk computed past its last accepted draft (see the module docstring)."""

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a stage process may leave a heartbeat unanswered before it counts as hung")
     m.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV of a prefix shared with earlier requests (--chat turns)")
+    m.add_argument("--lora", default=None, metavar="PATH",
+                   help="run the prompt with this PEFT LoRA adapter (directory or hub id)")
+    m.add_argument("--merge-lora", action="store_true", help="fold --lora into the float weights at load")
     i = p.add_argument_group("input and output")
     src = i.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
@@ -101,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--json prints one completion: it cannot be combined with --chat")
     if args.max_context is not None and args.max_context < 1:
         parser.error(f"--max-context must be >= 1, got {args.max_context}")
+    if args.merge_lora and args.lora is None:
+        parser.error("--merge-lora needs --lora PATH")
     if not args.stage_timeout > 0:
         parser.error(f"--stage-timeout must be > 0 seconds, got {args.stage_timeout}")
     if args.speculative_ngram is not None and not 1 <= args.speculative_ngram <= 16:
@@ -155,6 +160,8 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--devices: {device!r} is not a device (cpu, cuda:0, ...)") from None
 
 
+CLI_LORA = "lora"  # the name --lora's adapter is loaded under
+
 # SamplingParams fields named as the flags that set them, for error messages.
 _FLAGS = {"max_tokens": "--max-new-tokens", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
           "repetition_penalty": "--repetition-penalty", "presence_penalty": "--presence-penalty",
@@ -172,7 +179,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          seed=args.seed, stop=args.stop)
+                          seed=args.seed, stop=args.stop, lora=CLI_LORA if args.lora else None)
 
 
 def read_prompt(args: argparse.Namespace, stdin: TextIO) -> str:
@@ -206,6 +213,7 @@ def open_model(args: argparse.Namespace) -> LLM:
                max_context=args.max_context, kv_dtype=args.kv_dtype, transport=args.transport, seed=args.seed,
                rope_scaling=args.rope_scaling_spec, stage_timeout=args.stage_timeout,
                enable_prefix_caching=not args.no_prefix_caching,
+               lora={CLI_LORA: args.lora} if args.lora else None, merge=args.merge_lora,
                speculative=None if args.speculative_ngram is None else
                {"method": "ngram", "num_speculative_tokens": args.speculative_ngram})
 

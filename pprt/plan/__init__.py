@@ -98,6 +98,7 @@ def plan(
     suggest: bool = True,
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
     state_snapshots: int = 0,
+    lora_layer_bytes: list[int] | None = None,
 ) -> Plan:
     """Cut `config` over `budgets` (one stage per device, in order) and say whether it fits.
 
@@ -105,6 +106,8 @@ def plan(
     memory bandwidths (equal by default). `max_context` defaults to the model's context limit.
     `max_num_seqs`: sequences the engine may run at once (hybrid models: state slots to hold).
     `state_snapshots`: hybrid models, state slots wanted beside those for the prefix cache's snapshots.
+    `lora_layer_bytes`: bytes of LoRA adapter slots per decoder layer (pprt.weights.lora.slot_bytes),
+    counted with that layer's weights.
     Raises ValueError for bad arguments; a plan that does not fit is returned with fits=False.
     """
     if not budgets:
@@ -131,9 +134,12 @@ def plan(
         raise ValueError(f"quant {quant!r} is not supported ({', '.join(QUANTS)})")
     kv_element_bytes(kv_dtype, dtype_bytes)  # validates
     eff_quant = weight_formats(config, quant, group_size)
+    lora = tuple(lora_layer_bytes or ())
+    if lora and (len(lora) != L or min(lora) < 0):
+        raise ValueError(f"lora_layer_bytes needs {L} non-negative entries (one per layer), got {len(lora)}")
 
     costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
-                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, state_snapshots)
+                   block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, state_snapshots, lora)
     cut, fits = _cut(costs, None if split is None else list(split))
     bounds = _bounds(cut)
     num_blocks, num_slots, num_snapshots = costs.pools(bounds)
@@ -143,7 +149,7 @@ def plan(
     args = dict(quant=quant, kv_dtype=kv_dtype, dtype_bytes=dtype_bytes, block_size=block_size,
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
                 overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs,
-                state_snapshots=state_snapshots)
+                state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += "\n" + _beyond_limit(config, max_context, limit)

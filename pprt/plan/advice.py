@@ -51,7 +51,8 @@ def _feasible(config: ModelConfig, budgets: list[DeviceBudget], args: dict, **ch
     a = {**args, **changes}
     costs = _Costs(config, budgets, [1.0] * len(budgets), a["quant"], a["group_size"], a["dtype_bytes"],
                    a["kv_dtype"], a["block_size"], a["max_context"],
-                   a["chunk_size"], a["overhead_bytes"], a["max_num_seqs"])
+                   a["chunk_size"], a["overhead_bytes"], a["max_num_seqs"], a.get("state_snapshots", 0),
+                   tuple(a.get("lora_layer_bytes") or ()))
     if a["split"] is not None:
         return all(costs.fits(s, lo, hi) for s, (lo, hi) in enumerate(_bounds(list(a["split"]))))
     return len(budgets) <= config.num_layers and _greedy(len(budgets), config.num_layers, costs.fits) is not None

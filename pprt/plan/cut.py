@@ -40,10 +40,13 @@ class _Costs:
     overhead: int
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     snapshots: int = 0  # state slots wanted for prefix-cache snapshots, beside the running ones
+    lora_layer_bytes: tuple[int, ...] = ()  # LoRA slot stacks of each decoder layer (empty: none)
 
     def __post_init__(self) -> None:
         c, db, T, L = self.config, self.dtype_bytes, self.chunk_size, self.config.num_layers
         layer = [layer_weight_bytes(c, i, self.quant, db, self.group_size) for i in range(L)]
+        for i, extra in enumerate(self.lora_layer_bytes):  # held and read per token like the weights
+            layer[i] += extra
         self._prefix = _prefix_sums(layer)
         self._attention = _prefix_sums([0 if c.is_linear(i) else 1 for i in range(L)])  # full-attention layers
         mlp, deltanet, dequant = [], [], []
