@@ -299,6 +299,8 @@ def _generation_defaults(gen: Fields) -> dict:
         "top_k": gen.integer("top_k", None, at_least=-1),
         "min_p": gen.number("min_p", None, at_least=0, at_most=1),
         "repetition_penalty": gen.number("repetition_penalty", None, above=0),
+        "presence_penalty": gen.number("presence_penalty", None, at_least=-2, at_most=2),
+        "frequency_penalty": gen.number("frequency_penalty", None, at_least=-2, at_most=2),
         "do_sample": gen.flag("do_sample", None),
     }
     return {k: v for k, v in defaults.items() if v is not None}

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 GREEDY_TEMPERATURE = 1e-5
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what every stage's torch.Generator takes
 # The standard defaults, used when neither the request nor the model sets a field.
-STANDARD_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+STANDARD_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                     "presence_penalty": 0.0, "frequency_penalty": 0.0}
+# OpenAI's range for presence_penalty and frequency_penalty
+PENALTY_LIMIT = 2.0
 _SAMPLING_FIELDS = tuple(STANDARD_DEFAULTS)
 
 
@@ -43,6 +46,8 @@ class SamplingParams:
     top_k: int | None = None  # 0 (or -1) = off
     min_p: float | None = None  # drop tokens with p < min_p * p_max; 0 = off
     repetition_penalty: float | None = None  # HF rule over prompt + generated; 1 = off
+    presence_penalty: float | None = None  # OpenAI rule over generated tokens, in [-2, 2]; 0 = off
+    frequency_penalty: float | None = None  # OpenAI rule over generated tokens, in [-2, 2]; 0 = off
     seed: int | None = None  # private generator for this request
     stop: list[str] | str | None = None  # stop strings (tuple after resolve)
     stop_token_ids: list[int] | None = None  # extra stop tokens besides EOS (tuple after resolve)
@@ -67,6 +72,10 @@ class SamplingParams:
         rp = self.repetition_penalty
         if rp is not None and not (_is_num(rp) and rp > 0):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not (_is_num(value) and -PENALTY_LIMIT <= value <= PENALTY_LIMIT):
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
         check_seed(self.seed)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")

@@ -171,6 +171,8 @@ def parse_rope(cfg: dict, where: str = "", *, partial: bool = False,
     if "original_max_position_embeddings" in cfg:  # a top-level one wins (transformers' Phi-3 rule)
         original = _count(where, "original_max_position_embeddings", cfg["original_max_position_embeddings"])
     theta = cfg.get("rope_theta", DEFAULT_THETA)
+    if "rope_theta" not in spec:  # the top-level value is used: a wrong one is named as itself
+        theta = _number(where, "rope_theta", theta)
     return _settings(f"{_at(where)}{name}" if scaling else where, spec, theta, max_position, original,
                      partial=partial)
 

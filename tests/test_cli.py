@@ -199,9 +199,10 @@ def test_stream_writes_pieces_in_order_each_flushed(chat_model, llm, monkeypatch
 
 def test_sampling_flags_build_the_same_request_as_the_library(chat_model, capsys):
     flags = ["--temperature", "0.9", "--top-p", "0.8", "--top-k", "50", "--min-p", "0.01",
-             "--repetition-penalty", "1.3", "--seed", "11", "--max-new-tokens", "7"]
+             "--repetition-penalty", "1.3", "--presence-penalty", "0.4", "--frequency-penalty", "-0.2",
+             "--seed", "11", "--max-new-tokens", "7"]
     params = SamplingParams(max_tokens=7, temperature=0.9, top_p=0.8, top_k=50, min_p=0.01,
-                            repetition_penalty=1.3, seed=11)
+                            repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=-0.2, seed=11)
     with LLM(str(chat_model), devices=["cpu"], seed=11) as llm:
         expected = llm.generate(PROMPT, params)[0]
     assert cli.main(["--model", str(chat_model), "--devices", "cpu", "--prompt", PROMPT, "--json", *flags]) == 0
@@ -220,6 +221,7 @@ def test_stop_string_cuts_the_output(chat_model, llm, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be an int >= 1"),
     (["--temperature", "-1"], "--temperature must be >= 0 and finite"),
+    (["--presence-penalty", "3"], "--presence-penalty must be a number in [-2, 2]"),
     (["--devices", "gpu:0"], "--devices: 'gpu:0' is not a device"),
     (["--devices", "cpu,", "--prompt", "x"], "--devices 'cpu,' has an empty item"),
     (["--devices", "cpu", "--split", "1,2"], "--split has 2 stages but --devices names 1"),

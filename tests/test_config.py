@@ -131,6 +131,7 @@ def test_config_fields_are_typed_and_ranged(override, field, shown):
     ({"temperature": "0.7"}, "temperature"), ({"temperature": -1}, "temperature"),
     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": 2.5}, "top_k"), ({"top_k": -2}, "top_k"),
     ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "0.5"}, "frequency_penalty"),
     ({"do_sample": "false"}, "do_sample"), ({"eos_token_id": [2, "3"]}, "eos_token_id"),
 ])
 def test_generation_config_defaults_are_checked_naming_the_file(gen, field):
@@ -198,6 +199,8 @@ GEN_FIELDS = {
     "top_k": ([20, 0, -1], [2.5, "20", -2, True]),
     "min_p": ([0, 0.05], [1.5, -0.1, "0"]),
     "repetition_penalty": ([1.05, 1], [0, -1, "1.1", INF]),
+    "presence_penalty": ([1.5, 0, -2], [2.5, "1.5", NAN]),
+    "frequency_penalty": ([0.5, 2], [-3, INF, "0"]),
     "do_sample": ([True, False], ["false", 1]),
     "eos_token_id": ([2, [2, 0]], ["2", [2, None], -5]),
 }

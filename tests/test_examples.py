@@ -74,3 +74,17 @@ def test_long_context_fits_a_long_file_into_the_context(demo):
     used = re.search(r"^(\d+) prompt tokens \+ (\d+) new in [\d.]+ s \(max_context 512\)$", out, re.M)
     assert used, out
     assert int(used.group(1)) + N <= 512 and int(used.group(2)) <= N
+
+
+def test_two_agents_over_the_server_on_the_demo_model(demo):
+    pytest.importorskip("openai", reason="the test extra (openai) is not installed")
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+    out = run_example("two_agents.py", "--max-tokens", str(N))
+    assert out.startswith("models: reasoner, agent\n"), out
+    asked = re.search(r"^\[reasoner\] asks the agent for: (def .+)$", out, re.M)
+    assert asked, out
+    with LLM(demo, devices=["cpu"]) as llm:  # the agent's streamed code is what the library writes
+        helper = llm.generate(f"import csv\n\n\n{asked.group(1)}\n",
+                              SamplingParams(max_tokens=N, temperature=0, repetition_penalty=1.2))[0].text
+    assert f"[agent]\n{asked.group(1)}\n{helper}\n" in out
+    assert '[reasoner]\nif __name__ == "__main__":\n' in out

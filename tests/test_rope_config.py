@@ -116,6 +116,17 @@ def test_rope_settings_pprt_does_not_understand_are_refused(rope, words):
         ModelConfig.from_dict(dict(BASE, rope_scaling=rope))
 
 
+def test_a_wrong_top_level_theta_is_named_as_itself_beside_rope_scaling():
+    """A top-level rope_theta that rope_scaling does not replace is the file's field, not rope_scaling's
+    (found by test_config's fuzz: a string theta beside a yarn rope_scaling)."""
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict(dict(BASE, rope_theta="1e-6", rope_scaling=yarn))
+    assert str(e.value) == "config.json: rope_theta must be a positive number, got '1e-6'"
+    # one inside rope_scaling wins: the top-level one is not read (transformers' rule)
+    assert ModelConfig.from_dict(dict(BASE, rope_theta="1e-6", rope_scaling=dict(yarn, rope_theta=5e5))).rope
+
+
 def test_top_level_partial_rotary_factor_is_refused_unless_one():
     with pytest.raises(ConfigError, match="partial_rotary_factor"):
         ModelConfig.from_dict(dict(BASE, partial_rotary_factor=0.25))

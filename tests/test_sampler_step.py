@@ -2,8 +2,8 @@
 
 Before issue 18 a step read the device up to six times (top_p's `any`, the
 survivor count of a tie, four reads for logprobs, then the ids), cloned the
-whole [B, V] logits for a repetition penalty, and drew each seeded row's noise
-with its own launch. Counted here with bench.counting (every read of device
+whole [B, V] logits for a repetition (and then presence / frequency) penalty,
+and drew each seeded row's noise with its own launch. Counted here with bench.counting (every read of device
 data counts as a sync), as a GPU would run it. Seeded noise is a counter-based
 stream (pprt_kernels.seeded_noise): the Triton kernel must equal its torch
 reference bit for bit, and the draws must follow the softmax.
@@ -36,7 +36,9 @@ MIXES = {
     "everything": [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=3, top_p=0.9, seed=5),
                    SamplingParams(repetition_penalty=1.3, min_p=0.1, logprobs=3),
                    SamplingParams(temperature=0, repetition_penalty=0.8, logprobs=0),
-                   SamplingParams(top_k=5, top_p=0.99, seed=9)],
+                   SamplingParams(top_k=5, top_p=0.99, seed=9),
+                   SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, temperature=0.8),
+                   SamplingParams(temperature=0, repetition_penalty=1.2, frequency_penalty=-0.4)],
 }
 
 
@@ -81,19 +83,21 @@ class _Elements(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("penalty", [dict(repetition_penalty=1.2), dict(presence_penalty=0.5, frequency_penalty=0.5),
+                                     dict(repetition_penalty=1.2, presence_penalty=0.5)],
+                         ids=["repetition", "presence-frequency", "both"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_repetition_penalty_works_on_the_penalized_rows_only(temperature):
-    B = 32
+def test_penalties_work_on_the_penalized_rows_only(temperature, penalty):
+    B = 64
     logits = torch.randn(B, V)
     written = []
     for penalized in (0, 1):
-        params = [SamplingParams(temperature=temperature, repetition_penalty=1.2 if i < penalized else 1.0)
-                  for i in range(B)]
+        params = [SamplingParams(temperature=temperature, **(penalty if i < penalized else {})) for i in range(B)]
         s = sampler(params)
         with _Elements() as e:
             s.sample(list(range(B)), logits)
         written.append(e.total)
-    assert written[1] - written[0] <= 8 * V  # a few [1, V] rows; a copy of the logits alone is [32, V]
+    assert written[1] - written[0] < B * V / 2  # [1, V] rows for the one penalized row; a copy of the logits is [B, V]
 
 
 # ---- the seeded stream -------------------------------------------------------------------------------

@@ -36,6 +36,10 @@ def make_sampler(vocab: int, seqs: dict[int, SamplingParams], prompts: dict | No
         ({"min_p": 1.5}, "min_p"),
         ({"min_p": -0.1}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
         ({"logprobs": -1}, "logprobs"),
         ({"seed": 1.0}, "seed"),
         ({"seed": "7"}, "seed"),
@@ -72,6 +76,14 @@ def test_resolve_from_model_defaults_user_wins():
     assert not SamplingParams().resolve({"do_sample": True, "temperature": 0.6}).greedy
     with pytest.raises(ValueError, match="top_p"):  # a bad model default is caught too
         SamplingParams().resolve({"top_p": 2.0})
+
+
+def test_presence_and_frequency_penalties_resolve_from_model_defaults():
+    r = SamplingParams(frequency_penalty=0.5).resolve({"presence_penalty": 1.5, "frequency_penalty": 0.1})
+    assert (r.presence_penalty, r.frequency_penalty) == (1.5, 0.5)
+    assert (SamplingParams().resolve().presence_penalty, SamplingParams().resolve().frequency_penalty) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams().resolve({"presence_penalty": 3.0})
 
 
 # ---- Sampler: greedy and filters -------------------------------------------------------------
@@ -325,6 +337,51 @@ def test_repetition_penalty_matches_transformers():
     proc = RepetitionPenaltyLogitsProcessor(1.7)
     ref = [int(proc(torch.tensor([prompts[i]]), logits[i : i + 1].clone()).argmax()) for i in range(B)]
     assert out == ref
+
+
+# ---- Sampler: presence and frequency penalties ----------------------------------------------
+
+
+def test_presence_penalty_counts_generated_tokens_only():
+    V = 7
+    row = torch.tensor([0.0, 3.0, 2.5, 2.0, 1.9, -1.0, -2.0])
+    s = make_sampler(V, {0: SamplingParams(temperature=0, presence_penalty=1.5)}, prompts={0: [1, 2]})
+    # the prompt's 1 is not penalized: 1 (3.0); then 2 (2.5 > 1.5); 3 (2.0); 4 (1.9); then 1 again
+    # (1.5 > 1.0, 0.5, 0.4): a presence penalty does not grow with the count
+    assert [s.sample([0], row[None]).token_ids[0] for _ in range(5)] == [1, 2, 3, 4, 1]
+    s.remove(0)  # a new sequence in the freed row starts with no counts
+    s.add(1, SamplingParams(temperature=0, frequency_penalty=2.0).resolve(), [])
+    assert s.sample([1], row[None]).token_ids == [1]
+
+
+def test_penalties_match_the_openai_rule_in_mixed_batches():
+    """Greedy tokens over 12 steps equal the rule applied row by row: HF repetition penalty over
+    prompt + generated, then logit -= frequency * count + presence * (count > 0) over generated."""
+    torch.manual_seed(3)
+    V, B, steps = 23, 6, 12
+    params = [SamplingParams(temperature=0, presence_penalty=1.0), SamplingParams(temperature=0, frequency_penalty=0.7),
+              SamplingParams(temperature=0, presence_penalty=-0.5, frequency_penalty=1.5),
+              SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.9),
+              SamplingParams(temperature=0, frequency_penalty=-0.3)]
+    prompts = {i: torch.randint(0, V, (4,)).tolist() for i in range(B)}
+    s = make_sampler(V, dict(enumerate(params)), prompts)
+    history: dict[int, list[int]] = {i: [] for i in range(B)}
+    for _ in range(steps):
+        logits = torch.randn(B, V)
+        rows = [i for i in range(B) if torch.rand(()) < 0.8]  # not every row in every step
+        if not rows:
+            continue
+        got = s.sample(rows, logits[rows]).token_ids
+        for i, token in zip(rows, got):
+            p, x = params[i].resolve(), logits[i].clone()
+            seen = set(prompts[i]) | set(history[i])
+            for v in seen:
+                x[v] = x[v] / p.repetition_penalty if x[v] > 0 else x[v] * p.repetition_penalty
+            for v in set(history[i]):
+                x[v] -= p.frequency_penalty * history[i].count(v) + p.presence_penalty
+            assert token == int(x.argmax()), (i, history[i])
+            history[i].append(token)
+    assert any(len(set(h)) < len(h) for h in history.values())  # some token came back: counts were exercised
 
 
 # ---- Sampler: logprobs -----------------------------------------------------------------------

@@ -104,3 +104,20 @@ def test_every_way_of_running_python_drives_two_stages(setup, tmp_path, form):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(pids) == 2 and not any(alive(p) for p in pids)
+
+
+def test_one_stage_in_a_process_of_its_own(setup):
+    """stage_processes=True: one device, yet the stage is a program of its own (the server runs each of
+    several models so); same tokens as the in-process stage, and closing ends the process."""
+    model, expected = setup
+    with LLM(str(model), devices=["cpu"], stage_processes=True) as llm:
+        [proc] = llm.executor.procs
+        assert alive(proc.pid)
+        assert [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(**PARAMS))] == expected
+        assert llm.stats().stages[0].steps > 0  # counted in the stage's own process
+    deadline = time.monotonic() + 10
+    while alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(proc.pid)
+    with pytest.raises(ValueError, match="stage_processes"):
+        LLM(str(model), devices=["cpu"], stage_processes="yes")

@@ -51,11 +51,19 @@ def run(llm: LLM, prompt, params, how: str):
             return "".join(pieces), stop.value
     outputs = queue.SimpleQueue()
     llm.submit(prompt, params, outputs.put)
-    text = ""
-    while not (out := outputs.get(timeout=120)).finished:
-        text += out.text
+    text, tokens, logprobs = "", [], []
+    while True:
+        out = outputs.get(timeout=120)
+        text, tokens = text + out.text, tokens + list(out.token_ids)
+        assert (out.logprobs is None) == (params.logprobs is None)
+        logprobs += out.logprobs or ()
+        if out.finished:
+            break
     assert out.error is None, out.error
-    return text + out.text, out.completion
+    # the outputs' pieces add up to the completion: tokens and, when asked, their logprobs
+    assert tokens == out.completion.token_ids
+    assert logprobs == (out.completion.logprobs or [])
+    return text, out.completion
 
 
 def same(a, b) -> bool:

@@ -76,12 +76,15 @@ class LocalExecutor:
 def make_executor(model: str, config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
                   torchrun=False, max_num_seqs: int = 256, state_snapshots: int = 0, max_loras: int = 0,
-                  merged_lora=None, lora_layer_bytes: list[int] | None = None, enforce_eager: bool = False):
+                  merged_lora=None, lora_layer_bytes: list[int] | None = None, stage_processes=False,
+                  enforce_eager: bool = False):
     """Plan the cut and the pools (refusing before anything loads when it cannot fit), then start the stages.
 
     state_snapshots: state slots wanted beside the running ones for prefix-cache snapshots (hybrid
     models; the plan may give fewer). max_loras / merged_lora / lora_layer_bytes: LoRA adapter slots
     on every stage, an adapter folded into the weights at load, and the slots' bytes per layer.
+    One stage runs in this process unless `stage_processes`: then it is a stage program of its
+    own, as every stage of a pipeline is (its process group has one rank and carries nothing).
     enforce_eager: no CUDA graphs (the plan then reserves no memory for them)."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
@@ -108,11 +111,14 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
         if transport not in ("auto", torchrun_transport()):
             raise ValueError("under torchrun the transport is set for every rank by PPRT_TRANSPORT")
         return TorchrunExecutor(specs, torchrun_transport(), pools)
-    if len(specs) == 1:
+    if len(specs) == 1 and not stage_processes:
         return LocalExecutor(specs[0], pools)
     from .pipeline import PipelineExecutor
 
-    return PipelineExecutor(specs, choose_transport(devices, transport), pools, stage_timeout=stage_timeout)
+    transport = choose_transport(devices, transport)
+    if len(specs) == 1 and transport == "nccl":
+        transport = "host"  # no transfers: no NCCL communicator for a group of one
+    return PipelineExecutor(specs, transport, pools, stage_timeout=stage_timeout)
 
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,

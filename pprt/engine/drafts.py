@@ -79,5 +79,7 @@ def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int = 1) -> list
 
 def can_draft(params: SamplingParams) -> bool:
     """Drafts go to requests whose sampling needs no per-position state on the last stage:
-    no repetition penalty (its presence row would need every accepted token), no logprobs."""
-    return params.logprobs is None and params.repetition_penalty == 1.0
+    no repetition, presence or frequency penalty (their presence and count rows would need
+    every accepted token), no logprobs."""
+    return (params.logprobs is None and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)

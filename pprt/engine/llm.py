@@ -80,12 +80,17 @@ class LLM:
     `load_lora` / `unload_lora` change them later. merge: fold the one adapter of
     `lora` into the float base weights at load (no per-token cost; every request
     then runs with it, and load_lora is refused).
+    stage_processes: run a single stage in a process of its own too (several
+    devices always do), e.g. so that several models in one program (the
+    server's one model per card) neither share its interpreter lock nor fall
+    together when one's stage crashes.
     enforce_eager: no CUDA graphs (by default each CUDA stage captures its
     decode step at padded batch sizes up to max_num_seqs after loading, and
     replays them for pure-decode steps).
     speculative: speculative decoding, e.g. {"method": "ngram",
     "num_speculative_tokens": 3} (see pprt.engine.drafts.SpeculativeConfig);
-    None: off. Requests with logprobs or a repetition penalty are not drafted.
+    None: off. Requests with logprobs or a repetition, presence or frequency
+    penalty are not drafted.
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -99,7 +104,8 @@ class LLM:
                  rope_scaling: dict | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT_S,
                  enable_prefix_caching: bool = True, state_snapshots: int | None = None,
                  lora: dict[str, str] | None = None, max_loras: int | None = None, merge: bool = False,
-                 speculative: SpeculativeConfig | dict | None = None, enforce_eager: bool = False):
+                 speculative: SpeculativeConfig | dict | None = None, stage_processes: bool = False,
+                 enforce_eager: bool = False):
         torchrun = torchrun_rank()
         if torchrun is not None:  # each rank is a stage; this one (rank 0) is also the driver
             if torchrun[0] != 0:
@@ -125,6 +131,8 @@ class LLM:
         if state_snapshots is not None and (not isinstance(state_snapshots, int) or isinstance(state_snapshots, bool)
                                             or state_snapshots < 0):
             raise ValueError(f"state_snapshots must be an int >= 0, got {state_snapshots!r}")
+        if not isinstance(stage_processes, bool):
+            raise ValueError(f"stage_processes must be True or False, got {stage_processes!r}")
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
         check_seed(seed)
@@ -152,7 +160,7 @@ class LLM:
                                  merged_lora=adapters[0] if merge else None,
                                  lora_layer_bytes=slot_bytes(adapters, max_loras, self.config.num_layers,
                                                              self.dtype.itemsize) if max_loras else None,
-                                 enforce_eager=enforce_eager)
+                                 stage_processes=stage_processes, enforce_eager=enforce_eager)
         loras = LoraRegistry(max_loras) if max_loras else None
         for adapter in adapters if loras is not None else ():
             loras.add(adapter)

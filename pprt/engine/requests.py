@@ -32,7 +32,8 @@ class RequestOutput:
 
     text: text added since the previous output (never a split character; a tail
     that could still become a stop string is held back until it cannot).
-    token_ids: tokens generated since the previous output. The last output of a
+    token_ids: tokens generated since the previous output; logprobs: theirs
+    (token id -> logprob, as Completion.logprobs), when the request asked. The last output of a
     request is `finished`: it has either `completion`, or `error`, the exception
     that ended the request (StageFailed, the step that raised, the LLM closing).
     """
@@ -40,6 +41,7 @@ class RequestOutput:
     request_id: int
     text: str = ""
     token_ids: tuple[int, ...] = ()
+    logprobs: tuple[dict[int, float], ...] | None = None  # one dict per token of token_ids, when asked
     completion: Completion | None = None
     error: BaseException | None = None
 
@@ -88,10 +90,12 @@ class Request:
         hold = 0 if done else max((len(s) - 1 for s in seq.params.stop), default=0)
         end = max(self.emitted, len(self.text) - hold)
         text, self.emitted = self.text[self.emitted:end], end
-        tokens, self.tokens_sent = tuple(seq.output_ids[self.tokens_sent:]), len(seq.output_ids)
+        sent, self.tokens_sent = self.tokens_sent, len(seq.output_ids)
+        tokens = tuple(seq.output_ids[sent:])
+        logprobs = tuple(seq.logprobs[sent:]) if seq.params.logprobs is not None else None
         if done:
-            return RequestOutput(self.id, text, tokens, completion=self.completion())
-        return RequestOutput(self.id, text, tokens) if text or tokens else None
+            return RequestOutput(self.id, text, tokens, logprobs, completion=self.completion())
+        return RequestOutput(self.id, text, tokens, logprobs) if text or tokens else None
 
     def completion(self) -> Completion:
         seq = self.seq

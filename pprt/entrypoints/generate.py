@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--min-p", type=float, default=None)
     s.add_argument("--repetition-penalty", type=float, default=None)
+    s.add_argument("--presence-penalty", type=float, default=None, help="OpenAI's, in [-2, 2]")
+    s.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI's, in [-2, 2]")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     return p
@@ -164,7 +166,8 @@ CLI_LORA = "lora"  # the name --lora's adapter is loaded under
 
 # SamplingParams fields named as the flags that set them, for error messages.
 _FLAGS = {"max_tokens": "--max-new-tokens", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
-          "repetition_penalty": "--repetition-penalty", "temperature": "--temperature", "seed": "--seed",
+          "repetition_penalty": "--repetition-penalty", "presence_penalty": "--presence-penalty",
+          "frequency_penalty": "--frequency-penalty", "temperature": "--temperature", "seed": "--seed",
           "stop": "--stop"}
 
 
@@ -177,6 +180,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams a library user would write for these flags (ValueError names a bad one)."""
     return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           seed=args.seed, stop=args.stop, lora=CLI_LORA if args.lora else None)
 
 

@@ -2,10 +2,16 @@
 
 `Sampler` lives on the device holding the logits (logits never leave it) and
 keeps per-sequence state between steps: a token-presence row for repetition
-penalty (prompt + generated) and, for seeded requests, a private generator.
+penalty (prompt + generated), a row of generated-token counts for presence and
+frequency penalties, and, for seeded requests, a private generator.
 Per step and per row, in the order transformers and vLLM use:
 
-    repetition penalty (HF rule) -> temperature -> top_k -> top_p -> min_p -> draw
+    repetition penalty (HF rule) -> presence / frequency penalties (OpenAI rule)
+        -> temperature -> top_k -> top_p -> min_p -> draw
+
+The OpenAI rule (platform.openai.com, "Parameter details" of the API guide, as
+vLLM applies it): logit[v] -= frequency_penalty * c[v] + presence_penalty * (c[v] > 0),
+where c[v] counts v among the tokens generated so far (not the prompt).
 
 Greedy rows (`SamplingParams.greedy`: temperature 0, or below
 GREEDY_TEMPERATURE) take the argmax of the penalized logits. Draws use the
@@ -52,10 +58,33 @@ class SampleOutput:
 class _SeqState:
     params: SamplingParams
     slot: int | None  # row of the presence pool; None when repetition_penalty == 1
+    count_slot: int | None = None  # row of the counts pool; None when presence and frequency penalties are 0
     # seeded requests: a generator of their own for speculative acceptance (pprt.models.speculative);
     # their sampled draws come from the counter-based stream
     generator: torch.Generator | None = None
     draws: int = 0  # tokens drawn so far: a seeded row's position in its stream
+
+
+class _RowPool:
+    """Rows of a [slots, V] tensor handed to sequences; a returned row is zeroed. Grows geometrically."""
+
+    def __init__(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows = torch.zeros(0, vocab_size, dtype=dtype, device=device)  # [slots, V]
+        self._free: list[int] = []
+
+    def take(self) -> int:
+        if not self._free:
+            old, V = self.rows.shape
+            new = max(4, 2 * old)
+            grown = torch.zeros(new, V, dtype=self.rows.dtype, device=self.rows.device)
+            grown[:old] = self.rows
+            self.rows = grown
+            self._free = list(range(new - 1, old - 1, -1))
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self.rows[slot] = 0
+        self._free.append(slot)
 
 
 class Sampler:
@@ -67,9 +96,10 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self._seqs: dict[int, _SeqState] = {}
-        # one row per penalized sequence: has token v appeared (prompt or generated)
-        self._presence = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)  # [slots, V]
-        self._free_slots: list[int] = []
+        # one row per repetition-penalized sequence: has token v appeared (prompt or generated)
+        self._presence = _RowPool(vocab_size, torch.bool, self.device)  # [slots, V]
+        # one row per presence/frequency-penalized sequence: how often v was generated
+        self._counts = _RowPool(vocab_size, torch.float32, self.device)  # [slots, V]
         self._uploader = Uploader(self.device)
         self._gen = torch.Generator(device=self.device)  # for rows without a seed
         if seed is None:
@@ -86,14 +116,17 @@ class Sampler:
         if params.repetition_penalty != 1.0:
             if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size):
                 raise ValueError(f"seq {seq_id}: prompt_ids must lie in [0, {self.vocab_size})")
-            slot = self._take_slot()
+            slot = self._presence.take()
             ids = self._uploader.send(Layout([("ids", torch.int64, len(prompt_ids))]), {"ids": prompt_ids})["ids"]
-            self._presence[slot, ids] = True
+            self._presence.rows[slot, ids] = True
+        count_slot = None
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            count_slot = self._counts.take()
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed)
-        self._seqs[seq_id] = _SeqState(params, slot, gen)
+        self._seqs[seq_id] = _SeqState(params, slot, count_slot, gen)
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seqs
@@ -101,18 +134,9 @@ class Sampler:
     def remove(self, seq_id: int) -> None:
         state = self._seqs.pop(seq_id)
         if state.slot is not None:
-            self._presence[state.slot] = False
-            self._free_slots.append(state.slot)
-
-    def _take_slot(self) -> int:
-        if not self._free_slots:  # grow the pool geometrically
-            old = self._presence.shape[0]
-            new = max(4, 2 * old)
-            grown = torch.zeros(new, self.vocab_size, dtype=torch.bool, device=self.device)
-            grown[:old] = self._presence
-            self._presence = grown
-            self._free_slots = list(range(new - 1, old - 1, -1))
-        return self._free_slots.pop()
+            self._presence.give_back(state.slot)
+        if state.count_slot is not None:
+            self._counts.give_back(state.count_slot)
 
     @torch.no_grad()
     def sample(self, seq_ids: list[int], logits: torch.Tensor) -> SampleOutput:
@@ -137,14 +161,21 @@ class Sampler:
     def _upload(self, rows: _Rows, states: list[_SeqState]) -> dict[str, torch.Tensor]:
         """Every per-row setting of the step on the device, in one copy."""
         ps = [s.params for s in states]
-        B, R, S = len(states), len(rows.penalized), len(rows.seeded)
-        layout = Layout([("knobs", torch.float32, 4 * B), ("pen", torch.float32, R), ("greedy", torch.int64, B),
-                         ("pen_rows", torch.int64, R), ("pen_slots", torch.int64, R), ("seeded", torch.int64, S),
+        B, U, R, C, S = len(states), len(rows.penalized), len(rows.repeated), len(rows.counted), len(rows.seeded)
+        at = {row: j for j, row in enumerate(rows.penalized)}  # a penalized row's place among them
+        layout = Layout([("knobs", torch.float32, 4 * B), ("pen", torch.float32, R), ("fp", torch.float32, 2 * C),
+                         ("greedy", torch.int64, B), ("pen_rows", torch.int64, U), ("rep_rows", torch.int64, R),
+                         ("rep_at", torch.int64, R), ("rep_slots", torch.int64, R), ("cnt_rows", torch.int64, C),
+                         ("cnt_at", torch.int64, C), ("cnt_slots", torch.int64, C), ("seeded", torch.int64, S),
                          ("starts", torch.int64, S), ("lp_rows", torch.int64, len(rows.logprobs))])
         return self._uploader.send(layout, {
-            "knobs": _knobs(ps), "pen": [ps[i].repetition_penalty for i in rows.penalized],
+            "knobs": _knobs(ps), "pen": [ps[i].repetition_penalty for i in rows.repeated],
+            "fp": [v for i in rows.counted for v in (ps[i].frequency_penalty, ps[i].presence_penalty)],
             "greedy": [p.greedy for p in ps], "pen_rows": rows.penalized,
-            "pen_slots": [states[i].slot for i in rows.penalized], "seeded": rows.seeded,
+            "rep_rows": rows.repeated, "rep_at": [at[i] for i in rows.repeated],
+            "rep_slots": [states[i].slot for i in rows.repeated],
+            "cnt_rows": rows.counted, "cnt_at": [at[i] for i in rows.counted],
+            "cnt_slots": [states[i].count_slot for i in rows.counted], "seeded": rows.seeded,
             "starts": [stream_start(ps[i].seed, states[i].draws) for i in rows.seeded], "lp_rows": rows.logprobs})
 
     def _choose(self, raw: torch.Tensor, states: list[_SeqState], rows: _Rows,
@@ -183,14 +214,27 @@ class Sampler:
         return _probs(x.clamp(max=torch.finfo(x.dtype).max), ps, knobs)
 
     def _penalize(self, raw: torch.Tensor, rows: _Rows, f: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """HF repetition penalty of the penalized rows [R, V] (seen tokens' logits divided by the
-        penalty if > 0, multiplied if < 0); None when no row is penalized. `raw` is left as is."""
+        """The penalized rows [U, V] (rows.penalized; None when there are none), `raw` left as is:
+        HF repetition penalty (seen tokens' logits divided by the penalty if > 0, multiplied if
+        < 0), then OpenAI presence and frequency penalties (subtracted, by generated counts)."""
         if not rows.penalized:
             return None
-        pen = f["pen"][:, None]  # [R, 1]
-        sub = raw.index_select(0, f["pen_rows"])  # [R, V]
-        seen = self._presence.index_select(0, f["pen_slots"])  # [R, V]
-        return torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+        sub = raw.index_select(0, f["pen_rows"])  # [U, V]
+        if rows.repeated:
+            every = len(rows.repeated) == len(rows.penalized)
+            x = sub if every else sub.index_select(0, f["rep_at"])  # [R, V]
+            pen = f["pen"][:, None]  # [R, 1]
+            seen = self._presence.rows.index_select(0, f["rep_slots"])  # [R, V]
+            x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+            sub = x if every else sub.index_copy_(0, f["rep_at"], x)
+        if rows.counted:
+            every = len(rows.counted) == len(rows.penalized)
+            x = sub if every else sub.index_select(0, f["cnt_at"])  # [C, V]
+            pen = f["fp"].view(-1, 2)  # [C, 2] frequency, presence
+            counts = self._counts.rows.index_select(0, f["cnt_slots"])  # [C, V]
+            x = x - pen[:, :1] * counts - pen[:, 1:] * (counts > 0)
+            sub = x if every else sub.index_copy_(0, f["cnt_at"], x)
+        return sub
 
     def _read(self, tokens: torch.Tensor, lp: torch.Tensor | None, states: list[_SeqState], rows: _Rows,
               f: dict[str, torch.Tensor]) -> SampleOutput:
@@ -216,9 +260,11 @@ class Sampler:
         return SampleOutput(token_ids=token_ids, logprobs=out)
 
     def _record(self, tokens: torch.Tensor, rows: _Rows, f: dict[str, torch.Tensor]) -> None:
-        """Append each penalized row's new token to its presence row."""
-        if rows.penalized:
-            self._presence[f["pen_slots"], tokens.index_select(0, f["pen_rows"])] = True
+        """Add each penalized row's new token to its presence row and its counts row."""
+        if rows.repeated:
+            self._presence.rows[f["rep_slots"], tokens.index_select(0, f["rep_rows"])] = True
+        if rows.counted:  # one token per row: (slot, token) pairs are distinct
+            self._counts.rows[f["cnt_slots"], tokens.index_select(0, f["cnt_rows"])] += 1
 
 
 def _knobs(ps: list[SamplingParams]) -> list[float]:
@@ -246,10 +292,12 @@ def _probs(x: torch.Tensor, ps: list[SamplingParams], knobs: torch.Tensor) -> to
 class _Rows:
     """Which rows of a step need what (host lists of row indices)."""
 
-    __slots__ = ("penalized", "seeded", "logprobs")
+    __slots__ = ("penalized", "repeated", "counted", "seeded", "logprobs")
 
     def __init__(self, states: list[_SeqState]):
-        self.penalized = [i for i, s in enumerate(states) if s.slot is not None]
+        self.repeated = [i for i, s in enumerate(states) if s.slot is not None]  # repetition penalty
+        self.counted = [i for i, s in enumerate(states) if s.count_slot is not None]  # presence / frequency
+        self.penalized = sorted(set(self.repeated) | set(self.counted))
         self.seeded = [i for i, s in enumerate(states) if s.params.seed is not None and not s.params.greedy]
         self.logprobs = [i for i, s in enumerate(states) if s.params.logprobs is not None]
 

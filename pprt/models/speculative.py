@@ -18,8 +18,9 @@ the next token from the last row's p. Each emitted token is then distributed
 exactly as p, as without speculation (the draws differ, so a seeded request
 gives other tokens than without speculation, from the same distribution).
 
-Sequences with repetition penalty or logprobs are never given drafts (the
-scheduler's rule), so the penalty state and logprobs are not needed here.
+Sequences with a repetition, presence or frequency penalty or logprobs are
+never given drafts (the scheduler's rule, drafts.can_draft), so the penalty
+state and logprobs are not needed here.
 """
 
 from __future__ import annotations
