@@ -112,7 +112,8 @@ def test_mix64_on_tensors_equals_python_ints():
 @pytest.mark.parametrize("s,b,v,block", [(1, 1, 7, 16), (3, 5, 1000, 256), (4, 4, 4097, 1024)],
                          ids=["S1-V7", "S3-V1000", "S4-V4097"])
 def test_seeded_noise_triton_equals_reference(s, b, v, block):
-    starts = torch.tensor([sn.stream_start(seed, draw) for seed, draw in [(0, 0), (2**63 - 1, 5), (42, 1), (42, 2)][:s]])
+    pairs = [(0, 0), (2**63 - 1, 5), (42, 1), (42, 2)][:s]  # (seed, draw)
+    starts = torch.tensor([sn.stream_start(seed, draw) for seed, draw in pairs])
     rows = torch.randperm(b)[:s]
     ref = sn.seeded_noise_ref(starts, rows, torch.zeros(b, v))
     out = sn.seeded_noise_triton(starts, rows, torch.zeros(b, v), block=block)

@@ -100,7 +100,8 @@ def test_a_sequence_gets_one_chunk_per_plan():
     """A chunk that ends before the budget does (a prompt's chunk cut short, e.g. at a hybrid's
     snapshot point) leaves its sequence for the next plan, as the scan over running sequences did."""
     sched = Scheduler(BlockManager(64, 4), max_context=200, chunk_size=10, max_num_seqs=4)
-    seqs = {s.seq_id: s for s in (sched.add(list(range(1, 30)), GREEDY), sched.add([7, 8], GREEDY))}
+    sched.add(list(range(1, 30)), GREEDY)
+    sched.add([7, 8], GREEDY)
     first = sched.schedule()
     assert [c.seq_id for c in first.chunks] == [0]  # the whole budget on the first prompt
     sched.chunk_size = 100  # room for more than one chunk of it
