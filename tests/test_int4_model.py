@@ -141,14 +141,7 @@ def assert_int4_except_head_and_routers(llm: LLM, group_size: int) -> int:
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls: a second OpenMP thread only spins when the shared CPU is busy (measured
-    40x slower RTN under load), so this module runs on one thread and restores the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
