@@ -175,7 +175,7 @@ def test_sequences_hold_one_slot_from_admission_to_finish():
 
 
 def test_preemption_frees_the_slot_and_recomputes_from_zero():
-    from pprt.engine.scheduler import SeqStatus
+    from pprt.engine.sequence import SeqStatus
 
     s = _hybrid_scheduler(num_blocks=3, num_slots=2)
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True).resolve()

@@ -93,12 +93,7 @@ def scheme_of(name: str, groups: dict) -> str:
     return groups.get("rest", groups.get("g0"))[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("case", list(CASES))

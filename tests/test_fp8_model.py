@@ -86,12 +86,7 @@ def write_fp8_and_dequantized(src, fp8_dir, deq_dir, not_converted: tuple[str, .
     return sum(1 for n in fp8 if n.endswith(".weight_scale_inv"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

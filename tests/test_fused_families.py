@@ -44,14 +44,6 @@ def check_structure(stage) -> dict[str, int]:
     return kinds
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_paths_match_transformers(family, tmp_path, monkeypatch, one_torch_thread):
     path = make_checkpoint(tmp_path / family, family, tokenizer=False)

@@ -34,12 +34,7 @@ from pprt.weights.loader import load_stage
 from pprt.weights.merge import linear_modules
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def tensor_ranges(path: Path) -> dict[tuple[str, str], tuple[int, int]]:

@@ -33,7 +33,6 @@ from ckpt_files import is_quantized_linear, read_tensors, write_sharded
 from int4_packers import awq_quantize, gptq_quantize
 from models import make_checkpoint, reference_greedy, reference_logprobs, reference_model
 from pprt import LLM, SamplingParams
-from pprt.weights.checkpoint import CheckpointError
 from pprt.weights.int4 import Int4Linear, dequantize
 from pprt.weights.merge import linear_modules
 
@@ -142,14 +141,7 @@ def assert_int4_except_head_and_routers(llm: LLM, group_size: int) -> int:
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls: a second OpenMP thread only spins when the shared CPU is busy (measured
-    40x slower RTN under load), so this module runs on one thread and restores the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

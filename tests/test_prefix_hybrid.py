@@ -26,13 +26,7 @@ GREEDY = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logprobs=0
 SYSTEM = [(7 * i) % 300 + 3 for i in range(23)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on a shared CPU: a second OpenMP thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

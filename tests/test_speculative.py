@@ -30,12 +30,7 @@ PROMPTS = [[5, 17, 40, 33, 5, 17, 40, 33, 5, 17], [9, 8], [30, 31, 32, 33, 34, 3
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ from ..errors import StageFailed
 from ..params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .requests import OutputSink, Request, RequestOutput
-from .scheduler import Scheduler, Sequence
+from .scheduler import Scheduler
+from .sequence import Sequence
 from .stats import Stats, snapshot
 
 log = logging.getLogger("pprt")

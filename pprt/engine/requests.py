@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..tokenizer import IncrementalDetokenizer
-from .scheduler import Sequence
+from .sequence import Sequence
 
 
 @dataclass(slots=True)

@@ -185,7 +185,6 @@ def from_gptq(
     g = qconfig.group_size
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
         raise ValueError(f"gptq: qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
-    k = qweight.shape[0] * 8
     zeros = unpack(qzeros, dim=1)  # [K/g, N]
     if qconfig.checkpoint_format == "gptq":  # v1 stores zero - 1
         zeros = (zeros + 1) & 0xF

@@ -54,13 +54,19 @@ def start_completion(req: CompletionRequest, served: ServedModel, metrics: Serve
     return Run.start(served, metrics, requests, "prompt", limit_param), prompts
 
 
-async def completion_result(req: CompletionRequest, run: Run, prompts: list) -> dict:
-    env = Envelope("text_completion", req.model)
-    fmt = LogprobFormatter(run.served.llm.tokenizer)
+async def _finished(run: Run) -> dict:
+    """{choice index: Completion} of every request of `run`, once all have finished."""
     done = {}
     async for index, out in run.outputs():
         if out.finished:
             done[index] = out.completion
+    return done
+
+
+async def completion_result(req: CompletionRequest, run: Run, prompts: list) -> dict:
+    env = Envelope("text_completion", req.model)
+    fmt = LogprobFormatter(run.served.llm.tokenizer)
+    done = await _finished(run)
     choices = []
     for index in sorted(done):
         c = done[index]
@@ -136,10 +142,7 @@ class _Reply:
 async def chat_result(req: ChatCompletionRequest, run: Run, prompt: ChatPrompt, prompt_len: int) -> dict:
     env = Envelope("chat.completion", req.model)
     fmt = LogprobFormatter(run.served.llm.tokenizer)
-    done = {}
-    async for index, out in run.outputs():
-        if out.finished:
-            done[index] = out.completion
+    done = await _finished(run)
     choices = []
     for index in sorted(done):
         c = done[index]
