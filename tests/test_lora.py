@@ -12,25 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lora_helpers import make_adapter
 from models import make_checkpoint, reference_greedy, reference_model
 from pprt import LLM, SamplingParams
 
 PROMPTS = [[5, 17, 40, 33, 100, 7], [9, 200, 31], list(range(30, 70, 2))]
 N = 8
-
-
-def make_adapter(base_path, out, seed: int, **lora):
-    """Save a random peft LoRA adapter of the checkpoint at base_path into `out`; returns the peft model."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(reference_model(base_path), LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():  # B's default init is small: make each adapter's effect visible
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(5.0)
-    model.save_pretrained(out)
-    return model.eval()
 
 
 def greedy(params_lora=None, **kw):

@@ -5,7 +5,10 @@ POST /v1/chat/completions (generation.py). With an API key, every /v1 route
 needs `Authorization: Bearer KEY` (401 otherwise); /health and /metrics stay
 open for probes and scrapers. A body over `max_body_bytes` is refused with
 413 before it is read whole. The request's `model` picks the served model
-(404 for an unknown one; 503 while it does not serve). A streamed answer
+(404 for an unknown one; 503 while it does not serve), or one of its LoRA
+adapters: as vLLM does, /v1/models lists each loaded adapter as a model of
+its own whose `parent` is its base model, and a request naming it runs on
+that base model with the adapter (SamplingParams.lora). A streamed answer
 stops as soon as its client disconnects, which cancels its requests.
 
 Knows nothing about the command line or how the models were loaded.
@@ -93,15 +96,19 @@ class Server:
 
     async def list_models(self, request: Request) -> Response:
         self._authorize(request)
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "pprt",
-                 "max_model_len": m.llm.max_context if m.up else None} for name, m in self.models.items()]
+        data = []
+        for name, m in self.models.items():
+            card = {"object": "model", "created": self.created, "owned_by": "pprt",
+                    "max_model_len": m.llm.max_context if m.up else None}
+            data.append({"id": name, **card, "parent": None})
+            data += [{"id": lora, **card, "parent": name} for lora in m.adapters]
         return JSONResponse({"object": "list", "data": data})
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
         req = _validate(CompletionRequest, await self._body(request))
-        served = self._model(req.model)
-        run, prompts = start_completion(req, served, self.metrics)
+        served, lora = self._model(req.model)
+        run, prompts = start_completion(req, served, self.metrics, lora)
         if req.stream:
             return EventStream(completion_events(req, run, prompts), run.close)
         return await _unless_disconnected(request, run, completion_result(req, run, prompts))
@@ -109,8 +116,8 @@ class Server:
     async def chat(self, request: Request) -> Response:
         self._authorize(request)
         req = _validate(ChatCompletionRequest, await self._body(request))
-        served = self._model(req.model)
-        run, prompt, prompt_len = start_chat(req, served, self.metrics)
+        served, lora = self._model(req.model)
+        run, prompt, prompt_len = start_chat(req, served, self.metrics, lora)
         if req.stream:
             return EventStream(chat_events(req, run, prompt, prompt_len), run.close)
         return await _unless_disconnected(request, run, chat_result(req, run, prompt, prompt_len))
@@ -141,13 +148,19 @@ class Server:
         except ValueError as e:
             raise RequestError(400, f"the request body is not JSON: {e}") from None
 
-    def _model(self, name: str) -> ServedModel:
-        served = self.models.get(name)
+    def _model(self, name: str) -> tuple[ServedModel, str | None]:
+        """The served model a request's `model` names and the LoRA adapter it names (None: the base
+        model); RequestError 404 naming it when nothing is served under that name."""
+        served, lora = self.models.get(name), None
         if served is None:
+            served, lora = next((m for m in self.models.values() if name in m.adapters), None), name
+        if served is None:
+            adapters = [f"{a!r} (an adapter of {n!r})" for n, m in self.models.items() for a in m.adapters]
             raise RequestError(404, f"model {name!r} does not exist; this server serves "
-                               f"{', '.join(repr(n) for n in self.models)}", "model", kind="not_found_error")
+                               f"{', '.join([repr(n) for n in self.models] + adapters)}", "model",
+                               kind="not_found_error")
         served.check_up()
-        return served
+        return served, lora
 
 
 def _validate(model, body: object):

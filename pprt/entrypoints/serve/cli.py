@@ -6,7 +6,10 @@
 
 Each --model starts a model; the options after it (--devices, --served-model-name,
 --split, --dtype, --quant, --kv-dtype, --max-context, --kv-cache-memory,
---speculative-ngram, --tool-call-parser) are that model's, so each model can have its own cards. Without --model the
+--speculative-ngram, --tool-call-parser, --lora) are that model's, so each model can
+have its own cards. `--lora NAME=PATH` (repeatable) loads a PEFT LoRA adapter onto the model
+before it: /v1/models lists it as a model whose parent is that model, and requests with
+"model": NAME run on the model with that adapter. Without --model the
 bundled demo model is served (as "demo"). The server binds 127.0.0.1 unless --host says otherwise;
 --port 0 picks a free port. Once it listens it prints one line to stdout:
 `pprt.serve: serving NAME[, NAME] at http://HOST:PORT`.
@@ -62,6 +65,22 @@ class _ModelOption(argparse.Action):
         spec[self.dest] = value
 
 
+class _LoraOption(argparse.Action):
+    """--lora NAME=PATH of the latest --model (repeatable)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if not namespace.models:
+            namespace.models.append({"model": None})
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            parser.error(f"--lora takes NAME=PATH (an adapter directory or hub id), got {value!r}")
+        loras = namespace.models[-1].setdefault("lora", {})
+        if name.strip() in loras:
+            parser.error(f"--lora {name.strip()!r} is given twice for model "
+                         f"{namespace.models[-1].get('model') or '(demo)'}")
+        loras[name.strip()] = path.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pprt.serve", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
@@ -73,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         extra = {"choices": ["hermes", "xml"]} if flag == "--tool-call-parser" else {}
         m.add_argument(flag, action=_ModelOption, dest=dest, type=kind, default=argparse.SUPPRESS,
                        help=_HELP[flag], **extra)
+    m.add_argument("--lora", action=_LoraOption, dest="lora", metavar="NAME=PATH", default=argparse.SUPPRESS,
+                   help="a PEFT LoRA adapter (directory or hub id) served as model NAME on this model; repeatable")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
@@ -138,6 +159,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     for name in names:
         if names.count(name) > 1:
             parser.error(f"two models are served as {name!r}: give each its own --served-model-name")
+    adapters = [(name, s.served_name) for s in specs for name in s.options.get("lora", {})]
+    for name, parent in adapters:
+        if name in names:
+            parser.error(f"--lora {name!r} of model {parent!r} has the name of a served model: requests could not "
+                         "tell them apart")
+        if sum(n == name for n, _ in adapters) > 1:
+            parser.error(f"two models have a LoRA adapter named {name!r}: give each its own name")
     return args, specs
 
 

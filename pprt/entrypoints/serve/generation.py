@@ -45,10 +45,12 @@ def completion_prompts(req: CompletionRequest, served: ServedModel) -> list[list
     return ids
 
 
-def start_completion(req: CompletionRequest, served: ServedModel, metrics: ServerMetrics) -> tuple[Run, list]:
+def start_completion(req: CompletionRequest, served: ServedModel, metrics: ServerMetrics,
+                     lora: str | None = None) -> tuple[Run, list]:
+    """lora: the adapter of `served` that the request's `model` named (None: the base model)."""
     served.check_up()
     prompts = completion_prompts(req, served)
-    requests = [(ids, sampling(req, served, len(ids), req.max_tokens, req.logprobs, j))
+    requests = [(ids, sampling(req, served, len(ids), req.max_tokens, req.logprobs, j, lora))
                 for ids in prompts for j in range(req.n)]
     limit_param = "max_tokens" if req.max_tokens is not None else None
     return Run.start(served, metrics, requests, "prompt", limit_param), prompts
@@ -100,7 +102,9 @@ async def completion_events(req: CompletionRequest, run: Run, prompts: list) -> 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------------------
 
-def start_chat(req: ChatCompletionRequest, served: ServedModel, metrics: ServerMetrics) -> tuple[Run, ChatPrompt, int]:
+def start_chat(req: ChatCompletionRequest, served: ServedModel, metrics: ServerMetrics,
+               lora: str | None = None) -> tuple[Run, ChatPrompt, int]:
+    """lora: the adapter of `served` that the request's `model` named (None: the base model)."""
     llm = served.check_up()
     if llm.tokenizer is None:
         raise RequestError(400, f"model {served.name!r} has no tokenizer: use /v1/completions with token ids",
@@ -109,7 +113,7 @@ def start_chat(req: ChatCompletionRequest, served: ServedModel, metrics: ServerM
     ids = llm.tokenizer.encode(prompt.text)
     check_prompt(served, ids, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    requests = [(ids, sampling(req, served, len(ids), req.completion_limit, top, j)) for j in range(req.n)]
+    requests = [(ids, sampling(req, served, len(ids), req.completion_limit, top, j, lora)) for j in range(req.n)]
     limit_param = None if req.completion_limit is None else \
         "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     return Run.start(served, metrics, requests, "messages", limit_param), prompt, len(ids)

@@ -76,6 +76,11 @@ class ServedModel:
             self.error = "its engine has stopped (a stage failed)"  # the LLM closes its stages when one fails
         return self.llm is not None and self.error is None
 
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters it serves (requests name them as models); none while it is down."""
+        return self.llm.loras if self.up else []
+
     def check_up(self) -> LLM:
         """The LLM, or RequestError 503 when the model does not serve."""
         if not self.up:

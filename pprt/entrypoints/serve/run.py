@@ -36,8 +36,9 @@ def check_prompt(served: ServedModel, ids: list[int], param: str) -> None:
 
 
 def sampling(req: SamplingRequest, served: ServedModel, prompt_len: int, limit: int | None,
-             logprobs: int | None, choice: int) -> SamplingParams:
-    """The SamplingParams of one choice (RequestError 400 for what SamplingParams refuses)."""
+             logprobs: int | None, choice: int, lora: str | None = None) -> SamplingParams:
+    """The SamplingParams of one choice (RequestError 400 for what SamplingParams refuses); `lora`:
+    the LoRA adapter the request's `model` named (None: the base model)."""
     if limit is None:  # the rest of the context, as far as the KV pool can hold this sequence
         blocks = served.llm.blocks
         limit = max(1, min(served.llm.max_context, blocks.num_blocks * blocks.block_size + 1) - prompt_len)
@@ -47,7 +48,7 @@ def sampling(req: SamplingRequest, served: ServedModel, prompt_len: int, limit: 
             max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos, logprobs=logprobs)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, lora=lora)
     except ValueError as e:
         field_name = str(e).split(" ", 1)[0]
         raise RequestError(400, str(e), field_name) from None
