@@ -24,6 +24,9 @@ Implementations behind one dispatch (`fused_moe`), all with one signature:
   (aten/src/ATen/native/cuda/GroupedBlas.cpp) takes its CUTLASS path on
   compute capability 9.x / 10.x and otherwise falls back to a loop that reads
   the offsets to the host; sm86 and sm120 cards therefore use the Triton kernel.
+All of them take `lora`: LoRA adapters on the routed experts (moe_lora.py), each
+pair's gate_up delta added before the activation (in the Triton kernel's epilogue)
+and its down delta, times the routing weight, to the token's output.
 This module knows nothing of models or checkpoints.
 """
 
@@ -34,6 +37,8 @@ import torch.nn.functional as F
 
 from pprt_kernels import num_sms, use_triton
 from pprt_kernels.fp8_matmul import native_fp8
+from pprt_kernels.lora import lora_delta_ref
+from pprt_kernels.moe_lora import ExpertLora, down_delta, gate_up_delta, pair_index
 from pprt_kernels.moe_routing import MoEAlignment, moe_align_gpu, moe_route_ref, moe_route_triton
 from pprt_kernels.moe_weights import ExpertFormat, ExpertWeights, check_moe_args
 
@@ -55,10 +60,13 @@ def moe_experts_ref(
     ids: torch.Tensor,  # int32 [T, k] chosen experts
     gate_up: ExpertWeights,  # N = 2I, K = H
     down: ExpertWeights,  # N = H, K = I
+    lora: ExpertLora | None = None,
 ) -> torch.Tensor:  # [T, H] in x.dtype
     """Each chosen expert on its tokens at once; matmuls in fp32, silu(g)*u rounded to x.dtype, fp32 sum."""
     t, h, i = check_moe_args(x, weights, ids, gate_up, down)
     k = ids.shape[1]
+    index = pair_index(lora, ids) if lora is not None else None  # [S]
+    gu_delta = gate_up_delta(x, k, lora, index, lora_delta_ref) if lora is not None and lora.gate_up else None
     flat = ids.reshape(-1).long()  # [S]
     order = torch.argsort(flat, stable=True)  # pair ids grouped by expert
     counts = torch.bincount(flat, minlength=gate_up.num_experts).tolist()  # host read (a sync on CUDA)
@@ -72,8 +80,12 @@ def moe_experts_ref(
         start += c
         tokens = pairs // k
         gu = x[tokens].float() @ gate_up.dense(e, x.dtype).t()  # [c, 2I]
+        if gu_delta is not None:
+            gu = gu + gu_delta[pairs].float()
         act = (F.silu(gu[:, :i]) * gu[:, i:]).to(x.dtype)
         y = act.float() @ down.dense(e, x.dtype).t()  # [c, H]
+        if lora is not None and lora.down is not None:
+            y = y + down_delta(act, lora, index[pairs], lora_delta_ref).float()
         out.index_add_(0, tokens, y * w_pair[pairs, None])
     return out.to(x.dtype)
 
@@ -116,19 +128,20 @@ if triton is not None:
 
     @triton.jit
     def _moe_gemm_kernel(
-        a_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, pairs_ptr, block_expert_ptr, rw_ptr, out_ptr,
-        N, K, S, k_per_split, up_scale_row0,
+        a_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, pairs_ptr, block_expert_ptr, rw_ptr, out_ptr, delta_ptr,
+        N, K, S, k_per_split, up_scale_row0, stride_dm,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk,
         stride_se, stride_s1, stride_s2, stride_ze, stride_z1, stride_z2, stride_pe, stride_pk,
         stride_om, stride_on,
         TOP_K: tl.constexpr, GATE_UP: tl.constexpr, ATOMIC: tl.constexpr, FORMAT: tl.constexpr,
         GROUP: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, NATIVE_FP8: tl.constexpr,
-        HAS_PERM: tl.constexpr,
+        HAS_PERM: tl.constexpr, HAS_DELTA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         # grid (row blocks, column blocks, K slices); each row block belongs to one expert.
         # GATE_UP: rows of x gathered by token (pair // TOP_K), N = I columns of gate and the same of
-        #   up (at +N; FP8 scale rows from up_scale_row0), out[pair] = silu(gate) * up.
+        #   up (at +N; FP8 scale rows from up_scale_row0), out[pair] = silu(gate) * up; HAS_DELTA: the
+        #   pair's [2N] row of delta (LoRA, moe_lora.py) is added to gate and up first.
         # Else (down): rows of the [S, I] intermediate by pair, out[token] (+)= routing weight * result.
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -168,6 +181,10 @@ if triton is not None:
                 acc_up = tl.dot(a, w, acc_up, input_precision=DOT_PRECISION)
         mask = valid[:, None] & mask_n[None, :]
         if GATE_UP:
+            if HAS_DELTA:
+                d_ptrs = delta_ptr + pair[:, None] * stride_dm + offs_n[None, :]
+                acc += tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+                acc_up += tl.load(d_ptrs + N, mask=mask, other=0.0).to(tl.float32)
             acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
             out_row = pair
         else:
@@ -200,7 +217,7 @@ def _block_k(w: ExpertWeights, cap: int) -> int:
 
 
 def _launch_gemm(a, w: ExpertWeights, align: MoEAlignment, rw, out, n: int, num_pairs: int, top_k: int,
-                 gate_up: bool, split: int, block_n: int, block_k: int) -> None:
+                 gate_up: bool, split: int, block_n: int, block_k: int, delta=None) -> None:
     fmt = {ExpertFormat.FLOAT: FLOAT_W, ExpertFormat.INT4: INT4_W, ExpertFormat.FP8: FP8_W}[w.format]
     k = w.in_features
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
@@ -218,14 +235,15 @@ def _launch_gemm(a, w: ExpertWeights, align: MoEAlignment, rw, out, n: int, num_
     grid = (align.block_expert.numel(), triton.cdiv(n, block_n), split)
     _moe_gemm_kernel[grid](
         a, wt, s, z, perm if perm is not None else align.sorted_pairs, align.sorted_pairs, align.block_expert,
-        rw, out, n, k, num_pairs, k_per_split, w.scale_rows_per_part if fmt == FP8_W else 0,
+        rw, out, delta if delta is not None else out, n, k, num_pairs, k_per_split,
+        w.scale_rows_per_part if fmt == FP8_W else 0, delta.stride(0) if delta is not None else 0,
         a.stride(0), a.stride(1), wt.stride(0), stride_wn, stride_wk,
         s.stride(0), s.stride(1), s.stride(2), z.stride(0), z.stride(1), z.stride(2),
         perm.stride(0) if perm is not None else 0, perm.stride(1) if perm is not None else 0,
         out.stride(0), out.stride(1),
         TOP_K=top_k, GATE_UP=gate_up, ATOMIC=not gate_up and (top_k > 1 or split > 1), FORMAT=fmt,
         GROUP=w.group_size if fmt == INT4_W else 1, SCALE_N=scale_n, SCALE_K=scale_k, NATIVE_FP8=native,
-        HAS_PERM=perm is not None, BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_PERM=perm is not None, HAS_DELTA=delta is not None, BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
     )
 
@@ -238,6 +256,7 @@ def moe_experts_triton(
     down: ExpertWeights,
     block_m: int | None = None,  # None: from the shape; tests force values
     split_k: int | None = None,  # down projection's K slices; None: from the shape
+    lora: ExpertLora | None = None,
 ) -> torch.Tensor:  # [T, H]
     """Launcher: align the pairs, then the two grouped GEMMs (shapes fixed by T, k, E: no host sync)."""
     t, h, i = check_moe_args(x, weights, ids, gate_up, down)
@@ -251,8 +270,11 @@ def moe_experts_triton(
     align = moe_align_gpu(ids, e, block_m or _block_m(s, e))
     small = s <= 64  # decode: narrow tiles over many programs
     block_n = 64 if small else 128
+    index = pair_index(lora, ids) if lora is not None else None  # [S]
+    gu_delta = gate_up_delta(x, top_k, lora, index) if lora is not None and lora.gate_up else None  # [S, 2I]
     inter = x.new_empty((s, i))  # [S, I] silu(gate) * up, one row per pair
-    _launch_gemm(x, gate_up, align, weights, inter, i, s, top_k, True, 1, block_n, _block_k(gate_up, 64))
+    _launch_gemm(x, gate_up, align, weights, inter, i, s, top_k, True, 1, block_n, _block_k(gate_up, 64),
+                 gu_delta)
     bk = _block_k(down, 128 if small else 64)
     if split_k is None:  # decode: slice K until the weight streams from every SM
         tiles = min(s, e) * triton.cdiv(h, block_n)
@@ -260,6 +282,9 @@ def moe_experts_triton(
     atomic = top_k > 1 or split_k > 1
     out = torch.zeros((t, h), dtype=torch.float32, device=x.device) if atomic else x.new_empty((t, h))
     _launch_gemm(inter, down, align, weights, out, h, s, top_k, False, split_k, block_n, bk)
+    if lora is not None and lora.down is not None:  # each pair's down delta times its routing weight
+        dn = down_delta(inter, lora, index).float() * weights.reshape(-1, 1).float()  # [S, H]
+        out = out.float() + dn.view(t, top_k, h).sum(dim=1)
     return out.to(x.dtype)
 
 
@@ -281,7 +306,8 @@ def grouped_mm_serves(x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeigh
 
 
 def moe_experts_grouped_mm(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights,
+    lora: ExpertLora | None = None,
 ) -> torch.Tensor:  # [T, H]
     """Float experts through F.grouped_mm over the expert-sorted pairs (block_m = 1: no padding)."""
     t, h, i = check_moe_args(x, weights, ids, gate_up, down)
@@ -291,8 +317,13 @@ def moe_experts_grouped_mm(
     align = moe_align_gpu(ids, gate_up.num_experts, 1)
     pairs = align.sorted_pairs.long()  # [S] pair ids, by expert
     gu = F.grouped_mm(x[pairs // top_k], gate_up.weight.transpose(1, 2), offs=align.expert_ends)  # [S, 2I]
+    index = pair_index(lora, ids) if lora is not None else None  # [S] in pair order
+    if lora is not None and lora.gate_up is not None:
+        gu = gu + gate_up_delta(x, top_k, lora, index)[pairs]
     act = F.silu(gu[:, :i]) * gu[:, i:]
     y = F.grouped_mm(act, down.weight.transpose(1, 2), offs=align.expert_ends)  # [S, H]
+    if lora is not None and lora.down is not None:
+        y = y + down_delta(act, lora, index[pairs])
     y = y.float() * weights.reshape(-1)[pairs].float()[:, None]
     per_pair = torch.empty_like(y).index_copy_(0, pairs, y)  # back to pair order: [T*k, H]
     return per_pair.view(t, top_k, h).sum(dim=1).to(x.dtype)  # deterministic fp32 sum over the k experts
@@ -308,32 +339,34 @@ def fused_moe_ref(
     down: ExpertWeights,
     top_k: int,
     renormalize: bool,
+    lora: ExpertLora | None = None,
 ) -> torch.Tensor:  # [T, H] in x.dtype
     """Route (softmax in fp32, top-k, `renormalize`: weights summing to one) and run the chosen experts:
     the CPU path and the oracle. Raises ValueError naming any operand that does not fit the others."""
     weights, ids = moe_route_ref(router_logits, top_k, renormalize, x.dtype)
-    return moe_experts_ref(x, weights, ids, gate_up, down)
+    return moe_experts_ref(x, weights, ids, gate_up, down, lora)
 
 
 def fused_moe_triton(x, router_logits, gate_up: ExpertWeights, down: ExpertWeights, top_k: int,
-                     renormalize: bool) -> torch.Tensor:
+                     renormalize: bool, lora: ExpertLora | None = None) -> torch.Tensor:
     """fused_moe_ref's contract on the Triton kernels (routing, alignment, two grouped GEMMs)."""
     weights, ids = moe_route_triton(router_logits, top_k, renormalize, x.dtype)
-    return moe_experts_triton(x, weights, ids, gate_up, down)
+    return moe_experts_triton(x, weights, ids, gate_up, down, lora=lora)
 
 
 def fused_moe_grouped_mm(x, router_logits, gate_up: ExpertWeights, down: ExpertWeights, top_k: int,
-                         renormalize: bool) -> torch.Tensor:
+                         renormalize: bool, lora: ExpertLora | None = None) -> torch.Tensor:
     """fused_moe_ref's contract with torch's grouped GEMM for the experts (float weights)."""
     weights, ids = moe_route_triton(router_logits, top_k, renormalize, x.dtype)
-    return moe_experts_grouped_mm(x, weights, ids, gate_up, down)
+    return moe_experts_grouped_mm(x, weights, ids, gate_up, down, lora)
 
 
 def fused_moe(x, router_logits, gate_up: ExpertWeights, down: ExpertWeights, top_k: int,
-              renormalize: bool) -> torch.Tensor:
-    """The one entry point: torch's grouped GEMM where it serves, else Triton where `use_triton`, else the ref."""
+              renormalize: bool, lora: ExpertLora | None = None) -> torch.Tensor:
+    """The one entry point: torch's grouped GEMM where it serves, else Triton where `use_triton`, else the ref.
+    lora: adapters on the routed experts for this step (moe_lora.py), or None."""
     if use_triton(x.device):
         if grouped_mm_serves(x, gate_up, down):
-            return fused_moe_grouped_mm(x, router_logits, gate_up, down, top_k, renormalize)
-        return fused_moe_triton(x, router_logits, gate_up, down, top_k, renormalize)
-    return fused_moe_ref(x, router_logits, gate_up, down, top_k, renormalize)
+            return fused_moe_grouped_mm(x, router_logits, gate_up, down, top_k, renormalize, lora)
+        return fused_moe_triton(x, router_logits, gate_up, down, top_k, renormalize, lora)
+    return fused_moe_ref(x, router_logits, gate_up, down, top_k, renormalize, lora)

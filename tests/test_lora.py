@@ -123,6 +123,7 @@ def test_quantized_base_with_adapter_matches_dequantized_base_plus_adapter(tmp_p
 
     from ckpt_files import read_tensors, write_sharded
     from pprt.weights import fp8, int4
+    from pprt.weights.merge import linear_modules
 
     kind, weight_of = {"int4": (int4.Int4Linear, lambda m: int4.dequantize(m.weight)),
                        "fp8": (fp8.Fp8Linear, lambda m: fp8.dequantize(m.fp8_weight))}[quant]
@@ -132,9 +133,10 @@ def test_quantized_base_with_adapter_matches_dequantized_base_plus_adapter(tmp_p
     with LLM(str(path), devices=["cpu"], dtype="float32", quant=quant, lora={"a": str(tmp_path / "a")}) as llm:
         outs = llm.generate(PROMPTS[:2], [greedy("a"), greedy()])
         stage = llm.executor.worker.stage
-        deq = {f"{p}.weight": weight_of(m) for p, m in stage.named_modules() if isinstance(m, kind)}
+        deq = {f"{p}.weight": weight_of(m) for p, m in linear_modules(stage).items() if isinstance(m, kind)}
         hooked = llm.executor.worker.loras._hooks
     assert deq and all(isinstance(stage.get_submodule(m), kind) for m in hooked)
+    assert "model.layers.0.self_attn.qkv_proj" in hooked  # q and v adapted inside the merged, quantized qkv
     write_sharded(tmp_path / "deq", {**read_tensors(path), **deq}, json.loads((path / "config.json").read_text()))
     base = reference_model(tmp_path / "deq")
     assert_matches(outs[1], base, PROMPTS[1])

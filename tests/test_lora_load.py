@@ -190,7 +190,8 @@ def test_llm_refuses_before_starting_stages(base, tmp_path):
 
 
 def test_planner_counts_adapter_slots(base):
-    """Each adapted layer holds max_loras x its largest rank x (in + out) elements, counted with its weights."""
+    """Each site holds max_loras x (its parts' largest ranks, summed) x (in + out of the whole site) elements,
+    counted with its weights: q_proj's delta lives in the merged qkv_proj, up_proj's in gate_up_proj."""
     from pprt.plan import DeviceBudget, GiB, plan
     from pprt.weights.lora import slot_bytes
 
@@ -198,7 +199,9 @@ def test_planner_counts_adapter_slots(base):
     adapter = read_adapter("good", str(good), config)
     per_layer = slot_bytes([adapter], 3, config.num_layers, 2)
     H, I, q = config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim
-    assert per_layer == [3 * 4 * ((H + q) + (q + H) + (H + I)) * 2] * config.num_layers  # q, o, up at r=4
+    kv = config.num_kv_heads * config.head_dim
+    # q (in qkv_proj), o, up (in gate_up_proj) at r=4
+    assert per_layer == [3 * 4 * ((H + q + 2 * kv) + (q + H) + (H + 2 * I)) * 2] * config.num_layers
     budgets = [DeviceBudget("a", GiB), DeviceBudget("b", GiB)]
     without = plan(config, budgets, split=[2, 1], max_context=64)
     with_lora = plan(config, budgets, split=[2, 1], max_context=64, lora_layer_bytes=per_layer)

@@ -110,10 +110,9 @@ class Worker:
         t0 = time.perf_counter()
         self.stage = Stage(spec.config, spec.layers)
         rss_before = current_rss_bytes()
-        # LoRA adapters hook q/k/v and gate/up by name: with adapters those stay apart
-        lora = spec.max_loras > 0 or spec.merged_lora is not None
+        # q/k/v and gate/up merged also with LoRA slots: adapters add to their part of the merged layer
         self.quant_seconds = load_stage(self.stage, CheckpointReader(ModelSource(spec.model)),
-                                        self.device, spec.dtype, spec.quant, merge=not lora)
+                                        self.device, spec.dtype, spec.quant)
         if spec.merged_lora is not None:
             merge_lora(self.stage, spec.merged_lora.stage_tensors(spec.layers, self.device, torch.float32))
         self.load_rss_bytes = peak_rss_bytes() - rss_before  # host memory the load took at its peak

@@ -103,6 +103,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
 
 
+# Linears the loader joins into one (pprt.weights.merge): the merged layer's name -> its parts, in output order.
+MERGED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 class MLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up as one matmul once the loader joined them (gate_up_proj)."""
 

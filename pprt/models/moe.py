@@ -17,15 +17,19 @@ each, named as checkpoints name them, whatever the checkpoint's layout
 (per-expert tensors or fused [E, 2I, H] / [E, H, I]: pprt.weights.layout maps
 either onto them); the loader moves each into `stacked` (gate_up [E, 2I, H],
 down [E, H, I]: pprt.weights.experts) as soon as it is placed, so a loaded
-layer's `experts` is empty.
+layer's `experts` is empty. LoRA adapters on the routed experts reach the fused pass
+through `expert_lora` (set by pprt.models.lora.LoraBank: the step's ExpertLora, or None).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pprt_kernels.fused_moe import fused_moe
+from pprt_kernels.moe_lora import ExpertLora
 from pprt_kernels.moe_weights import ExpertWeights
 
 from ..config import ModelConfig
@@ -38,6 +42,8 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.hidden_size, self.intermediate_size = cfg.hidden_size, cfg.moe_intermediate_size
+        self.expert_lora: Callable[[], ExpertLora | None] | None = None  # LoRA on the routed experts, per step
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         self.stacked = nn.Module()  # filled by the loader (pprt.weights.experts.stack_expert)
@@ -53,7 +59,8 @@ class MoE(nn.Module):
                 raise RuntimeError("the MoE layer's experts are not loaded (stacked) yet")
             self._weights = (self.stacked.gate_up.expert_weights(), self.stacked.down.expert_weights())
         gate_up, down = self._weights
-        out = fused_moe(x, self.gate(x), gate_up, down, self.top_k, self.norm_topk)  # [T, H]
+        lora = self.expert_lora() if self.expert_lora is not None else None
+        out = fused_moe(x, self.gate(x), gate_up, down, self.top_k, self.norm_topk, lora)  # [T, H]
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # [T, H]
         return out

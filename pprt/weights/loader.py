@@ -81,11 +81,9 @@ def resolve_tied_head(config: ModelConfig, reader: CheckpointReader, rows_per_re
 
 
 def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
-               quant: str | None = None, progress: bool | None = None, merge: bool = True) -> float:
-    """Fill `stage` in place on `device`; returns the seconds spent quantizing at load.
-
-    merge: join q/k/v and gate/up into one layer each (merge.py); False keeps every linear under
-    its own name (LoRA adapters hook them by name)."""
+               quant: str | None = None, progress: bool | None = None) -> float:
+    """Fill `stage` in place on `device`, q/k/v and gate/up joined into one layer each where their
+    formats allow (merge.py); returns the seconds spent quantizing at load."""
     beyond = reader.layer_beyond(stage.config.num_layers)
     if beyond is not None:
         raise CheckpointError(f"{reader.listing}: tensor {beyond!r} belongs to a decoder layer past the "
@@ -125,7 +123,7 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
                disable=None if progress is None else not progress, leave=False)
     quant_seconds = 0.0
     modules = dict(stage.named_modules())
-    merges = FloatMerges(stage, linears if merge else {})  # float q/k/v and gate/up: read into their merged layer
+    merges = FloatMerges(stage, linears)  # float q/k/v and gate/up: read into their merged layer
     try:
         for name, (ckpt_name, shape) in plain.items():
             prefix, _, pname = name.rpartition(".")
@@ -142,11 +140,11 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
                     module = quantize_at_load(module, at_load)
                     _replace(stage, prefix, module)
                     quant_seconds += time.perf_counter() - t0
-                _placed(stage, prefix, module, merge)
+                _placed(stage, prefix, module)
         for prefix, names in quantized.items():
             module = load_quantized(reader, in_file[prefix], dtype, device)
             _replace(stage, prefix, module)
-            _placed(stage, prefix, module, merge)
+            _placed(stage, prefix, module)
             bar.update(sum(reader.nbytes(t) for t in names))
         leftover = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
         if leftover:
@@ -180,7 +178,7 @@ def _release(stage: Stage) -> None:
                     table[key] = nn.Parameter(meta, requires_grad=False) if is_param else meta
 
 
-def _placed(stage: Stage, prefix: str, module: nn.Module, merge: bool) -> None:
+def _placed(stage: Stage, prefix: str, module: nn.Module) -> None:
     """A linear is in place: a routed expert's moves into its MoE layer's stacks (experts.py); the
     last of q/k/v or of gate/up joins its group into one layer (merge.py)."""
     found = expert_linear(prefix)
@@ -188,7 +186,7 @@ def _placed(stage: Stage, prefix: str, module: nn.Module, merge: bool) -> None:
         moe, expert, proj = found
         stack_expert(stage.get_submodule(moe), expert, proj, module, prefix)
         _drop(module)  # its tensors now live in the stack
-    elif merge and prefix.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+    elif prefix.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
         parent = stage.get_submodule(prefix.rpartition(".")[0])
         parts = {name: getattr(parent, name) for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
                  if isinstance(getattr(parent, name, None), nn.Module)}

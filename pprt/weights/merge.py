@@ -32,11 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.layers import MERGED_LAYERS
 from .experts import expert_linear, expert_modules
 from .fp8 import Fp8Linear, Fp8Weight
 from .int4 import Int4Linear, Int4Weight
 
-GROUPS = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
+GROUPS = {parts: merged for merged, parts in MERGED_LAYERS.items()}
 _LINEARS = (nn.Linear, Int4Linear, Fp8Linear)
 
 
