@@ -47,7 +47,12 @@ def per_expert_adapter(fused: Path, out: Path, num_experts: int, intermediate: i
     """Write `fused` (experts adapted through target_parameters gate_up_proj and down_proj, both)
     as per-expert module targets into `out`."""
     config = json.loads((Path(fused) / "adapter_config.json").read_text())
-    assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert {"mlp.experts.down_proj", "mlp.experts.gate_up_proj"} <= set(config["target_parameters"])
+    for field in ("rank_pattern", "alpha_pattern"):  # gate_up_proj's pattern goes to both of its parts
+        patterns = config.get(field) or {}
+        for key in [k for k in patterns if "gate_up_proj" in k]:
+            patterns[r"mlp\.experts\.\d+\.(gate_proj|up_proj)"] = patterns.pop(key)
+        config[field] = patterns
     tensors = load_file(Path(fused) / "adapter_model.safetensors")
     rewritten, E, I = {}, num_experts, intermediate
     for key, t in tensors.items():
@@ -67,7 +72,7 @@ def per_expert_adapter(fused: Path, out: Path, num_experts: int, intermediate: i
                 rewritten[f"{base}.down_proj.lora_{m['part']}.weight"] = per[e].contiguous()
             elif m["part"] == "A":  # gate and up share the fused projection's A
                 rewritten[f"{base}.gate_proj.lora_A.weight"] = per[e].contiguous()
-                rewritten[f"{base}.up_proj.lora_A.weight"] = per[e].contiguous()
+                rewritten[f"{base}.up_proj.lora_A.weight"] = per[e].clone()
             else:
                 rewritten[f"{base}.gate_proj.lora_B.weight"] = per[e][:I].contiguous()
                 rewritten[f"{base}.up_proj.lora_B.weight"] = per[e][I:].contiguous()
@@ -80,3 +85,25 @@ def per_expert_adapter(fused: Path, out: Path, num_experts: int, intermediate: i
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "adapter_config.json").write_text(json.dumps(config))
     save_file(rewritten, Path(out) / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def random_per_expert_adapter(base: Path, out: Path, seed: int, r: int, alpha: int) -> None:
+    """A random adapter of every routed expert's gate_proj / up_proj / down_proj in transformers 4's
+    per-expert layout, target_modules ["gate_proj", "up_proj", "down_proj"], as PEFT saved them for
+    models with no dense or shared-expert MLP (every layer routed). PEFT on transformers 5 loads it by
+    converting it to the fused parameters (peft/utils/transformers_weight_conversion.py): the oracle."""
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    E, H, I = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"]
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for e in range(E):
+            for proj, (k, n) in {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}.items():
+                key = f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{proj}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(r, k, generator=gen) / k**0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(n, r, generator=gen) * 0.5
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, Path(out) / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "bias": "none", "task_type": None,
+              "target_modules": ["gate_proj", "up_proj", "down_proj"], "base_model_name_or_path": str(base)}
+    (Path(out) / "adapter_config.json").write_text(json.dumps(config))

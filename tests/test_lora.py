@@ -55,6 +55,12 @@ def test_mixed_batch_matches_peft_and_solo(qwen3):
             assert_matches(out, base if choice is None else adapters[choice][1], prompt)
             solo = llm.generate([prompt], greedy(choice))[0]
             assert solo.token_ids == out.token_ids
+        # q/k/v and gate/up stay merged: the adapters add to their parts' rows of the merged layers
+        attn = llm.executor.worker.stage.get_submodule("model.layers.1.self_attn")
+        assert attn.qkv_proj is not None and attn.q_proj is None
+        sites = {site.name for site in llm.executor.worker.loras.sites.values()}
+        assert {"model.layers.1.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj"} <= sites
+        assert not any(s.endswith((".q_proj", ".k_proj", ".v_proj", ".gate_proj", ".up_proj")) for s in sites)
         # the adapters change the output at all (else the test above proves nothing)
         plain = llm.generate(PROMPTS[:1], greedy())[0]
         assert llm.generate(PROMPTS[:1], greedy("a"))[0].token_ids != plain.token_ids
