@@ -228,3 +228,46 @@ def test_prefix_cache_never_serves_one_adapters_kv_to_another(qwen3):
         out, cached = run(None)  # the base model's own blocks are still cached
         assert cached == 48
         assert_matches(out, base, prompt)
+
+
+def test_bank_stacks_the_parts_of_a_merged_layer(qwen3):
+    """On the merged qkv_proj of layer 2, adapter a (q, k, v at rank 8) and b (q, v at rank 16): one stack
+    with each part's rank columns (q 16, k 8, v 16) and its block of rows; the hook adds to each token the
+    delta of its own adapter's parts only; emptying slots shrinks and then drops the stack and the hook."""
+    from pprt.models.lora import LoraBank
+    from pprt.weights.lora import read_adapter
+
+    path, adapters, _ = qwen3
+    with LLM(str(path), devices=["cpu"]) as llm:
+        stage, config = llm.executor.worker.stage, llm.config
+        tensors = {n: read_adapter(n, str(p), config).stage_tensors((0, 3), "cpu", torch.float32)
+                   for n, (p, _) in adapters.items()}
+        bank = LoraBank(stage, 3, torch.device("cpu"), torch.float32)
+        bank.add(0, tensors["a"])
+        bank.add(2, tensors["b"])
+        site = "model.layers.2.self_attn.qkv_proj"
+        H, nq, nkv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        a, b = bank.stack(site)
+        assert a.shape == (3, 16 + 8 + 16, H) and b.shape == (3, nq + 2 * nkv, 40)
+        assert b[2, nq:nq + nkv].abs().sum() == 0 and b[0, :nq, 16:24].abs().sum() == 0  # off-diagonal blocks
+
+        x = torch.randn(5, H)
+        slots = torch.tensor([0, 2, -1, 2, 0], dtype=torch.int32)
+        layer = stage.get_submodule(site)
+        base = layer(x)
+        bank.bind(slots)
+        got = layer(x) - base
+        bank.bind(None)
+        for t, s in enumerate(slots.tolist()):
+            parts = tensors["a" if s == 0 else "b"] if s >= 0 else {}
+            want = torch.cat([x[t] @ parts[p][0].t() @ parts[p][1].t() if p in parts else torch.zeros(n)
+                              for p, n in ((f"model.layers.2.self_attn.{q}", n) for q, n in
+                                           (("q_proj", nq), ("k_proj", nkv), ("v_proj", nkv)))])
+            torch.testing.assert_close(got[t], want, atol=1e-5, rtol=1e-5)
+        bank.remove(2)
+        assert bank.stack(site)[0].shape[1] == 8 + 8 + 8  # a's ranks only
+        bank.remove(0)
+        assert bank.stack(site) is None and not bank._hooks
+        torch.testing.assert_close(layer(x), base)
+        with pytest.raises(ValueError, match="do not fit"):
+            bank.add(1, {"model.layers.2.self_attn.q_proj": (torch.zeros(4, H + 1), torch.zeros(nq, 4))})

@@ -238,3 +238,70 @@ def test_registry_and_scheduler_carry_slot_changes_in_step_order():
     again = sched.schedule()
     assert [(c.slot, c.adapter and c.adapter.name) for c in again.loras] == [(0, "x"), (1, "y"), (0, None)]
     assert sched.uses_lora("y") == 1 and sched.uses_lora("x") == 0
+
+
+# ---- routed experts: PEFT's target_parameters on transformers 5's fused expert parameters ----------------
+
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+X1 = f"{PREFIX}.1.mlp.experts"
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("lora_load_moe")
+    path = make_checkpoint(root / "base", "qwen3_moe", tokenizer=False)
+    torch.manual_seed(0)
+    model = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                             target_modules=["q_proj"],
+                                                             target_parameters=EXPERT_PARAMS))
+    model.save_pretrained(root / "good")
+    return path, load_config(ModelSource(path)), root / "good"
+
+
+def test_fused_expert_parameters_are_read_per_expert(moe):
+    """PEFT's ParamWrapper layout: gate_up_proj (the module's first parameter) is the inner wrapper
+    `experts.base_layer.lora_*`, down_proj the outer `experts.lora_*`; A [r*E, in] is expert-major,
+    B [out, r*E] rank-major. stage_tensors gives A [E, r, in] and scale * B [E, out, r]."""
+    path, config, good = moe
+    E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    adapter = read_adapter("good", str(good), config)
+    experts = {t.module: t for t in adapter.targets if t.experts}
+    assert sorted(experts) == [f"model.layers.1.mlp.experts.{p}" for p in ("down_proj", "gate_up_proj")]
+    gu = experts["model.layers.1.mlp.experts.gate_up_proj"]
+    assert (gu.experts, gu.rank, gu.in_features, gu.out_features, gu.scale) == (E, 4, H, 2 * I, 2.0)
+    assert gu.a_key == f"{X1}.base_layer.lora_A.weight"
+    got = adapter.stage_tensors((1, 2), "cpu", torch.float32)
+    file = load_file(good / "adapter_model.safetensors")
+    for proj, nest, (k, n) in (("gate_up_proj", ".base_layer", (H, 2 * I)), ("down_proj", "", (I, H))):
+        a, b = got[f"model.layers.1.mlp.experts.{proj}"]
+        fa, fb = file[f"{X1}{nest}.lora_A.weight"], file[f"{X1}{nest}.lora_B.weight"]
+        assert a.shape == (E, 4, k) and b.shape == (E, n, 4)
+        for e in (0, 5):
+            torch.testing.assert_close(a[e], fa[e * 4:(e + 1) * 4])
+            torch.testing.assert_close(b[e], 2.0 * fb[:, e::E])
+    # the planner: max_loras x E x (rank) x (in + out) per expert site, plus q (in the merged qkv_proj)
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_layer = lora_mod.slot_bytes([adapter], 2, config.num_layers, 4)
+    attention = 2 * 4 * (H + q + 2 * kv) * 4
+    assert per_layer[1] == attention + 2 * 4 * E * ((H + 2 * I) + (I + H)) * 4
+    assert per_layer[0] == attention  # layer 1 is this tiny qwen3_moe's one sparse layer
+
+
+@pytest.mark.parametrize("config,edit,words", [
+    ({"target_parameters": ["mlp.experts.down_proj"]}, None,
+     [f"{X1}.base_layer.lora_A.weight", "select 1 of its parameters", "down_proj"]),
+    ({"target_parameters": ["mlp.gate.weight"]}, None, ["'mlp.gate.weight'", "selects no fused expert parameter"]),
+    (None, lambda t: t.update({f"{X1}.lora_A.weight": torch.zeros(4 * 7, 32)}),
+     [f"{X1}.lora_A.weight", "[28, 32]", "[32, 32]", "8 experts"]),
+    (None, lambda t: (t.pop(f"{X1}.lora_A.weight"), t.pop(f"{X1}.lora_B.weight")),
+     ["'model.layers.1.mlp.experts.down_proj'", "missing"]),
+    (None, _drop(f"{X1}.base_layer.lora_B.weight"), [f"{X1}.base_layer.lora_B.weight", "missing"]),
+])
+def test_bad_expert_adapters_are_refused_naming_the_cause(moe, tmp_path, config, edit, words):
+    path, model_config, good = moe
+    with pytest.raises(CheckpointError) as err:
+        read_adapter("bad", variant(good, tmp_path, config=config, edit=edit), model_config)
+    for w in words:
+        assert w in str(err.value), str(err.value)
