@@ -2,9 +2,10 @@
 
 The oracle adds each token's adapter to the weights of each expert it chose
 (W_e + B[l, e] A[l, e], PEFT's ParamWrapper) and runs that expert's MLP on the token alone;
-tokens without an adapter (-1) use the base weights. The reference path and the Triton
-kernels (interpreter on CPU, fp32) and torch's grouped GEMM path (fp32 runs on CPU) must equal it, with tokens of three adapter slots and
-none interleaved, ranks that are not powers of two, gate_up only, down only, and top-k 1.
+tokens without an adapter (-1) use the base weights. The reference path, the Triton
+kernels (interpreter on CPU, fp32) and torch's grouped GEMM path (fp32 runs on CPU) must
+equal it, with tokens of three adapter slots and none interleaved, ranks that are not
+powers of two, gate_up only, down only, and top-k 1.
 """
 
 from __future__ import annotations
