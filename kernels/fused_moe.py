@@ -243,7 +243,8 @@ def _launch_gemm(a, w: ExpertWeights, align: MoEAlignment, rw, out, n: int, num_
         out.stride(0), out.stride(1),
         TOP_K=top_k, GATE_UP=gate_up, ATOMIC=not gate_up and (top_k > 1 or split > 1), FORMAT=fmt,
         GROUP=w.group_size if fmt == INT4_W else 1, SCALE_N=scale_n, SCALE_K=scale_k, NATIVE_FP8=native,
-        HAS_PERM=perm is not None, HAS_DELTA=delta is not None, BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_PERM=perm is not None, HAS_DELTA=delta is not None,
+        BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
     )
 

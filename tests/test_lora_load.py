@@ -292,7 +292,7 @@ def test_fused_expert_parameters_are_read_per_expert(moe):
 @pytest.mark.parametrize("config,edit,words", [
     ({"target_parameters": ["mlp.experts.down_proj"]}, None,
      [f"{X1}.base_layer.lora_A.weight", "select 1 of its parameters", "down_proj"]),
-    ({"target_parameters": ["mlp.gate.weight"]}, None, ["'mlp.gate.weight'", "selects no fused expert parameter"]),
+    ({"target_parameters": ["mlp.experts.w1"]}, None, ["'mlp.experts.w1'", "selects no parameter"]),
     (None, lambda t: t.update({f"{X1}.lora_A.weight": torch.zeros(4 * 7, 32)}),
      [f"{X1}.lora_A.weight", "[28, 32]", "[32, 32]", "8 experts"]),
     (None, lambda t: (t.pop(f"{X1}.lora_A.weight"), t.pop(f"{X1}.lora_B.weight")),

@@ -179,3 +179,20 @@ def test_triton_path(family, monkeypatch):
         outs = llm.generate(PROMPTS[:2], [greedy("a"), greedy("b")])
     for prompt, ref, out in zip(PROMPTS, (adapters["a"][1], adapters["b"][1]), outs):
         assert_matches(out, ref, prompt)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe"], indirect=True)
+def test_all_linear_adapts_the_router_and_the_experts(family, tmp_path):
+    """PEFT's "all-linear" on transformers 5's qwen3_moe: attention modules, the fused experts and the
+    router's weight (`target_parameters` ["gate.weight", "gate_up_proj", "down_proj"])."""
+    import json
+
+    name, path, _, _ = family
+    ref = make_adapter(path, tmp_path / "all", 7, r=4, lora_alpha=8, target_modules="all-linear")
+    config = json.loads((tmp_path / "all" / "adapter_config.json").read_text())
+    assert "gate.weight" in config["target_parameters"]  # the router, through PEFT's conversion
+    with LLM(str(path), devices=["cpu"], lora={"all": str(tmp_path / "all")}) as llm:
+        outs = llm.generate(PROMPTS[:2], greedy("all"))
+        assert "model.layers.1.mlp.gate" in {s.name for s in llm.executor.worker.loras.sites.values()}
+    for prompt, out in zip(PROMPTS, outs):
+        assert_matches(out, ref, prompt)

@@ -23,7 +23,8 @@ An adapter is a directory (or hub repository: only `adapter_config.json` and
   off for nn.Linear, as every Qwen projection is, so it is read and ignored.
 What pprt cannot serve is refused naming the field or the tensor: `modules_to_save`
 (whole replacement modules, e.g. an lm_head, which would change the base for every
-request), DoRA, LoRA biases, `target_parameters` other than the fused experts, pickled
+request), DoRA, LoRA biases, `target_parameters` other than the fused experts and linear
+weights (`mlp.gate.weight`: the router, as PEFT's "all-linear" reaches it on transformers 5), pickled
 `adapter_model.bin`. Every tensor's name and shape is checked against the modules the
 config builds, and every module the config targets must have both tensors, before
 anything is read: `read_adapter` reads headers only.
@@ -189,9 +190,16 @@ def read_adapter(name: str, path: str, config: ModelConfig,
     layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
     shapes = shapes if shapes is not None else linear_shapes(config)
     params = fused_params(config, shapes)
-    chosen_params = selected_params(where, peft.get("target_parameters"), params, _spellings)
+    chosen = selected_params(where, peft.get("target_parameters"), set(params) | {f"{m}.weight" for m in shapes},
+                             _spellings)
+    chosen_params = chosen & set(params)
+    # a linear's 2-D weight through target_parameters (PEFT 0.21 turns "all-linear" on transformers 5's
+    # qwen3_moe / Qwen3-Next into one for the router, `mlp.gate.weight`): the same A [r, in], B [out, r]
+    weight_targets = {n[: -len(".weight")] for n in chosen - chosen_params}
 
     def targeted(module: str) -> bool:
+        if module in weight_targets:  # PEFT matches target_parameters by name alone
+            return True
         if layers is not None and int(_LAYER.match(module).group(1)) not in layers:
             return False
         if any(_matches(peft.get("exclude_modules"), n) for n in _spellings(module)):
@@ -224,7 +232,8 @@ def read_adapter(name: str, path: str, config: ModelConfig,
         (a_key, a_shape, a_dtype), (b_key, b_shape, b_dtype) = parts["A"], parts["B"]
         experts = config.num_experts if module in params else 0
         in_f, out_f = params[module] if experts else shapes[module]
-        r = _pattern(peft.get("rank_pattern"), module, rank)
+        key_name = f"{module}.weight" if module in weight_targets else module  # what PEFT matches patterns with
+        r = _pattern(peft.get("rank_pattern"), key_name, rank)
         want_a, want_b = ([r * experts, in_f], [out_f, r * experts]) if experts else ([r, in_f], [out_f, r])
         for key, shape, want, dtype in ((a_key, a_shape, want_a, a_dtype), (b_key, b_shape, want_b, b_dtype)):
             if shape != want:
@@ -232,7 +241,7 @@ def read_adapter(name: str, path: str, config: ModelConfig,
                                       + (f" ({experts} experts)" if experts else ""))
             if dtype not in _FLOATS:
                 raise CheckpointError(f"{where}: tensor {key!r} is stored as {dtype}, not a float type")
-        a = _pattern(peft.get("alpha_pattern"), module, alpha)
+        a = _pattern(peft.get("alpha_pattern"), key_name, alpha)
         scale = a / math.sqrt(r) if rslora else a / r
         targets.append(LoraTarget(module, int(_LAYER.match(module).group(1)), a_key, b_key, r, float(scale),
                                   in_f, out_f, experts, *_site(module, shapes, params, config.num_experts)))

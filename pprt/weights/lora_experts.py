@@ -49,20 +49,21 @@ def fused_params(config: ModelConfig, linears: dict[str, tuple[int, int]]) -> di
     return out
 
 
-def selected_params(where: str, spec, params: dict[str, tuple[int, int]], spellings) -> set[str]:
-    """The fused expert parameters `target_parameters` selects (PEFT's rule: the name or its last
-    components). Raises CheckpointError naming an entry that selects none of them."""
+def selected_params(where: str, spec, candidates: set[str], spellings) -> set[str]:
+    """The parameters among `candidates` (fused expert parameters, `<linear>.weight`s) that
+    `target_parameters` selects (PEFT's rule: the name or its last components). Raises
+    CheckpointError naming an entry that selects none of them."""
     if not spec:
         return set()
     if isinstance(spec, str):
         spec = [spec]
     chosen = set()
     for entry in spec:
-        hit = {p for p in params if any(n == entry or n.endswith("." + entry) for n in spellings(p))}
+        hit = {p for p in candidates if any(n == entry or n.endswith("." + entry) for n in spellings(p))}
         if not hit:
-            raise CheckpointError(f"{where}: target_parameters entry {entry!r} selects no fused expert parameter "
-                                  "of this model (pprt serves LoRA on the parameters mlp.experts.gate_up_proj and "
-                                  "mlp.experts.down_proj)")
+            raise CheckpointError(f"{where}: target_parameters entry {entry!r} selects no parameter pprt adapts "
+                                  "(the fused experts' mlp.experts.gate_up_proj / mlp.experts.down_proj, or a "
+                                  "linear layer's weight)")
         chosen |= hit
     return chosen
 
