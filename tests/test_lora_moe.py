@@ -79,7 +79,7 @@ def assert_matches(out, ref, prompt) -> None:
 
 def assert_merged_and_adapted(llm, mlp: bool) -> None:
     """q/k/v and gate/up are one layer each; adapters sit on the merged layers and the stacked experts
-    (`mlp`: on a dense or shared-expert gate_up_proj too). Adapters reach the stages with the first step."""
+    (`mlp`: on the shared expert's merged gate_up_proj too). Adapters reach the stages with the first step."""
     worker = llm.executor.worker
     stage, bank = worker.stage, worker.loras
     for name, module in stage.named_modules():
@@ -94,7 +94,7 @@ def assert_merged_and_adapted(llm, mlp: bool) -> None:
                 assert a.shape[:2] == (bank.max_loras, module.num_experts) and a.abs().sum() > 0
     sites = {site.name for site in bank.sites.values()}
     assert any(s.endswith("self_attn.qkv_proj") for s in sites)
-    assert any(s.endswith("gate_up_proj") and ".experts." not in s for s in sites) == mlp  # dense / shared MLP
+    assert any(s.endswith("shared_expert.gate_up_proj") for s in sites) == mlp  # the shared expert's merged MLP
     assert not any(s.endswith((".q_proj", ".gate_proj", ".up_proj")) for s in sites), sites  # no part alone
 
 
