@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pprt_kernels.paged_attention import paged_attention, write_kv
+from pprt_kernels.kv_cache import write_kv
+from pprt_kernels.paged_attention import paged_attention
 
 from ..config import ModelConfig
 from .batch import StepBatch
