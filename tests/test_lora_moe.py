@@ -10,8 +10,9 @@ each request of one batch that mixes a, b and no adapter the greedy tokens of tr
 + peft with that adapter (logprobs within 1e-4) and the output it gets alone, while q/k/v
 and gate/up stay merged into one layer each (asserted on the loaded modules). The same
 experts written as per-expert modules (the layout PEFT wrote for transformers 4) give the
-same tokens; two stages, merge=True (folded into the stacked float experts) and the
-Triton path (PPRT_KERNELS=triton, interpreted) too.
+same tokens; two stages, merge=True (folded into the stacked float experts), the
+Triton path (PPRT_KERNELS=triton, interpreted) and Int4 / FP8 experts (quantized at load,
+against the dequantized base + peft) too.
 """
 
 from __future__ import annotations
@@ -196,3 +197,33 @@ def test_all_linear_adapts_the_router_and_the_experts(family, tmp_path):
         assert "model.layers.1.mlp.gate" in {s.name for s in llm.executor.worker.loras.sites.values()}
     for prompt, out in zip(PROMPTS, outs):
         assert_matches(out, ref, prompt)
+
+
+@pytest.mark.parametrize("quant", ["int4", "fp8"])
+def test_quantized_experts_with_adapters_match_the_dequantized_base(tmp_path, quant):
+    """quant="int4" / "fp8" at load quantizes the stacked experts; their adapters stay in the activation
+    dtype: pprt must equal transformers + peft on the dequantized weights with the same adapter."""
+    import json
+
+    from peft import PeftModel
+
+    from ckpt_files import read_tensors, write_sharded
+    from pprt.weights import fp8, int4
+    from pprt.weights.merge import linear_modules
+
+    kind, weight_of = {"int4": (int4.Int4Linear, lambda m: int4.dequantize(m.weight)),
+                       "fp8": (fp8.Fp8Linear, lambda m: fp8.dequantize(m.fp8_weight))}[quant]
+    path = make_checkpoint(tmp_path / "base", "qwen3_moe", tokenizer=False, hidden_size=128, intermediate_size=256,
+                           moe_intermediate_size=128, head_dim=64)
+    make_adapter(path, tmp_path / "a", 4, r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"],
+                 target_parameters=EXPERTS)
+    with LLM(str(path), devices=["cpu"], dtype="float32", quant=quant, lora={"a": str(tmp_path / "a")}) as llm:
+        outs = llm.generate(PROMPTS[:2], [greedy("a"), greedy()])
+        stage = llm.executor.worker.stage
+        assert stage.get_submodule("model.layers.1.mlp").stacked.gate_up.expert_weights().format.value == quant
+        deq = {f"{p}.weight": weight_of(m) for p, m in linear_modules(stage).items() if isinstance(m, kind)}
+    assert any(".experts." in n for n in deq)
+    write_sharded(tmp_path / "deq", {**read_tensors(path), **deq}, json.loads((path / "config.json").read_text()))
+    base = reference_model(tmp_path / "deq")
+    assert_matches(outs[1], base, PROMPTS[1])
+    assert_matches(outs[0], PeftModel.from_pretrained(base, tmp_path / "a").eval(), PROMPTS[0])
