@@ -104,23 +104,24 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
         plain[name] = (layout.source(stage.checkpoint_name(name)), tuple(param.shape))
     for part, shape in plain.values():  # validate every header, shape and dtype first
         whole = reader.info(part.name)[1]
-        layout.check_fused(part, whole.shape, whole.dtype)
+        layout.check_fused(part, whole.shape)
         path, info = reader.locate(part)
         if info.shape != shape:
             raise CheckpointError(f"{path}: tensor {str(part)!r} has shape {list(info.shape)}, "
                                   f"the config expects {list(shape)}")
         _check_dtype(path, str(part), info.dtype, FLOATS, "a float parameter")
     quantized = {p: file_tensors(reader, lin) for p, lin in in_file.items()}
-    for prefix, names in quantized.items():
-        for name in names:
-            role = name[len(in_file[prefix].ckpt) + 1:]
+    for prefix, tensors in quantized.items():
+        lin = in_file[prefix]
+        if lin.part is not None:  # an expert's rows of a fused tensor: the whole tensor's shape first
+            layout.check_fused(lin.part, reader.info(lin.part.name)[1].shape)
+        for role, src in tensors.items():
             if role in QUANTIZED_ROLES:
-                path, info = reader.info(name)
-                _check_dtype(path, name, info.dtype, QUANTIZED_ROLES[role],
-                             f"the {role} of a {in_file[prefix].stored.method} layer")
+                path, info = reader.locate(src)
+                _check_dtype(path, str(src), info.dtype, QUANTIZED_ROLES[role], f"the {role} of a {lin.stored.method} layer")
 
     total = sum(reader.nbytes(c) for c, _ in plain.values())
-    total += sum(reader.nbytes(t) for names in quantized.values() for t in names)
+    total += sum(reader.nbytes(t) for tensors in quantized.values() for t in tensors.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"layers {stage.lo}-{stage.hi - 1}",
                disable=None if progress is None else not progress, leave=False)
     quant_seconds = 0.0
@@ -143,11 +144,11 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
                     _replace(stage, prefix, module)
                     quant_seconds += time.perf_counter() - t0
                 _placed(stage, prefix, module, merge)
-        for prefix, names in quantized.items():
+        for prefix in quantized:
             module = load_quantized(reader, in_file[prefix], dtype, device)
             _replace(stage, prefix, module)
             _placed(stage, prefix, module, merge)
-            bar.update(sum(reader.nbytes(t) for t in names))
+            bar.update(sum(reader.nbytes(t) for t in quantized[prefix].values()))
         leftover = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
         if leftover:
             raise CheckpointError(f"model {reader.source.name!r}: tensors not loaded: {leftover[:5]}")
