@@ -33,6 +33,7 @@ from fp8_packers import fp8_block_quantize, fp8_block_quantize_fused
 from int4_packers import gptq_quantize
 from models import make_checkpoint, reference_greedy, reference_logprobs, reference_model
 from pprt import LLM, SamplingParams
+from pprt.plan import DeviceBudget, plan
 from pprt.weights import fp8, int4
 from pprt.weights.merge import linear_modules
 
@@ -202,6 +203,24 @@ def test_fused_fp8_experts_run_in_the_triton_fused_moe(fp8_files, monkeypatch):
     tokens, logprobs = reference_greedy(reference_model(deq), PROMPTS[0], n)
     assert outs[0].token_ids == tokens
     assert chosen(outs[0]) == pytest.approx(logprobs, abs=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("layout, inter", [("per_expert", 96), ("fused", 128), ("fused", 96)])
+def test_planner_bytes_of_fp8_experts_in_either_layout(layout, inter, tmp_path):
+    """The planner counts FP8 experts per expert from config.json; a stage holds exactly that for
+    per-expert files and for fused ones whose I is a multiple of the 128-row block. When it is not
+    (I = 96), gate's and up's scales are held in 32-row blocks: 3 rows each instead of 1, over
+    ceil(160/128) = 2 column blocks, so 2 * 2 * 2 * 4 = 32 more bytes per expert."""
+    dims = dict(family_dims("qwen3_5_moe"), moe_intermediate_size=inter)
+    src = make_checkpoint(tmp_path / "float", "qwen3_5_moe", tokenizer=False, max_shard_size="300KB",
+                          expert_layout=layout, **dims)
+    write_fp8(src, tmp_path / "fp8", tmp_path / "deq")
+    with LLM(str(tmp_path / "fp8"), devices=["cpu"], dtype="bfloat16") as llm:
+        held = llm.executor.weight_bytes[0]
+        config = llm.config
+    planned = plan(config, [DeviceBudget("cpu", 1 << 34)], dtype_bytes=2, max_context=64).stages[0].weight_bytes
+    extra = 32 * config.num_experts * config.num_layers if (layout, inter) == ("fused", 96) else 0
+    assert held == planned + extra
 
 
 # ---------------------------------------------------------------- 2. GPTQ Int4 files

@@ -13,6 +13,9 @@ Notation as in shared/QWEN.md: H, n, m, h, I, V, E, k; db = model dtype bytes.
   (`quant`). Int4 costs K*N/2 + ceil(K/g)*N*(db + 1) (int4 values, scales in the model dtype,
   uint8 zeros; + 8K with desc_act), FP8 N*K + ceil(N/bn)*ceil(K/bk)*4 (float32 block scales),
   float N*K*db (a layer that quant="int4" cannot group stays float; see pprt.quantization).
+  MoE experts count per expert whatever the file's layout: a fused FP8 file holds the same
+  bytes when I is a multiple of the block's rows (every release), and a few more scale bytes
+  otherwise (pprt.weights.fp8.load_fp8_rows re-expresses gate's and up's scales in finer blocks).
   Everything else (embedding, head, norms, biases, routers, shared-expert gates, the DeltaNet
   conv weight, A_log, dt_bias and its gated norm) is in the model dtype.
 - KV per token: 2 * (full-attention layers) * m * (h * element bytes + s) (auto = model dtype;

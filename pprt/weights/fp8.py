@@ -18,7 +18,9 @@ Bytes per layer: N*K + ceil(N/bn)*ceil(K/bk)*4 (about half of bf16).
 largest e4m3 value) and weight = round-to-nearest e4m3 of w / scale, as the official
 files are made (DeepSeek-V3 / Qwen FP8 recipe), on the weight's own device.
 `Fp8Linear` is the module the model uses; its forward goes through
-pprt_kernels.fp8_matmul (Triton on CUDA, torch on CPU).
+pprt_kernels.fp8_matmul (Triton on CUDA, torch on CPU). `load_fp8_rows` reads one expert's
+projection out of a fused FP8 expert tensor (`gate_up_proj` [E, 2I, H] with scales over the
+joined rows), so fused and per-expert files end in the same per-expert layers.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
         for role, src in tensors.items():
             if role in QUANTIZED_ROLES:
                 path, info = reader.locate(src)
-                _check_dtype(path, str(src), info.dtype, QUANTIZED_ROLES[role], f"the {role} of a {lin.stored.method} layer")
+                _check_dtype(path, str(src), info.dtype, QUANTIZED_ROLES[role],
+                             f"the {role} of a {lin.stored.method} layer")
 
     total = sum(reader.nbytes(c) for c, _ in plain.values())
     total += sum(reader.nbytes(t) for tensors in quantized.values() for t in tensors.values())
