@@ -110,3 +110,160 @@ def test_draft_logits_equal_the_published_formula(oracles, family):
     assert recorder.calls[0].shape[0] == K + 1 and len(recorder.calls) == 1 + K
     torch.testing.assert_close(torch.cat(recorder.calls[1:]), logits, rtol=1e-4, atol=1e-4)
     assert result.drafts == [drafts]
+
+
+# ---- 2. greedy generation through the pipeline ------------------------------------------------------
+
+def spoiled(expected: dict, tokens: list[int], k: int) -> list[int]:
+    """transformers' next k tokens after `tokens` with one spoiled (which one cycles with the
+    length), so that every acceptance count 0..k happens; [] past the known continuation."""
+    for prompt, cont in expected.items():
+        full = list(prompt) + cont
+        if full[:len(tokens)] == tokens:
+            drafts = full[len(tokens):len(tokens) + k]
+            bad = len(tokens) % (k + 1)
+            if bad < len(drafts):
+                drafts[bad] = (drafts[bad] + 1) % 320
+            return drafts
+    return []
+
+
+def watch_drafts(monkeypatch, expected: dict | None = None) -> list:
+    """Record (tokens, drafts) each time a sequence receives the head's drafts; with `expected`,
+    then replace them by transformers' spoiled continuation (what the next chunk sends)."""
+    from pprt.engine.scheduler import Scheduler
+
+    seen, complete = [], Scheduler.complete
+
+    def watched(self, plan, result, seqs):
+        updated = complete(self, plan, result, seqs)
+        for seq, _ in updated:
+            if seq.drafts:
+                seen.append((seq.tokens, list(seq.drafts)))
+            if expected is not None and seq.drafts_at == seq.num_tokens:
+                seq.drafts = spoiled(expected, seq.tokens, K)
+        return updated
+
+    monkeypatch.setattr(Scheduler, "complete", watched)
+    return seen
+
+
+def check_greedy(family, oracles, monkeypatch, oracle_drafts=False, formula=True, **llm_kw):
+    """Greedy tokens with MTP drafting equal transformers' (the batch, then PROMPTS[0] again, from
+    the prefix cache); the drafts the head proposed equal the formula's (`formula`: every other
+    one). Returns the LLM's stats."""
+    path, model, head, expected = oracles(family)
+    seen = watch_drafts(monkeypatch, expected if oracle_drafts else None)
+    with LLM(str(path), speculative=MTP, **llm_kw) as llm:
+        outs = llm.generate(PROMPTS, GREEDY)
+        again = llm.generate(PROMPTS[0], GREEDY)[0]  # its prompt's blocks are cached now
+        stats = llm.stats()
+        assert stats.kv_blocks_used == 0 and stats.state_slots_used == 0  # every block and slot came back
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.token_ids == expected[tuple(prompt)], prompt
+    assert again.token_ids == expected[tuple(PROMPTS[0])]
+    assert stats.draft_tokens > 0 and stats.accepted_tokens <= stats.draft_tokens
+    if oracle_drafts:  # both paths ran: drafts accepted (KV kept) and rejected (KV dropped, state rolled back)
+        assert 0 < stats.accepted_tokens < stats.draft_tokens, stats
+    assert len(seen) >= len(PROMPTS) * 2
+    if formula:  # every other record (each costs a transformers forward)
+        for tokens, drafts in seen[::2]:
+            assert drafts == reference_drafts(model, head, tokens, len(drafts))[0], tokens
+    return stats
+
+
+@pytest.mark.parametrize("family, devices, split, chunk_size, oracle_drafts", [
+    ("qwen3_5", ["cpu"], None, 2048, False),
+    ("qwen3_5", ["cpu"], None, 5, True),
+    ("qwen3_next", ["cpu", "cpu"], [5, 3], 5, True),
+    ("qwen3_5_text", ["cpu"] * 3, [2, 3, 3], 7, False),
+    pytest.param("qwen3_5_moe", ["cpu", "cpu"], [3, 5], 6, True, marks=pytest.mark.slow),
+    pytest.param("qwen3_next", ["cpu"] * 3, [3, 2, 3], 7, True, marks=pytest.mark.slow),
+    pytest.param("qwen3_5_moe", ["cpu"] * 3, [2, 4, 2], 2048, False, marks=pytest.mark.slow),
+], ids=["qwen3_5-1stage", "qwen3_5-1stage-chunked-oracle", "qwen3_next-2stages-chunked-oracle",
+        "qwen3_5_text-3stages-chunked", "qwen3_5_moe-2stages-chunked-oracle", "qwen3_next-3stages-oracle",
+        "qwen3_5_moe-3stages"])
+def test_greedy_with_mtp_equals_transformers(oracles, monkeypatch, family, devices, split, chunk_size,
+                                             oracle_drafts):
+    check_greedy(family, oracles, monkeypatch, oracle_drafts, devices=devices, split=split, chunk_size=chunk_size,
+                 block_size=4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", pytest.param("qwen3_next", marks=pytest.mark.slow),
+                                    pytest.param("qwen3_5_moe", marks=pytest.mark.slow)])
+def test_greedy_with_mtp_under_preemption(oracles, monkeypatch, family):
+    """A pool of 14 blocks of 4 tokens for 4 sequences of up to 26 tokens (and the head's draft
+    positions): sequences are preempted and recomputed, their head's KV with them."""
+    path = oracles(family)[0]
+    with LLM(str(path), devices=["cpu"], block_size=4, speculative=MTP) as llm:
+        per_block = llm.executor.worker.cache.spec.bytes_per_block
+    stats = check_greedy(family, oracles, monkeypatch, oracle_drafts=True, devices=["cpu"], block_size=4,
+                         kv_cache_memory=14 * per_block)
+    assert stats.preemptions > 0
+
+
+# ---- 3. sampling -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("oracle_drafts", [False, True], ids=["head-drafts", "oracle-drafts"])
+def test_seeded_sampling_does_not_depend_on_neighbours(oracles, monkeypatch, oracle_drafts):
+    path, _, _, expected = oracles("qwen3_5")
+    watch_drafts(monkeypatch, expected if oracle_drafts else None)
+    # a low temperature: the oracle's greedy drafts are mostly accepted (spoiled ones rejected)
+    params = SamplingParams(max_tokens=N, temperature=0.05 if oracle_drafts else 0.8, seed=11, ignore_eos=True)
+    with LLM(str(path), devices=["cpu"], speculative=MTP) as llm:
+        alone = llm.generate(PROMPTS[0], params)[0]
+        batch = llm.generate(PROMPTS, params)
+        stats = llm.stats()
+    assert batch[0].token_ids == alone.token_ids
+    assert stats.draft_tokens > 0
+    if oracle_drafts:
+        assert 0 < stats.accepted_tokens < stats.draft_tokens
+
+
+def repeating_checkpoint(path):
+    """A tied qwen3_5_text checkpoint whose model tends to repeat its last token and whose MTP
+    head drafts exactly that (a stand-in for a trained pair: drafts often accepted, not always):
+    larger embeddings, decoder and head layers scaled down to a trickle, the head's fc passing
+    the embedding half through and its norms at 1."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(path, "qwen3_5_text", mtp=True, tie_word_embeddings=True)
+    gen = torch.Generator().manual_seed(3)
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name == "model.embed_tokens.weight":
+                tensors[name] = 0.12 * torch.randn(t.shape, generator=gen)
+            elif name == "mtp.fc.weight":  # [H, 2H]: [identity | 0]
+                tensors[name] = torch.cat([torch.eye(t.shape[0]), torch.zeros(t.shape[0], t.shape[0])], dim=1)
+            elif name.startswith("mtp.") and "norm" in name and "layers" not in name:
+                tensors[name] = torch.zeros_like(t)
+            elif ".layers." in name and "norm" not in name and t.dim() == 2:
+                tensors[name] = 0.05 * t
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return path
+
+
+def test_sampled_tokens_follow_the_same_distribution_with_mtp(tmp_path):
+    """B unseeded samples at temperature 1.3 with and without MTP drafting (fixed LLM seeds: the test
+    is deterministic), 50 requests at a time (a hybrid sequence drafts only while no request waits
+    for a state slot): every token's frequency at output positions 1-3 agrees within 4.5 standard
+    errors of the difference of two binomial frequencies."""
+    path = repeating_checkpoint(tmp_path / "repeating")
+    B, n = 400, 4
+    params = SamplingParams(max_tokens=n, temperature=1.3, top_p=1.0, top_k=0, min_p=0.0, ignore_eos=True)
+    runs = {}
+    for spec in (None, MTP):
+        with LLM(str(path), devices=["cpu"], seed=5, speculative=spec) as llm:
+            runs[spec is None] = torch.tensor([o.token_ids for _ in range(B // 50)
+                                               for o in llm.generate([[7, 100, 250, 31]] * 50, params)])
+            stats = llm.stats()
+    assert stats.draft_tokens > B and 0.1 < stats.acceptance_rate < 0.9, stats
+    print(f"MTP drafts: {stats.draft_tokens}, accepted {stats.acceptance_rate:.2f}")
+    base, spec = runs[True], runs[False]  # [B, n] each
+    for pos in range(1, n):
+        V = int(max(base[:, pos].max(), spec[:, pos].max())) + 1
+        fb, fs = (torch.bincount(x[:, pos], minlength=V).float() / B for x in (base, spec))
+        pooled = (fb + fs) / 2
+        tol = 4.5 * (pooled * (1 - pooled) * 2 / B).sqrt() + 1e-3
+        assert ((fb - fs).abs() <= tol).all(), (pos, (fb - fs).abs().max())
