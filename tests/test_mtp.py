@@ -267,3 +267,90 @@ def test_sampled_tokens_follow_the_same_distribution_with_mtp(tmp_path):
         pooled = (fb + fs) / 2
         tol = 4.5 * (pooled * (1 - pooled) * 2 / B).sqrt() + 1e-3
         assert ((fb - fs).abs() <= tol).all(), (pos, (fb - fs).abs().max())
+
+
+# ---- 4. refusal, what is read, what is planned -------------------------------------------------------
+
+def test_a_checkpoint_without_an_mtp_head_is_refused_by_name(tmp_path):
+    import json
+
+    plain = make_checkpoint(tmp_path / "plain", "qwen3_5_text")  # config.json declares no MTP layer
+    with pytest.raises(CheckpointError, match="no multi-token-prediction.*mtp_num_hidden_layers"):
+        LLM(str(plain), devices=["cpu"], speculative=MTP)
+    broken = make_checkpoint(tmp_path / "broken", "qwen3_5")
+    index_path = broken / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["mtp.layers.0.self_attn.k_proj.weight"], index["weight_map"]["mtp.fc.weight"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"lacks 2 of its \d+ tensors.*mtp\.fc\.weight.*k_proj"):
+        LLM(str(broken), devices=["cpu"], speculative=MTP)
+
+
+def test_the_last_stage_reads_the_head_and_the_embedding_once(tmp_path, monkeypatch):
+    """Bytes read per stage with MTP on (a fused-expert Qwen3.5-MoE on two stages): the first reads
+    no mtp.* tensor, the last reads every one of them whole, and the embedding too."""
+    from test_hybrid_weights import ReadSpy, tensor_ranges
+
+    from pprt.models.stage import Stage
+    from pprt.weights.checkpoint import CheckpointReader
+    from pprt.weights.loader import load_stage
+
+    path = make_checkpoint(tmp_path / "m", "qwen3_5_moe", tokenizer=False)
+    ranges = tensor_ranges(path)
+    config = load_config(ModelSource(path))
+    reads = []
+    for layers in ((0, 5), (5, config.num_layers)):
+        stage = Stage(config, layers, mtp=True)
+        spy = ReadSpy(monkeypatch)
+        load_stage(stage, CheckpointReader(ModelSource(path)), torch.device("cpu"), torch.float32, progress=False)
+        monkeypatch.undo()
+        reads.append(spy.tensors(ranges))
+        assert sum(reads[-1].values()) == sum(p.numel() * 4 for p in stage.parameters())
+    first, last = reads
+    mtp = {n: b - a for (_, n), (a, b) in ranges.items() if n.startswith("mtp.")}
+    assert not [n for n in first if n.startswith("mtp.")]
+    assert {n: b for n, b in last.items() if n.startswith("mtp.")} == mtp
+    embedding = "model.language_model.embed_tokens.weight"
+    assert first[embedding] == last[embedding] == config.vocab_size * config.hidden_size * 4
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_the_planner_counts_the_head_its_kv_and_the_embedding(tmp_path, family):
+    from pprt.models.stage import Stage
+    from pprt.plan import DeviceBudget, GiB, embedding_bytes, kv_bytes_per_token, mtp_weight_bytes, plan
+    from pprt.weights.checkpoint import CheckpointReader
+    from pprt.weights.loader import load_stage
+
+    path = make_checkpoint(tmp_path / "m", family, tokenizer=False)
+    config = load_config(ModelSource(path))
+    stage = Stage(config, (4, config.num_layers), mtp=True)
+    load_stage(stage, CheckpointReader(ModelSource(path)), torch.device("cpu"), torch.float32, progress=False)
+    held = sum(t.nbytes for n, t in stage.state_dict().items() if n.startswith("mtp."))
+    assert mtp_weight_bytes(config, dtype_bytes=4) == held  # exact, experts stacked as loaded
+    budgets = [DeviceBudget("a", GiB), DeviceBudget("b", GiB)]
+    off, on = (plan(config, budgets, dtype_bytes=4, split=[4, 4], max_context=256, mtp_tokens=k) for k in (0, 2))
+    assert on.stages[0] == off.stages[0]
+    assert on.stages[1].weight_bytes - off.stages[1].weight_bytes == held + embedding_bytes(config, 4)
+    assert on.stages[1].kv_bytes_per_token - off.stages[1].kv_bytes_per_token == kv_bytes_per_token(config, 1, "auto", 4)
+    assert on.stages[1].weight_bytes == sum(t.nbytes for t in stage.state_dict().values())
+
+
+def test_cli_drafts_with_the_mtp_head(oracles, capsys):
+    import json
+
+    from pprt.entrypoints import generate as cli
+
+    path = str(oracles("qwen3_5")[0])
+    with LLM(path, devices=["cpu"]) as llm:
+        expected = llm.generate("hello world", SamplingParams(max_tokens=12, temperature=0))[0]
+    argv = ["--model", path, "--devices", "cpu", "--prompt", "hello world", "--temperature", "0",
+            "--max-new-tokens", "12", "--speculative-mtp", "2", "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == expected.token_ids
+    assert out["statistics"]["speculative"]["draft_tokens"] > 0
+    for bad, text in ((["--speculative-mtp", "0"], "--speculative-mtp must be in 1..16"),
+                      (["--speculative-mtp", "2", "--speculative-ngram", "2"], "two ways to draft")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--model", "/nonexistent/never/loaded", *bad])
+        assert e.value.code == 2 and text in capsys.readouterr().err
