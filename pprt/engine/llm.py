@@ -140,8 +140,9 @@ class LLM:
         check_seed(seed)
         speculative = SpeculativeConfig.parse(speculative)
         self.source = ModelSource(model)
+        config = load_config(self.source)  # (a bad config.json is named before missing weights)
         reader = CheckpointReader(self.source)
-        self.config = resolve_tied_head(load_config(self.source), reader)
+        self.config = resolve_tied_head(config, reader)
         mtp = speculative is not None and speculative.mtp
         if mtp:
             check_mtp_head(self.config, reader)  # CheckpointError naming what is missing
