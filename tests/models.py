@@ -15,8 +15,9 @@ in `text_config` with `layer_types`, `rope_parameters` (mrope fields and
 `mtp_num_hidden_layers`; weights under `model.language_model.*`, `model.visual.*`,
 plus the multi-token-prediction head `mtp.*` at the top (written here: transformers
 has no MTP module), which pprt reads only when MTP drafting is on. Text-only
-exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat; `mtp=True` gives them
-(and qwen3_next: `num_nextn_predict_layers`) an MTP head too.
+exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat; `mtp=True` gives them an
+MTP head too (`mtp_num_hidden_layers`), and qwen3_next one without a count in
+config.json, as the official Qwen3-Next files have it.
 
 The MTP head (`_add_mtp_tensors`, the layout of shared/QWEN.md "MTP head" and of
 vLLM's qwen3_next_mtp / qwen3_5_mtp loaders): `mtp.fc.weight` [H, 2H],
@@ -190,7 +191,7 @@ _FULL_LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.3\.(.+)$")  # th
 
 def _add_mtp_tensors(path: Path, family: str, hidden: int, seed: int) -> None:
     """A random MTP head (see the module docstring) in the last shard, listed in the index; a
-    text-only config.json gets its MTP layer count (Qwen3-Next `num_nextn_predict_layers`)."""
+    text-only Qwen3.5 config.json gets its MTP layer count."""
     from safetensors.torch import load_file, save_file
 
     index_path = path / "model.safetensors.index.json"
@@ -215,9 +216,9 @@ def _add_mtp_tensors(path: Path, family: str, hidden: int, seed: int) -> None:
     save_file(tensors, path / shard, metadata={"format": "pt"})
     index["weight_map"].update(dict.fromkeys(mtp, shard))
     index_path.write_text(json.dumps(index, indent=2))
-    if family not in MULTIMODAL:
+    if family not in MULTIMODAL and family != "qwen3_next":  # (Qwen3-Next's config.json declares none)
         cfg = json.loads((path / "config.json").read_text())
-        cfg["num_nextn_predict_layers" if family == "qwen3_next" else "mtp_num_hidden_layers"] = 1
+        cfg["mtp_num_hidden_layers"] = 1
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 

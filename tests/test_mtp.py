@@ -271,9 +271,13 @@ def test_sampled_tokens_follow_the_same_distribution_with_mtp(tmp_path):
 
 # ---- 4. refusal, what is read, what is planned -------------------------------------------------------
 
-def test_a_checkpoint_without_an_mtp_head_is_refused_by_name(tmp_path):
+def test_a_checkpoint_without_an_mtp_head_is_refused_by_name(tmp_path, oracles):
+    """Qwen3-Next's config.json declares no MTP layer though its files hold one (the head is then
+    found by its tensors: the other tests run it); a Qwen3.5 export declaring none and holding
+    none is refused, and so is a head with tensors missing, naming them."""
     import json
 
+    assert load_config(ModelSource(oracles("qwen3_next")[0])).mtp_num_layers == 0
     plain = make_checkpoint(tmp_path / "plain", "qwen3_5_text")  # config.json declares no MTP layer
     with pytest.raises(CheckpointError, match="no multi-token-prediction.*mtp_num_hidden_layers"):
         LLM(str(plain), devices=["cpu"], speculative=MTP)
