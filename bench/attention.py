@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from bench.harness import append_results, copy_bandwidth, environment, print_table, time_fn
 from pprt_kernels import use_triton
-from pprt_kernels.paged_attention import FP8, new_kv_scales, paged_attention, write_kv
+from pprt_kernels.kv_cache import FP8, new_kv_scales, write_kv
+from pprt_kernels.paged_attention import paged_attention
 
 
 @dataclass(frozen=True, slots=True)

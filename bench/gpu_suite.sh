@@ -114,7 +114,7 @@ gpu_tests() {
     local files=()
     for f in tests/test_paged_attention.py tests/test_int4_matmul.py tests/test_fp8_matmul.py \
         tests/test_gated_delta_triton.py tests/test_causal_conv1d.py tests/test_kernel_launchers.py \
-        tests/test_fused_moe.py tests/test_sampler_step.py; do
+        tests/test_fused_moe.py tests/test_sampler_step.py tests/test_norm_rotary_kernels.py; do
         [[ -f $f ]] && files+=("$f")
     done
     "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "${files[@]}" || return $?

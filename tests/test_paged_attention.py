@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import pprt_kernels.kv_cache as kvc
 import pprt_kernels.paged_attention as pa
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,7 +71,7 @@ def test_write_kv_ref_places_tokens_at_slots():
     k_cache, v_cache = torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)
     k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     slots = torch.tensor([21, 2, 9])
-    pa.write_kv_ref(k, v, k_cache, v_cache, slots)
+    kvc.write_kv_ref(k, v, k_cache, v_cache, slots)
     for i, s in enumerate(slots.tolist()):
         assert torch.equal(k_cache[s // 4, s % 4], k[i]) and torch.equal(v_cache[s // 4, s % 4], v[i])
     assert int((k_cache != 0).any(-1).any(-1).sum()) == 3  # nothing else touched
@@ -138,15 +139,15 @@ def fp8_case(scales: str, seed=3):
     n_slots = k32.shape[0] * bs
     k, v = (torch.randn(n_slots, m, h, generator=g).to(DEVICE) * head_range for _ in range(2))
     slots = torch.arange(n_slots, device=DEVICE)
-    pa.write_kv_ref(k, v, k32, v32, slots)
-    k8, v8 = torch.empty_like(k32, dtype=pa.FP8), torch.empty_like(v32, dtype=pa.FP8)
+    kvc.write_kv_ref(k, v, k32, v32, slots)
+    k8, v8 = torch.empty_like(k32, dtype=kvc.FP8), torch.empty_like(v32, dtype=kvc.FP8)
     if scales == "slot":
-        ks, vs = pa.new_kv_scales(k8), pa.new_kv_scales(v8)
+        ks, vs = kvc.new_kv_scales(k8), kvc.new_kv_scales(v8)
     elif scales == "tensor":
-        ks, vs = k.abs().amax() / pa.FP8_MAX, v.abs().amax() / pa.FP8_MAX  # calibrated on this data
+        ks, vs = k.abs().amax() / kvc.FP8_MAX, v.abs().amax() / kvc.FP8_MAX  # calibrated on this data
     else:
         ks = vs = None
-    pa.write_kv(k, v, k8, v8, slots, k_scale=ks, v_scale=vs)
+    kvc.write_kv(k, v, k8, v8, slots, k_scale=ks, v_scale=vs)
     return (q, tables, starts, ctx_t), (k32, v32), (k8, v8, ks, vs)
 
 
@@ -180,27 +181,27 @@ def test_fp8_cache_error_vs_fp32_cache():
 
 
 def test_fp8_write_sets_per_slot_scales_and_saturates():
-    k_cache = torch.empty(3, 4, 2, 8, dtype=pa.FP8)
+    k_cache = torch.empty(3, 4, 2, 8, dtype=kvc.FP8)
     v_cache = torch.empty_like(k_cache)
-    ks, vs = pa.new_kv_scales(k_cache), pa.new_kv_scales(v_cache)
+    ks, vs = kvc.new_kv_scales(k_cache), kvc.new_kv_scales(v_cache)
     k = torch.randn(2, 2, 8) * torch.tensor([1e-3, 1e3])[:, None]
-    pa.write_kv_ref(k, k, k_cache, v_cache, torch.tensor([5, 10]), k_scale=ks, v_scale=vs)
-    assert torch.allclose(ks[1, 1], k[0].abs().amax(-1) / pa.FP8_MAX)
+    kvc.write_kv_ref(k, k, k_cache, v_cache, torch.tensor([5, 10]), k_scale=ks, v_scale=vs)
+    assert torch.allclose(ks[1, 1], k[0].abs().amax(-1) / kvc.FP8_MAX)
     back = k_cache.view(12, 2, 8)[[5, 10]].float() * ks.view(12, 2, 1)[[5, 10]]
     assert rel_err(back, k) < 0.05
-    plain = torch.zeros(3, 4, 2, 8).to(pa.FP8)  # no scales: saturating cast, never NaN
-    pa.write_kv_ref(k, k, plain, plain.clone(), torch.tensor([0, 1]))
+    plain = torch.zeros(3, 4, 2, 8).to(kvc.FP8)  # no scales: saturating cast, never NaN
+    kvc.write_kv_ref(k, k, plain, plain.clone(), torch.tensor([0, 1]))
     written = plain[0, :2].float()  # [2, 2, 8]
-    assert not written.isnan().any() and float(written.abs().max()) == pa.FP8_MAX
+    assert not written.isnan().any() and float(written.abs().max()) == kvc.FP8_MAX
 
 
 def test_scale_validation_names_the_argument():
-    k_cache = torch.empty(3, 4, 2, 8, dtype=pa.FP8)
+    k_cache = torch.empty(3, 4, 2, 8, dtype=kvc.FP8)
     with pytest.raises(ValueError, match="k_scale"):
-        pa.write_kv_ref(torch.randn(1, 2, 8), torch.randn(1, 2, 8), k_cache, k_cache.clone(), torch.tensor([0]),
+        kvc.write_kv_ref(torch.randn(1, 2, 8), torch.randn(1, 2, 8), k_cache, k_cache.clone(), torch.tensor([0]),
                         k_scale=torch.ones(3, 4))
     with pytest.raises(ValueError, match="v_scale"):
-        pa.write_kv_ref(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.empty(3, 4, 2, 8),
+        kvc.write_kv_ref(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.empty(3, 4, 2, 8),
                         torch.empty(3, 4, 2, 8), torch.tensor([0]), v_scale=torch.ones(()))
 
 

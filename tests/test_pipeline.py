@@ -135,7 +135,7 @@ def alive(pid):
         return f.read().split()[2] != "Z"
 
 
-@pytest.mark.parametrize("how", ["close", "exit", "ctrl-c", "kill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "kill", *(pytest.param(h, marks=pytest.mark.slow) for h in ("close", "exit"))])
 def test_no_stage_outlives_the_driver(qwen3, tmp_path, how):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)

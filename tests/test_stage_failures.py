@@ -78,7 +78,9 @@ def test_a_stopped_stage_is_named_within_the_deadline(model, stage):
     assert_all_gone(procs)
 
 
-@pytest.mark.parametrize("stage, when", [(s, w) for s in (0, 1) for w in ("idle", "early", "late")])
+@pytest.mark.parametrize("stage, when", [  # one kill per stage by default, all six with -m slow
+    (0, "early"), (1, "late"),
+    *(pytest.param(s, w, marks=pytest.mark.slow) for s, w in ((0, "idle"), (0, "late"), (1, "idle"), (1, "early")))])
 def test_a_killed_stage_is_the_one_named(model, stage, when):
     """Stage 0's death also breaks stage 1's receive: the blame must still go to stage 0."""
     llm = two_stages(model)

@@ -88,9 +88,9 @@ def alive(pid: int) -> bool:
 
 # Three forms in the default run (each starts a driver and two stages, ~10 s); the
 # guarded script, stdin and interactive forms take the same start path and run with -m slow.
-@pytest.mark.parametrize("form", ["script-no-guard", "python-c", "thread-no-guard",
-                                  *(pytest.param(f, marks=pytest.mark.slow)
-                                    for f in ("script-guarded", "stdin", "interactive"))])
+@pytest.mark.parametrize("form", ["script-no-guard",  # the README's way; the others run with -m slow
+                                  *(pytest.param(f, marks=pytest.mark.slow) for f in
+                                    ("python-c", "thread-no-guard", "script-guarded", "stdin", "interactive"))])
 def test_every_way_of_running_python_drives_two_stages(setup, tmp_path, form):
     model, expected = setup
     out = run_form(form, model, tmp_path)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pprt_kernels.paged_attention import paged_attention, write_kv
+from pprt_kernels.kv_cache import write_kv
+from pprt_kernels.paged_attention import paged_attention
 
 from ..config import ModelConfig
 from .batch import StepBatch
 from .kv import LayerKV
-from .layers import RMSNorm, apply_rotary
+from .layers import RMSNorm, rotate_qk
 
 
 class Attention(nn.Module):
@@ -67,7 +68,7 @@ class Attention(nn.Module):
         v = v.view(T, self.m, self.h)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotate_qk(q, k, cos, sin)  # in place on GPU
         write_kv(k, v, kv.k, kv.v, batch.slot_mapping, k_scale=kv.k_scale, v_scale=kv.v_scale)
         out = paged_attention(q, kv.k, kv.v, batch.block_tables, batch.query_start_loc, batch.context_lens,
                               self.scale, k_scale=kv.k_scale, v_scale=kv.v_scale,

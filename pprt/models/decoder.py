@@ -48,5 +48,5 @@ class DecoderLayer(nn.Module):
                 pool: LayerKV | LayerState) -> torch.Tensor:
         h = self.input_layernorm(x)
         h = self.linear_attn(h, batch, pool) if self.is_linear else self.self_attn(h, batch, cos, sin, pool)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm.add_forward(h, x)  # norm(x + h), x + h
+        return x + self.mlp(h)

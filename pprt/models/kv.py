@@ -11,7 +11,7 @@ offset `t % block_size`.
 The pool is one tensor per K and V: [layers, num_blocks, block_size, m, h].
 An fp8 pool (float8_e4m3fn) also keeps one float32 scale per (slot, kv head)
 for K and for V: [layers, num_blocks, block_size, m] each, written by
-`write_kv` with the tokens (pprt_kernels.paged_attention's recommended form;
+`write_kv` with the tokens (pprt_kernels.kv_cache's recommended form;
 pprt.plan counts the same 4 bytes per token and kv head). `KVCache.layer(i)`
 hands one layer's views to Attention as a `LayerKV`. A stage with no
 full-attention layer (a hybrid model's stage of DeltaNet layers only) has a
@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from pprt_kernels.paged_attention import FP8, new_kv_scales
+from pprt_kernels.kv_cache import FP8, new_kv_scales
 
 KV_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": FP8}
 KV_DTYPES = tuple(KV_DTYPE_NAMES.values())

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pprt_kernels.rms_norm import add_rms_norm, rms_norm
+from pprt_kernels.rotary import apply_rotary
+
 from ..config import RopeConfig
 
 
@@ -34,9 +37,12 @@ class RMSNorm(nn.Module):
         self.eps, self.zero_centered = eps, zero_centered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.zero_centered:
-            return (_rms(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * _rms(x, self.eps).to(x.dtype)
+        """x [..., dim] -> [..., dim] (one kernel on GPU: pprt_kernels.rms_norm)."""
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), the add fused into the norm's kernel on GPU."""
+        return add_rms_norm(x, residual, self.weight, self.eps, self.zero_centered)
 
 
 class GatedRMSNorm(nn.Module):
@@ -93,14 +99,12 @@ class Rotary(nn.Module):
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, h]; cos, sin [T, r] with r <= h: the first r dims turn, the rest pass through."""
-    r = cos.shape[-1]
-    rot = x[..., :r]
-    half = r // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos[:, None, :] + rotated * sin[:, None, :]
-    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-split rotary on the first r dims of each head of q [T, n, h] and k [T, m, h]; cos, sin
+    [T, r] from `Rotary.cos_sin`. Returns the turned (q, k): on GPU one kernel turning them in
+    place (pprt_kernels.rotary), on CPU new tensors."""
+    return apply_rotary(q, k, cos, sin)
 
 
 class MLP(nn.Module):
