@@ -7,10 +7,11 @@ from the checkpoint's tensor names, never assumed from the model family
 (shared/QWEN.md section 7; exports of each layout exist for each family):
 
 - prefix: a multimodal Qwen3.5 release (`Qwen3_5ForConditionalGeneration`) keeps
-  the text model under `model.language_model.` (its `model.visual.*` and `mtp.*`
-  tensors are never read); flat exports under `model.`. `lm_head.weight` is at
-  the top in both.
-- experts: per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), or fused
+  the text model under `model.language_model.` (its `model.visual.*` tensors are
+  never read); flat exports under `model.`. `lm_head.weight` and the MTP head's
+  `mtp.*` (read only when MTP drafting is on) are at the top in both.
+- experts (of `model.layers.{i}` and of the MTP head's `mtp.layers.{i}`): per
+  expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), or fused
   (`mlp.experts.gate_up_proj` [E, 2I, H], gate rows first, and
   `mlp.experts.down_proj` [E, H, I], no `.weight` suffix); an expert's weights are
   then contiguous parts of those tensors, read alone (pprt.weights.checkpoint.TensorPart).
@@ -32,7 +33,7 @@ from ..errors import CheckpointError
 from .checkpoint import TensorPart
 
 MULTIMODAL_PREFIX = "model.language_model."
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class CheckpointLayout:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 
 import torch
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..models.mtp import MTPHead
 from ..models.stage import Stage
 from .checkpoint import CheckpointReader
 from .experts import expert_linear, stack_expert
@@ -78,6 +80,38 @@ def resolve_tied_head(config: ModelConfig, reader: CheckpointReader, rows_per_re
                 "stores its own %s, different from %s: running with the stored %s, untied, as transformers "
                 "does (vLLM would use the embedding)", reader.source.name, HEAD, embedding, HEAD)
     return dataclasses.replace(config, tie_word_embeddings=False)
+
+
+def check_mtp_head(config: ModelConfig, reader: CheckpointReader) -> None:
+    """Refuse MTP drafting (before anything loads) on a checkpoint without a complete MTP head.
+
+    The head has as many layers as config.json declares (`mtp_num_hidden_layers`, Qwen3.5
+    family; `num_nextn_predict_layers`), or, where it declares none, as the checkpoint holds
+    `mtp.layers.N` tensors for: the official Qwen3-Next files carry `mtp.*` without the field
+    (vLLM's qwen3_next_mtp reads it with a default of 1, SGLang sets 1). One layer is
+    supported (every release has one), and every `mtp.*` tensor of pprt.models.mtp.MTPHead
+    must be there (float, or any stored quantized form). Raises CheckpointError naming the
+    fields or the missing tensors."""
+    name = reader.source.name
+    stored_layers = {m[1] for n in reader.weight_map if (m := re.match(r"mtp\.layers\.(\d+)\.", n))}
+    layers = config.mtp_num_layers or len(stored_layers)
+    if layers == 0:
+        raise CheckpointError(f"model {name!r} has no multi-token-prediction (MTP) head: config.json declares "
+                              "none (mtp_num_hidden_layers / num_nextn_predict_layers is 0 or absent) and the "
+                              "checkpoint holds no mtp.layers.* tensors, so speculative method 'mtp' cannot run; "
+                              "use method 'ngram'")
+    if layers > 1:
+        raise CheckpointError(f"model {name!r} has {layers} MTP layers: MTP drafting supports checkpoints with "
+                              "one (as every Qwen3-Next and Qwen3.5 release has)")
+    layout = CheckpointLayout(config, reader.weight_map)
+    stored = {n.rpartition(".")[0] for n in reader.weight_map if n.startswith("mtp.")}  # modules with tensors
+    with torch.device("meta"):
+        params = [f"mtp.{n}" for n, _ in MTPHead(config).named_parameters()]
+    missing = [p for p in params if layout.source(p).name not in reader and p.rpartition(".")[0] not in stored]
+    if missing:
+        raise CheckpointError(f"model {name!r}: speculative method 'mtp' needs the MTP head, but the checkpoint "
+                              f"lacks {len(missing)} of its {len(params)} tensors, e.g. "
+                              f"{', '.join(missing[:4])}")
 
 
 def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
