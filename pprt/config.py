@@ -20,8 +20,10 @@ per-family rules are in pprt.families). A Qwen3.5 release is multimodal: its
 top-level config (`qwen3_5`, `qwen3_5_moe`) holds the text model in
 `text_config`, and `tie_word_embeddings` at the top level as transformers
 reads it; text-only exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat.
-Only the text model is run: the vision tower and the MTP head
-(`mtp_num_hidden_layers`, `num_nextn_predict_layers`) are read and ignored.
+Only the text model is run (the vision tower's fields are ignored); the MTP
+head's layer count (`mtp_num_hidden_layers`, `num_nextn_predict_layers`; 0 when
+absent, as in Qwen3-Next's files) is read for MTP drafting
+(pprt.weights.loader.check_mtp_head).
 
 `quantization_config` is parsed by `pprt.quantization` (GPTQ, AWQ, block-wise
 FP8, compressed-tensors, per-module rules); config.py only keeps the result.
@@ -95,7 +97,7 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # rotary on the first int(h * factor) dims of each head
     layer_types: tuple[str, ...] = ()  # per layer FULL_ATTENTION or LINEAR_ATTENTION; () = all full
     linear: LinearAttentionConfig | None = None  # the DeltaNet layers' geometry (hybrid families)
-    mtp_num_layers: int = 0  # multi-token-prediction layers in the checkpoint (read, not run)
+    mtp_num_layers: int = 0  # multi-token-prediction layers config.json declares (0: none or absent)
     # MoE (qwen3_moe, qwen2_moe, qwen3_next, qwen3_5_moe); num_experts == 0 means a dense model
     num_experts: int = 0
     num_experts_per_tok: int = 0

@@ -31,3 +31,14 @@ def fp8_block_quantize(weight: torch.Tensor, block: tuple[int, int] = (128, 128)
             q[rows, cols] = (w[rows, cols] / s).clamp(-448, 448).to(torch.float8_e4m3fn)
             deq[rows, cols] = q[rows, cols].float() * s
     return {"weight": q, "weight_scale_inv": scales}, deq
+
+
+def fp8_block_quantize_fused(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[dict, torch.Tensor]:
+    """A fused expert tensor [E, N, K] (e.g. `gate_up_proj` [E, 2I, H]) quantized expert by expert over
+    its joined rows, as transformers' FP8Experts stores it: `weight` float8_e4m3fn [E, N, K] and
+    `scale_inv` float32 [E, ceil(N/bn), ceil(K/bk)] (a block may span gate's last rows and up's first).
+    Returns the stored tensors (keys "weight", "scale_inv") and the dequantized [E, N, K]."""
+    parts = [fp8_block_quantize(w, block) for w in weight]
+    stored = {"weight": torch.stack([p[0]["weight"] for p in parts]),
+              "scale_inv": torch.stack([p[0]["weight_scale_inv"] for p in parts])}
+    return stored, torch.stack([p[1] for p in parts])

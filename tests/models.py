@@ -13,8 +13,19 @@ instead of `layer_types`). Qwen3.5 releases are multimodal
 in `text_config` with `layer_types`, `rope_parameters` (mrope fields and
 `partial_rotary_factor` inside), `attn_output_gate`, `mamba_ssm_dtype`,
 `mtp_num_hidden_layers`; weights under `model.language_model.*`, `model.visual.*`,
-plus `mtp.*` tensors (written here: transformers has no MTP module) that pprt must
-never read. Text-only exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat.
+plus the multi-token-prediction head `mtp.*` at the top (written here: transformers
+has no MTP module), which pprt reads only when MTP drafting is on. Text-only
+exports (`qwen3_5_text`, `qwen3_5_moe_text`) are flat; `mtp=True` gives them an
+MTP head too (`mtp_num_hidden_layers`), and qwen3_next one without a count in
+config.json, as the official Qwen3-Next files have it.
+
+The MTP head (`_add_mtp_tensors`, the layout of shared/QWEN.md "MTP head" and of
+vLLM's qwen3_next_mtp / qwen3_5_mtp loaders): `mtp.fc.weight` [H, 2H],
+`mtp.pre_fc_norm_embedding.weight`, `mtp.pre_fc_norm_hidden.weight`,
+`mtp.norm.weight` [H] (zero-centred), and `mtp.layers.0.*`: every tensor of the
+model's first full-attention layer, renamed, with new random values (gated
+attention, q/k norms; MoE with the shared expert where the model is; per-expert
+tensors, fused like the model's for qwen3_5_moe).
 
 Experts: `expert_layout="fused"` rewrites per-expert tensors into the fused layout
 (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) real
@@ -88,12 +99,18 @@ def _model_classes(family: str):
 
 def make_checkpoint(path: Path, family: str, *, yarn: dict | None = None, seed: int = 0,
                     max_shard_size: str = "60KB", tokenizer: bool = True, eos_token_id: int | list | None = None,
-                    expert_layout: str | None = None, tie_word_embeddings: bool = False, **overrides) -> Path:
+                    expert_layout: str | None = None, tie_word_embeddings: bool = False, mtp: bool | None = None,
+                    **overrides) -> Path:
     """Write a random `family` checkpoint to `path` and return it.
 
     yarn: e.g. {"factor": 4.0, "original_max_position_embeddings": 64}. expert_layout: None (as
     real files of the family: fused for qwen3_5_moe(_text), per expert otherwise), "fused" or "per_expert".
+    mtp: write an MTP head (None: as releases of the family, i.e. for the multimodal Qwen3.5 ones;
+    True: any hybrid family; False: none, and config.json declares none).
     """
+    mtp = family in MULTIMODAL if mtp is None else mtp
+    if mtp and family not in HYBRID_FAMILIES:
+        raise ValueError(f"{family} checkpoints have no MTP head")
     config_cls, model_cls = _model_classes(family)
     kwargs = dict(FAMILIES[family], vocab_size=VOCAB, rope_theta=10000.0, max_position_embeddings=4096,
                   initializer_range=0.08, eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings)
@@ -117,10 +134,11 @@ def make_checkpoint(path: Path, family: str, *, yarn: dict | None = None, seed: 
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     if family in MULTIMODAL:
-        _to_qwen35_release(path / "config.json")
-        _add_mtp_tensors(path, kwargs["hidden_size"], seed)
+        _to_qwen35_release(path / "config.json", mtp)
     else:
         _to_old_spelling(path / "config.json", theta, yarn, family)
+    if mtp:
+        _add_mtp_tensors(path, family, kwargs["hidden_size"], seed)
     if (expert_layout or ("fused" if family.startswith("qwen3_5_moe") else "per_expert")) == "fused":
         fuse_experts(path)
     if tokenizer:
@@ -158,32 +176,50 @@ def _to_old_spelling(config_path: Path, theta: float, yarn: dict | None, family:
     config_path.write_text(json.dumps(cfg, indent=2))
 
 
-def _to_qwen35_release(config_path: Path) -> None:
+def _to_qwen35_release(config_path: Path, mtp: bool = True) -> None:
     """The text_config fields of a Qwen3.5 release that transformers does not write."""
     cfg = json.loads(config_path.read_text())
     text = cfg["text_config"]
     text["rope_parameters"].update(mrope_interleaved=True, mrope_section=[11, 11, 10])
-    text.update(attn_output_gate=True, mamba_ssm_dtype="float32", mtp_num_hidden_layers=1,
+    text.update(attn_output_gate=True, mamba_ssm_dtype="float32", mtp_num_hidden_layers=int(mtp),
                 mtp_use_dedicated_embeddings=False, full_attention_interval=4)
     config_path.write_text(json.dumps(cfg, indent=2))
 
 
-def _add_mtp_tensors(path: Path, hidden: int, seed: int) -> None:
-    """Random `mtp.*` tensors (as a real release carries) in the last shard, listed in the index."""
+_FULL_LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.3\.(.+)$")  # the first full-attention layer
+
+
+def _add_mtp_tensors(path: Path, family: str, hidden: int, seed: int) -> None:
+    """A random MTP head (see the module docstring) in the last shard, listed in the index; a
+    text-only Qwen3.5 config.json gets its MTP layer count."""
     from safetensors.torch import load_file, save_file
 
     index_path = path / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
+    shapes = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        for name, t in load_file(path / shard).items():
+            m = _FULL_LAYER.match(name)
+            if m:
+                shapes[f"mtp.layers.0.{m[1]}"] = t.shape
+    assert any(".self_attn.q_proj." in n for n in shapes), "layer 3 must be full attention"
+    shapes.update({"mtp.fc.weight": (hidden, 2 * hidden), "mtp.norm.weight": (hidden,),
+                   "mtp.pre_fc_norm_embedding.weight": (hidden,), "mtp.pre_fc_norm_hidden.weight": (hidden,)})
+    gen = torch.Generator().manual_seed(seed + 2)
+    mtp = {}
+    for name, shape in sorted(shapes.items()):
+        scale = 0.3 if "norm" in name else 0.08  # zero-centred norms off 0; linears as initializer_range
+        mtp[name] = scale * torch.randn(shape, generator=gen)
     shard = sorted(set(index["weight_map"].values()))[-1]
     tensors = load_file(path / shard)
-    gen = torch.Generator().manual_seed(seed + 2)
-    mtp = {"mtp.fc.weight": (hidden, 2 * hidden), "mtp.norm.weight": (hidden,),
-           "mtp.pre_fc_norm_embedding.weight": (hidden,), "mtp.pre_fc_norm_hidden.weight": (hidden,),
-           "mtp.layers.0.self_attn.o_proj.weight": (hidden, hidden)}
-    tensors.update({k: torch.randn(shape, generator=gen) for k, shape in mtp.items()})
+    tensors.update(mtp)
     save_file(tensors, path / shard, metadata={"format": "pt"})
     index["weight_map"].update(dict.fromkeys(mtp, shard))
     index_path.write_text(json.dumps(index, indent=2))
+    if family not in MULTIMODAL and family != "qwen3_next":  # (Qwen3-Next's config.json declares none)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["mtp_num_hidden_layers"] = 1
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -218,56 +218,24 @@ def test_stage_parameters_equal_the_planned_bytes():
 
 # ---- FP8: official block-wise files and quant="fp8" on the hybrid layouts -----------------------
 
-def test_official_fp8_multimodal_release_matches_transformers_on_dequantized_weights(tmp_path):
-    """Qwen3.5-MoE layout (model.language_model.*, experts per expert): FP8 weights with block
-    scales for every linear but the routers and shared-expert gates; conv1d, norms, A_log in bf16."""
-    from ckpt_files import read_tensors, write_sharded
-    from fp8_packers import fp8_block_quantize
-    from pprt.weights.fp8 import Fp8Linear
-
-    src = make_checkpoint(tmp_path / "float", "qwen3_5_moe", tokenizer=False, expert_layout="per_expert",
-                          max_shard_size="300KB", hidden_size=160, head_dim=40)
-    config = json.loads((src / "config.json").read_text())
-    fp8, deq = {}, {}
-    skip = (".mlp.gate.weight", "shared_expert_gate.weight", "embed_tokens.weight")
-    for name, t in read_tensors(src).items():
-        if t.dim() != 2 or name.endswith(skip) or name.startswith(("lm_head", "model.visual.", "mtp.")):
-            fp8[name], deq[name] = t.bfloat16(), t.bfloat16().float()
-            continue
-        stored, w = fp8_block_quantize(t)
-        fp8.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in stored.items()})
-        deq[name] = w
-    qcfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-            "modules_to_not_convert": ["lm_head", "model.visual", "mtp"]}
-    write_sharded(tmp_path / "fp8", fp8, dict(config, quantization_config=qcfg))
-    write_sharded(tmp_path / "deq", deq, config)
-    with LLM(str(tmp_path / "fp8"), devices=["cpu", "cpu"], split=[3, 5], dtype="float32") as llm:
-        outs = llm.generate(PROMPTS, GREEDY)
-    with LLM(str(tmp_path / "fp8"), devices=["cpu"], dtype="float32") as llm:
-        kinds = {p: type(m) for p, m in linear_modules(llm.executor.worker.stage).items()}
-    assert kinds["model.layers.0.linear_attn.in_proj_qkv"] is Fp8Linear
-    assert kinds["model.layers.3.mlp.experts.5.down_proj"] is Fp8Linear
-    assert kinds["model.layers.0.mlp.gate"] is nn.Linear and kinds["lm_head"] is nn.Linear
-    ref = reference_model(tmp_path / "deq")
-    for prompt, out in zip(PROMPTS, outs):
-        tokens, logprobs = reference_greedy(ref, prompt, 12)
-        assert out.token_ids == tokens
-        ours = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
-        assert torch.allclose(ours, torch.tensor(logprobs), atol=1e-3, rtol=0)
-
-
-def test_fused_fp8_experts_are_refused_by_name(tmp_path):
+def test_fused_fp8_experts_without_scales_or_with_wrong_scales_are_refused_by_name(tmp_path):
+    """Fused float8 expert tensors load with their `<name>_scale_inv` (tests/test_hybrid_quantized.py);
+    without it, or with one of the wrong shape, the error names the tensor."""
     from ckpt_files import read_tensors, write_sharded
 
     src = make_checkpoint(tmp_path / "float", "qwen3_5_moe", tokenizer=False)  # fused experts
     tensors = read_tensors(src)
     name = "model.language_model.layers.2.mlp.experts.down_proj"
-    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)  # [E, H, I] = [8, 64, 32]
     config = dict(json.loads((src / "config.json").read_text()),
                   quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
     write_sharded(tmp_path / "bad", tensors, config)
-    with pytest.raises(CheckpointError, match=rf"{name}.*float8.*fused layout"):
+    with pytest.raises(CheckpointError, match=rf"{name}'.*float8_e4m3fn.*no '{name}_scale_inv'"):
         LLM(str(tmp_path / "bad"), devices=["cpu"])
+    tensors[f"{name}_scale_inv"] = torch.ones(8, 2, 1)  # one block of 128 rows, not 2
+    write_sharded(tmp_path / "bad2", tensors, config)
+    with pytest.raises(CheckpointError, match=rf"{name}_scale_inv\[0\] has shape \[2, 1\], expected \[1, 1\]"):
+        LLM(str(tmp_path / "bad2"), devices=["cpu"])
 
 
 def test_quantize_fp8_at_load_on_a_hybrid(tmp_path):

@@ -135,6 +135,60 @@ def test_qwen35_122b_fp8_release_on_two_96gb_cards():
     assert not plan(c, budgets[:1]).fits
 
 
+OFFICIAL_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+                "modules_to_not_convert": ["lm_head", "model.visual", "mtp", "mlp.gate", "shared_expert_gate",
+                                           "linear_attn.in_proj_a", "linear_attn.in_proj_b"]}
+
+
+def fp8_bytes(n: int, k: int) -> int:
+    """An FP8 linear [n, k]: one byte per weight, a float32 scale per 128 x 128 block (partial ones count)."""
+    return n * k + -(-n // 128) * -(-k // 128) * 4
+
+
+def qwen35_moe_fp8_weight_bytes(raw: dict) -> int:
+    """Every decoder layer, the embedding, the head and the final norm of an official Qwen3.5-MoE FP8
+    release, counted here from the geometry (shared/QWEN.md sections 7 and 8), not by pprt.plan."""
+    t, bf16 = raw["text_config"], 2
+    H, V = t["hidden_size"], t["vocab_size"]
+    n, m, h = t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
+    hk, hv, dk, dv = (t[f"linear_{x}"] for x in ("num_key_heads", "num_value_heads", "key_head_dim",
+                                                  "value_head_dim"))
+    E, I, S = t["num_experts"], t["moe_intermediate_size"], t["shared_expert_intermediate_size"]
+    total = (2 * V * H + H) * bf16  # embedding, untied head, final norm
+    for kind in t["layer_types"]:
+        if kind == "linear_attention":
+            qkv = 2 * hk * dk + hv * dv
+            total += fp8_bytes(qkv, H) + fp8_bytes(hv * dv, H) + fp8_bytes(H, hv * dv)  # qkv, z, out
+            total += (2 * hv * H + qkv * t["linear_conv_kernel_dim"] + 2 * hv + dv) * bf16  # a, b, conv, A, dt, norm
+        else:  # gated q [2nh, H], k, v, o; q/k norms
+            total += fp8_bytes(2 * n * h, H) + 2 * fp8_bytes(m * h, H) + fp8_bytes(H, n * h) + 2 * h * bf16
+        total += E * (2 * fp8_bytes(I, H) + fp8_bytes(H, I))  # routed experts
+        total += 2 * fp8_bytes(S, H) + fp8_bytes(H, S)  # shared expert
+        total += (E * H + H + 2 * H) * bf16  # router, shared-expert gate, two norms
+    return total
+
+
+@pytest.mark.parametrize("raw", [QWEN35_35B_A3B, QWEN35_122B_A10B], ids=["35b-a3b-fp8", "122b-a10b-fp8"])
+def test_planner_counts_official_fp8_moe_releases_from_config_alone(raw, tmp_path, capsys):
+    """`python -m pprt.plan --model <config.json of Qwen3.5-*-A*B-FP8>`: the stages' weights are the FP8
+    experts with their block scales and every bf16 module, to the byte. Per-expert files (Qwen's
+    releases) and fused ones (`gate_up_proj` + `gate_up_proj_scale_inv` over the joined 2I rows) hold
+    the same bytes, because I (512, 1024) is a multiple of the block: ceil(2I/128) = 2 ceil(I/128)."""
+    t = raw["text_config"]
+    assert fp8_bytes(2 * t["moe_intermediate_size"], t["hidden_size"]) == \
+        2 * fp8_bytes(t["moe_intermediate_size"], t["hidden_size"])
+    (tmp_path / "config.json").write_text(json.dumps(dict(raw, quantization_config=OFFICIAL_FP8)))
+    assert main(["--model", str(tmp_path), "--gpus", "96,96", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quant"] == "fp8"
+    weights = sum(st["weight_bytes"] for st in result["stages"])
+    assert weights == qwen35_moe_fp8_weight_bytes(raw)
+    bf16 = sum(st.weight_bytes for st in plan(config(raw), devices(999, 999)).stages)
+    print(f"{t['num_experts']} experts x {t['moe_intermediate_size']}: fp8 {weights / GiB:.1f} GiB, "
+          f"bf16 {bf16 / GiB:.1f} GiB")
+    assert 0.5 < weights / bf16 < 0.53  # FP8 with scales, the embedding and head in bf16
+
+
 def test_state_snapshots_are_counted_after_the_running_slots_and_before_the_kv_pool():
     """Prefix caching's state snapshots (one sequence's state each, on every stage) come out of the KV
     pool, never out of the running slots or the max_context sequence the plan guarantees."""

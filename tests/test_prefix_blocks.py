@@ -4,7 +4,11 @@ The property test drives the scheduler with random request streams that share
 prefixes and keeps a logical copy of every block's contents (which token each
 slot holds, written when a chunk is scheduled): a chunk may only read blocks
 holding exactly its sequence's earlier tokens, a block is never free while a
-table holds it, and everything returns to the pool at the end.
+table holds it, and everything returns to the pool at the end. With MTP
+drafting it also keeps the MTP head's KV as the last stage writes it (at
+position p: tokens p and p + 1, once p + 1 is known; the head's own drafts
+past that): a chunk's head may only read positions holding its sequence's
+(token, next token) pairs, also in blocks reused from another sequence.
 """
 
 from __future__ import annotations
@@ -26,15 +30,21 @@ BS = 4
 SALT = cache_salt("test")
 
 
+def _lookahead(kw: dict) -> int:
+    spec = kw.get("speculative")
+    return int(spec is not None and spec.mtp)
+
+
 def _scheduler(num_blocks=32, chunk_size=64, prefix=True, **kw) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, BS), max_context=1000, chunk_size=chunk_size,
-                     prefix=PrefixCache(BS, SALT) if prefix else None, **kw)
+                     prefix=PrefixCache(BS, SALT, lookahead=_lookahead(kw)) if prefix else None, **kw)
 
 
 def _hybrid_scheduler(num_blocks=32, chunk_size=64, slots=4, snapshots=8, every=2 * BS, **kw) -> Scheduler:
     """A scheduler as a hybrid model's: running state slots [0, slots), snapshot slots after them."""
     return Scheduler(BlockManager(num_blocks, BS), max_context=1000, chunk_size=chunk_size,
-                     slots=SlotManager(slots), prefix=PrefixCache(BS, SALT, SnapshotCache(slots, snapshots), every),
+                     slots=SlotManager(slots),
+                     prefix=PrefixCache(BS, SALT, SnapshotCache(slots, snapshots), every, lookahead=_lookahead(kw)),
                      **kw)
 
 
@@ -235,12 +245,14 @@ def _check_pool(s: Scheduler) -> None:
     assert all(b in bm.hash_of for b in bm.evictable)
 
 
-@pytest.mark.parametrize("speculative", [False, True], ids=["", "speculative"])
+@pytest.mark.parametrize("speculative", [None, "ngram", "mtp"], ids=["", "ngram", "mtp"])
 @pytest.mark.parametrize("hybrid", [False, True], ids=["attention", "hybrid"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), num_blocks=st.integers(6, 24), chunk_size=st.integers(1, 24))
 def test_random_streams_with_shared_prefixes(hybrid, speculative, data, num_blocks, chunk_size):
-    spec = SpeculativeConfig(num_speculative_tokens=data.draw(st.integers(1, 3))) if speculative else None
+    spec = None
+    if speculative:
+        spec = SpeculativeConfig(speculative, num_speculative_tokens=data.draw(st.integers(1, 3)))
     if hybrid:
         s = _hybrid_scheduler(num_blocks=num_blocks, chunk_size=chunk_size, slots=data.draw(st.integers(1, 6)),
                               snapshots=data.draw(st.integers(1, 6)), every=BS * data.draw(st.integers(1, 3)),
@@ -250,6 +262,7 @@ def test_random_streams_with_shared_prefixes(hybrid, speculative, data, num_bloc
     stems = [[100 + 10 * k + j for j in range(data.draw(st.integers(0, 14)))] for k in range(3)]
     content: dict[int, dict[int, int]] = {}  # block -> offset -> the token whose KV it holds
     content[-1] = {}  # state slot -> the tokens its state has consumed (a tuple under key 0)
+    content[-2] = {}  # MTP: (block, offset) -> the (token, next token) pair whose head KV it holds
     seqs, live = {}, []
     for _ in range(data.draw(st.integers(1, 40))):
         action = data.draw(st.sampled_from(["add", "add", "step", "step", "step", "cancel"]))
@@ -314,5 +327,36 @@ def _step_checked(s: Scheduler, seqs: dict, content: dict, token: int, data) -> 
     sampled = [c for c in plan.chunks if c.sample]
     accepted = [c.token_ids[len(c.token_ids) - c.num_drafts:][:data.draw(st.integers(0, c.num_drafts))]
                 for c in sampled]
+    mtp = s.speculative is not None and s.speculative.mtp
+    drafts = [[data.draw(st.integers(1, 9)) for _ in range(c.propose)] for c in sampled] if mtp else None
+    if mtp:
+        _mtp_step(s, plan, seqs, content[-2], {c.seq_id: (a, token) for c, a in zip(sampled, accepted)})
     s.complete(plan, StepResult(plan.step, [c.seq_id for c in sampled], [token] * len(sampled),
-                                accepted=accepted if any(c.num_drafts for c in sampled) else None), seqs)
+                                accepted=accepted if any(c.num_drafts for c in sampled) else None,
+                                drafts=drafts if any(c.propose for c in sampled) else None), seqs)
+
+
+def _mtp_step(s: Scheduler, plan, seqs: dict, head: dict, sampled: dict) -> None:
+    """The MTP head's KV as the last stage writes it in `plan` (pprt.distributed.mtp_drafts): one
+    fill of every chunk's positions (written, then read, in one pass), checked as each chunk's head
+    reads it: every position before the chunk holds its sequence's (token, next token) pair; then
+    the draft steps."""
+    bs = s.blocks.block_size
+    for c in plan.chunks:
+        table, known = s.blocks.tables[c.seq_id], c.token_ids[:len(c.token_ids) - c.num_drafts]
+        acc, bonus = sampled.get(c.seq_id, ([], None))
+        assert c.sample or c.next_token == seqs[c.seq_id].tokens[c.end], c
+        after = known + acc + [bonus if c.sample else c.next_token]
+        for i in range(len(known) + len(acc)):
+            p = c.start + i
+            head[(table[p // bs], p % bs)] = (after[i], after[i + 1])
+    for c in plan.chunks:
+        table, tokens = s.blocks.tables[c.seq_id], seqs[c.seq_id].tokens
+        for p in range(c.start):
+            assert head.get((table[p // bs], p % bs)) == (tokens[p], tokens[p + 1]), (c, p)
+    for c in plan.chunks:
+        table = s.blocks.tables[c.seq_id]
+        base = c.start + len(c.token_ids) - c.num_drafts + len(sampled.get(c.seq_id, ([], None))[0])
+        for p in range(base, base + c.propose - 1):  # the sampled token's position on: drafts' KV
+            if p < len(table) * bs:
+                head[(table[p // bs], p % bs)] = "draft"

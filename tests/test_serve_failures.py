@@ -120,6 +120,8 @@ def test_no_model_loads_exits_1(tmp_path):
     (["--port", "70000"], "--port"),
     (["--max-waiting", "0"], "--max-waiting"),
     (["--model", "a", "--speculative-ngram", "0"], "--speculative-ngram"),
+    (["--model", "a", "--speculative-mtp", "17"], "--speculative-mtp must be in 1..16"),
+    (["--model", "a", "--speculative-mtp", "2", "--speculative-ngram", "2"], "two ways to draft"),
     (["--model", "a", "--devices", "cpu,,cpu"], "--devices"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(args, text, capsys):
@@ -141,14 +143,15 @@ def test_two_models_each_get_their_own_devices_and_options():
     args, specs = parse_args(["--model", "A", "--devices", "cuda:0", "--served-model-name", "reasoner",
                               "--max-context", "4096", "--model", "B", "--devices", "cuda:1,cuda:2",
                               "--split", "10,12", "--tool-call-parser", "xml", "--speculative-ngram", "3",
-                              "--api-key", "k"])
+                              "--api-key", "k", "--model", "C", "--speculative-mtp", "2"])
     assert args.host == "127.0.0.1" and args.api_key == "k"  # loopback unless told otherwise
     assert args.stage_processes is None  # decided per model
     assert parse_args(["--no-stage-processes"])[0].stage_processes is False
     assert [(s.model, s.served_name, s.devices, s.tool_call_parser, s.options) for s in specs] == [
         ("A", "reasoner", ["cuda:0"], None, {"max_context": 4096}),
         ("B", "B", ["cuda:1", "cuda:2"], "xml",
-         {"split": [10, 12], "speculative": {"method": "ngram", "num_speculative_tokens": 3}})]
+         {"split": [10, 12], "speculative": {"method": "ngram", "num_speculative_tokens": 3}}),
+        ("C", "C", None, None, {"speculative": {"method": "mtp", "num_speculative_tokens": 2}})]
 
 
 @pytest.mark.parametrize("count, devices, flag, expected", [

@@ -225,9 +225,10 @@ def test_speculative_config_errors_name_the_field(tmp_path):
         SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 0})
     with pytest.raises(ValueError, match="unknown field"):
         SpeculativeConfig.parse({"method": "ngram", "k": 2})
-    with pytest.raises(ValueError, match="'mtp' is not supported"):
-        SpeculativeConfig.parse({"method": "mtp"})
+    with pytest.raises(ValueError, match="'eagle' is not supported"):
+        SpeculativeConfig.parse({"method": "eagle"})
     assert SpeculativeConfig.parse(NGRAM) == SpeculativeConfig("ngram", 3)
+    assert SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 2}).mtp
 
 
 REPEATED = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):\n"

@@ -77,7 +77,7 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
                   torchrun=False, max_num_seqs: int = 256, state_snapshots: int = 0, max_loras: int = 0,
                   merged_lora=None, lora_layer_bytes: list[int] | None = None, stage_processes=False,
-                  enforce_eager: bool = False):
+                  enforce_eager: bool = False, mtp_tokens: int = 0):
     """Plan the cut and the pools (refusing before anything loads when it cannot fit), then start the stages.
 
     state_snapshots: state slots wanted beside the running ones for prefix-cache snapshots (hybrid
@@ -85,17 +85,19 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     on every stage, an adapter folded into the weights at load, and the slots' bytes per layer.
     One stage runs in this process unless `stage_processes`: then it is a stage program of its
     own, as every stage of a pipeline is (its process group has one rank and carries nothing).
-    enforce_eager: no CUDA graphs (the plan then reserves no memory for them)."""
+    enforce_eager: no CUDA graphs (the plan then reserves no memory for them). mtp_tokens: drafts per
+    step of the MTP head (0: off; else the last stage holds the head and the embedding)."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                          memory_budget=memory_budget, one_host=not torchrun, max_num_seqs=max_num_seqs,
                          state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes,
-                         enforce_eager=enforce_eager)
+                         enforce_eager=enforce_eager, mtp_tokens=mtp_tokens)
     if not result.fits:
         raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
                         seed=seed, max_loras=max_loras, merged_lora=merged_lora, max_context=max_context,
-                        max_num_seqs=max_num_seqs, cuda_graphs="off" if enforce_eager else "auto")
+                        max_num_seqs=max_num_seqs, cuda_graphs="off" if enforce_eager else "auto",
+                        mtp=mtp_tokens > 0)
              for stage, device in zip(result.stages, devices)]
     pools = PoolSizes(_kv_blocks(specs, result.num_blocks, kv_cache_memory),
                       *_state_slots(specs, result.num_slots, result.num_snapshots))
@@ -123,7 +125,7 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
                 chunk_size, memory_budget, one_host: bool = True, max_num_seqs: int = 256, state_snapshots: int = 0,
-                lora_layer_bytes: list[int] | None = None, enforce_eager: bool = False):
+                lora_layer_bytes: list[int] | None = None, enforce_eager: bool = False, mtp_tokens: int = 0):
     """The planner's cut for these devices (or `split`, checked against their memory).
 
     one_host: the devices are this machine's, so stages naming the same device share its
@@ -145,7 +147,7 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
                 dtype_bytes=dtype.itemsize, block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                 split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30,
                 max_num_seqs=max_num_seqs, state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes,
-                cuda_graphs=not on_cpu and not enforce_eager)
+                cuda_graphs=not on_cpu and not enforce_eager, mtp_tokens=mtp_tokens)
 
 
 def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | None) -> int:

@@ -51,6 +51,12 @@ class SeqChunk:
     # that snapshot was taken).
     snapshot_slot: int = -1
     restore_state: bool = False
+    # MTP drafting (pprt.distributed.mtp_drafts): next_token, on a chunk that does not sample, is the
+    # token after its last one (the MTP head's input at that position); propose, on a sampling
+    # chunk, is how many drafts the last stage's MTP head makes after the step (0: none). Drafted
+    # positions past the chunk's end write the head's KV into blocks the table already holds.
+    next_token: int = -1
+    propose: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -68,6 +74,9 @@ class SeqChunk:
             raise ValueError(f"sequence {self.seq_id}: a chunk at position 0 starts from zero state, not a snapshot")
         if self.save_to >= 0 and self.num_drafts:
             raise ValueError(f"sequence {self.seq_id}: a chunk with drafts leaves no state to save")
+        if self.propose < 0 or (self.propose and not self.sample) or (self.next_token >= 0 and self.sample):
+            raise ValueError(f"sequence {self.seq_id}: propose ({self.propose}) is for a sampling chunk and "
+                             f"next_token ({self.next_token}) for one that does not sample")
 
     @property
     def end(self) -> int:
@@ -111,6 +120,8 @@ class StepResult:
 
     With drafts (SeqChunk.num_drafts), sequence i receives accepted[i] (its accepted drafts, in
     order) and then token_ids[i]; `accepted` is None when no chunk of the step had drafts.
+    With MTP drafting, drafts[i] are the tokens the MTP head proposes after token_ids[i] (at most
+    the chunk's `propose`; [] for a chunk that asked for none); None when no chunk asked.
     """
 
     step: int
@@ -119,6 +130,7 @@ class StepResult:
     logprobs: list[dict[int, float] | None] | None = None
     compute_seconds: float = 0.0  # time the last stage spent computing this step
     accepted: list[list[int]] | None = None
+    drafts: list[list[int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,7 @@ class StepTensors:
     keep: tuple[torch.Tensor, torch.Tensor]
     save: tuple[torch.Tensor, torch.Tensor]
     lora_slots: torch.Tensor | None  # [T] int32 each token's LoRA adapter slot (-1: none); None: no adapter
+    table_rows: torch.Tensor | None = None  # [B] int64 each chunk's row of StepInputs.table
 
 
 @dataclass(slots=True)
@@ -234,7 +235,7 @@ class StepInputs:
                          state_indices=f["state"] if self.state else None)
         copies = {name: (f[f"{name}_src"], f[f"{name}_dst"]) for name in _PAIRS}
         return StepTensors(batch, f["ids"], f["logits"], f["fresh"], **copies,
-                           lora_slots=f["lora"] if lora else None)
+                           lora_slots=f["lora"] if lora else None, table_rows=f["rows"])
 
     # ---- padded decode steps (CUDA graphs) ------------------------------------------------------
     def static(self, max_batch: int, columns: int) -> StaticInputs:

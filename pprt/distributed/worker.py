@@ -9,7 +9,9 @@ at position 0 are zeroed before the step runs; with prefix caching, snapshots
 are restored into slots before it runs and saved from them after it ran; under
 speculative decoding a chunk's state is first restored from, then copied to,
 its own snapshot slot). The last stage samples, or accepts drafts
-(pprt.models.speculative). A step's tensors come from `StepInputs` (one copy
+(pprt.models.speculative); with MTP drafting (`WorkerSpec.mtp`) it also holds
+the model's MTP head, whose KV is one more layer of its KV pool, and drafts
+after sampling (mtp_drafts.py; such a last stage runs eagerly, without CUDA graphs). A step's tensors come from `StepInputs` (one copy
 to the device); pure-decode steps without a LoRA adapter replay CUDA graphs
 (graphs.py) unless the spec says `cuda_graphs="off"`. Only the last stage
 waits for the device (for the sampled ids): a non-last stage hands its output
@@ -35,6 +37,7 @@ from ..weights.checkpoint import CheckpointReader, ModelSource
 from ..weights.loader import load_stage
 from ..weights.lora import LoraAdapter
 from .graphs import DecodeGraphs
+from .mtp_drafts import MTPDrafter
 from .step import PoolSizes, StepPlan, StepResult
 from .step_inputs import StepInputs
 
@@ -61,6 +64,12 @@ class WorkerSpec:
     # "auto": CUDA graphs of decode steps on a CUDA device; "off": eager (enforce_eager);
     # "padded": the graphs' padded static-buffer path run eagerly (tests; any device)
     cuda_graphs: str = "auto"
+    mtp: bool = False  # MTP drafting: the last stage holds the model's MTP head (and the embedding)
+
+    @property
+    def holds_mtp(self) -> bool:
+        """This stage holds the MTP head: MTP drafting is on and it is the last stage."""
+        return self.mtp and self.layers[1] == self.config.num_layers
 
     def __post_init__(self) -> None:
         if self.cuda_graphs not in CUDA_GRAPHS:
@@ -108,7 +117,7 @@ class Worker:
         self.spec = spec
         self.device = torch.device(spec.device)
         t0 = time.perf_counter()
-        self.stage = Stage(spec.config, spec.layers)
+        self.stage = Stage(spec.config, spec.layers, mtp=spec.mtp)
         rss_before = current_rss_bytes()
         # q/k/v and gate/up merged also with LoRA slots: adapters add to their part of the merged layer
         self.quant_seconds = load_stage(self.stage, CheckpointReader(ModelSource(spec.model)),
@@ -129,6 +138,7 @@ class Worker:
         self.busy_seconds = 0.0
         self.inputs: StepInputs | None = None  # with the pools
         self.graphs: DecodeGraphs | None = None
+        self.drafter: MTPDrafter | None = None  # with the pools (MTP drafting, last stage)
         self.loras = LoraBank(self.stage, spec.max_loras, self.device, spec.dtype) if spec.max_loras else None
         self._lora_step = False  # the step being run has tokens with an adapter
 
@@ -153,6 +163,8 @@ class Worker:
         self.inputs = StepInputs(self.device, self.spec.block_size, columns, self.cache.pad_block,
                                  state=self.state is not None,
                                  pad_slot=self.state.pad_slot if self.state is not None else None)
+        if self.spec.holds_mtp:  # the head's KV: the pool's layer after the stage's own
+            self.drafter = MTPDrafter(self.stage, self.cache.layer(self.stage.num_attention_layers), self.inputs)
         if not padded:
             return
         try:
@@ -166,8 +178,11 @@ class Worker:
             self.graphs = None
 
     def graph_mode(self) -> str:
-        """"capture" (CUDA graphs), "padded" (their path, eager) or "off"."""
+        """"capture" (CUDA graphs), "padded" (their path, eager) or "off" (always off on a last stage
+        that drafts with the MTP head: its steps go on after the stage's layers)."""
         mode = self.spec.cuda_graphs
+        if self.spec.holds_mtp:
+            return "off"
         if mode == "auto":
             return "capture" if self.device.type == "cuda" else "off"
         return mode
@@ -207,12 +222,16 @@ class Worker:
                 self.state.copy(*step.restore)
                 self.state.copy(*step.keep)
             out = self.stage(step.token_ids if self.stage.is_first else x, step.batch, self.cache, self.state,
-                             step.logits_indices if self.stage.is_last else None)
+                             step.logits_indices if self.stage.is_last else None,
+                             with_hidden=self.drafter is not None)
             if self.state is not None:  # prefix cache: snapshots of the state after this step's tokens
                 self.state.copy(*step.save)
         if not self.stage.is_last:
             self.busy_seconds += time.perf_counter() - t0
             return out
+        hidden = None
+        if self.drafter is not None:
+            out, hidden = out  # logits, and every row's hidden state after the final norm
         if any(c.num_drafts for c in plan.chunks):
             result = self._verify(plan, out)
         else:
@@ -220,6 +239,9 @@ class Worker:
             sampled = self.sampler.sample(seq_ids, out) if seq_ids else None
             result = StepResult(plan.step, seq_ids, sampled.token_ids if sampled else [],
                                 sampled.logprobs if sampled else None)
+        if self.drafter is not None:
+            drafts = self.drafter.run(plan, step, hidden, result)
+            result.drafts = drafts if any(c.propose for c in plan.chunks) else None
         result.compute_seconds = time.perf_counter() - t0
         self.busy_seconds += result.compute_seconds
         return result
@@ -262,8 +284,10 @@ class Worker:
 
 
 def cache_spec(spec: WorkerSpec) -> CacheSpec:
-    """The KV pool geometry of a stage: its full-attention layers only."""
+    """The KV pool geometry of a stage: its full-attention layers, and the MTP head's layer on a
+    last stage that drafts with it."""
     attention, _ = spec.config.layers_of(*spec.layers)
+    attention += 1 if spec.holds_mtp else 0
     return CacheSpec(attention, spec.config.num_kv_heads, spec.config.head_dim, spec.block_size,
                      spec.kv_dtype or spec.dtype)
 

@@ -1,6 +1,10 @@
 """Speculative decoding on the driver: its settings and the n-gram (prompt lookup) draft proposer.
 
-`SpeculativeConfig` is what `LLM(speculative=...)` takes. With method "ngram"
+`SpeculativeConfig` is what `LLM(speculative=...)` takes. Method "mtp" drafts
+with the model's own multi-token-prediction head on the last stage
+(pprt.distributed.mtp_drafts): the drafts come back with each step's sampled
+token and go out with the sequence's next chunk (the scheduler keeps them on
+the Sequence). With method "ngram"
 the scheduler asks `propose_ngram` for up to k drafts for a decoding
 sequence: the tokens that followed the latest earlier occurrence of the
 sequence's last n tokens (n from `prompt_lookup_max` down to
@@ -13,23 +17,25 @@ pprt.models.speculative, how they are scheduled and rolled back scheduler.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..params import SamplingParams
+from .sequence import Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "mtp")
 
 
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
     """Speculative decoding settings (LLM(speculative=SpeculativeConfig(...)) or the same as a dict)."""
 
-    method: str = "ngram"  # "ngram": prompt lookup (the only method so far)
+    method: str = "ngram"  # "ngram": prompt lookup; "mtp": the checkpoint's MTP head
     num_speculative_tokens: int = 3  # k: drafts per sequence and step, 1..16
-    prompt_lookup_max: int = 4  # the longest n-gram matched
-    prompt_lookup_min: int = 1  # the shortest n-gram matched
+    prompt_lookup_max: int = 4  # ngram: the longest n-gram matched
+    prompt_lookup_min: int = 1  # ngram: the shortest n-gram matched
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +61,11 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative has unknown field(s) {sorted(unknown)}; known: {list(cls.__slots__)}")
         return cls(**value)
+
+    @property
+    def mtp(self) -> bool:
+        """Drafts come from the model's MTP head (method "mtp")."""
+        return self.method == "mtp"
 
 
 def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int = 1) -> list[int]:
@@ -83,3 +94,27 @@ def can_draft(params: SamplingParams) -> bool:
     every accepted token), no logprobs."""
     return (params.logprobs is None and params.repetition_penalty == 1.0
             and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
+
+
+def mtp_propose(spec: SpeculativeConfig | None, seq: Sequence, end: int, tokens: int,
+                can_hold: Callable[[int], bool]) -> tuple[int, int]:
+    """MTP drafting: (drafts a chunk of `seq` ending at `end` asks the last stage for, tokens its
+    table must hold). A chunk that ends the known tokens of a request that may draft asks for k,
+    and its table holds k - 1 positions past its `tokens` for the head's draft steps (within the
+    sequence's max_len), fewer drafts when `can_hold` (blocks free) says so; otherwise (0, tokens)."""
+    if spec is None or not spec.mtp or end != seq.num_tokens or not can_draft(seq.params):
+        return 0, tokens
+    k = spec.num_speculative_tokens
+    while k > 1:
+        need = max(tokens, min(tokens + k - 1, seq.max_len))
+        if can_hold(need):
+            return k, need
+        k -= 1
+    return k, tokens
+
+
+def mtp_next_token(spec: SpeculativeConfig | None, seq: Sequence, end: int) -> int:
+    """MTP drafting: the token after a chunk of `seq` ending at `end` that does not sample (-1 otherwise)."""
+    if spec is None or not spec.mtp or end >= seq.num_tokens:
+        return -1
+    return seq.token_slice(end, end + 1)[0]

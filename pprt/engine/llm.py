@@ -28,7 +28,7 @@ from ..models.kv import parse_kv_dtype
 from ..params import SamplingParams, check_seed
 from ..tokenizer import Tokenizer
 from ..weights.checkpoint import CheckpointReader, ModelSource, load_config
-from ..weights.loader import resolve_tied_head
+from ..weights.loader import check_mtp_head, resolve_tied_head
 from ..weights.lora import LoraAdapter, linear_shapes, read_adapter, slot_bytes
 from .blocks import BlockManager, SlotManager, SnapshotCache
 from .drafts import SpeculativeConfig
@@ -88,9 +88,11 @@ class LLM:
     decode step at padded batch sizes up to max_num_seqs after loading, and
     replays them for pure-decode steps).
     speculative: speculative decoding, e.g. {"method": "ngram",
-    "num_speculative_tokens": 3} (see pprt.engine.drafts.SpeculativeConfig);
-    None: off. Requests with logprobs or a repetition, presence or frequency
-    penalty are not drafted.
+    "num_speculative_tokens": 3} (prompt lookup) or {"method": "mtp",
+    "num_speculative_tokens": 2} (the checkpoint's own multi-token-prediction
+    head, on the last stage; a checkpoint without one raises CheckpointError)
+    (see pprt.engine.drafts.SpeculativeConfig); None: off. Requests with
+    logprobs or a repetition, presence or frequency penalty are not drafted.
 
     Every method may be called from any thread; calls from several threads
     are served together (their requests share the running batch).
@@ -138,7 +140,12 @@ class LLM:
         check_seed(seed)
         speculative = SpeculativeConfig.parse(speculative)
         self.source = ModelSource(model)
-        self.config = resolve_tied_head(load_config(self.source), CheckpointReader(self.source))
+        config = load_config(self.source)  # (a bad config.json is named before missing weights)
+        reader = CheckpointReader(self.source)
+        self.config = resolve_tied_head(config, reader)
+        mtp = speculative is not None and speculative.mtp
+        if mtp:
+            check_mtp_head(self.config, reader)  # CheckpointError naming what is missing
         self.config = self.config.with_rope_scaling(rope_scaling)
         on_cuda = torch.device(devices[0]).type == "cuda"
         self.dtype = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
@@ -160,7 +167,8 @@ class LLM:
                                  merged_lora=adapters[0] if merge else None,
                                  lora_layer_bytes=slot_bytes(adapters, max_loras, self.config.num_layers,
                                                              self.dtype.itemsize) if max_loras else None,
-                                 stage_processes=stage_processes, enforce_eager=enforce_eager)
+                                 stage_processes=stage_processes, enforce_eager=enforce_eager,
+                                 mtp_tokens=speculative.num_speculative_tokens if mtp else 0)
         loras = LoraRegistry(max_loras) if max_loras else None
         for adapter in adapters if loras is not None else ():
             loras.add(adapter)
@@ -169,7 +177,8 @@ class LLM:
         prefix = prefix_cache_for(self.config, enabled=enable_prefix_caching, block_size=block_size,
                                   salt=cache_salt(self.config.rope, self.dtype, kv_type, quant, self.config.quant),
                                   snapshots=SnapshotCache(executor.num_slots, executor.num_snapshots) if slots else None,
-                                  snapshot_every=max(block_size, chunk_size // block_size * block_size))
+                                  snapshot_every=max(block_size, chunk_size // block_size * block_size),
+                                  lookahead=int(mtp))
         scheduler = Scheduler(BlockManager(executor.num_blocks, block_size), max_context=self.max_context,
                               chunk_size=chunk_size, max_num_seqs=max_num_seqs,
                               eos_token_ids=self.config.eos_token_ids, slots=slots, loras=loras,

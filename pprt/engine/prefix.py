@@ -7,7 +7,10 @@ KV (the rope settings, the dtypes, the quantization), joined per request by
 the sequence's `cache_key` (its LoRA adapter's load, so KV computed under one
 adapter never serves another or the base model). Two sequences whose first k blocks hold the same tokens
 under the same salt share those k hashes, so blocks computed for one serve
-the other. The digest is BLAKE2b-128 (hashlib) of the parent digest and the
+the other. With MTP drafting (`lookahead=1`) a block's hash also covers the
+token after it: the MTP head's KV at a block's last position depends on that
+token (pprt.distributed.mtp_drafts), so a block is registered only once the
+token after it is known, and only a sequence with the same next token reuses it. The digest is BLAKE2b-128 (hashlib) of the parent digest and the
 block's token ids as little-endian int64: collisions are not a practical
 concern, unlike a 64-bit Python hash of a tuple.
 
@@ -96,12 +99,16 @@ class PrefixCache:
 
     snapshots: the state snapshots of a hybrid model (None: the model has no recurrent state).
     snapshot_every: tokens between snapshots inside a long prompt (a multiple of block_size).
+    lookahead: tokens after a block its hash covers besides its own (1 with MTP drafting, else 0).
     """
 
     def __init__(self, block_size: int, salt: bytes, snapshots: SnapshotCache | None = None,
-                 snapshot_every: int | None = None):
+                 snapshot_every: int | None = None, lookahead: int = 0):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if lookahead not in (0, 1):
+            raise ValueError(f"lookahead must be 0 or 1 (tokens after a block its hash covers), got {lookahead}")
+        self.lookahead = lookahead
         every = snapshot_every or block_size
         if every <= 0 or every % block_size:
             raise ValueError(f"snapshot_every must be a positive multiple of block_size {block_size}, got {every}")
@@ -110,20 +117,21 @@ class PrefixCache:
     def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """`seq.block_hashes`, grown to cover at least its first `num_blocks` full blocks (each hash
         is computed once: a sequence's tokens never change, they only grow)."""
-        bs, chain = self.block_size, seq.block_hashes
-        if num_blocks * bs > seq.num_tokens:
-            raise ValueError(f"sequence {seq.seq_id} has {seq.num_tokens} tokens, not {num_blocks} full blocks")
+        bs, chain, ahead = self.block_size, seq.block_hashes, self.lookahead
+        if num_blocks * bs + ahead > seq.num_tokens:
+            raise ValueError(f"sequence {seq.seq_id} has {seq.num_tokens} tokens, not {num_blocks} full blocks"
+                             + (f" and {ahead} more" if ahead else ""))
         root = cache_salt(self.salt, seq.cache_key) if seq.cache_key else self.salt
         while len(chain) < num_blocks:
             i = len(chain)
-            chain.append(block_hash(chain[-1] if chain else root, seq.token_slice(i * bs, (i + 1) * bs)))
+            chain.append(block_hash(chain[-1] if chain else root, seq.token_slice(i * bs, (i + 1) * bs + ahead)))
         return chain
 
     def reusable(self, seq: Sequence, blocks: BlockManager) -> Reuse:
         """What `seq` (which holds no blocks) takes from the cache: the cached blocks of its longest
         reusable prefix (full blocks only, and never its last token, which must be computed to
         sample from), for a hybrid model only as far as a snapshot of the state reaches."""
-        limit = (seq.num_tokens - 1) // self.block_size
+        limit = (seq.num_tokens - max(1, self.lookahead)) // self.block_size
         hashes = self.hashes(seq, limit)[:limit]
         found = blocks.match(hashes)
         if self.snapshots is None:
@@ -186,15 +194,17 @@ class PrefixCache:
         slot, seq.tail_snapshot = seq.tail_snapshot, -1
         if slot < 0:
             return
-        if seq.tail_blocks > 0:
-            self.snapshots.commit(slot, seq.block_hashes[seq.tail_blocks - 1])
+        n = seq.tail_blocks
+        if n > 0 and n * self.block_size + self.lookahead <= seq.num_tokens:  # (its name needs the next token)
+            self.snapshots.commit(slot, self.hashes(seq, n)[n - 1])
         else:
             self.snapshots.drop(slot)
         seq.tail_blocks = 0
 
     def register(self, seq: Sequence, table: list[int], num_tokens: int, blocks: BlockManager) -> None:
-        """Register the blocks of `table` that `seq`'s first `num_tokens` tokens fill (scheduled now)."""
-        full = num_tokens // self.block_size
+        """Register the blocks of `table` that `seq`'s first `num_tokens` tokens fill (scheduled now),
+        those whose next `lookahead` tokens are known."""
+        full = min(num_tokens, seq.num_tokens - self.lookahead) // self.block_size
         if full <= seq.blocks_registered:
             return
         hashes = self.hashes(seq, full)
@@ -204,7 +214,8 @@ class PrefixCache:
 
 
 def prefix_cache_for(config: ModelConfig, *, enabled: bool, block_size: int, salt: bytes,
-                     snapshots: SnapshotCache | None = None, snapshot_every: int | None = None) -> PrefixCache | None:
+                     snapshots: SnapshotCache | None = None, snapshot_every: int | None = None,
+                     lookahead: int = 0) -> PrefixCache | None:
     """The prefix cache an LLM of `config` uses: None when disabled, or for a hybrid model without
     snapshot slots (said in a log line)."""
     if not enabled:
@@ -213,4 +224,4 @@ def prefix_cache_for(config: ModelConfig, *, enabled: bool, block_size: int, sal
         log.info("prefix caching is off for this %s model: its DeltaNet layers' state cannot be resumed from "
                  "cached KV blocks without state snapshots, and the state pool holds none", config.model_type)
         return None
-    return PrefixCache(block_size, salt, snapshots if config.hybrid else None, snapshot_every)
+    return PrefixCache(block_size, salt, snapshots if config.hybrid else None, snapshot_every, lookahead)

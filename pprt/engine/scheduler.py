@@ -47,6 +47,13 @@ A hybrid sequence speculates only while a spare slot is free for it (free
 slots beyond the waiting requests' needs), and only on chunks of at most
 k + 1 known tokens (decode steps and recomputations), so that a rejection
 never recomputes a long prefill chunk.
+MTP drafting (`speculative.method == "mtp"`): the drafts are the last stage's
+(pprt.distributed.mtp_drafts): a sampling chunk asks for k of them
+(`SeqChunk.propose`) and its table holds k - 1 positions more for the head's
+draft steps (fewer when blocks are short); they come back with the step's
+tokens, kept on the Sequence and sent with its next chunk if it still ends
+there. A chunk that does not sample carries the token after it
+(`SeqChunk.next_token`), the head's input at its last position.
 
 Planning a micro-batch costs O(its sequences), not O(running sequences):
 running sequences that have tokens to send wait in a heap ordered by
@@ -66,7 +73,7 @@ from ..distributed.step import NewSequence, SeqChunk, StepPlan, StepResult
 from ..errors import RequestTooLarge
 from ..params import SamplingParams
 from .blocks import BlockManager, SlotManager
-from .drafts import SpeculativeConfig, can_draft, propose_ngram
+from .drafts import SpeculativeConfig, can_draft, mtp_next_token, mtp_propose, propose_ngram
 from .loras import LoraRegistry
 from .prefix import PrefixCache, Reuse
 from .sequence import SeqStatus, Sequence
@@ -86,6 +93,10 @@ class Scheduler:
         if prefix is not None and (slots is not None) != (prefix.snapshots is not None):
             raise ValueError("a prefix cache serves a model with recurrent state with state snapshots, and "
                              "one without, without")
+        if prefix is not None and speculative is not None and prefix.lookahead != int(speculative.mtp):
+            raise ValueError("with MTP drafting a prefix cache names each block with the token after it "
+                             "(lookahead=1; the head's KV at a block's last position depends on it), and "
+                             "without, with lookahead=0")
         self.blocks, self.slots, self.prefix, self.max_context = blocks, slots, prefix, max_context
         self.loras = loras
         self.chunk_size, self.max_num_seqs = chunk_size, max_num_seqs
@@ -260,7 +271,9 @@ class Scheduler:
                 drafts, snapshot = [], -1
         if drafts and not self.blocks.can_hold(seq.seq_id, end + len(drafts), cached):
             drafts = []  # no preemption for drafts
-        table = self.blocks.reserve(seq.seq_id, end + len(drafts), cached)
+        propose, need = mtp_propose(self.speculative, seq, end, end + len(drafts),
+                                    lambda n: self.blocks.can_hold(seq.seq_id, n, cached))
+        table = self.blocks.reserve(seq.seq_id, need, cached)
         if lookup:
             self.num_lookup_tokens += seq.num_tokens
             self.num_cached_tokens += start
@@ -276,7 +289,8 @@ class Scheduler:
                          blocks_from=seq.blocks_sent, new_blocks=table[seq.blocks_sent:], sample=end == seq.num_tokens,
                          state_slot=slot, num_drafts=len(drafts), snapshot_slot=snapshot, restore_state=restore,
                          restore_from=reuse.snapshot, save_to=save_to,
-                         lora_slot=self.loras.slot_of(seq.params.lora) if self.loras is not None else -1)
+                         lora_slot=self.loras.slot_of(seq.params.lora) if self.loras is not None else -1,
+                         propose=propose, next_token=mtp_next_token(self.speculative, seq, end))
         seq.num_scheduled, seq.blocks_sent, seq.restore_state = end, len(table), False
         seq.in_flight += 1
         return chunk
@@ -291,6 +305,8 @@ class Scheduler:
         k = min(spec.num_speculative_tokens, room, budget)
         if k <= 0:
             return []
+        if spec.mtp:
+            return seq.drafts[:k] if seq.drafts_at == seq.num_tokens else []
         return propose_ngram(seq.tokens, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
 
     def uses_lora(self, name: str) -> int:
@@ -379,8 +395,9 @@ class Scheduler:
         updated = []
         logprobs = result.logprobs or [None] * len(result.seq_ids)
         accepted = result.accepted or [[] for _ in result.seq_ids]
+        proposed = result.drafts or [[] for _ in result.seq_ids]
         drafted = {c.seq_id: c for c in plan.chunks if c.num_drafts}
-        for seq_id, token, lp, acc in zip(result.seq_ids, result.token_ids, logprobs, accepted):
+        for seq_id, token, lp, acc, mtp in zip(result.seq_ids, result.token_ids, logprobs, accepted, proposed):
             seq = seqs[seq_id]
             if seq_id in drafted:
                 self._roll_back(seq, drafted[seq_id], len(acc))
@@ -398,6 +415,7 @@ class Scheduler:
                 if seq.finish_reason is not None:
                     break
             self.num_generated_tokens += new
+            seq.drafts, seq.drafts_at = mtp, seq.num_tokens  # MTP drafts follow exactly these tokens
             updated.append((seq, new))
             self._mark_ready(seq)  # (not when it finished)
         for chunk in plan.chunks:

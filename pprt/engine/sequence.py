@@ -42,6 +42,8 @@ class Sequence:
     tail_blocks: int = 0  # full blocks whose state the tail slot holds (0: nothing valid yet)
     admitted: int = -1  # its place in admission order (set each time it starts running)
     queued: int | None = None  # `admitted` when it waits in the scheduler's heap of sequences to schedule
+    drafts: list[int] = field(default_factory=list)  # MTP drafting: the head's drafts after its tokens
+    drafts_at: int = -1  # num_tokens when `drafts` came (they follow those tokens only)
 
     @property
     def tokens(self) -> list[int]:

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no CUDA graphs (by default a CUDA stage replays captured graphs for decode steps)")
     m.add_argument("--speculative-ngram", type=int, default=None, metavar="K",
                    help="speculative decoding: up to K prompt-lookup (n-gram) drafts per step, verified by the model")
+    m.add_argument("--speculative-mtp", type=int, default=None, metavar="K",
+                   help="speculative decoding: K drafts per step from the checkpoint's own multi-token-prediction "
+                        "head (Qwen3-Next, Qwen3.5 family), on the last stage, verified by the model")
     m.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_S,
                    help="seconds a stage process may leave a heartbeat unanswered before it counts as hung")
     m.add_argument("--no-prefix-caching", action="store_true",
@@ -110,8 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--merge-lora needs --lora PATH")
     if not args.stage_timeout > 0:
         parser.error(f"--stage-timeout must be > 0 seconds, got {args.stage_timeout}")
-    if args.speculative_ngram is not None and not 1 <= args.speculative_ngram <= 16:
-        parser.error(f"--speculative-ngram must be in 1..16, got {args.speculative_ngram}")
+    for flag in ("ngram", "mtp"):
+        k = getattr(args, f"speculative_{flag}")
+        if k is not None and not 1 <= k <= 16:
+            parser.error(f"--speculative-{flag} must be in 1..16, got {k}")
+    if args.speculative_ngram is not None and args.speculative_mtp is not None:
+        parser.error("--speculative-ngram and --speculative-mtp are two ways to draft: give one")
     try:
         args.device_list = _split_list(args.devices, str, "--devices")
         args.split_list = _split_list(args.split, int, "--split")
@@ -217,8 +224,16 @@ def open_model(args: argparse.Namespace) -> LLM:
                enable_prefix_caching=not args.no_prefix_caching,
                lora={CLI_LORA: args.lora} if args.lora else None, merge=args.merge_lora,
                enforce_eager=args.enforce_eager,
-               speculative=None if args.speculative_ngram is None else
-               {"method": "ngram", "num_speculative_tokens": args.speculative_ngram})
+               speculative=_speculative(args))
+
+
+def _speculative(args: argparse.Namespace) -> dict | None:
+    """LLM's `speculative` from --speculative-ngram K or --speculative-mtp K (None: neither)."""
+    for method in ("ngram", "mtp"):
+        k = getattr(args, f"speculative_{method}")
+        if k is not None:
+            return {"method": method, "num_speculative_tokens": k}
+    return None
 
 
 def stream_completion(llm: LLM, prompt: str, params: SamplingParams, out: TextIO | None) -> tuple[Completion, dict]:

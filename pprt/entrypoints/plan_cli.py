@@ -3,8 +3,8 @@
 A thin CLI over `pprt.plan.plan()`: `--model` (a directory, or a hub id of
 which only config.json is fetched), `--gpus 96,96` (GiB per device) or
 `--gpus auto` (free memory of the visible GPUs), `--quant`, `--kv-dtype`,
-`--max-context`, `--rope-scaling JSON`, `--json`. Exit code 0 when it fits, 1 when it does not, 2 on
-bad arguments or an unreadable model.
+`--max-context`, `--rope-scaling JSON`, `--speculative-mtp K` (MTP drafting's memory), `--json`.
+Exit code 0 when it fits, 1 when it does not, 2 on bad arguments or an unreadable model.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default=None, help="layers per stage, e.g. 40,40 (default: the planner's cut)")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="sequences at once (hybrid models hold recurrent state for each)")
+    p.add_argument("--speculative-mtp", type=int, default=0, metavar="K",
+                   help="count MTP drafting with K drafts per step: the head, its KV and the embedding on the last stage")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     try:
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         result = plan(config, budgets, quant=args.quant, kv_dtype=args.kv_dtype,
                       dtype_bytes={"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype],
                       block_size=args.block_size, max_context=args.max_context, chunk_size=args.chunk_size,
-                      split=None if args.split is None else _int_list(args.split), max_num_seqs=args.max_num_seqs)
+                      split=None if args.split is None else _int_list(args.split), max_num_seqs=args.max_num_seqs,
+                      mtp_tokens=args.speculative_mtp)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """Stage: a contiguous range of a Qwen model's decoder layers.
 
 `Stage(config, layers=(lo, hi))` holds the embedding only when lo == 0 and
-the final norm and head only when hi == num_layers. Parameter names are the
+the final norm and head only when hi == num_layers. With `mtp=True` the last
+stage also holds the model's MTP head (`mtp.*`, pprt.models.mtp) and, for it,
+the embedding (a tied head is then that embedding). Parameter names are the
 canonical checkpoint tensor names (`model.layers.{i}.self_attn.q_proj.weight`,
 ...); pprt.weights.layout maps them onto a checkpoint's actual layout (a
 multimodal wrapper's `model.language_model.` prefix, fused experts, a tied head).
@@ -22,59 +24,35 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Attention
 from .batch import StepBatch
-from .deltanet import GatedDeltaNet
-from .kv import KVCache, LayerKV, LayerState, StateCache
-from .layers import MLP, RMSNorm, Rotary
-from .moe import MoE
-
-
-class DecoderLayer(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is full attention or Gated DeltaNet."""
-
-    def __init__(self, cfg: ModelConfig, index: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.zero_centered_norm)
-        if cfg.is_linear(index):
-            self.linear_attn = GatedDeltaNet(cfg)
-        else:
-            self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.zero_centered_norm)
-        self.mlp = MoE(cfg) if cfg.is_sparse(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
-
-    @property
-    def is_linear(self) -> bool:
-        return hasattr(self, "linear_attn")
-
-    def forward(self, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor, sin: torch.Tensor,
-                pool: LayerKV | LayerState) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        h = self.linear_attn(h, batch, pool) if self.is_linear else self.self_attn(h, batch, cos, sin, pool)
-        h, x = self.post_attention_layernorm.add_forward(h, x)  # norm(x + h), x + h
-        return x + self.mlp(h)
+from .decoder import DecoderLayer
+from .kv import KVCache, StateCache
+from .layers import RMSNorm, Rotary
+from .mtp import MTPHead
 
 
 class Stage(nn.Module):
-    def __init__(self, config: ModelConfig, layers: tuple[int, int] | None = None):
+    def __init__(self, config: ModelConfig, layers: tuple[int, int] | None = None, mtp: bool = False):
         super().__init__()
         lo, hi = layers if layers is not None else (0, config.num_layers)
         if not 0 <= lo < hi <= config.num_layers:
             raise ValueError(f"layers {(lo, hi)} is not a non-empty range within [0, {config.num_layers})")
         self.config, self.lo, self.hi = config, lo, hi
         self.is_first, self.is_last = lo == 0, hi == config.num_layers
+        with_mtp = mtp and self.is_last
         norm = dict(eps=config.rms_norm_eps, zero_centered=config.zero_centered_norm)
         with torch.device("meta"):
             self.model = nn.Module()
-            if self.is_first:
+            if self.is_first or with_mtp:
                 # _weight skips the random init, which on meta tensors would import torch._dynamo (~1.5 s)
                 self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                                        _weight=torch.empty(config.vocab_size, config.hidden_size))
             self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in range(lo, hi)})
             if self.is_last:
                 self.model.norm = RMSNorm(config.hidden_size, **norm)
-                if not (config.tie_word_embeddings and self.is_first):
+                if not (config.tie_word_embeddings and hasattr(self.model, "embed_tokens")):
                     self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.mtp = MTPHead(config) if with_mtp else None
         for p in self.parameters():
             p.requires_grad_(False)
         self.rotary = Rotary(config.rope, config.rotary_dim)  # real tensors, not loaded
@@ -96,15 +74,23 @@ class Stage(nn.Module):
             return "model.embed_tokens.weight"
         return param_name
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [R, V] of normed hidden states x [R, H] (last stage; a tied head is the embedding)."""
+        head = self.lm_head if hasattr(self, "lm_head") else None
+        logits = head(x) if head is not None else x @ self.model.embed_tokens.weight.t()
+        return logits.float()
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, state: StateCache | None = None,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+                logits_indices: torch.Tensor | None = None,
+                with_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run this stage.
 
         x: token ids [T] on the first stage, else hidden states [T, H]. cache: the KV pool of
         the stage's full-attention layers; state: the state pool of its DeltaNet layers
         (None when it has none). Returns hidden states [T, H], or on the last stage the fp32
-        logits [R, V] of the rows in `logits_indices` (all rows when None).
+        logits [R, V] of the rows in `logits_indices` (all rows when None); with `with_hidden`
+        (last stage) also every row's hidden state after the final norm [T, H] (the MTP head's input).
         """
         if self.is_first:
             x = self.model.embed_tokens(x)  # [T, H]
@@ -113,9 +99,10 @@ class Stage(nn.Module):
             x = layer(x, batch, cos, sin, state.layer(i) if layer.is_linear else cache.layer(i))
         if not self.is_last:
             return x
+        if with_hidden:
+            normed = self.model.norm(x)  # [T, H]; a row-wise norm: the same rows as normed after indexing
+            rows = normed[logits_indices] if logits_indices is not None else normed
+            return self.logits(rows), normed
         if logits_indices is not None:
             x = x[logits_indices]
-        x = self.model.norm(x)
-        head = self.lm_head if hasattr(self, "lm_head") else None
-        logits = head(x) if head is not None else x @ self.model.embed_tokens.weight.t()
-        return logits.float()
+        return self.logits(self.model.norm(x))

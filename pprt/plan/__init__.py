@@ -46,6 +46,12 @@ E, k = experts per token, as in QWEN.md):
   sequence's KV and in at most half the memory the running slots leave, at
   most those wanted): the snapshots of the state the cache resumes from; the
   KV pool gets the rest.
+- MTP drafting (`mtp_tokens` = k > 0): the last stage also holds the MTP head
+  (pprt.plan.sizes.mtp_weight_bytes), the embedding the head reads (V*H, unless
+  that stage is stage 0 or its tied head already is a copy of it) and the head's
+  KV (one more full-attention layer per token); its reserve adds the head's fc
+  input T*2H*db and its layer's MLP buffers; it reads the head and the lm_head k
+  more times per decode step; it runs without CUDA graphs.
 
 The cut minimizes the slowest stage's time per decoded token, bytes read / speed,
 where bytes read = layer weights (+ norm and head on the last stage) + KV of one
@@ -74,13 +80,15 @@ from .sizes import (
     kv_bytes_per_token,
     kv_element_bytes,
     layer_weight_bytes,
+    mtp_weight_bytes,
     state_bytes_per_sequence,
     weight_formats,
 )
 
 __all__ = ["DeviceBudget", "StagePlan", "Plan", "plan", "GiB", "MiB", "QUANTS", "KV_ELEMENT_BYTES",
            "FP8_SCALE_BYTES", "context_limit", "embedding_bytes", "head_bytes", "int4_linear_bytes",
-           "kv_bytes_per_token", "kv_element_bytes", "layer_weight_bytes", "state_bytes_per_sequence"]
+           "kv_bytes_per_token", "kv_element_bytes", "layer_weight_bytes", "mtp_weight_bytes",
+           "state_bytes_per_sequence"]
 
 DEFAULT_OVERHEAD = 1 * GiB
 
@@ -104,6 +112,7 @@ def plan(
     state_snapshots: int = 0,
     lora_layer_bytes: list[int] | None = None,
     cuda_graphs: bool = False,
+    mtp_tokens: int = 0,
 ) -> Plan:
     """Cut `config` over `budgets` (one stage per device, in order) and say whether it fits.
 
@@ -114,6 +123,9 @@ def plan(
     `lora_layer_bytes`: bytes of LoRA adapter slots per decoder layer (pprt.weights.lora.slot_bytes),
     counted with that layer's weights.
     `cuda_graphs`: the stages capture decode steps up to max_num_seqs rows (their memory is reserved).
+    `mtp_tokens`: drafts per step of the model's MTP head (0: off): the last stage then holds the
+    head (sizes.mtp_weight_bytes), the embedding (unless it is stage 0 or the head is tied: its copy
+    is the embedding) and one more layer of KV, and runs without CUDA graphs.
     Raises ValueError for bad arguments; a plan that does not fit is returned with fits=False.
     """
     if not budgets:
@@ -124,6 +136,8 @@ def plan(
             raise ValueError(f"{name} must be positive, got {value}")
     if state_snapshots < 0:
         raise ValueError(f"state_snapshots must be >= 0, got {state_snapshots}")
+    if mtp_tokens < 0:
+        raise ValueError(f"mtp_tokens must be >= 0, got {mtp_tokens}")
     limit = context_limit(config)
     max_context = limit if max_context is None else max_context
     if max_context <= 0:
@@ -146,7 +160,7 @@ def plan(
 
     costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
                    block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, state_snapshots, lora,
-                   cuda_graphs)
+                   cuda_graphs, mtp_tokens)
     cut, fits = _cut(costs, None if split is None else list(split))
     bounds = _bounds(cut)
     num_blocks, num_slots, num_snapshots = costs.pools(bounds)
@@ -156,7 +170,8 @@ def plan(
     args = dict(quant=quant, kv_dtype=kv_dtype, dtype_bytes=dtype_bytes, block_size=block_size,
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
                 overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs,
-                state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes, cuda_graphs=cuda_graphs)
+                state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes, cuda_graphs=cuda_graphs,
+                mtp_tokens=mtp_tokens)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += "\n" + _beyond_limit(config, max_context, limit)

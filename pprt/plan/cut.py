@@ -19,6 +19,7 @@ from .sizes import (
     head_bytes,
     kv_bytes_per_token,
     layer_weight_bytes,
+    mtp_weight_bytes,
     state_bytes_per_sequence,
 )
 
@@ -42,6 +43,7 @@ class _Costs:
     snapshots: int = 0  # state slots wanted for prefix-cache snapshots, beside the running ones
     lora_layer_bytes: tuple[int, ...] = ()  # LoRA slot stacks of each decoder layer (empty: none)
     cuda_graphs: bool = False
+    mtp_tokens: int = 0  # drafts per step of the MTP head on the last stage (0: off)
 
     def __post_init__(self) -> None:
         c, db, T, L = self.config, self.dtype_bytes, self.chunk_size, self.config.num_layers
@@ -66,6 +68,13 @@ class _Costs:
                 deltanet.append(0)
             dequant.append(_layer_linear_bytes(c, i, self.quant, self.group_size, db)[1] * db)
         self._mlp_max, self._dequant_max = _range_max(mlp), _range_max(dequant)
+        # MTP head (last stage): its weights; its fill of T rows needs the fc input [T, 2H] and its
+        # layer's MLP buffers (MoE where the model is)
+        self._mtp_weights = mtp_weight_bytes(c, self.quant, db, self.group_size) if self.mtp_tokens else 0
+        mtp_mlp = (T * c.num_experts_per_tok * (3 * c.moe_intermediate_size + 2 * c.hidden_size) * db
+                   + 4 * T * c.num_experts + 3 * T * c.shared_expert_intermediate_size * db if c.num_experts
+                   else 3 * T * c.intermediate_size * db)
+        self._mtp_mlp, self._mtp_input = mtp_mlp, T * db * 2 * c.hidden_size
         self._deltanet_max = _range_max(deltanet)
         self._kv_layer = kv_bytes_per_token(c, 1, self.kv_dtype, db)  # K and V of one token, one layer
         self.seq_blocks = -(-self.max_context // self.block_size)
@@ -81,11 +90,18 @@ class _Costs:
         self._graph_attention = B * db * 2 * (n * g + m) * h
         self._graph_scale = B / T
 
+    def _mtp(self, hi: int) -> bool:
+        """The stage ending at `hi` holds the MTP head (drafting on, last stage)."""
+        return self.mtp_tokens > 0 and hi == self.config.num_layers
+
+    def _has_attention(self, lo: int, hi: int) -> bool:
+        return self._attention[hi] > self._attention[lo] or self._mtp(hi)
+
     def _graphs(self, lo: int, hi: int) -> int:
-        if not self.cuda_graphs:
+        if not self.cuda_graphs or self._mtp(hi):  # a last stage that drafts with MTP runs eagerly
             return 0
         c = self.config
-        rows = self._graph_fixed + (self._graph_attention if self._attention[hi] > self._attention[lo] else 0)
+        rows = self._graph_fixed + (self._graph_attention if self._has_attention(lo, hi) else 0)
         rows += int(self._graph_scale * (self._mlp_max[lo][hi] + self._deltanet_max[lo][hi]))
         rows += self.max_num_seqs * c.vocab_size * 4 if hi == c.num_layers else 0  # fp32 logits of B rows
         pad_block = self.block_size * self.kv_per_token(lo, hi)
@@ -96,18 +112,24 @@ class _Costs:
         total = self._prefix[hi] - self._prefix[lo]
         total += embedding_bytes(c, db) if lo == 0 else 0
         total += head_bytes(c, db, shares_embedding_stage=lo == 0) if hi == c.num_layers else 0
+        if self._mtp(hi):  # the head, and the embedding it reads (a tied head's copy is that embedding)
+            total += self._mtp_weights + (embedding_bytes(c, db) if lo > 0 and not c.tie_word_embeddings else 0)
         return total
 
     def kv_per_token(self, lo: int, hi: int) -> int:
-        return (self._attention[hi] - self._attention[lo]) * self._kv_layer
+        """K and V of one token: the stage's full-attention layers, and the MTP head's layer."""
+        return (self._attention[hi] - self._attention[lo] + int(self._mtp(hi))) * self._kv_layer
 
     def state_per_seq(self, lo: int, hi: int) -> int:
         return state_bytes_per_sequence(self.config, (lo, hi), self.dtype_bytes)
 
     def reserve(self, lo: int, hi: int) -> int:
         logits = 2 * self.chunk_size * self.config.vocab_size * 4 if hi == self.config.num_layers else 0
-        attention = self._attention_buffers if self._attention[hi] > self._attention[lo] else 0
-        return (self._fixed + attention + self._mlp_max[lo][hi] + self._deltanet_max[lo][hi]
+        attention = self._attention_buffers if self._has_attention(lo, hi) else 0
+        mlp, mtp = self._mlp_max[lo][hi], 0
+        if self._mtp(hi):  # the MTP head's fill of T rows: its fc input, and its layer's MLP buffers
+            mlp, mtp = max(mlp, self._mtp_mlp), self._mtp_input
+        return (self._fixed + attention + mlp + mtp + self._deltanet_max[lo][hi]
                 + self._dequant_max[lo][hi] + logits + self._graphs(lo, hi))
 
     def need(self, s: int, lo: int, hi: int) -> int:
@@ -159,6 +181,8 @@ class _Costs:
         total += 2 * self.state_per_seq(lo, hi)  # the recurrent state, read and written back
         if hi == c.num_layers:  # the head is read whole every step, tied or not
             total += embedding_bytes(c, db) + c.hidden_size * db
+        if self._mtp(hi):  # each of k draft steps reads the MTP head and the head
+            total += self.mtp_tokens * (self._mtp_weights + embedding_bytes(c, db))
         return total
 
     def time(self, s: int, lo: int, hi: int) -> float:

@@ -13,12 +13,17 @@ Notation as in shared/QWEN.md: H, n, m, h, I, V, E, k; db = model dtype bytes.
   (`quant`). Int4 costs K*N/2 + ceil(K/g)*N*(db + 1) (int4 values, scales in the model dtype,
   uint8 zeros; + 8K with desc_act), FP8 N*K + ceil(N/bn)*ceil(K/bk)*4 (float32 block scales),
   float N*K*db (a layer that quant="int4" cannot group stays float; see pprt.quantization).
+  MoE experts count per expert whatever the file's layout: a fused FP8 file holds the same
+  bytes when I is a multiple of the block's rows (every release), and a few more scale bytes
+  otherwise (pprt.weights.fp8.load_fp8_rows re-expresses gate's and up's scales in finer blocks).
   Everything else (embedding, head, norms, biases, routers, shared-expert gates, the DeltaNet
   conv weight, A_log, dt_bias and its gated norm) is in the model dtype.
 - KV per token: 2 * (full-attention layers) * m * (h * element bytes + s) (auto = model dtype;
   fp8: 1 byte and s = 4, the float32 scale per (slot, kv head) of paged_attention; else s = 0).
 - State per sequence: per DeltaNet layer, conv [2*Hk*dk + Hv*dv, K-1] in the model dtype and
   recurrent [Hv, dk, dv] in fp32 (pprt.models.kv.StateSpec holds the same).
+- MTP head (drafting on): fc [H, 2H], three norms and one full-attention layer (MoE where the
+  model is), linears in their formats as above; its KV is one more full-attention layer's.
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ SSM_STATE_BYTES = 4  # the recurrent state is float32
 def _linears(config: ModelConfig, layer: int) -> list[tuple[str, int, int]]:
     """(module name, N out, K in) of every linear of decoder layer `layer` (routers and
     shared-expert gates excluded: they stay in the model dtype and count as plain tensors)."""
+    return _layer_linears(config, f"model.layers.{layer}.", config.is_linear(layer), config.is_sparse(layer))
+
+
+def _layer_linears(config: ModelConfig, p: str, linear: bool, sparse: bool) -> list[tuple[str, int, int]]:
+    """The linears of a decoder layer named `p` (a DeltaNet mixer when `linear`, MoE when `sparse`)."""
     H, n, m, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    p = f"model.layers.{layer}."
-    if config.is_linear(layer):
+    if linear:
         lin, a = config.linear, p + "linear_attn."
         if lin.fused_projections:  # Qwen3-Next
             out = [(a + "in_proj_qkvz", lin.conv_dim + lin.value_dim, H), (a + "in_proj_ba", 2 * lin.num_value_heads, H)]
@@ -52,7 +61,7 @@ def _linears(config: ModelConfig, layer: int) -> list[tuple[str, int, int]]:
         q = n * h * (2 if config.attn_output_gate else 1)
         out = [(p + "self_attn.q_proj", q, H), (p + "self_attn.k_proj", m * h, H),
                (p + "self_attn.v_proj", m * h, H), (p + "self_attn.o_proj", H, n * h)]
-    if config.is_sparse(layer):
+    if sparse:
         I = config.moe_intermediate_size
         mlps = [(f"{p}mlp.experts.{e}.", I) for e in range(config.num_experts)]
         if config.shared_expert_intermediate_size:
@@ -124,6 +133,24 @@ def layer_weight_bytes(config: ModelConfig, layer: int, quant: str = "none", dty
     if config.is_sparse(layer):
         plain += config.num_experts * H  # router
         plain += H if config.shared_expert_intermediate_size else 0  # shared-expert gate [1, H]
+    return total + plain * dtype_bytes
+
+
+def mtp_weight_bytes(config: ModelConfig, quant: str = "none", dtype_bytes: int = 2, group_size: int = 128) -> int:
+    """The MTP head (`mtp.*`, pprt.models.mtp) as the runtime holds it: fc [H, 2H], its three norms,
+    and one full-attention decoder layer (MoE with the shared expert when the model has experts),
+    each linear in its format as for the decoder layers. The embedding and head it shares are not
+    counted here."""
+    H, n, m, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    sparse = config.num_experts > 0
+    linears = [("mtp.fc", H, 2 * H)] + _layer_linears(config, "mtp.layers.0.", False, sparse)
+    total = sum(module_format(config, name, k, quant, group_size).nbytes(n_out, k, dtype_bytes)
+                for name, n_out, k in linears)
+    plain = 3 * H + 2 * H  # pre-fc norms and mtp.norm; the layer's two norms
+    plain += (n * h * (2 if config.attn_output_gate else 1) + 2 * m * h) if config.qkv_bias else 0
+    plain += (H if config.o_bias else 0) + (2 * h if config.qk_norm else 0)
+    if sparse:
+        plain += config.num_experts * H + (H if config.shared_expert_intermediate_size else 0)
     return total + plain * dtype_bytes
 
 

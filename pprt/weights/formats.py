@@ -4,7 +4,11 @@ The config (`pprt.quantization`) says what a module should be: GPTQ `dynamic`
 rules, `modules_to_not_convert`, compressed-tensors groups and `ignore`. The file
 says what it is: `<prefix>.qweight` (GPTQ / AWQ), `<prefix>.weight_packed`
 (compressed-tensors int4), a float8 `<prefix>.weight` beside `weight_scale_inv`
-(official FP8) or `weight_scale` (compressed-tensors fp8), or a float `weight`.
+(official FP8) or `weight_scale` (compressed-tensors fp8), or a float `weight`. A
+routed expert stored as part of a fused tensor (layout.py: `mlp.experts.gate_up_proj`
+[E, 2I, H], `down_proj` [E, H, I]) is FP8 when that tensor is float8, with its block
+scales in `<tensor>_scale_inv` [E, row blocks, column blocks] (transformers'
+FP8Experts layout; fp8.load_fp8_rows reads an expert's part of both).
 A module stored in float loads as float whatever the global method says; a
 quantized module the config does not describe, or describes as another format,
 is a CheckpointError naming it.
@@ -29,7 +33,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..models.stage import Stage
 from ..quantization import AT_LOAD, FLOAT, RTN_GROUP_SIZES, Kind, ModuleFormat, at_load_format, never_quantized
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, TensorPart
 from .layout import CheckpointLayout
 
 log = logging.getLogger("pprt")
@@ -51,6 +55,7 @@ class LinearLoad:
     has_bias: bool
     stored: ModuleFormat  # as the file holds it; FLOAT: a plain weight the loader reads
     at_load: ModuleFormat | None = None  # a float layer quantized while loading
+    part: TensorPart | None = None  # a routed expert's rows of a fused [E, N, K] tensor (layout.py)
 
     @property
     def from_file(self) -> bool:
@@ -75,7 +80,9 @@ def plan_linears(stage: Stage, reader: CheckpointReader, quant: str | None,
         if not isinstance(m, nn.Linear):
             continue
         ckpt = layout.name(stage.checkpoint_name(f"{prefix}.weight")).removesuffix(".weight")
-        stored = _stored_format(reader, prefix, ckpt, qcfg)
+        part = layout.source(stage.checkpoint_name(f"{prefix}.weight"))
+        part = part if part.index else None  # a fused expert tensor's part
+        stored = _stored_format(reader, prefix, ckpt, qcfg, part)
         at_load = None
         if stored.kind is Kind.FLOAT and qcfg is not None and qcfg.module(prefix).kind is not Kind.FLOAT \
                 and not never_quantized(prefix):
@@ -85,7 +92,8 @@ def plan_linears(stage: Stage, reader: CheckpointReader, quant: str | None,
             if at_load.kind is Kind.INT4 and at_load.group_size != RTN_GROUP_SIZES[0] or at_load.kind is Kind.FLOAT:
                 odd[(m.in_features, at_load.group_size)].append(prefix)
             at_load = at_load if at_load.kind is not Kind.FLOAT else None
-        out[prefix] = LinearLoad(prefix, ckpt, m.in_features, m.out_features, m.bias is not None, stored, at_load)
+        out[prefix] = LinearLoad(prefix, ckpt, m.in_features, m.out_features, m.bias is not None, stored, at_load,
+                                 part if stored.kind is not Kind.FLOAT else None)
     if float_but_configured:
         log.info("%d linear layer(s) that quantization_config quantizes are stored in float and load in float "
                  "(e.g. %s)", len(float_but_configured), float_but_configured[0])
@@ -97,10 +105,19 @@ def plan_linears(stage: Stage, reader: CheckpointReader, quant: str | None,
     return out
 
 
-def _stored_format(reader: CheckpointReader, prefix: str, ckpt: str, qcfg) -> ModuleFormat:
-    """The file's format of one layer, checked against the config's."""
+def _stored_format(reader: CheckpointReader, prefix: str, ckpt: str, qcfg, part: TensorPart | None) -> ModuleFormat:
+    """The file's format of one layer, checked against the config's. part: the layer's rows of a
+    fused expert tensor, when the file stores its experts fused."""
     name = reader.source.name
-    if f"{ckpt}.qweight" in reader:
+    if part is not None:
+        if reader.info(part.name)[1].dtype != torch.float8_e4m3fn:
+            return FLOAT  # a float fused tensor: read part by part by the loader
+        scale = f"{part.name}_scale_inv"
+        if scale not in reader:
+            raise CheckpointError(f"model {name!r}: fused expert tensor {part.name!r} is float8_e4m3fn but the "
+                                  f"file has no {scale!r} (its block scales)")
+        found, methods, kind = f"{part.name} (float8_e4m3fn)", ("fp8",), Kind.FP8
+    elif f"{ckpt}.qweight" in reader:
         found, methods, kind = f"{ckpt}.qweight", ("gptq", "awq"), Kind.INT4
     elif f"{ckpt}.weight_packed" in reader:
         found, methods, kind = f"{ckpt}.weight_packed", ("compressed-tensors",), Kind.INT4
@@ -122,22 +139,31 @@ def _stored_format(reader: CheckpointReader, prefix: str, ckpt: str, qcfg) -> Mo
     return want
 
 
-def file_tensors(reader: CheckpointReader, lin: LinearLoad) -> list[str]:
-    """The checkpoint tensors of a layer an importer reads."""
-    return [f"{lin.ckpt}.{s}" for s in _SUFFIXES if f"{lin.ckpt}.{s}" in reader]
+def file_tensors(reader: CheckpointReader, lin: LinearLoad) -> dict[str, str | TensorPart]:
+    """The checkpoint tensors (or tensor parts) of a layer an importer reads, by role."""
+    if lin.part is not None:  # an expert's rows of a fused FP8 tensor, and all of its expert's scales
+        return {"weight": lin.part, "weight_scale_inv": TensorPart(f"{lin.part.name}_scale_inv", lin.part.index)}
+    return {s: f"{lin.ckpt}.{s}" for s in _SUFFIXES if f"{lin.ckpt}.{s}" in reader}
 
 
 def load_quantized(reader: CheckpointReader, lin: LinearLoad, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Read one layer that the file stores quantized, in pprt's Int4 or FP8 format on `device`."""
     from .compressed import load_compressed_linear
-    from .fp8 import load_fp8_linear
+    from .fp8 import load_fp8_linear, load_fp8_rows
     from .int4 import load_quantized_linear
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str | TensorPart) -> torch.Tensor:
         return reader.read(name, device)  # stored dtype; the importers convert
 
     args = (lin.ckpt, lin.in_features, lin.out_features, lin.has_bias, lin.stored, dtype, device)
     try:
+        if lin.part is not None:
+            tensors = file_tensors(reader, lin)
+            weight = reader.read(tensors["weight"], device, shape=(lin.out_features, lin.in_features))
+            fused_rows = reader.info(lin.part.name)[1].shape[1]
+            scale = tensors["weight_scale_inv"]
+            return load_fp8_rows(weight, read(scale), lin.part.rows[0] if lin.part.rows else 0, fused_rows,
+                                 lin.stored, (str(lin.part), str(scale)))
         if lin.stored.method == "compressed-tensors":
             return load_compressed_linear(read, reader.__contains__, *args)
         if lin.stored.method == "fp8":

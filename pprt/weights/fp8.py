@@ -18,11 +18,14 @@ Bytes per layer: N*K + ceil(N/bn)*ceil(K/bk)*4 (about half of bf16).
 largest e4m3 value) and weight = round-to-nearest e4m3 of w / scale, as the official
 files are made (DeepSeek-V3 / Qwen FP8 recipe), on the weight's own device.
 `Fp8Linear` is the module the model uses; its forward goes through
-pprt_kernels.fp8_matmul (Triton on CUDA, torch on CPU).
+pprt_kernels.fp8_matmul (Triton on CUDA, torch on CPU). `load_fp8_rows` reads one expert's
+projection out of a fused FP8 expert tensor (`gate_up_proj` [E, 2I, H] with scales over the
+joined rows), so fused and per-expert files end in the same per-expert layers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -170,6 +173,42 @@ def load_fp8_linear(
     scale = expect(scale, f"{prefix}.weight_scale_inv", blocks, (torch.float32, torch.bfloat16, torch.float16))
     bias = read_bias(read, prefix, n, dtype) if has_bias else None
     return Fp8Linear(Fp8Weight(weight, scale.float().contiguous(), block).to(device), bias)
+
+
+def load_fp8_rows(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    row0: int,
+    fused_rows: int,
+    fmt: ModuleFormat,
+    names: tuple[str, str],
+) -> Fp8Linear:
+    """One expert linear stored as rows [row0, row0 + N) of a fused FP8 expert tensor.
+
+    The fused layout (transformers' FP8Experts, integrations/finegrained_fp8.py) stores an
+    expert's joined projection W_e [fused_rows, K] (gate_up: 2I rows, gate's then up's; down:
+    H rows) as float8_e4m3fn with `<name>_scale_inv` [E, ceil(fused_rows/bn), ceil(K/bk)]:
+    one scale per block of the joined rows. weight: float8_e4m3fn [N, K], the part's rows of
+    one expert; scale: that expert's scales [ceil(fused_rows/bn), ceil(K/bk)] (a scalar or [1]
+    when the block is the whole tensor). When I is not a multiple of bn a block spans gate's
+    last rows and up's first ones, so the part's scales are re-expressed, exactly, in blocks of
+    g = gcd(bn, N) rows (g = bn for a whole tensor or when bn divides N): each g-row block lies
+    in one stored block and takes its scale. Gate and up get the same g, so they stack
+    (weights/experts.py). `names`: the two stored tensors (parts), named in the ValueError raised
+    when one does not fit.
+    """
+    n, k = weight.shape
+    bn, bk = fmt.fp8_block(fused_rows, k)
+    blocks = (-(-fused_rows // bn), -(-k // bk))
+    if weight.dtype != torch.float8_e4m3fn or not 0 <= row0 < row0 + n <= fused_rows:
+        raise ValueError(f"tensor {names[0]} is {weight.dtype} rows [{row0}, {row0 + n}) of {fused_rows}, expected "
+                         "float8_e4m3fn rows inside the fused tensor")
+    if scale.numel() == 1 and blocks == (1, 1):
+        scale = scale.reshape(1, 1)
+    scale = expect(scale, names[1], blocks, (torch.float32, torch.bfloat16, torch.float16))
+    g = bn if n == fused_rows or n % bn == 0 and row0 % bn == 0 else math.gcd(bn, n, row0)
+    rows = (row0 + torch.arange(-(-n // g), device=scale.device) * g) // bn  # the stored block of each g-row block
+    return Fp8Linear(Fp8Weight(weight, scale.float().index_select(0, rows).contiguous(), (g, bk)))
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, block: tuple[int, int] = FP8_BLOCK) -> Fp8Linear:

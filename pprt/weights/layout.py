@@ -7,13 +7,17 @@ from the checkpoint's tensor names, never assumed from the model family
 (shared/QWEN.md section 7; exports of each layout exist for each family):
 
 - prefix: a multimodal Qwen3.5 release (`Qwen3_5ForConditionalGeneration`) keeps
-  the text model under `model.language_model.` (its `model.visual.*` and `mtp.*`
-  tensors are never read); flat exports under `model.`. `lm_head.weight` is at
-  the top in both.
-- experts: per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), or fused
+  the text model under `model.language_model.` (its `model.visual.*` tensors are
+  never read); flat exports under `model.`. `lm_head.weight` and the MTP head's
+  `mtp.*` (read only when MTP drafting is on) are at the top in both.
+- experts (of `model.layers.{i}` and of the MTP head's `mtp.layers.{i}`): per
+  expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), or fused
   (`mlp.experts.gate_up_proj` [E, 2I, H], gate rows first, and
   `mlp.experts.down_proj` [E, H, I], no `.weight` suffix); an expert's weights are
   then contiguous parts of those tensors, read alone (pprt.weights.checkpoint.TensorPart).
+  Fused tensors stored in float8 carry block scales beside them (`gate_up_proj_scale_inv`;
+  formats.py and fp8.load_fp8_rows read them). The official Qwen3.5/3.6 MoE FP8 releases
+  store experts per expert, with `weight_scale_inv` each, like any FP8 linear.
   The transposed fused layout of Qwen3-VL-MoE ([E, H, 2I]) is refused by name.
 
 Knows nothing of reading bytes or of model math.
@@ -24,14 +28,12 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
-import torch
-
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from .checkpoint import TensorPart
 
 MULTIMODAL_PREFIX = "model.language_model."
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class CheckpointLayout:
@@ -63,12 +65,9 @@ class CheckpointLayout:
                 return TensorPart(fused, (e,), (0, I) if proj == "gate_proj" else (I, 2 * I))
         return TensorPart(self.name(canonical))
 
-    def check_fused(self, part: TensorPart, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def check_fused(self, part: TensorPart, shape: tuple[int, ...]) -> None:
         """Refuse a fused expert tensor that is not [E, 2I, H] / [E, H, I] (e.g. Qwen3-VL-MoE's
-        transpose), or that is stored in float8 (its scales would be fused too: not supported)."""
-        if part.index and dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise CheckpointError(f"fused expert tensor {part.name!r} is {dtype}: FP8 experts in the fused "
-                                  "layout are not supported (per-expert FP8 tensors are)")
+        transpose)."""
         c = self.config
         E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
         expected = {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)}.get(part.name.rpartition(".")[2])

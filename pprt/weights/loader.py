@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 
 import torch
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..models.mtp import MTPHead
 from ..models.stage import Stage
 from .checkpoint import CheckpointReader
 from .experts import expert_linear, stack_expert
@@ -80,6 +82,38 @@ def resolve_tied_head(config: ModelConfig, reader: CheckpointReader, rows_per_re
     return dataclasses.replace(config, tie_word_embeddings=False)
 
 
+def check_mtp_head(config: ModelConfig, reader: CheckpointReader) -> None:
+    """Refuse MTP drafting (before anything loads) on a checkpoint without a complete MTP head.
+
+    The head has as many layers as config.json declares (`mtp_num_hidden_layers`, Qwen3.5
+    family; `num_nextn_predict_layers`), or, where it declares none, as the checkpoint holds
+    `mtp.layers.N` tensors for: the official Qwen3-Next files carry `mtp.*` without the field
+    (vLLM's qwen3_next_mtp reads it with a default of 1, SGLang sets 1). One layer is
+    supported (every release has one), and every `mtp.*` tensor of pprt.models.mtp.MTPHead
+    must be there (float, or any stored quantized form). Raises CheckpointError naming the
+    fields or the missing tensors."""
+    name = reader.source.name
+    stored_layers = {m[1] for n in reader.weight_map if (m := re.match(r"mtp\.layers\.(\d+)\.", n))}
+    layers = config.mtp_num_layers or len(stored_layers)
+    if layers == 0:
+        raise CheckpointError(f"model {name!r} has no multi-token-prediction (MTP) head: config.json declares "
+                              "none (mtp_num_hidden_layers / num_nextn_predict_layers is 0 or absent) and the "
+                              "checkpoint holds no mtp.layers.* tensors, so speculative method 'mtp' cannot run; "
+                              "use method 'ngram'")
+    if layers > 1:
+        raise CheckpointError(f"model {name!r} has {layers} MTP layers: MTP drafting supports checkpoints with "
+                              "one (as every Qwen3-Next and Qwen3.5 release has)")
+    layout = CheckpointLayout(config, reader.weight_map)
+    stored = {n.rpartition(".")[0] for n in reader.weight_map if n.startswith("mtp.")}  # modules with tensors
+    with torch.device("meta"):
+        params = [f"mtp.{n}" for n, _ in MTPHead(config).named_parameters()]
+    missing = [p for p in params if layout.source(p).name not in reader and p.rpartition(".")[0] not in stored]
+    if missing:
+        raise CheckpointError(f"model {name!r}: speculative method 'mtp' needs the MTP head, but the checkpoint "
+                              f"lacks {len(missing)} of its {len(params)} tensors, e.g. "
+                              f"{', '.join(missing[:4])}")
+
+
 def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
                quant: str | None = None, progress: bool | None = None) -> float:
     """Fill `stage` in place on `device`, q/k/v and gate/up joined into one layer each where their
@@ -102,23 +136,25 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
         plain[name] = (layout.source(stage.checkpoint_name(name)), tuple(param.shape))
     for part, shape in plain.values():  # validate every header, shape and dtype first
         whole = reader.info(part.name)[1]
-        layout.check_fused(part, whole.shape, whole.dtype)
+        layout.check_fused(part, whole.shape)
         path, info = reader.locate(part)
         if info.shape != shape:
             raise CheckpointError(f"{path}: tensor {str(part)!r} has shape {list(info.shape)}, "
                                   f"the config expects {list(shape)}")
         _check_dtype(path, str(part), info.dtype, FLOATS, "a float parameter")
     quantized = {p: file_tensors(reader, lin) for p, lin in in_file.items()}
-    for prefix, names in quantized.items():
-        for name in names:
-            role = name[len(in_file[prefix].ckpt) + 1:]
+    for prefix, tensors in quantized.items():
+        lin = in_file[prefix]
+        if lin.part is not None:  # an expert's rows of a fused tensor: the whole tensor's shape first
+            layout.check_fused(lin.part, reader.info(lin.part.name)[1].shape)
+        for role, src in tensors.items():
             if role in QUANTIZED_ROLES:
-                path, info = reader.info(name)
-                _check_dtype(path, name, info.dtype, QUANTIZED_ROLES[role],
-                             f"the {role} of a {in_file[prefix].stored.method} layer")
+                path, info = reader.locate(src)
+                _check_dtype(path, str(src), info.dtype, QUANTIZED_ROLES[role],
+                             f"the {role} of a {lin.stored.method} layer")
 
     total = sum(reader.nbytes(c) for c, _ in plain.values())
-    total += sum(reader.nbytes(t) for names in quantized.values() for t in names)
+    total += sum(reader.nbytes(t) for tensors in quantized.values() for t in tensors.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"layers {stage.lo}-{stage.hi - 1}",
                disable=None if progress is None else not progress, leave=False)
     quant_seconds = 0.0
@@ -141,11 +177,11 @@ def load_stage(stage: Stage, reader: CheckpointReader, device: torch.device, dty
                     _replace(stage, prefix, module)
                     quant_seconds += time.perf_counter() - t0
                 _placed(stage, prefix, module)
-        for prefix, names in quantized.items():
+        for prefix in quantized:
             module = load_quantized(reader, in_file[prefix], dtype, device)
             _replace(stage, prefix, module)
             _placed(stage, prefix, module)
-            bar.update(sum(reader.nbytes(t) for t in names))
+            bar.update(sum(reader.nbytes(t) for t in quantized[prefix].values()))
         leftover = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
         if leftover:
             raise CheckpointError(f"model {reader.source.name!r}: tensors not loaded: {leftover[:5]}")

@@ -6,11 +6,11 @@
 
 Each --model starts a model; the options after it (--devices, --served-model-name,
 --split, --dtype, --quant, --kv-dtype, --max-context, --kv-cache-memory,
---speculative-ngram, --tool-call-parser, --lora) are that model's, so each model can
-have its own cards. `--lora NAME=PATH` (repeatable) loads a PEFT LoRA adapter onto the model
+--speculative-ngram, --speculative-mtp, --tool-call-parser, --lora) are that model's, so each model
+can have its own cards. `--lora NAME=PATH` (repeatable) loads a PEFT LoRA adapter onto the model
 before it: /v1/models lists it as a model whose parent is that model, and requests with
-"model": NAME run on the model with that adapter. Without --model the
-bundled demo model is served (as "demo"). The server binds 127.0.0.1 unless --host says otherwise;
+"model": NAME run on the model with that adapter. Without --model the bundled demo model is
+served (as "demo"). The server binds 127.0.0.1 unless --host says otherwise;
 --port 0 picks a free port. Once it listens it prints one line to stdout:
 `pprt.serve: serving NAME[, NAME] at http://HOST:PORT`.
 
@@ -34,7 +34,8 @@ from .models import ModelSpec
 _MODEL_OPTIONS = {"--devices": ("devices", str), "--served-model-name": ("name", str), "--split": ("split", str),
                   "--dtype": ("dtype", str), "--quant": ("quant", str), "--kv-dtype": ("kv_dtype", str),
                   "--max-context": ("max_context", int), "--kv-cache-memory": ("kv_cache_memory", int),
-                  "--tool-call-parser": ("tool_call_parser", str), "--speculative-ngram": ("speculative", int)}
+                  "--tool-call-parser": ("tool_call_parser", str), "--speculative-ngram": ("speculative", int),
+                  "--speculative-mtp": ("speculative_mtp", int)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,6 +120,7 @@ _HELP = {
     "--max-context": "longest prompt + generation (default: the model's)",
     "--kv-cache-memory": "bytes of KV cache per stage (default: what the plan leaves)",
     "--speculative-ngram": "speculative decoding: up to K prompt-lookup (n-gram) drafts per step (1-16)",
+    "--speculative-mtp": "speculative decoding: K drafts per step from the checkpoint's MTP head (1-16)",
     "--tool-call-parser": "the model's tool-call format: hermes (Qwen2.5/Qwen3) or xml (Qwen3-Coder/Qwen3.5) "
                           "(default: read from its chat template)",
 }
@@ -142,11 +144,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         devices = [d.strip() for d in devices.split(",")] if devices else None
         if devices is not None and not all(devices):
             parser.error(f"--devices of model {model} has an empty item")
-        k = raw.pop("speculative", None)
-        if k is not None:
-            if not 1 <= k <= 16:
-                parser.error(f"--speculative-ngram must be in 1..16, got {k}")
-            raw["speculative"] = {"method": "ngram", "num_speculative_tokens": k}
+        drafts = {m: raw.pop(key, None) for m, key in (("ngram", "speculative"), ("mtp", "speculative_mtp"))}
+        for method, k in drafts.items():
+            if k is not None and not 1 <= k <= 16:
+                parser.error(f"--speculative-{method} must be in 1..16, got {k}")
+        if None not in drafts.values():
+            parser.error(f"model {model}: --speculative-ngram and --speculative-mtp are two ways to draft: give one")
+        for method, k in drafts.items():
+            if k is not None:
+                raw["speculative"] = {"method": method, "num_speculative_tokens": k}
         split = raw.pop("split", None)
         if split is not None:
             try:
