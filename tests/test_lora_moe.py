@@ -227,3 +227,19 @@ def test_quantized_experts_with_adapters_match_the_dequantized_base(tmp_path, qu
     base = reference_model(tmp_path / "deq")
     assert_matches(outs[1], base, PROMPTS[1])
     assert_matches(outs[0], PeftModel.from_pretrained(base, tmp_path / "a").eval(), PROMPTS[0])
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe"], indirect=True)
+def test_mtp_drafts_are_verified_through_each_requests_adapter(family):
+    """MTP drafting (the checkpoint's own head, which no adapter touches) proposes; the drafts are
+    verified through the request's adapter, so greedy tokens are still transformers + peft's (requests
+    asking for logprobs are not drafted: these do not)."""
+    name, path, adapters, base = family
+    mtp = {"method": "mtp", "num_speculative_tokens": 2}
+    params = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, lora=c) for c in ("a", None, "b")]
+    with LLM(str(path), devices=["cpu"], lora={n: str(p) for n, (p, _) in adapters.items()},
+             speculative=mtp) as llm:
+        outs = llm.generate(PROMPTS, params)
+        assert llm.stats().draft_tokens > 0
+    for prompt, ref, out in zip(PROMPTS, (adapters["a"][1], base, adapters["b"][1]), outs):
+        assert out.token_ids == reference_greedy(ref, prompt, N)[0]
