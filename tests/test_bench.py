@@ -232,3 +232,28 @@ def test_generate_tiny_hybrid_row(tmp_path):
     assert state > 0
     assert d3["bytes_per_step"] - d1["bytes_per_step"] == pytest.approx(2 * (d1["decode_prompt"] + 8.5) * kv + 2 * state)
     assert "qwen3.5" in written[0]["model"]
+
+
+def test_speculative_bench_on_an_mtp_checkpoint(tmp_path):
+    """bench.speculative on a tiny Qwen3.5 checkpoint with an MTP head: every method's greedy tokens
+    equal the baseline's, the MTP head drafts (it proposes every step; prompt lookup on a random
+    model's output may find nothing), and the rows land in the results."""
+    from bench import speculative
+    from models import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m", "qwen3_5_text", mtp=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a shared CPU
+    try:
+        rows = speculative.main(["--model", str(path), "--devices", "cpu", "--methods", "mtp:2,ngram:2",
+                                 "--max-tokens", "12", "--repeats", "1", "--results-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["method"] for r in rows] == ["off", "mtp:2", "ngram:2"]  # the baseline comes first
+    assert all(r["same_tokens"] for r in rows)
+    assert rows[0]["draft_tokens"] == 0 and rows[1]["draft_tokens"] > 0
+    assert [r["ceiling"] for r in rows] == [1.0, 3.0, 3.0] and rows[0]["speedup"] == 1.0
+    written = [json.loads(line) for line in (tmp_path / "speculative.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in written] == ["off", "mtp:2", "ngram:2"]
+    with pytest.raises(ValueError, match="mtp:K"):
+        speculative.parse_method("mtp")

@@ -262,3 +262,22 @@ def test_cli_speculative_flag_is_checked_before_loading(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--model", "/nonexistent/never/loaded", "--speculative-ngram", "0"])
     assert e.value.code == 2 and "--speculative-ngram must be in 1..16" in capsys.readouterr().err
+
+
+def test_a_hybrid_drafts_at_max_num_seqs_one(tmp_path):
+    """A hybrid sequence needs a second state slot (the snapshot its drafts roll back to): the pool
+    plans one beside each running slot, so a lone sequence at max_num_seqs=1 drafts (it never did
+    when the pool held exactly max_num_seqs slots, with n-gram and MTP drafts alike: the slot is
+    the scheduler's, whatever proposes; MTP proposes every step) and its greedy tokens stay the
+    plain run's."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_5_text", mtp=True, tokenizer=False)
+    prompt = [5, 6, 7, 8, 9] * 4
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(str(path), devices=["cpu"], max_num_seqs=1) as llm:
+        plain = llm.generate([prompt], greedy)[0].token_ids
+        assert llm.stats().state_slots_total == 1
+    with LLM(str(path), devices=["cpu"], max_num_seqs=1,
+             speculative={"method": "mtp", "num_speculative_tokens": 2}) as llm:
+        assert llm.generate([prompt], greedy)[0].token_ids == plain
+        stats = llm.stats()
+    assert stats.state_slots_total == 2 and stats.draft_tokens > 0

@@ -77,7 +77,7 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
                   max_context, chunk_size, kv_cache_memory, memory_budget, transport, seed, stage_timeout,
                   torchrun=False, max_num_seqs: int = 256, state_snapshots: int = 0, max_loras: int = 0,
                   merged_lora=None, lora_layer_bytes: list[int] | None = None, stage_processes=False,
-                  enforce_eager: bool = False, mtp_tokens: int = 0):
+                  enforce_eager: bool = False, mtp_tokens: int = 0, draft_snapshots: bool = False):
     """Plan the cut and the pools (refusing before anything loads when it cannot fit), then start the stages.
 
     state_snapshots: state slots wanted beside the running ones for prefix-cache snapshots (hybrid
@@ -86,12 +86,14 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
     One stage runs in this process unless `stage_processes`: then it is a stage program of its
     own, as every stage of a pipeline is (its process group has one rank and carries nothing).
     enforce_eager: no CUDA graphs (the plan then reserves no memory for them). mtp_tokens: drafts per
-    step of the MTP head (0: off; else the last stage holds the head and the embedding)."""
+    step of the MTP head (0: off; else the last stage holds the head and the embedding).
+    draft_snapshots: speculative decoding on a hybrid model (up to a second state slot per running
+    sequence, for the snapshot its drafts roll back to)."""
     result = plan_stages(config, devices, split=split, dtype=dtype, quant=quant, kv_dtype=kv_dtype,
                          block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                          memory_budget=memory_budget, one_host=not torchrun, max_num_seqs=max_num_seqs,
                          state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes,
-                         enforce_eager=enforce_eager, mtp_tokens=mtp_tokens)
+                         enforce_eager=enforce_eager, mtp_tokens=mtp_tokens, draft_snapshots=draft_snapshots)
     if not result.fits:
         raise MemoryError(f"the model does not fit these devices; nothing was loaded.\n{result.message}")
     specs = [WorkerSpec(model, config, stage.layers, device, dtype, quant, kv_dtype=kv_dtype, block_size=block_size,
@@ -125,7 +127,8 @@ def make_executor(model: str, config: ModelConfig, devices: list[str], *, split,
 
 def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant, kv_dtype, block_size, max_context,
                 chunk_size, memory_budget, one_host: bool = True, max_num_seqs: int = 256, state_snapshots: int = 0,
-                lora_layer_bytes: list[int] | None = None, enforce_eager: bool = False, mtp_tokens: int = 0):
+                lora_layer_bytes: list[int] | None = None, enforce_eager: bool = False, mtp_tokens: int = 0,
+                draft_snapshots: bool = False):
     """The planner's cut for these devices (or `split`, checked against their memory).
 
     one_host: the devices are this machine's, so stages naming the same device share its
@@ -147,7 +150,8 @@ def plan_stages(config: ModelConfig, devices: list[str], *, split, dtype, quant,
                 dtype_bytes=dtype.itemsize, block_size=block_size, max_context=max_context, chunk_size=chunk_size,
                 split=list(split) if split is not None else None, overhead_bytes=0 if on_cpu else 2**30,
                 max_num_seqs=max_num_seqs, state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes,
-                cuda_graphs=not on_cpu and not enforce_eager, mtp_tokens=mtp_tokens)
+                cuda_graphs=not on_cpu and not enforce_eager, mtp_tokens=mtp_tokens,
+                draft_snapshots=draft_snapshots)
 
 
 def _kv_blocks(specs: list[WorkerSpec], planned: int, kv_cache_memory: int | None) -> int:

@@ -168,7 +168,8 @@ class LLM:
                                  lora_layer_bytes=slot_bytes(adapters, max_loras, self.config.num_layers,
                                                              self.dtype.itemsize) if max_loras else None,
                                  stage_processes=stage_processes, enforce_eager=enforce_eager,
-                                 mtp_tokens=speculative.num_speculative_tokens if mtp else 0)
+                                 mtp_tokens=speculative.num_speculative_tokens if mtp else 0,
+                                 draft_snapshots=speculative is not None)
         loras = LoraRegistry(max_loras) if max_loras else None
         for adapter in adapters if loras is not None else ():
             loras.add(adapter)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                       dtype_bytes={"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype],
                       block_size=args.block_size, max_context=args.max_context, chunk_size=args.chunk_size,
                       split=None if args.split is None else _int_list(args.split), max_num_seqs=args.max_num_seqs,
-                      mtp_tokens=args.speculative_mtp)
+                      mtp_tokens=args.speculative_mtp, draft_snapshots=args.speculative_mtp > 0)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -113,6 +113,7 @@ def plan(
     lora_layer_bytes: list[int] | None = None,
     cuda_graphs: bool = False,
     mtp_tokens: int = 0,
+    draft_snapshots: bool = False,
 ) -> Plan:
     """Cut `config` over `budgets` (one stage per device, in order) and say whether it fits.
 
@@ -126,6 +127,8 @@ def plan(
     `mtp_tokens`: drafts per step of the model's MTP head (0: off): the last stage then holds the
     head (sizes.mtp_weight_bytes), the embedding (unless it is stage 0 or the head is tied: its copy
     is the embedding) and one more layer of KV, and runs without CUDA graphs.
+    `draft_snapshots`: speculative decoding on a hybrid model: every running sequence may hold a
+    second state slot (the snapshot its drafts roll back to), so up to 2 x max_num_seqs slots.
     Raises ValueError for bad arguments; a plan that does not fit is returned with fits=False.
     """
     if not budgets:
@@ -160,7 +163,7 @@ def plan(
 
     costs = _Costs(config, list(budgets), speeds, quant, group_size, dtype_bytes, kv_dtype,
                    block_size, max_context, chunk_size, overhead_bytes, max_num_seqs, state_snapshots, lora,
-                   cuda_graphs, mtp_tokens)
+                   cuda_graphs, mtp_tokens, draft_snapshots)
     cut, fits = _cut(costs, None if split is None else list(split))
     bounds = _bounds(cut)
     num_blocks, num_slots, num_snapshots = costs.pools(bounds)
@@ -171,7 +174,7 @@ def plan(
                 max_context=max_context, chunk_size=chunk_size, split=split, group_size=group_size,
                 overhead_bytes=overhead_bytes, speeds=speeds, max_num_seqs=max_num_seqs,
                 state_snapshots=state_snapshots, lora_layer_bytes=lora_layer_bytes, cuda_graphs=cuda_graphs,
-                mtp_tokens=mtp_tokens)
+                mtp_tokens=mtp_tokens, draft_snapshots=draft_snapshots)
     message = _describe(result) if fits else _explain(result, costs, config, budgets, args, suggest)
     if max_context > limit:
         message += "\n" + _beyond_limit(config, max_context, limit)

@@ -44,6 +44,7 @@ class _Costs:
     lora_layer_bytes: tuple[int, ...] = ()  # LoRA slot stacks of each decoder layer (empty: none)
     cuda_graphs: bool = False
     mtp_tokens: int = 0  # drafts per step of the MTP head on the last stage (0: off)
+    draft_snapshots: bool = False  # speculation on a hybrid: a snapshot slot beside each running one
 
     def __post_init__(self) -> None:
         c, db, T, L = self.config, self.dtype_bytes, self.chunk_size, self.config.num_layers
@@ -145,12 +146,13 @@ class _Costs:
 
     def capacity_slots(self, s: int, lo: int, hi: int) -> int | None:
         """State slots this stage holds beside the KV of one max_context sequence, at most
-        max_num_seqs; None when it has no DeltaNet layer."""
+        max_num_seqs (twice that with draft snapshots); None when it has no DeltaNet layer."""
         per_seq = self.state_per_seq(lo, hi)
         if not per_seq:
             return None
         kv = self.seq_blocks * self.block_size * self.kv_per_token(lo, hi)
-        return max(0, min(self.max_num_seqs, (self._free(s, lo, hi) - kv) // per_seq))
+        wanted = self.max_num_seqs * (2 if self.draft_snapshots else 1)
+        return max(0, min(wanted, (self._free(s, lo, hi) - kv) // per_seq))
 
     def capacity_snapshots(self, s: int, lo: int, hi: int, slots: int) -> int | None:
         """Snapshot slots this stage holds beside `slots` running ones and the KV of one max_context

@@ -74,7 +74,8 @@ class Plan:
         """How many sequences of max_context tokens the pools hold at once (KV blocks, and for
         hybrid models state slots)."""
         by_kv = self.num_blocks // -(-self.max_context // self.block_size)
-        return min(by_kv, self.num_slots) if self.num_slots else by_kv
+        # speculation on a hybrid plans a snapshot slot beside each running one: at most max_num_seqs run
+        return min(by_kv, self.num_slots, self.max_num_seqs) if self.num_slots else by_kv
 
     def to_json(self) -> dict:
         return {
