@@ -214,3 +214,26 @@ def test_state_snapshots_are_counted_after_the_running_slots_and_before_the_kv_p
         plan(c, devices(96, 96), state_snapshots=-1)
     plain = plan(ModelConfig.from_dict(QWEN15_MOE_A27B), devices(96, 96), state_snapshots=40)
     assert plain.num_snapshots == 0  # no recurrent state: nothing to snapshot
+
+
+def test_draft_snapshots_share_the_snapshot_budget_and_leave_the_kv_pool_and_prefix_cache():
+    """Speculation on a hybrid wants a snapshot slot per running sequence (its drafts' rollback
+    point). They come from the snapshot share of memory, never from the running slots or the KV
+    the plan holds beside prefix snapshots; with the prefix cache on, the drafts take at most half
+    of that share, so prefix caching keeps snapshots."""
+    c = config(QWEN35_27B)
+    budget = [DeviceBudget("cuda:0", 140 * GiB)]
+    for prefix in (256, 0):
+        base = plan(c, budget, max_context=32768, max_num_seqs=256, state_snapshots=prefix, cuda_graphs=True)
+        spec = plan(c, budget, max_context=32768, max_num_seqs=256, state_snapshots=prefix, cuda_graphs=True,
+                    draft_snapshots=True)
+        drafts = spec.num_slots - base.num_slots
+        assert base.num_slots == 256 and 0 < drafts <= 256
+        if prefix:  # the same state memory, split between drafts and the prefix cache
+            assert spec.num_blocks == base.num_blocks and spec.num_sequences == base.num_sequences
+            assert spec.num_snapshots >= drafts > 0
+            assert spec.num_snapshots + drafts == base.num_snapshots
+        else:  # the share prefix snapshots would have taken: the KV pool keeps at least half
+            assert spec.num_blocks >= base.num_blocks // 2 - 1
+    small = plan(c, budget, max_context=32768, max_num_seqs=4, state_snapshots=4, draft_snapshots=True)
+    assert small.num_slots == 4 + 4 and small.num_snapshots == 4  # plenty of memory: each gets what it wants

@@ -146,24 +146,25 @@ class _Costs:
 
     def capacity_slots(self, s: int, lo: int, hi: int) -> int | None:
         """State slots this stage holds beside the KV of one max_context sequence, at most
-        max_num_seqs (twice that with draft snapshots); None when it has no DeltaNet layer."""
+        max_num_seqs; None when it has no DeltaNet layer."""
         per_seq = self.state_per_seq(lo, hi)
         if not per_seq:
             return None
         kv = self.seq_blocks * self.block_size * self.kv_per_token(lo, hi)
-        wanted = self.max_num_seqs * (2 if self.draft_snapshots else 1)
-        return max(0, min(wanted, (self._free(s, lo, hi) - kv) // per_seq))
+        return max(0, min(self.max_num_seqs, (self._free(s, lo, hi) - kv) // per_seq))
 
     def capacity_snapshots(self, s: int, lo: int, hi: int, slots: int) -> int | None:
         """Snapshot slots this stage holds beside `slots` running ones and the KV of one max_context
         sequence, in at most half the memory the running slots leave (the KV pool keeps the other
-        half), at most the snapshots wanted; None when it has no DeltaNet layer."""
+        half), at most the snapshots wanted (the prefix cache's, and with draft snapshots one per
+        running slot); None when it has no DeltaNet layer."""
         per_seq = self.state_per_seq(lo, hi)
         if not per_seq:
             return None
         kv = self.seq_blocks * self.block_size * self.kv_per_token(lo, hi)
         left = self._free(s, lo, hi) - slots * per_seq
-        return max(0, min(self.snapshots, (left - kv) // per_seq, left // 2 // per_seq))
+        wanted = self.snapshots + (slots if self.draft_snapshots else 0)
+        return max(0, min(wanted, (left - kv) // per_seq, left // 2 // per_seq))
 
     def capacity_blocks(self, s: int, lo: int, hi: int, slots: int | None = None) -> int | None:
         """KV blocks this stage holds beside `slots` state slots (default: as many as it holds
@@ -206,18 +207,24 @@ class _Costs:
 
     def pools(self, bounds: list[tuple[int, int]]) -> tuple[int, int, int]:
         """(KV blocks, state slots, snapshot slots) every stage of a cut allocates: running slots first
-        (at most max_num_seqs), then snapshot slots (at most those wanted), then the blocks left on
-        the fullest stage. Without any KV, blocks enough for every slot's max_context sequence (they
-        cost nothing)."""
+        (at most max_num_seqs), then snapshot slots (at most those wanted, in at most half of what
+        the running slots leave), then the blocks left on the fullest stage. With draft snapshots
+        (speculation on a hybrid: one per running slot wanted) the snapshot share is split: the
+        drafts' part, at most half of it when the prefix cache wants snapshots too, joins the state
+        slots (the scheduler's pool; a sequence finding none free decodes without drafts), the rest
+        is the prefix cache's. Without any KV, blocks enough for every slot's max_context sequence
+        (they cost nothing)."""
         slot_caps = [c for s, (lo, hi) in enumerate(bounds) if (c := self.capacity_slots(s, lo, hi)) is not None]
-        slots = min(slot_caps) if slot_caps else 0
+        running = min(slot_caps) if slot_caps else 0
         snap_caps = [c for s, (lo, hi) in enumerate(bounds)
-                     if (c := self.capacity_snapshots(s, lo, hi, slots)) is not None]
-        snapshots = min(snap_caps) if snap_caps and slots else 0
+                     if (c := self.capacity_snapshots(s, lo, hi, running)) is not None]
+        snapshots = min(snap_caps) if snap_caps and running else 0
+        drafts = min(snapshots // 2 if self.snapshots else snapshots, running) if self.draft_snapshots else 0
+        slots, snapshots = running + drafts, snapshots - drafts
         block_caps = [b for s, (lo, hi) in enumerate(bounds)
                       if (b := self.capacity_blocks(s, lo, hi, slots + snapshots)) is not None]
         if not block_caps:
-            return self.seq_blocks * max(1, slots), slots, snapshots
+            return self.seq_blocks * max(1, running), slots, snapshots
         return max(0, min(block_caps)), slots, snapshots
 
 
