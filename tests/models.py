@@ -284,3 +284,26 @@ def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> list[floa
     ids = torch.tensor([prompt + tokens])
     logp = torch.log_softmax(model(ids, attention_mask=torch.ones_like(ids)).logits[0].float(), dim=-1)  # [L, V]
     return [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens)]
+
+
+def spoiled_continuation(expected: dict, tokens: list[int], k: int) -> list[int]:
+    """Drafts from an oracle: transformers' next k greedy tokens after `tokens` (expected: prompt
+    tuple -> its greedy continuation) with one spoiled (which one cycles with the length), so that
+    every acceptance count 0..k happens; [] past the known continuation."""
+    for prompt, cont in expected.items():
+        full = list(prompt) + cont
+        if full[:len(tokens)] == tokens:
+            drafts = full[len(tokens):len(tokens) + k]
+            bad = len(tokens) % (k + 1)
+            if bad < len(drafts):
+                drafts[bad] = (drafts[bad] + 1) % 320
+            return drafts
+    return []
+
+
+def assert_same_outputs(outs, expected, tol: float) -> None:
+    """Completions `outs` have `expected`'s tokens, and each chosen token's logprob within `tol`."""
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+    for o, e in zip(outs, expected):
+        for t, lo, le in zip(o.token_ids, o.logprobs, e.logprobs):
+            assert abs(lo[t] - le[t]) < tol

@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import make_checkpoint, reference_greedy, reference_model
+from models import make_checkpoint, reference_greedy, reference_model, spoiled_continuation
 from mtp_reference import load_head, reference_drafts
 from pprt import LLM, SamplingParams
 from pprt.distributed.step import NewSequence, PoolSizes, SeqChunk, StepPlan
@@ -114,20 +114,6 @@ def test_draft_logits_equal_the_published_formula(oracles, family):
 
 # ---- 2. greedy generation through the pipeline ------------------------------------------------------
 
-def spoiled(expected: dict, tokens: list[int], k: int) -> list[int]:
-    """transformers' next k tokens after `tokens` with one spoiled (which one cycles with the
-    length), so that every acceptance count 0..k happens; [] past the known continuation."""
-    for prompt, cont in expected.items():
-        full = list(prompt) + cont
-        if full[:len(tokens)] == tokens:
-            drafts = full[len(tokens):len(tokens) + k]
-            bad = len(tokens) % (k + 1)
-            if bad < len(drafts):
-                drafts[bad] = (drafts[bad] + 1) % 320
-            return drafts
-    return []
-
-
 def watch_drafts(monkeypatch, expected: dict | None = None) -> list:
     """Record (tokens, drafts) each time a sequence receives the head's drafts; with `expected`,
     then replace them by transformers' spoiled continuation (what the next chunk sends)."""
@@ -141,7 +127,7 @@ def watch_drafts(monkeypatch, expected: dict | None = None) -> list:
             if seq.drafts:
                 seen.append((seq.tokens, list(seq.drafts)))
             if expected is not None and seq.drafts_at == seq.num_tokens:
-                seq.drafts = spoiled(expected, seq.tokens, K)
+                seq.drafts = spoiled_continuation(expected, seq.tokens, K)
         return updated
 
     monkeypatch.setattr(Scheduler, "complete", watched)

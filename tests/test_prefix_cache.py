@@ -14,7 +14,7 @@ import queue
 
 import pytest
 
-from models import make_checkpoint, reference_greedy, reference_model
+from models import assert_same_outputs, make_checkpoint, reference_greedy, reference_model
 from pprt import LLM, SamplingParams
 
 BS = 4  # small blocks: many full blocks in short prompts
@@ -48,13 +48,6 @@ def _workload(llm: LLM, params: SamplingParams = GREEDY) -> list:
     return outs
 
 
-def _assert_same(outs, expected, tol):
-    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
-    for o, e in zip(outs, expected):
-        for t, lo, le in zip(o.token_ids, o.logprobs, e.logprobs):
-            assert abs(lo[t] - le[t]) < tol
-
-
 @pytest.fixture(scope="module")
 def uncached(model):
     with LLM(str(model), devices=["cpu"], block_size=BS, enable_prefix_caching=False) as llm:
@@ -71,7 +64,7 @@ def test_cached_outputs_equal_uncached_and_transformers(model, oracle, uncached,
         outs = _workload(llm)
         stats = llm.stats()
         assert llm.blocks.num_free == llm.blocks.num_blocks and not any(llm.blocks.ref_count)
-    _assert_same(outs, expected, 1e-5)
+    assert_same_outputs(outs, expected, 1e-5)
     for o in outs:
         tokens, logprobs = reference_greedy(oracle, o.prompt_token_ids, N)
         assert o.token_ids == tokens
@@ -124,7 +117,7 @@ def test_tiny_pool_evicts_and_preempts_with_the_same_outputs(model, devices):
     with LLM(str(model), devices=["cpu"], enable_prefix_caching=False, block_size=BS, chunk_size=8,
              kv_cache_memory=12 * 3 * per_layer) as llm:
         expected = _tiny_pool_workload(llm)
-    _assert_same(outs, expected, 1e-5)
+    assert_same_outputs(outs, expected, 1e-5)
     assert stats.prefix_cached_tokens > 0 and stats.prefix_cache_evictions > 0 and stats.kv_blocks_used == 0
     assert stats.preemptions > 0
 

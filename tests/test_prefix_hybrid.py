@@ -17,7 +17,7 @@ import logging
 import pytest
 import torch
 
-from models import make_checkpoint, reference_greedy, reference_model
+from models import assert_same_outputs, make_checkpoint, reference_greedy, reference_model
 from pprt import LLM, SamplingParams
 
 BS = 4
@@ -48,13 +48,6 @@ def _workload(llm: LLM, params: SamplingParams = GREEDY) -> list:
     return outs
 
 
-def _assert_same(outs, expected, tol):
-    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
-    for o, e in zip(outs, expected):
-        for t, lo, le in zip(o.token_ids, o.logprobs, e.logprobs):
-            assert abs(lo[t] - le[t]) < tol
-
-
 def _assert_everything_back(llm: LLM) -> None:
     snaps = llm.scheduler.prefix.snapshots
     assert llm.blocks.num_free == llm.blocks.num_blocks and not any(llm.blocks.ref_count)
@@ -79,7 +72,7 @@ def test_hybrid_cached_outputs_equal_uncached_and_transformers(model, uncached, 
         outs = _workload(llm)
         stats = llm.stats()
         _assert_everything_back(llm)
-    _assert_same(outs, expected, 1e-5)
+    assert_same_outputs(outs, expected, 1e-5)
     oracle = reference_model(model)
     for o in outs:
         tokens, logprobs = reference_greedy(oracle, o.prompt_token_ids, N)
@@ -118,7 +111,7 @@ def test_hybrid_tiny_snapshot_pool_evicts_and_preempts_with_the_same_outputs(mod
         outs = _workload(llm)
         stats = llm.stats()
         _assert_everything_back(llm)
-    _assert_same(outs, expected, 1e-5)
+    assert_same_outputs(outs, expected, 1e-5)
     assert stats.prefix_cached_tokens > 0 and stats.preemptions > 0
     assert llm.scheduler.prefix.snapshots.num_evictions > 0
 

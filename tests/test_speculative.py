@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import make_checkpoint, reference_greedy, reference_model
+from models import make_checkpoint, reference_greedy, reference_model, spoiled_continuation
 from pprt import LLM, SamplingParams
 from pprt.engine.drafts import SpeculativeConfig, propose_ngram
 from pprt.models.sampler import Sampler
@@ -53,15 +53,7 @@ def oracle_drafter(expected: dict):
     steps (which one cycles with the length), so that every acceptance count 0..k happens: a
     random tiny model rarely repeats itself, and n-gram drafts would all be rejected."""
     def propose(tokens, k, n_max, n_min=1):
-        for prompt, cont in expected.items():
-            full = list(prompt) + cont
-            if full[:len(tokens)] == tokens:
-                drafts = full[len(tokens):len(tokens) + k]
-                bad = len(tokens) % (k + 1)
-                if bad < len(drafts):
-                    drafts[bad] = (drafts[bad] + 1) % 320
-                return drafts
-        return []
+        return spoiled_continuation(expected, tokens, k)
     return propose
 
 
